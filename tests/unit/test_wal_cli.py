@@ -1,0 +1,168 @@
+"""wal-push / wal-fetch / settings through the real `walrus` command, on file storage."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import lz4.frame
+import pytest
+
+WALRUS = os.path.join(os.path.dirname(sys.executable), "walrus")
+SEGMENT = "000000010000000000000003"
+
+
+def walrus(args, env, check=False):
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "WALE_", "PG", "AWS_"))}
+    base["HOME"] = env.pop("HOME", "/nonexistent")
+    base.update(env)
+    proc = subprocess.run([WALRUS, *args], env=base, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def segment(tmp_path):
+    data = os.urandom(1 << 20) + bytes(3 << 20) + os.urandom(5000)  # some incompressible, mostly zeros
+    path = tmp_path / "pg_wal" / SEGMENT
+    path.parent.mkdir()
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("method,ext", [("lz4", ".lz4"), ("zstd", ".zst"), ("brotli", ".br"),
+                                        ("lzma", ".lzma"), ("none", "")])
+def test_push_fetch_round_trip(tmp_path, segment, method, ext):
+    env = {"WALG_FILE_PREFIX": str(tmp_path / "store"), "WALG_COMPRESSION_METHOD": method}
+    walrus(["wal-push", str(segment)], dict(env), check=True)
+    stored = tmp_path / "store" / "wal_005" / (SEGMENT + ext)
+    assert stored.is_file()
+    assert [p.name for p in stored.parent.iterdir()] == [stored.name]  # no temp file left behind
+    # fetch with a different configured method: the probe finds it anyway
+    other = "lz4" if method != "lz4" else "zstd"
+    dest = tmp_path / "RECOVERYXLOG"
+    walrus(["wal-fetch", SEGMENT, str(dest)], {**env, "WALG_COMPRESSION_METHOD": other}, check=True)
+    assert dest.read_bytes() == segment.read_bytes()
+
+
+def test_lz4_object_has_walg_frame_header(tmp_path, segment):
+    walrus(["wal-push", str(segment)], {"WALG_FILE_PREFIX": str(tmp_path / "s")}, check=True)
+    raw = (tmp_path / "s" / "wal_005" / (SEGMENT + ".lz4")).read_bytes()
+    assert raw[:7] == bytes.fromhex("04224D186470B9")
+    assert lz4.frame.decompress(raw) == segment.read_bytes()
+
+
+def test_history_backup_and_partial_files(tmp_path):
+    env = {"WALG_FILE_PREFIX": str(tmp_path / "s")}
+    for name in ("00000002.history", "000000010000000000000002.00000028.backup",
+                 "000000010000000000000007.partial"):
+        src = tmp_path / name
+        src.write_bytes(b"content of " + name.encode())
+        walrus(["wal-push", str(src)], dict(env), check=True)
+        assert (tmp_path / "s" / "wal_005" / (name + ".lz4")).is_file()
+        dest = tmp_path / ("fetched-" + name)
+        walrus(["wal-fetch", name, str(dest)], dict(env), check=True)
+        assert dest.read_bytes() == src.read_bytes()
+
+
+def test_push_identical_again_succeeds_and_different_fails(tmp_path, segment):
+    env = {"WALG_FILE_PREFIX": str(tmp_path / "s"), "WALG_PREVENT_WAL_OVERWRITE": "true"}
+    walrus(["wal-push", str(segment)], dict(env), check=True)
+    key = tmp_path / "s" / "wal_005" / (SEGMENT + ".lz4")
+    before = key.read_bytes()
+    again = walrus(["wal-push", str(segment), "--json"], dict(env), check=True)
+    assert json.loads(again.stdout)["status"] == "already archived"
+    segment.write_bytes(b"\x01" + segment.read_bytes()[1:])
+    different = walrus(["wal-push", str(segment)], dict(env))
+    assert different.returncode == 1
+    assert "already archived with different contents" in different.stderr
+    assert "HINT:" in different.stderr
+    assert key.read_bytes() == before  # the archived copy is untouched
+
+
+def test_fetch_missing_exits_74_quietly(tmp_path):
+    proc = walrus(["wal-fetch", SEGMENT, str(tmp_path / "x")], {"WALG_FILE_PREFIX": str(tmp_path / "s")})
+    assert proc.returncode == 74
+    assert proc.stderr.strip().count("\n") == 0
+    assert SEGMENT in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_fetch_walg_308_trailing_dot_and_bare_objects(tmp_path):
+    wal = tmp_path / "s" / "wal_005"
+    wal.mkdir(parents=True)
+    (wal / (SEGMENT + ".")).write_bytes(b"trailing dot none")
+    (wal / "000000010000000000000004").write_bytes(b"bare")
+    env = {"WALG_FILE_PREFIX": str(tmp_path / "s")}
+    walrus(["wal-fetch", SEGMENT, str(tmp_path / "a")], dict(env), check=True)
+    walrus(["wal-fetch", "000000010000000000000004", str(tmp_path / "b")], dict(env), check=True)
+    assert (tmp_path / "a").read_bytes() == b"trailing dot none"
+    assert (tmp_path / "b").read_bytes() == b"bare"
+
+
+def test_fetch_corrupt_object_fails_without_leaving_dest(tmp_path):
+    wal = tmp_path / "s" / "wal_005"
+    wal.mkdir(parents=True)
+    (wal / (SEGMENT + ".lz4")).write_bytes(bytes.fromhex("04224D186470B9") + b"garbage" * 10)
+    proc = walrus(["wal-fetch", SEGMENT, str(tmp_path / "dest")], {"WALG_FILE_PREFIX": str(tmp_path / "s")})
+    assert proc.returncode == 1
+    assert "ERROR:" in proc.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "s"]  # neither dest nor a temp file
+
+
+def test_push_missing_file_is_an_error(tmp_path):
+    proc = walrus(["wal-push", str(tmp_path / SEGMENT)], {"WALG_FILE_PREFIX": str(tmp_path / "s")})
+    assert proc.returncode == 1
+    assert "cannot open WAL file" in proc.stderr
+
+
+def test_no_storage_configured(tmp_path, segment):
+    proc = walrus(["wal-push", str(segment)], {})
+    assert proc.returncode == 1
+    assert "no storage is configured" in proc.stderr
+    assert "WALG_FILE_PREFIX" in proc.stderr
+
+
+def test_malformed_setting_names_the_variable(tmp_path, segment):
+    proc = walrus(["wal-push", str(segment)], {"WALG_FILE_PREFIX": str(tmp_path), "WALG_UPLOAD_CONCURRENCY": "lots"})
+    assert proc.returncode == 1
+    assert "WALG_UPLOAD_CONCURRENCY" in proc.stderr
+    proc = walrus(["wal-push", str(segment)], {"WALG_FILE_PREFIX": str(tmp_path), "WALG_COMPRESSION_METHOD": "gzip"})
+    assert "WALG_COMPRESSION_METHOD" in proc.stderr
+
+
+def test_config_file_json_and_yaml_env_wins(tmp_path, segment):
+    store_file = tmp_path / "from-file"
+    store_env = tmp_path / "from-env"
+    cfg = tmp_path / "walg.yaml"
+    cfg.write_text(f"WALG_FILE_PREFIX: {store_file}\nWALG_COMPRESSION_METHOD: zstd\n")
+    walrus(["--config", str(cfg), "wal-push", str(segment)], {}, check=True)
+    assert (store_file / "wal_005" / (SEGMENT + ".zst")).is_file()
+    walrus(["--config", str(cfg), "wal-push", str(segment)], {"WALG_FILE_PREFIX": str(store_env)}, check=True)
+    assert (store_env / "wal_005" / (SEGMENT + ".zst")).is_file()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".walg.json").write_text(json.dumps({"WALG_FILE_PREFIX": str(tmp_path / "home-store"),
+                                                 "WALG_COMPRESSION_METHOD": "none"}))
+    walrus(["wal-push", str(segment)], {"HOME": str(home)}, check=True)
+    assert (tmp_path / "home-store" / "wal_005" / SEGMENT).is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    proc = walrus(["wal-push", str(segment)], {"WALG_CONFIG_PATH": str(bad)})
+    assert proc.returncode == 1 and "malformed" in proc.stderr
+
+
+def test_backup_list_empty_json(tmp_path):
+    proc = walrus(["backup-list", "--json"], {"WALG_FILE_PREFIX": str(tmp_path / "s")}, check=True)
+    assert json.loads(proc.stdout) == []
+
+
+def test_help_lists_commands():
+    proc = walrus(["--help"], {}, check=True)
+    for cmd in ("wal-push", "wal-fetch", "backup-push", "backup-fetch", "backup-list"):
+        assert cmd in proc.stdout
+    assert "WALG_COMPRESSION_METHOD" in proc.stdout
+    assert walrus(["wal-fetch", "--help"], {}, check=True).stdout.count("74") == 1
+    assert walrus(["--version"], {}, check=True).stdout.startswith("walrus")

@@ -1,0 +1,4 @@
+"""`python -m walrus` runs the command line."""
+from walrus.cli import main
+
+main()

@@ -1,0 +1,271 @@
+"""Tar parts laid out straight into pool buffers: headers copied, file bodies read in place, padding zeroed."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import os
+import pwd
+import tarfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable, Iterator
+
+from walrus.errors import BackupError
+from walrus.log import log
+from walrus.stream.buffers import Buffer, BufferPool
+from walrus.stream.reader import FileReader, ReadRequest
+
+BLOCK = 512
+END_OF_ARCHIVE = bytes(2 * BLOCK)  # Go's archive/tar ends with two zero blocks and no record padding
+
+
+@dataclass(slots=True)
+class Entry:
+    """One tar member to write: a directory, a file on disk (path) or in memory (data)."""
+
+    name: str
+    kind: str  # "file" | "dir"
+    size: int = 0
+    mode: int = 0o600
+    mtime: float = 0.0
+    uid: int = 0
+    gid: int = 0
+    path: str | None = None
+    data: bytes | None = None
+
+
+class _Header(tarfile.TarInfo):
+    def get_info(self):
+        info = super().get_info()
+        info["name"] = self.name  # WAL-G writes directory names without tarfile's trailing '/'
+        return info
+
+
+@lru_cache(maxsize=256)
+def _uname(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return ""
+
+
+@lru_cache(maxsize=256)
+def _gname(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return ""
+
+
+def header_bytes(entry: Entry) -> bytes:
+    """USTAR header, with a PAX record first only where USTAR cannot hold a field (long names)."""
+    h = _Header(entry.name)
+    h.type = tarfile.DIRTYPE if entry.kind == "dir" else tarfile.REGTYPE
+    h.size = entry.size if entry.kind == "file" else 0
+    h.mode = entry.mode & 0o7777
+    h.mtime = int(entry.mtime)  # Go rounds ModTime to seconds
+    h.uid, h.gid = entry.uid, entry.gid
+    h.uname, h.gname = _uname(entry.uid), _gname(entry.gid)
+    return h.tobuf(tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
+
+
+def padding(size: int) -> int:
+    return -size % BLOCK
+
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _open_for_backup(path: str) -> int | None:
+    """Open a data file; None when it vanished since the walk (normal under a running PostgreSQL)."""
+    try:
+        return os.open(path, _OPEN_FLAGS | os.O_NOATIME)
+    except PermissionError:
+        pass  # O_NOATIME needs ownership; retry without it
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno not in (errno.EPERM,):
+            raise BackupError(f"could not open {path}", detail=e.strerror) from None
+    try:
+        return os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BackupError(f"could not open {path} for the backup", detail=e.strerror,
+                          hint="run walrus as the PostgreSQL server's OS user") from None
+
+
+@dataclass
+class _OpenFile:
+    entry: Entry
+    fd: int
+    pending: int = 0  # read requests not yet completed
+    laid_out: bool = False  # every request of the file has been issued
+    shrank: bool = False
+
+
+@dataclass
+class _Fill:
+    buf: Buffer
+    requests: list[ReadRequest] = field(default_factory=list)
+    owners: list[_OpenFile] = field(default_factory=list)
+
+
+class TarPartStream:
+    """Produces the bytes of one tar part as a sequence of filled pool buffers, in order.
+
+    Entries are pulled from `entries` (shared between parts) until the part's data size exceeds
+    `threshold` (WAL-G's rule: check after each file, so parts are 'at least threshold' and an
+    oversize file sits alone). Reads of up to `depth` buffers are in flight ahead of the consumer.
+    A file that shrank is zero padded to its walked size, a file that grew is cut at it, a file
+    that vanished is skipped: all three are normal while PostgreSQL runs.
+    """
+
+    def __init__(self, entries: Iterator[Entry], pool: BufferPool, reader: FileReader, *,
+                 threshold: int | None = None, depth: int = 4,
+                 on_member: Callable[[Entry], None] | None = None):
+        self._entries = entries
+        self._pool = pool
+        self._reader = reader
+        self._threshold = threshold
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
+        self._on_member = on_member
+        self._open: set[int] = set()
+        self.data_size = 0
+        self.members: list[str] = []
+        self.exhausted = False  # the shared entry iterator ran out while filling this part
+
+    # -- consumer side -------------------------------------------------------------------
+    async def __aiter__(self):
+        producer = asyncio.create_task(self._produce())
+        try:
+            while True:
+                item = await self._queue.get()
+                if item is None:
+                    break
+                yield await item
+            await producer
+        finally:
+            if not producer.done():
+                producer.cancel()
+                try:
+                    await producer
+                except BaseException:
+                    pass
+            await self._drain()
+            for fd in list(self._open):
+                os.close(fd)
+            self._open.clear()
+
+    async def _drain(self) -> None:
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                try:
+                    buf = await item
+                    buf.release()
+                except BaseException:
+                    pass
+
+    # -- producer side -------------------------------------------------------------------
+    async def _produce(self) -> None:
+        self._fill: _Fill | None = None
+        try:
+            for entry in self._entries:
+                await self._add(entry)
+                if self._threshold is not None and self.data_size > self._threshold:
+                    break
+            else:
+                self.exhausted = True
+            await self._lay_bytes(END_OF_ARCHIVE)
+            await self._submit()
+        except BaseException as e:
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(e)
+            await self._queue.put(fut)
+            raise
+        finally:
+            await self._queue.put(None)
+
+    async def _add(self, entry: Entry) -> None:
+        if entry.kind == "file" and entry.path is not None and entry.size > 0:
+            fd = _open_for_backup(entry.path)
+            if fd is None:
+                log.warning(f"{entry.path} vanished during the backup; skipped")
+                return
+            self._open.add(fd)
+            opened = _OpenFile(entry, fd)
+        else:
+            opened = None
+        await self._lay_bytes(header_bytes(entry))
+        if entry.kind == "file":
+            if entry.data is not None:
+                await self._lay_bytes(entry.data)
+            elif opened is not None:
+                await self._lay_file(opened)
+            await self._lay_bytes(bytes(padding(entry.size)))
+            self.data_size += entry.size
+        self.members.append(entry.name)
+        if self._on_member:
+            self._on_member(entry)
+
+    async def _current(self) -> _Fill:
+        if self._fill is None:
+            self._fill = _Fill(await self._pool.acquire())
+        return self._fill
+
+    async def _lay_bytes(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            fill = await self._current()
+            room = self._pool.size - fill.buf.length
+            n = min(room, len(view))
+            fill.buf.view[fill.buf.length:fill.buf.length + n] = view[:n]
+            fill.buf.length += n
+            view = view[n:]
+            if fill.buf.length == self._pool.size:
+                await self._submit()
+
+    async def _lay_file(self, f: _OpenFile) -> None:
+        offset, remaining = 0, f.entry.size
+        while remaining:
+            fill = await self._current()
+            start = fill.buf.length
+            n = min(self._pool.size - start, remaining)
+            fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + n]))
+            fill.owners.append(f)
+            f.pending += 1
+            fill.buf.length += n
+            offset += n
+            remaining -= n
+            if remaining == 0:
+                f.laid_out = True
+            if fill.buf.length == self._pool.size:
+                await self._submit()
+
+    async def _submit(self) -> None:
+        fill, self._fill = self._fill, None
+        if fill is None:
+            return
+        await self._queue.put(asyncio.ensure_future(self._complete(fill)))
+
+    async def _complete(self, fill: _Fill) -> Buffer:
+        try:
+            counts = await self._reader.read_batch(fill.requests)
+        except OSError as e:
+            fill.buf.release()
+            raise BackupError("read failed during the backup", detail=f"{e.strerror or e}",
+                              hint="check the data directory's disk and permissions") from None
+        for req, owner, got in zip(fill.requests, fill.owners, counts):
+            if got < len(req.view):
+                req.view[got:] = bytes(len(req.view) - got)
+                if not owner.shrank:
+                    owner.shrank = True
+                    log.info(f"{owner.entry.path} shrank during the backup; zero padded to its walked size")
+            owner.pending -= 1
+            if owner.laid_out and owner.pending == 0 and owner.fd in self._open:
+                self._open.discard(owner.fd)
+                os.close(owner.fd)
+        return fill.buf

@@ -1,0 +1,183 @@
+"""backup-push: a non-exclusive base backup of a local data directory into WAL-G's layout."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Iterator
+
+from walrus import codec
+from walrus.archive.tar_write import Entry, TarPartStream
+from walrus.backup import layout
+from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
+                               now_utc_micro, system_identifier_from_pg)
+from walrus.backup.walk import WalkResult, walk_data_directory
+from walrus.config import Settings
+from walrus.errors import BackupError, ConfigError
+from walrus.log import log
+from walrus.pg.client import PgSession
+from walrus.pg.xlog import backup_name_for, format_lsn
+from walrus.storage.base import Storage
+from walrus.stream.buffers import BufferPool
+from walrus.stream.pipeline import PoolPlan, raise_nofile_limit, upload_buffers
+from walrus.stream.reader import open_reader
+from walrus.stream.stages import Counter
+
+UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
+
+
+@dataclass
+class BackupPushResult:
+    name: str
+    start_lsn: int
+    finish_lsn: int
+    uncompressed_size: int
+    compressed_size: int
+    parts: list[str]
+    files: int
+    seconds: float
+    reader: str
+    storage: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"backup_name": self.name, "start_lsn": format_lsn(self.start_lsn),
+                "finish_lsn": format_lsn(self.finish_lsn), "uncompressed_size": self.uncompressed_size,
+                "compressed_size": self.compressed_size, "parts": self.parts, "files": self.files,
+                "seconds": round(self.seconds, 3), "reader": self.reader, "storage": self.storage}
+
+
+@dataclass
+class _Collected:
+    """What the parts packed, for files_metadata.json and the sentinel's sizes."""
+
+    files: dict[str, FileDescription] = field(default_factory=dict)
+    tar_file_sets: dict[str, list[str]] = field(default_factory=dict)
+    uncompressed: int = 0
+
+    def record(self, entry: Entry) -> None:
+        self.uncompressed += entry.size
+        if entry.name not in UTILITY_MEMBERS:
+            mtime = datetime.fromtimestamp(entry.mtime).astimezone()  # WAL-G: the pushing host's zone
+            self.files[entry.name] = FileDescription(mtime=mtime)
+
+
+class _SharedEntries:
+    """The walk, pulled by several part lanes in turn (all on the event loop thread)."""
+
+    def __init__(self, entries: Iterator[Entry]):
+        self._it = entries
+
+    def take_first(self) -> Entry | None:
+        return next(self._it, None)
+
+    def rest(self) -> Iterator[Entry]:
+        return self._it
+
+
+def _check_server(info, pgdata: str, settings: Settings) -> None:
+    if os.path.realpath(pgdata) != os.path.realpath(info.data_directory):
+        raise BackupError(f"{pgdata} is not the data directory of the server walrus connected to",
+                          detail=f"the server's data_directory is {info.data_directory}",
+                          hint="pass the server's data directory, or set PGHOST/PGPORT to the right server")
+    if info.segment_size != settings.segment_size:
+        raise ConfigError("WAL segment size mismatch",
+                          detail=f"the server uses {info.segment_size >> 20} MiB segments, "
+                                 f"WALG_PG_WAL_SIZE is {settings.pg_wal_size}",
+                          hint=f"set WALG_PG_WAL_SIZE={info.segment_size >> 20}")
+    if info.archive_mode == "off" or not info.archive_command.strip():
+        log.warning("archive_mode or archive_command is off: this backup cannot be restored "
+                    "without the WAL written during it")
+
+
+async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
+                      user_data: Any = None) -> BackupPushResult:
+    began = time.monotonic()
+    if not os.path.isdir(pgdata):
+        raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
+    session = await asyncio.to_thread(PgSession, settings)
+    try:
+        info = await asyncio.to_thread(session.server_info)
+        _check_server(info, pgdata, settings)
+        start_time = now_utc_micro()
+        start = await asyncio.to_thread(session.backup_start, start_time.isoformat(), info.version_num)
+        name = backup_name_for(start.timeline, start.lsn, info.segment_size)
+        log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
+        ext = codec.extension(settings.compression_method)
+
+        walk = WalkResult()
+        collected = _Collected()
+        counter = Counter()
+        lanes = settings.upload_disk_concurrency
+        plan = PoolPlan.for_settings(settings, lanes)
+        pool = BufferPool(plan.count, plan.buffer_size)
+        reader = open_reader()
+        executor = ThreadPoolExecutor(max_workers=lanes + 1, thread_name_prefix="walrus-compress")
+        raise_nofile_limit()
+        part_numbers = itertools.count(1)
+        shared = _SharedEntries(walk_data_directory(pgdata, walk))
+
+        async def upload_part(entries: Iterator[Entry], object_name: str, threshold: int | None) -> TarPartStream:
+            stream = TarPartStream(entries, pool, reader, threshold=threshold, depth=plan.depth,
+                                   on_member=collected.record)
+            await upload_buffers(storage, layout.part_key(name, object_name), stream, settings, executor, counter)
+            collected.tar_file_sets[object_name] = stream.members
+            log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
+            return stream
+
+        async def lane() -> None:
+            while (first := shared.take_first()) is not None:
+                object_name = layout.part_object_name(next(part_numbers), ext)
+                await upload_part(itertools.chain([first], shared.rest()), object_name,
+                                  settings.tar_size_threshold)
+
+        try:
+            await asyncio.gather(*(lane() for _ in range(lanes)))
+            if walk.pg_control is None:
+                raise BackupError(f"{pgdata} has no global/pg_control", hint="is this a PostgreSQL data directory?")
+            next(part_numbers)  # WAL-G's counter counts pg_control.tar too
+            await upload_part(iter([walk.pg_control]), layout.with_extension(layout.PG_CONTROL_TAR, ext), None)
+
+            stop = await asyncio.to_thread(session.backup_stop, info.version_num)
+            label_entries = [Entry("backup_label", "file", len(stop.label.encode()), 0o600, data=stop.label.encode()),
+                             Entry("tablespace_map", "file", len(stop.tablespace_map.encode()), 0o600,
+                                   data=stop.tablespace_map.encode())]
+            await upload_part(iter(label_entries), layout.with_extension(layout.BACKUP_LABEL_TAR, ext), None)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+            reader.close()
+
+        finish_time = now_utc_micro()
+        spec = TablespaceSpec(base_prefix=os.path.realpath(pgdata).rstrip("/"),
+                              locations=dict(walk.tablespaces)) if walk.tablespaces else None
+        sentinel = Sentinel(
+            start_lsn=start.lsn, finish_lsn=stop.lsn, pg_version=info.version_num,
+            system_identifier=system_identifier_from_pg(info.system_identifier),
+            uncompressed_size=collected.uncompressed, compressed_size=counter.bytes,
+            data_catalog_size=walk.data_catalog_size, spec=spec, user_data=user_data,
+            files_metadata_disabled=False, delta_lsn=None, delta_from=None, delta_full_name=None,
+            delta_count=None, start_time=start_time, finish_time=finish_time, hostname=socket.gethostname(),
+            data_dir=os.path.realpath(info.data_directory), is_permanent=permanent, version=2,
+            legacy_files=None, legacy_tar_file_sets=None)
+        metadata = ExtendedMetadata(
+            start_time=start_time, finish_time=finish_time, hostname=sentinel.hostname, data_dir=sentinel.data_dir,
+            pg_version=info.version_num, start_lsn=start.lsn, finish_lsn=stop.lsn, is_permanent=permanent,
+            system_identifier=sentinel.system_identifier, uncompressed_size=collected.uncompressed,
+            compressed_size=counter.bytes, user_data=user_data)
+        files_metadata = FilesMetadata(files=collected.files, tar_file_sets=collected.tar_file_sets,
+                                       databases_by_names=None)
+        # The sentinel goes last: a backup exists if and only if its sentinel does.
+        await storage.put_bytes(layout.backup_key(name, layout.METADATA), metadata.to_json())
+        await storage.put_bytes(layout.backup_key(name, layout.FILES_METADATA), files_metadata.to_json())
+        await storage.put_bytes(layout.sentinel_key(name), sentinel.to_json())
+        pool.close()
+    finally:
+        await asyncio.to_thread(session.close)
+    return BackupPushResult(name=name, start_lsn=start.lsn, finish_lsn=stop.lsn,
+                            uncompressed_size=collected.uncompressed, compressed_size=counter.bytes,
+                            parts=sorted(collected.tar_file_sets), files=len(collected.files),
+                            seconds=time.monotonic() - began, reader=reader.name, storage=storage.describe())

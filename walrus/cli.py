@@ -1,0 +1,179 @@
+"""The `walrus` command line: thin click commands over the engine modules, one error-to-exit-code map."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import traceback
+from typing import Any, Awaitable, Callable
+
+import click
+
+from walrus import __version__
+from walrus.config import Settings, load_settings, settings_help
+from walrus.errors import EXIT_FAILURE, WalrusError
+from walrus.log import log, setup_logging
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    def list_commands(self, ctx):
+        return list(self.commands)  # in the order they were defined, most used first
+
+
+@click.group(cls=_Group, context_settings=CONTEXT,
+             epilog="Settings (environment, or a JSON/YAML config file; the environment wins):\n\n\b\n"
+                    + settings_help())
+@click.option("--config", "config_path", metavar="PATH", envvar=None,
+              help="Config file (default: $WALG_CONFIG_PATH, else ~/.walg.json).")
+@click.version_option(__version__, "--version", prog_name="walrus")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None) -> None:
+    """walrus: WAL-G-compatible PostgreSQL backups and WAL archiving."""
+    ctx.obj = {"config_path": config_path}
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = load_settings(config_path=ctx.obj["config_path"], warn=log.warning)
+    setup_logging(settings.log_level)
+    return settings
+
+
+def _run(ctx: click.Context, engine: Callable[[Settings, Any], Awaitable[Any]]) -> Any:
+    """Resolve settings, open the storage, run one engine coroutine, always close the storage."""
+    from walrus.storage import open_storage
+
+    settings = _settings(ctx)
+    storage = open_storage(settings)
+
+    async def main():
+        try:
+            return await engine(settings, storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(main())
+
+
+def _emit(result: Any, as_json: bool, text: str | None) -> None:
+    if as_json:
+        obj = result.as_json() if hasattr(result, "as_json") else result
+        click.echo(json.dumps(obj, indent=None))
+    elif text:
+        click.echo(text)
+
+
+@cli.command("wal-push", context_settings=CONTEXT)
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def wal_push_cmd(ctx, path: str, as_json: bool) -> None:
+    """Archive one WAL file (archive_command = 'walrus wal-push %p')."""
+    from walrus.wal.push import wal_push
+
+    result = _run(ctx, lambda s, st: wal_push(s, st, path))
+    _emit(result, as_json, None)
+
+
+@cli.command("wal-fetch", context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("destination")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool) -> None:
+    """Restore one WAL file (restore_command = 'walrus wal-fetch %f %p'); exit 74 if it is not archived."""
+    from walrus.wal.fetch import wal_fetch
+
+    result = _run(ctx, lambda s, st: wal_fetch(s, st, name, destination))
+    _emit(result, as_json, None)
+
+
+@cli.command("backup-push", context_settings=CONTEXT)
+@click.argument("pgdata", metavar="PGDATA")
+@click.option("-p", "--permanent", is_flag=True, help="Mark the backup permanent (never deleted by retention).")
+@click.option("--add-user-data", "user_data", metavar="JSON", help="JSON stored in the sentinel's UserData.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def backup_push_cmd(ctx, pgdata: str, permanent: bool, user_data: str | None, as_json: bool) -> None:
+    """Take a base backup of the running server whose data directory is PGDATA."""
+    from walrus.backup.push import backup_push
+
+    data = None
+    if user_data is not None:
+        try:
+            data = json.loads(user_data)
+        except ValueError as e:
+            raise WalrusError("--add-user-data is not valid JSON", detail=str(e)) from None
+    result = _run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data))
+    log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
+    _emit(result, as_json, None)
+
+
+@cli.command("backup-fetch", context_settings=CONTEXT)
+@click.argument("directory")
+@click.argument("name", default="LATEST")
+@click.option("--restore-spec", metavar="FILE", help="Tablespace locations to restore to (the Spec's JSON shape).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def backup_fetch_cmd(ctx, directory: str, name: str, restore_spec: str | None, as_json: bool) -> None:
+    """Restore backup NAME (or LATEST) into the empty DIRECTORY."""
+    from walrus.backup.fetch import backup_fetch
+
+    result = _run(ctx, lambda s, st: backup_fetch(s, st, directory, name, restore_spec=restore_spec))
+    log.info(f"restored {result.name} into {result.directory}: {result.files} files, {result.bytes} bytes")
+    _emit(result, as_json, None)
+
+
+@cli.command("backup-list", context_settings=CONTEXT)
+@click.option("--detail", is_flag=True, help="Add the columns of each backup's metadata.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array ([] when there are none).")
+@click.pass_context
+def backup_list_cmd(ctx, detail: bool, as_json: bool) -> None:
+    """List backups, oldest first."""
+    from walrus.backup.list import list_backups, load_details, render_table
+
+    async def engine(settings, storage):
+        backups = await list_backups(storage)
+        return await load_details(storage, backups) if detail else backups
+
+    backups = _run(ctx, engine)
+    if as_json:
+        click.echo(json.dumps([b.as_json(detail) for b in backups]))
+    elif not backups:
+        log.info("No backups found")
+    else:
+        click.echo(render_table(backups, detail))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every failure ends here, printed PostgreSQL-style, mapped to its exit code."""
+    try:
+        rc = cli.main(args=argv, prog_name="walrus", standalone_mode=False)
+        if isinstance(rc, int):
+            sys.exit(rc)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code if e.exit_code != 1 else 2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except WalrusError as e:
+        print(e.render(), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("ERROR: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        print(f"ERROR: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+        print("HINT: check permissions and free space, and that walrus runs as the server's OS user",
+              file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+    except Exception as e:  # a bug: say so, with the traceback when asked for
+        print(f"ERROR: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        if os.environ.get("WALG_LOG_LEVEL", "").upper() == "DEVEL":
+            traceback.print_exc()
+        print("HINT: set WALG_LOG_LEVEL=DEVEL for a traceback and report it", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)

@@ -1,0 +1,100 @@
+"""Compression methods: names, key extensions, WAL-G-identical writers and bounded streaming readers."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from walrus.codec import brotli, gzip, lz4, lzma, none, zstd
+from walrus.codec.base import Compressor, RawSource, Reader
+from walrus.errors import ConfigError, CorruptArchive
+
+__all__ = [
+    "WRITABLE_METHODS",
+    "WAL_PROBE_EXTENSIONS",
+    "Compressor",
+    "Reader",
+    "extension",
+    "method_for_extension",
+    "new_compressor",
+    "open_reader",
+]
+
+
+class _Codec(NamedTuple):
+    extension: str
+    reader: Callable[[RawSource, str], Reader]
+
+
+_CODECS: dict[str, _Codec] = {
+    "lz4": _Codec(lz4.EXTENSION, lz4.Lz4Reader),
+    "lzma": _Codec(lzma.EXTENSION, lzma.LzmaReader),
+    "zstd": _Codec(zstd.EXTENSION, zstd.ZstdReader),
+    "brotli": _Codec(brotli.EXTENSION, brotli.BrotliReader),
+    "none": _Codec(none.EXTENSION, none.IdentityReader),
+    "gzip": _Codec(gzip.EXTENSION, gzip.GzipReader),
+}
+
+# WALG_COMPRESSION_METHOD values walrus writes (gzip is read only, as in WAL-G).
+WRITABLE_METHODS: tuple[str, ...] = ("lz4", "lzma", "zstd", "brotli", "none")
+
+# wal-fetch probes after the cached extension, in WAL-G's order (internal/fetch_helper.go); "." is
+# the v3.0.8 trailing-dot key of an uncompressed segment. The caller probes the bare name last.
+# WAL-G also probes "lzo" (between "br" and "zst") when built with it; walrus cannot read lzo.
+WAL_PROBE_EXTENSIONS: tuple[str, ...] = ("lz4", "lzma", "gz", ".", "br", "zst")
+
+_METHOD_BY_EXTENSION: dict[str, str] = {codec.extension: method for method, codec in _CODECS.items()}
+_METHOD_BY_EXTENSION["tar"] = "none"  # tar parts of uncompressed backups: part_001.tar
+
+
+def extension(method: str) -> str:
+    """The key suffix (without the dot) for a compression method; "" for none."""
+    try:
+        return _CODECS[method].extension
+    except KeyError:
+        raise _unknown_method(method) from None
+
+
+def method_for_extension(ext: str) -> str:
+    """The method that reads objects with this key suffix; "", "." and "tar" mean uncompressed.
+
+    One leading dot is ignored, as WAL-G's FindDecompressor ignores it.
+    """
+    bare = ext[1:] if ext.startswith(".") else ext
+    method = _METHOD_BY_EXTENSION.get(bare)
+    if method is None:
+        detail = f"known extensions: {', '.join(repr(e) for e in sorted(_METHOD_BY_EXTENSION))}"
+        if bare == "lzo":
+            detail = "lzo (WAL-E's lzop format) is not supported by walrus"
+        raise CorruptArchive(
+            f"unknown compression extension {ext!r}",
+            detail=detail,
+            hint="the object was not written by WAL-G or walrus, or by a build with another codec",
+        )
+    return method
+
+
+def new_compressor(method: str, *, zstd_level: str | None = None) -> Compressor:
+    """A compressor for one object. zstd_level (a WALG_ZSTD_LEVEL name) only matters for zstd."""
+    if method == "lz4":
+        return lz4.Lz4Compressor()
+    if method == "zstd":
+        return zstd.ZstdCompressor(zstd_level)
+    if method == "lzma":
+        return lzma.LzmaCompressor()
+    if method == "brotli":
+        return brotli.BrotliCompressor()
+    if method == "none":
+        return none.IdentityCompressor()
+    raise _unknown_method(method)
+
+
+def open_reader(ext: str, raw: RawSource, *, name: str = "") -> Reader:
+    """A decompressing reader over `raw` for an object whose key ends in `ext`; name is for errors."""
+    return _CODECS[method_for_extension(ext)].reader(raw, name)
+
+
+def _unknown_method(method: str) -> ConfigError:
+    problem = "is read only" if method in _CODECS else "is unknown"
+    return ConfigError(
+        f"compression method {method!r} {problem}",
+        detail="WALG_COMPRESSION_METHOD must be one of: " + ", ".join(WRITABLE_METHODS),
+    )

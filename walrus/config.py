@@ -1,0 +1,217 @@
+"""One declarative table of settings (WAL-G's names) resolved once into a frozen Settings object."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from walrus.errors import ConfigError
+
+# Go's strconv.ParseBool, which WAL-G uses for every boolean setting.
+_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def parse_bool(text: str) -> bool:
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("expected a boolean (true/false, 1/0, t/f)")
+
+
+def parse_int(text: str) -> int:
+    return int(text.strip(), 10)
+
+
+def parse_positive_int(text: str) -> int:
+    value = parse_int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional binary suffix (K, M, G, KiB, MiB, GiB, KB, MB, GB all mean powers of 1024)."""
+    t = text.strip()
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    upper = t.upper().removesuffix("IB").removesuffix("B")
+    digits = upper.rstrip("KMGT")
+    unit = upper[len(digits):]
+    if not digits.isdigit() or unit not in units:
+        raise ValueError("expected a byte count such as 1073741823, 512M or 4GiB")
+    return int(digits) * units[unit]
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.rstrip("\r\n")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the WAL-G environment / config-file name
+    attr: str  # attribute on Settings
+    parse: Callable[[str], Any]
+    default: Any
+    doc: str
+    aliases: tuple[str, ...] = ()
+    secret: bool = False
+
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # storage
+    S("WALG_FILE_PREFIX", "file_prefix", _text, None,
+      "Store backups under this local directory (also file://localhost/path).", ("WALE_FILE_PREFIX",)),
+    S("WALG_S3_PREFIX", "s3_prefix", _text, None, "Store backups in S3: s3://bucket/path.", ("WALE_S3_PREFIX",)),
+    S("WALG_STORAGE_PREFIX", "storage_prefix", _text, None, "An extra sub-folder under the storage root."),
+    # data path
+    S("WALG_COMPRESSION_METHOD", "compression_method", _choice("lz4", "lzma", "zstd", "brotli", "none"), "lz4",
+      "Compression of WAL and backup parts: lz4, zstd, brotli, lzma or none."),
+    S("WALG_ZSTD_LEVEL", "zstd_level", _choice("fastest", "default", "better", "best"), None,
+      "zstd effort: fastest, default, better or best."),
+    S("WALG_TAR_SIZE_THRESHOLD", "tar_size_threshold", parse_size, (1 << 30) - 1,
+      "File bytes per tar part before a new part starts."),
+    S("WALG_UPLOAD_CONCURRENCY", "upload_concurrency", parse_positive_int, 16, "Parallel uploads."),
+    S("WALG_DOWNLOAD_CONCURRENCY", "download_concurrency", parse_positive_int, 10,
+      "Parallel downloads: tar parts extracted at once by backup-fetch."),
+    S("WALG_UPLOAD_DISK_CONCURRENCY", "upload_disk_concurrency", parse_positive_int, 1,
+      "Tar parts filled from disk at once by backup-push."),
+    S("WALG_TAR_DISABLE_FSYNC", "tar_disable_fsync", parse_bool, False,
+      "Do not fsync restored files (faster, unsafe on power loss)."),
+    S("WALG_PREVENT_WAL_OVERWRITE", "prevent_wal_overwrite", parse_bool, False,
+      "Compare with the archived copy before pushing WAL (walrus never overwrites with different bytes)."),
+    S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_positive_int, 16, "WAL segment size in MiB."),
+    S("WALG_BUFFER_SIZE", "buffer_size", parse_size, 1 << 20, "Size of one data-path buffer."),
+    S("WALG_MEMORY_BUDGET", "memory_budget", parse_size, 64 << 20,
+      "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once."),
+    # logging
+    S("WALG_LOG_LEVEL", "log_level", _choice("normal", "devel", "error"), "normal",
+      "NORMAL, DEVEL (debug) or ERROR."),
+    # PostgreSQL connection (libpq names)
+    S("PGHOST", "pg_host", _text, None, "PostgreSQL host or socket directory."),
+    S("PGPORT", "pg_port", parse_positive_int, None, "PostgreSQL port."),
+    S("PGUSER", "pg_user", _text, None, "PostgreSQL user."),
+    S("PGDATABASE", "pg_database", _text, None, "PostgreSQL database."),
+    S("PGPASSWORD", "pg_password", _text, None, "PostgreSQL password.", secret=True),
+    S("PGDATA", "pgdata", _text, None, "Data directory (daemon and WAL markers)."),
+)
+del S
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+_BY_ALIAS = {alias: s for s in SETTINGS for alias in s.aliases}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings; attribute per table entry, plus where each value came from."""
+
+    values: Mapping[str, Any]
+    sources: Mapping[str, str]
+    config_path: str | None = None
+
+    def __getattr__(self, attr: str) -> Any:
+        try:
+            return self.values[attr]
+        except KeyError:
+            raise AttributeError(attr) from None
+
+    @property
+    def segment_size(self) -> int:
+        return self.pg_wal_size << 20
+
+
+def default_config_path(env: Mapping[str, str]) -> str | None:
+    if env.get("WALG_CONFIG_PATH"):
+        return env["WALG_CONFIG_PATH"]
+    home = env.get("HOME") or os.path.expanduser("~")
+    for ext in ("json", "yaml", "yml"):
+        candidate = os.path.join(home, f".walg.{ext}")
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """A flat map of SETTING: value, in JSON or YAML; values are stringified like viper does."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}", detail=e.strerror,
+                          hint="check --config / WALG_CONFIG_PATH") from None
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text) if text.strip() else {}
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise ConfigError(f"config file {path} is malformed", detail=str(e),
+                          hint="it must be a flat JSON or YAML map of SETTING: value") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} is not a map of settings",
+                          hint='write it as {"WALG_FILE_PREFIX": "/backups", ...}')
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"config file {path}: {key} must be a scalar value")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        out[str(key)] = "" if value is None else str(value)
+    return out
+
+
+def load_settings(env: Mapping[str, str] | None = None, config_path: str | None = None,
+                  warn: Callable[[str], None] | None = None) -> Settings:
+    """Resolve the table once: environment over config file over default."""
+    env = os.environ if env is None else env
+    path = config_path or default_config_path(env)
+    file_values = read_config_file(path) if path else {}
+    for key in file_values:
+        if key not in _BY_NAME and key not in _BY_ALIAS and warn is not None:
+            warn(f"config file {path}: unknown setting {key} ignored")
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        raw, source = None, "default"
+        for origin, mapping in (("environment", env), (f"config file {path}", file_values)):
+            for key in (s.name, *s.aliases):
+                if mapping.get(key) not in (None, ""):
+                    raw, source = mapping[key], f"{origin} ({key})"
+                    break
+            if raw is not None:
+                break
+        if raw is None:
+            values[s.attr] = s.default
+        else:
+            try:
+                values[s.attr] = s.parse(raw)
+            except ValueError as e:
+                shown = "(hidden)" if s.secret else repr(raw)
+                raise ConfigError(f"invalid value {shown} for {s.name}", detail=f"{e}; set in {source}",
+                                  hint=f"{s.name}: {s.doc}") from None
+        sources[s.attr] = source
+    return Settings(values=values, sources=sources, config_path=path)
+
+
+def settings_help() -> str:
+    """The settings table as text, for --help and docs."""
+    lines = []
+    for s in SETTINGS:
+        default = "" if s.default is None else f" [default: {s.default}]"
+        lines.append(f"  {s.name:<28} {s.doc}{default}")
+    return "\n".join(lines)

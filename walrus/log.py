@@ -1,0 +1,28 @@
+"""Logging to stderr in WAL-G's style (`INFO: 2026/01/02 03:04:05.123456 message`)."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+LOGGER_NAME = "walrus"
+log = logging.getLogger(LOGGER_NAME)
+
+_LEVEL_NAMES = {logging.DEBUG: "DEBUG", logging.INFO: "INFO", logging.WARNING: "WARNING",
+                logging.ERROR: "ERROR", logging.CRITICAL: "ERROR"}
+_LEVELS = {"devel": logging.DEBUG, "normal": logging.INFO, "error": logging.ERROR}
+
+
+class _WalgFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(record.created))
+        micros = int(record.msecs * 1000) % 1_000_000
+        return f"{_LEVEL_NAMES.get(record.levelno, 'INFO')}: {stamp}.{micros:06d} {record.getMessage()}"
+
+
+def setup_logging(level: str = "normal") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_WalgFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(_LEVELS.get(level, logging.INFO))
+    log.propagate = False

@@ -1,0 +1,94 @@
+"""The PostgreSQL session backup-push holds: facts about the server, backup start and stop."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from walrus.config import Settings
+from walrus.errors import BackupError
+from walrus.pg.xlog import parse_lsn
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    data_directory: str
+    version_num: int
+    system_identifier: int
+    segment_size: int
+    in_recovery: bool
+    archive_mode: str
+    archive_command: str
+
+
+@dataclass(frozen=True)
+class BackupStart:
+    lsn: int
+    timeline: int
+
+
+@dataclass(frozen=True)
+class BackupStop:
+    lsn: int
+    label: str
+    tablespace_map: str
+
+
+def conninfo_kwargs(settings: Settings) -> dict:
+    """libpq parameters from the settings table; libpq reads the rest (PGSSLMODE...) from the environment."""
+    kw = {"host": settings.pg_host, "port": settings.pg_port, "user": settings.pg_user,
+          "dbname": settings.pg_database, "password": settings.pg_password}
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+class PgSession:
+    """One connection, held for the whole backup: a non-exclusive backup ends with its session."""
+
+    def __init__(self, settings: Settings):
+        import psycopg
+
+        try:
+            self._conn = psycopg.connect(autocommit=True, application_name="walrus", **conninfo_kwargs(settings))
+        except psycopg.Error as e:
+            raise BackupError("could not connect to PostgreSQL", detail=str(e).strip(),
+                              hint="set PGHOST/PGPORT/PGUSER/PGDATABASE (and PGPASSWORD or ~/.pgpass)") from None
+        self._psycopg = psycopg
+
+    def _one(self, sql: str, params: tuple = ()):
+        try:
+            with self._conn.cursor() as cur:
+                cur.execute(sql, params)
+                return cur.fetchone()
+        except self._psycopg.Error as e:
+            raise BackupError("PostgreSQL refused a backup query", detail=f"{sql}: {str(e).strip()}",
+                              hint="the backup user needs pg_backup_start/pg_backup_stop rights "
+                                   "(superuser or GRANT EXECUTE) and pg_read_all_settings") from None
+
+    def server_info(self) -> ServerInfo:
+        row = self._one(
+            "SELECT current_setting('data_directory'), current_setting('server_version_num')::int,"
+            " (SELECT system_identifier FROM pg_control_system()),"
+            " (SELECT bytes_per_wal_segment FROM pg_control_init()),"
+            " pg_is_in_recovery(), current_setting('archive_mode'), current_setting('archive_command')")
+        return ServerInfo(*row)
+
+    def backup_start(self, label: str, version_num: int) -> BackupStart:
+        if version_num >= 150000:
+            sql = "SELECT pg_backup_start(%s, true)::text"
+        elif version_num >= 100000:
+            sql = "SELECT pg_start_backup(%s, true, false)::text"
+        else:
+            raise BackupError(f"PostgreSQL {version_num} is too old", hint="walrus supports PostgreSQL 10 and later")
+        (lsn_text,) = self._one(sql, (label,))
+        (timeline,) = self._one("SELECT timeline_id FROM pg_control_checkpoint()")
+        return BackupStart(parse_lsn(lsn_text), int(timeline))
+
+    def backup_stop(self, version_num: int) -> BackupStop:
+        fn = "pg_backup_stop()" if version_num >= 150000 else "pg_stop_backup(false)"
+        label, spcmap, lsn_text = self._one(f"SELECT labelfile, spcmapfile, lsn::text FROM {fn}")
+        return BackupStop(parse_lsn(lsn_text), label or "", spcmap or "")
+
+    def timeline(self) -> int:
+        (timeline,) = self._one("SELECT timeline_id FROM pg_control_checkpoint()")
+        return int(timeline)
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,76 @@
+"""The small async storage interface every backend implements, and key helpers shared by all."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from datetime import datetime
+from typing import AsyncIterable, AsyncIterator, Iterable
+
+ByteStream = AsyncIterator[bytes]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # full key relative to the storage root, e.g. "basebackups_005/base_X_backup_stop_sentinel.json"
+    size: int
+    mtime: datetime  # LastModified; LATEST keys off this (WAL-G compatibility)
+
+    @property
+    def name(self) -> str:
+        return self.key.rsplit("/", 1)[-1]
+
+
+def join_key(*parts: str) -> str:
+    """WAL-G's storage.JoinPath: pieces trimmed of slashes and joined with single '/'."""
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+class Storage(abc.ABC):
+    """put a stream, get a stream, stat, list, delete. Keys are relative to the backend's root.
+
+    Invariants every backend keeps: `put` makes the object visible only once it is complete and
+    durable (no partial object under a final key, ever); `get` raises ObjectNotFound before the
+    first byte when the key is absent.
+    """
+
+    name = "default"
+
+    @abc.abstractmethod
+    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
+        """Store the stream under key atomically; return the bytes stored."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> ByteStream:
+        """Open key for reading; raise ObjectNotFound at once when absent."""
+
+    @abc.abstractmethod
+    async def stat(self, key: str) -> ObjectInfo | None:
+        """Size and mtime of key, or None when absent."""
+
+    @abc.abstractmethod
+    def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+        """Objects under folder (direct children only unless recursive)."""
+
+    @abc.abstractmethod
+    async def delete(self, keys: Iterable[str]) -> None:
+        """Delete keys; absent keys are not an error."""
+
+    async def exists(self, key: str) -> bool:
+        return await self.stat(key) is not None
+
+    async def get_bytes(self, key: str) -> bytes:
+        """Whole small objects (JSON documents) only."""
+        chunks = [c async for c in await self.get(key)]
+        return b"".join(chunks)
+
+    async def put_bytes(self, key: str, data: bytes) -> int:
+        async def one():
+            yield data
+
+        return await self.put(key, one())
+
+    async def close(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        return self.name

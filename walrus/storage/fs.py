@@ -1,0 +1,179 @@
+"""Local-directory storage (WALG_FILE_PREFIX), written the way WAL-G's file backend writes."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import re
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import AsyncIterable, AsyncIterator, Iterable
+
+from walrus.errors import ObjectNotFound, StorageError
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
+
+# WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
+TMP_RE = re.compile(r"\.tmp\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
+READ_CHUNK = 1 << 20
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs(path: str) -> None:
+    """mkdir -p that fsyncs each parent it creates, so a new folder survives a crash too."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, 0o750)
+        except FileExistsError:
+            continue
+        _fsync_dir(os.path.dirname(p))
+
+
+class FsStorage(Storage):
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.name = "default"
+
+    def describe(self) -> str:
+        return f"file storage {self.root}"
+
+    def _path(self, key: str) -> str:
+        key = join_key(key)
+        if not key or ".." in key.split("/"):
+            raise StorageError(f"invalid storage key {key!r}")
+        return os.path.join(self.root, key)
+
+    def _fail(self, what: str, key: str, e: OSError) -> StorageError:
+        return StorageError(f"could not {what} {key!r} in {self.describe()}", detail=e.strerror or str(e),
+                            hint="check that the directory exists and this user may write to it")
+
+    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
+        path = self._path(key)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        tmp = f"{path}.tmp.{stamp}-{secrets.token_hex(4)}"
+        try:
+            await asyncio.to_thread(_makedirs, os.path.dirname(path))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        except OSError as e:
+            raise self._fail("create", key, e) from None
+        total = 0
+        try:
+            async for chunk in stream:
+                if chunk:
+                    total += await asyncio.to_thread(_write_all, fd, chunk)
+            await asyncio.to_thread(os.fsync, fd)
+            os.close(fd)
+            fd = -1
+            os.rename(tmp, path)
+            await asyncio.to_thread(_fsync_dir, os.path.dirname(path))
+        except BaseException as e:
+            if fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise self._fail("write", key, e) from None
+            raise
+        return total
+
+    async def get(self, key: str) -> ByteStream:
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.EISDIR):
+                raise ObjectNotFound(key) from None
+            raise self._fail("open", key, e) from None
+        return self._read(fd, key)
+
+    async def _read(self, fd: int, key: str) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.to_thread(os.read, fd, READ_CHUNK)
+                except OSError as e:
+                    raise self._fail("read", key, e) from None
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            os.close(fd)
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = os.stat(self._path(key))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise self._fail("stat", key, e) from None
+        if not os.path.isfile(self._path(key)):
+            return None
+        return ObjectInfo(join_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
+
+    async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+        folder = join_key(folder)
+        base = os.path.join(self.root, folder) if folder else self.root
+        try:
+            found = await asyncio.to_thread(_scan, base, recursive)
+        except OSError as e:
+            raise self._fail("list", folder, e) from None
+        for rel, size, mtime in found:
+            yield ObjectInfo(join_key(folder, rel), size, datetime.fromtimestamp(mtime, timezone.utc))
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        dirs = set()
+        for key in keys:
+            path = self._path(key)
+            try:
+                os.unlink(path)
+                dirs.add(os.path.dirname(path))
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise self._fail("delete", key, e) from None
+        for d in dirs:
+            await asyncio.to_thread(_fsync_dir, d)
+
+
+def _write_all(fd: int, data) -> int:
+    view = memoryview(data)
+    total = len(view)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+    return total
+
+
+def _scan(base: str, recursive: bool) -> list[tuple[str, int, float]]:
+    out: list[tuple[str, int, float]] = []
+
+    def walk(d: str, prefix: str) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except FileNotFoundError:
+            return
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                if recursive:
+                    walk(e.path, prefix + e.name + "/")
+            elif e.is_file(follow_symlinks=False) and not TMP_RE.search(e.name):
+                st = e.stat(follow_symlinks=False)
+                out.append((prefix + e.name, st.st_size, st.st_mtime))
+
+    walk(base, "")
+    return out

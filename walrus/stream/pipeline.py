@@ -1,0 +1,106 @@
+"""The upload chain shared by wal-push and backup-push: pool buffers -> compress -> count -> storage."""
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import AsyncIterable
+
+from walrus.codec import new_compressor
+from walrus.config import Settings
+from walrus.storage.base import Storage
+from walrus.stream.buffers import Buffer, BufferPool
+from walrus.stream.reader import FileReader, ReadRequest
+from walrus.stream.stages import Counter, compressed, piped
+
+# Compressed chunks queued between the compressor thread and the storage writer.
+UPLOAD_QUEUE_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How the memory budget splits: `lanes` parts in flight, each with `depth` buffers read ahead."""
+
+    buffer_size: int
+    count: int
+    depth: int
+
+    @classmethod
+    def for_settings(cls, settings: Settings, lanes: int) -> "PoolPlan":
+        size = max(4096, settings.buffer_size - settings.buffer_size % 4096)
+        per_lane = max(3, settings.memory_budget // size // max(1, lanes))
+        # a lane holds its read-ahead queue, the buffer being filled and the one being compressed
+        depth = per_lane - 2
+        return cls(size, lanes * per_lane, depth)
+
+
+async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buffer], settings: Settings,
+                         executor: Executor, counter: Counter | None = None) -> int:
+    """Compress a stream of pool buffers into one object; returns bytes stored."""
+    compressor = new_compressor(settings.compression_method, zstd_level=settings.zstd_level)
+    stream = piped(compressed(buffers, compressor, executor), UPLOAD_QUEUE_DEPTH)
+    if counter is not None:
+        stream = counter.count(stream)
+    return await storage.put(key, stream)
+
+
+async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader, depth: int):
+    """A file's first `size` bytes as filled pool buffers, with up to `depth` reads in flight.
+
+    A short read (EOF before `size`) ends the stream early; the caller checks the total.
+    """
+
+    pending: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
+
+    async def read_one(buf: Buffer, offset: int, n: int) -> Buffer:
+        (got,) = await reader.read_batch([ReadRequest(fd, offset, buf.view[:n])])
+        buf.length = got
+        return buf
+
+    async def produce() -> None:
+        offset = 0
+        while offset < size:
+            buf = await pool.acquire()
+            n = min(pool.size, size - offset)
+            await pending.put(asyncio.ensure_future(read_one(buf, offset, n)))
+            offset += n
+        await pending.put(None)
+
+    producer = asyncio.create_task(produce())
+    try:
+        while True:
+            item = await pending.get()
+            if item is None:
+                break
+            buf = await item
+            if buf.length == 0:
+                buf.release()
+                break
+            yield buf
+        await producer
+    finally:
+        producer.cancel()
+        while not pending.empty():
+            item = pending.get_nowait()
+            if item is not None:
+                try:
+                    (await item).release()
+                except BaseException:
+                    pass
+
+
+def raise_nofile_limit() -> None:
+    """Parts keep the files of their in-flight buffers open; lift the soft fd limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,133 @@
+"""Byte-stream stages (compress, count, pipe) chained between the disk reader and the storage."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from concurrent.futures import Executor
+from typing import AsyncIterable, AsyncIterator, Callable
+
+from walrus.stream.buffers import Buffer
+
+_DONE = object()
+
+
+async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Executor) -> AsyncIterator[bytes]:
+    """Compress pool buffers on a worker thread (the codecs release the GIL) and release each one.
+
+    With compression 'none' the compressor returns its input as bytes: the stage is then a copy
+    out of the pool, which is what lets the buffer go back for the next read.
+    """
+    loop = asyncio.get_running_loop()
+    async for buf in buffers:
+        try:
+            out = await loop.run_in_executor(executor, compressor.compress, buf.data)
+        finally:
+            buf.release()
+        if out:
+            yield out if isinstance(out, bytes) else bytes(out)  # never a view into a released buffer
+    tail = await loop.run_in_executor(executor, compressor.finish)
+    if tail:
+        yield tail
+
+
+class Counter:
+    """Counts the bytes that flow through it (CompressedSize in the sentinel)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def count(self, stream: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in stream:
+            self.bytes += len(chunk)
+            yield chunk
+
+
+async def piped(stream: AsyncIterable, depth: int) -> AsyncIterator:
+    """Run the upstream in its own task through a bounded queue, so two stages overlap.
+
+    The queue holds at most `depth` items: the upstream waits when the downstream is slow.
+    An upstream error is re-raised downstream; closing the downstream cancels the upstream.
+    """
+    queue: asyncio.Queue = asyncio.Queue(maxsize=depth)
+
+    async def pump() -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+        except BaseException as e:  # handed to the consumer, including cancellation
+            await queue.put(_Failure(e))
+            return
+        await queue.put(_DONE)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        if not task.done():
+            task.cancel()
+            try:
+                await task
+            except BaseException:
+                pass
+
+
+class _Failure:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class SyncReader:
+    """A blocking read(n) over an async byte stream, for code running on a worker thread.
+
+    Each refill asks the event loop for the next chunk; the loop must not be blocked by the caller.
+    """
+
+    def __init__(self, stream: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop):
+        self._stream = stream
+        self._loop = loop
+        self._chunk = memoryview(b"")
+        self._eof = False
+
+    def _next(self) -> bytes | None:
+        fut = asyncio.run_coroutine_threadsafe(_anext_or_none(self._stream), self._loop)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:
+            raise asyncio.CancelledError() from None
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._chunk and not self._eof:
+            chunk = self._next()
+            if chunk is None:
+                self._eof = True
+            else:
+                self._chunk = memoryview(chunk)
+        if n < 0:
+            parts = [bytes(self._chunk)]
+            self._chunk = memoryview(b"")
+            while (chunk := self._next()) is not None:
+                parts.append(chunk)
+            self._eof = True
+            return b"".join(parts)
+        out = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return bytes(out)
+
+
+async def _anext_or_none(stream: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def run_blocking(executor: Executor, fn: Callable, *args):
+    return asyncio.get_running_loop().run_in_executor(executor, fn, *args)

@@ -1,0 +1,62 @@
+"""Finding an archived WAL object under any compression extension, in WAL-G's probe order."""
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import Executor
+from typing import Callable
+
+from walrus import codec
+from walrus.backup import layout
+from walrus.config import Settings
+from walrus.errors import ObjectNotFound
+from walrus.storage.base import ByteStream, Storage
+from walrus.stream.stages import SyncReader
+
+COPY_CHUNK = 1 << 20
+
+
+def candidate_keys(name: str, configured_method: str) -> list[tuple[str, str]]:
+    """(key, extension) pairs to try: the configured method first (the common case costs one GET),
+    then WAL-G's order (including v3.0.8's trailing-dot 'none' keys), then the bare name."""
+    exts = [codec.extension(configured_method) or "."]
+    exts += [e for e in codec.WAL_PROBE_EXTENSIONS if e not in exts]
+    out = []
+    for ext in exts:
+        if ext == ".":
+            out.append((layout.wal_key(name + "."), ""))
+        else:
+            out.append((layout.wal_key(f"{name}.{ext}"), ext))
+    out.append((layout.wal_key(name), ""))
+    return out
+
+
+async def open_archived(storage: Storage, name: str, settings: Settings) -> tuple[str, str, ByteStream] | None:
+    for key, ext in candidate_keys(name, settings.compression_method):
+        try:
+            return key, ext, await storage.get(key)
+        except ObjectNotFound:
+            continue
+    return None
+
+
+async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor: Executor | None,
+                               sink: Callable[[bytes], None]) -> None:
+    """Decompress an object on a worker thread, handing each chunk to `sink` (also on that thread)."""
+    loop = asyncio.get_running_loop()
+
+    def work() -> None:
+        reader = codec.open_reader(ext, SyncReader(stream, loop), name=key)
+        while chunk := reader.read(COPY_CHUNK):
+            sink(chunk)
+
+    try:
+        await loop.run_in_executor(executor, work)
+    finally:
+        await stream.aclose()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

@@ -1,0 +1,73 @@
+"""wal-fetch: find a WAL file under any extension and write it to DEST atomically."""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from walrus.config import Settings
+from walrus.errors import ArchiveNotFound, WalrusError
+from walrus.storage.base import Storage
+from walrus.wal.archive import consume_decompressed, open_archived, write_all
+
+
+@dataclass
+class WalFetchResult:
+    name: str
+    key: str
+    destination: str
+    size: int
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "destination": self.destination, "size": self.size,
+                "seconds": round(self.seconds, 3)}
+
+
+async def wal_fetch(settings: Settings, storage: Storage, name: str, destination: str) -> WalFetchResult:
+    began = time.monotonic()
+    if "/" in name or not name:
+        raise WalrusError(f"invalid WAL file name {name!r}", hint="restore_command must pass %f")
+    found = await open_archived(storage, name, settings)
+    if found is None:
+        raise ArchiveNotFound(f"WAL file {name} is not in the archive")
+    key, ext, stream = found
+    directory = os.path.dirname(os.path.abspath(destination))
+    # The temporary file sits beside DEST, so the final rename is atomic: PostgreSQL never sees
+    # a partial segment under DEST, even if walrus is killed mid-copy.
+    tmp = os.path.join(directory, f".{os.path.basename(destination)}.walrus-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        await stream.aclose()
+        raise WalrusError(f"cannot create {tmp}", detail=e.strerror,
+                          hint="restore_command must pass %p and run as the server's OS user") from None
+    size = 0
+
+    def sink(chunk: bytes) -> None:
+        nonlocal size
+        write_all(fd, chunk)
+        size += len(chunk)
+
+    try:
+        await consume_decompressed(stream, ext, key, None, sink)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, destination)
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return WalFetchResult(name, key, destination, size, time.monotonic() - began)
