@@ -28,7 +28,7 @@ class Entry:
     kind: str  # "file" | "dir"
     size: int = 0
     mode: int = 0o600
-    mtime: float = 0.0
+    mtime_ns: int = 0
     uid: int = 0
     gid: int = 0
     path: str | None = None
@@ -64,7 +64,7 @@ def header_bytes(entry: Entry) -> bytes:
     h.type = tarfile.DIRTYPE if entry.kind == "dir" else tarfile.REGTYPE
     h.size = entry.size if entry.kind == "file" else 0
     h.mode = entry.mode & 0o7777
-    h.mtime = int(entry.mtime)  # Go rounds ModTime to seconds
+    h.mtime = entry.mtime_ns // 1_000_000_000  # Go writes ModTime in whole seconds
     h.uid, h.gid = entry.uid, entry.gid
     h.uname, h.gname = _uname(entry.uid), _gname(entry.gid)
     return h.tobuf(tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")

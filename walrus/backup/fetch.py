@@ -177,9 +177,9 @@ async def _files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> Fi
     try:
         return FilesMetadata.from_json(await storage.get_bytes(layout.backup_key(name, layout.FILES_METADATA)))
     except ObjectNotFound:
-        if sentinel.legacy_files is not None:
-            return FilesMetadata.from_json(json.dumps({"Files": sentinel.legacy_files,
-                                                       "TarFileSets": sentinel.legacy_tar_file_sets or {}}).encode())
+        legacy = sentinel.legacy_files_metadata()
+        if legacy is not None:
+            return legacy
         if sentinel.version >= 2 and not sentinel.files_metadata_disabled:
             raise CorruptArchive(f"backup {name} has no {layout.FILES_METADATA}",
                                  hint="a version-2 backup needs it; the backup may be incomplete") from None

@@ -8,7 +8,6 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Iterator
 
 from walrus import codec
@@ -62,8 +61,8 @@ class _Collected:
     def record(self, entry: Entry) -> None:
         self.uncompressed += entry.size
         if entry.name not in UTILITY_MEMBERS:
-            mtime = datetime.fromtimestamp(entry.mtime).astimezone()  # WAL-G: the pushing host's zone
-            self.files[entry.name] = FileDescription(mtime=mtime)
+            # nanoseconds matter: WAL-G's delta skips a file only when its MTime matches exactly
+            self.files[entry.name] = FileDescription.for_mtime_ns(entry.mtime_ns)
 
 
 class _SharedEntries:

@@ -34,7 +34,7 @@ class WalkResult:
 def _entry(path: str, name: str, s: os.stat_result) -> Entry:
     kind = "dir" if st.S_ISDIR(s.st_mode) else "file"
     return Entry(name=name, kind=kind, size=s.st_size if kind == "file" else 0, mode=st.S_IMODE(s.st_mode),
-                 mtime=s.st_mtime, uid=s.st_uid, gid=s.st_gid, path=path)
+                 mtime_ns=s.st_mtime_ns, uid=s.st_uid, gid=s.st_gid, path=path)
 
 
 def walk_data_directory(pgdata: str, result: WalkResult) -> Iterator[Entry]:

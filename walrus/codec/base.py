@@ -96,7 +96,7 @@ class ChunkedReader:
             try:
                 out, used = self._step(window, n)
             except self.errors as e:
-                raise self._corrupt("the data is not a valid stream", e) from e
+                raise self._corrupt(f"the data is not a valid {self.method} stream", e) from e
             self._pos += used
             if out:
                 if len(out) <= n:
@@ -118,7 +118,7 @@ class ChunkedReader:
         if not self._received:
             raise self._corrupt("the object is empty")
         if not self._at_clean_end():
-            raise self._corrupt("the stream ends in the middle of a frame (truncated object)")
+            raise self._corrupt(f"the {self.method} stream stops before its end (truncated object)")
         self._ended = True
 
     def _corrupt(self, problem: str, cause: BaseException | None = None) -> CorruptArchive:

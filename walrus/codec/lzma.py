@@ -42,7 +42,7 @@ class LzmaReader(ChunkedReader):
     def _step(self, window: memoryview, n: int) -> tuple[bytes, int]:
         decoder = self._decoder
         if decoder.eof:
-            if window:
+            if window or decoder.unused_data:  # liblzma may have taken the extra bytes already
                 raise self._corrupt("unexpected bytes after the end of the lzma stream")
             return b"", 0
         if not decoder.needs_input:

@@ -156,14 +156,14 @@ class ZstdReader:
         try:
             out = self._stream.read(n)
         except (_zstd.ZstdError, _NotZstd) as e:
-            raise corrupt(METHOD, self._name, "the data is not a valid stream", e) from e
+            raise corrupt(METHOD, self._name, "the data is not a valid zstd stream", e) from e
         if out:
             return out
         # b"" comes only once the source is exhausted (empty and skippable frames included)
         if not self._source.received:
             raise corrupt(METHOD, self._name, "the object is empty")
         if not self._source.walker.at_boundary():
-            raise corrupt(METHOD, self._name, "the stream ends in the middle of a frame (truncated object)")
+            raise corrupt(METHOD, self._name, "the zstd stream stops before its end (truncated object)")
         return b""
 
     def close(self) -> None:

@@ -1,0 +1,371 @@
+"""walrus.codec: WAL-G framing of every writer, and readers that are bounded, multi-frame and strict."""
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import lzma
+import random
+import struct
+import tracemalloc
+import zlib
+
+import lz4.frame
+import pytest
+import zstandard
+
+from walrus.codec import (
+    WAL_PROBE_EXTENSIONS,
+    WRITABLE_METHODS,
+    extension,
+    method_for_extension,
+    new_compressor,
+    open_reader,
+)
+from walrus.errors import ConfigError, CorruptArchive
+
+MiB = 1 << 20
+READ_METHODS = WRITABLE_METHODS + ("gzip",)
+COMPRESSED_METHODS = ("lz4", "lzma", "zstd", "brotli", "gzip")
+
+
+def _mixed(size: int, seed: int = 7) -> bytes:
+    """Random and highly compressible runs interleaved, so blocks of both kinds occur."""
+    rnd = random.Random(seed)
+    parts, total = [], 0
+    while total < size:
+        n = rnd.randint(1, 300_000)
+        part = rnd.randbytes(n) if rnd.random() < 0.4 else bytes([rnd.randrange(256)]) * n
+        parts.append(part)
+        total += n
+    return b"".join(parts)[:size]
+
+
+PAYLOADS = {"empty": b"", "small": b"hello, WAL\n", "5MiB-mix": _mixed(5 * MiB)}
+UNEVEN = (1, 7, 4096, 65_537, MiB + 3, 333)
+
+
+class Trickle:
+    """A raw source that hands out short reads of varying sizes, as a network stream does."""
+
+    def __init__(self, data: bytes, sizes=UNEVEN):
+        self._data = memoryview(data)
+        self._pos = 0
+        self._sizes = itertools.cycle(sizes)
+        self.reads = 0
+
+    def read(self, n: int) -> bytes:
+        self.reads += 1
+        k = min(n, next(self._sizes))
+        out = bytes(self._data[self._pos:self._pos + k])
+        self._pos += len(out)
+        return out
+
+
+def compress(method: str, data: bytes, sizes=UNEVEN, **kw) -> bytes:
+    """Feed `data` through one pool-like buffer that is overwritten after every call, as the lead's
+    pipeline recycles buffers: a compressor that kept a reference to its input would corrupt."""
+    c = new_compressor(method, **kw)
+    pool = bytearray(max(sizes))
+    out, pos = [], 0
+    for size in itertools.cycle(sizes):
+        if pos >= len(data):
+            break
+        piece = data[pos:pos + size]
+        pool[:len(piece)] = piece
+        out.append(c.compress(memoryview(pool)[:len(piece)]))
+        pool[:len(piece)] = b"\xaa" * len(piece)
+        pos += len(piece)
+    out.append(c.finish())
+    return b"".join(out)
+
+
+def read_all(ext: str, raw, n_sizes=(65_536, 1, MiB, 4097), name: str = "obj") -> bytes:
+    reader = open_reader(ext, raw, name=name)
+    parts = []
+    for n in itertools.cycle(n_sizes):
+        chunk = reader.read(n)
+        if not chunk:
+            break
+        assert len(chunk) <= n
+        parts.append(chunk)
+    assert reader.read(10) == b""  # the end is sticky
+    reader.close()
+    return b"".join(parts)
+
+
+def method_ext(method: str) -> str:
+    return "gz" if method == "gzip" else extension(method)
+
+
+def decode(method: str, blob: bytes) -> bytes:
+    return read_all(method_ext(method), Trickle(blob))
+
+
+# --- round trips -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", WRITABLE_METHODS)
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_round_trip(method, payload):
+    data = PAYLOADS[payload]
+    blob = compress(method, data)
+    assert decode(method, blob) == data
+    if method == "none":
+        assert blob == data
+    elif payload == "5MiB-mix":
+        assert len(blob) < len(data) * 0.8
+
+
+@pytest.mark.parametrize("method", COMPRESSED_METHODS)
+def test_reader_survives_one_byte_reads_from_the_source(method):
+    data = _mixed(20_000, seed=3) + b"tail" * 5000
+    blob = gzip.compress(data) if method == "gzip" else compress(method, data)
+    assert read_all(method_ext(method), Trickle(blob, sizes=(1, 2, 3))) == data
+
+
+# --- WAL-G framing -----------------------------------------------------------------------------
+
+
+def test_lz4_header_is_pierrec_default():
+    blob = compress("lz4", b"x" * 100)
+    assert blob[:7] == bytes.fromhex("04224D18 6470B9")
+
+
+def test_lz4_empty_stream_is_the_walg_vector():
+    assert compress("lz4", b"") == bytes.fromhex("04224D18 6470B9 00000000 055DCC02")
+
+
+def test_lz4_writes_exactly_one_frame():
+    data = _mixed(9 * MiB, seed=11)  # three 4 MiB blocks
+    blob = compress("lz4", data)
+    decoded, consumed = lz4.frame.decompress(blob, return_bytes_read=True)
+    assert decoded == data and consumed == len(blob)
+
+
+def test_zstd_writes_exactly_one_checksummed_frame():
+    data = PAYLOADS["5MiB-mix"]
+    blob = compress("zstd", data)
+    assert blob[:4] == bytes.fromhex("28B52FFD")
+    assert zstandard.get_frame_parameters(blob).has_checksum
+    single = zstandard.ZstdDecompressor().decompressobj()
+    assert single.decompress(blob) == data
+    assert single.eof and single.unused_data == b""
+
+
+def test_lzma_header_is_ulikunitz_default():
+    for data in (b"", b"abc" * 1000):
+        blob = compress("lzma", data)
+        assert blob[:13] == bytes.fromhex("5D 00008000 FFFFFFFFFFFFFFFF")
+        assert lzma.decompress(blob, format=lzma.FORMAT_ALONE) == data
+
+
+def test_brotli_is_a_raw_stream_at_quality_3():
+    import brotli
+
+    data = _mixed(MiB, seed=5)
+    blob = compress("brotli", data, sizes=(len(data),))
+    assert blob == brotli.compress(data, quality=3)
+
+
+@pytest.mark.parametrize("name,level", [(None, 3), ("fastest", 1), ("default", 3), ("better", 7), ("BEST", 11)])
+def test_zstd_levels_follow_the_documented_mapping(name, level):
+    data = _mixed(300_000, seed=9)
+    blob = compress("zstd", data, sizes=(len(data),), zstd_level=name)
+    reference = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
+    assert blob == reference.compress(data) + reference.flush()
+
+
+def test_unknown_zstd_level_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown zstd level 'ultra'"):
+        new_compressor("zstd", zstd_level="ultra")
+
+
+@pytest.mark.parametrize("method", ["gzip", "lzo", "LZ4", "xz"])
+def test_unwritable_method_is_a_config_error(method):
+    with pytest.raises(ConfigError):
+        new_compressor(method)
+
+
+# --- what readers accept -----------------------------------------------------------------------
+
+
+def test_reads_concatenated_zstd_frames_of_any_kind():
+    skippable = struct.pack("<II", 0x184D2A53, 6) + b"walrus"
+    parts = [b"first " * 1000, b"", b"third " * 5000]
+    frames = [
+        zstandard.ZstdCompressor(level=1).compress(parts[0]),  # content size, no checksum
+        zstandard.ZstdCompressor().compress(parts[1]),  # an empty frame
+        skippable,
+        compress("zstd", parts[2]),
+    ]
+    blob = b"".join(frames)
+    assert decode("zstd", blob) == b"".join(parts)
+
+
+def test_reads_concatenated_lz4_frames_and_python_lz4_defaults():
+    parts = [b"alpha" * 3000, _mixed(300_000, seed=1), b"omega"]
+    default = lz4.frame.compress(parts[0])  # python-lz4 one-shot default: FLG 0x68, content size
+    assert default[4] == 0x68
+    linked = lz4.frame.LZ4FrameCompressor(
+        block_size=lz4.frame.BLOCKSIZE_MAX64KB, block_linked=True, content_checksum=True, block_checksum=True
+    )
+    streamed = linked.begin(len(parts[1])) + linked.compress(parts[1]) + linked.flush()
+    assert streamed[4] == 0x5C  # linked blocks, block checksums, content size, content checksum
+    blob = default + streamed + compress("lz4", parts[2])
+    assert decode("lz4", blob) == b"".join(parts)
+
+
+def test_reads_gzip_including_multiple_members():
+    data = _mixed(2 * MiB, seed=4)
+    assert decode("gzip", gzip.compress(data)) == data
+    assert decode("gzip", gzip.compress(data[:1000]) + gzip.compress(data[1000:])) == data
+
+
+# From XZ Utils tests/files (0BSD): the three legal ways an .lzma file can end; each holds "Hello\nWorld!\n".
+LZMA_KNOWN_SIZE_WITH_EOPM = bytes.fromhex(
+    "5d001000000d0000000000000000241949986f051527270d7678d02a681715ffff75f80000"
+)
+LZMA_KNOWN_SIZE_WITHOUT_EOPM = bytes.fromhex("5d001000000d0000000000000000241949986f051527270d7678d0291d2000")
+LZMA_UNKNOWN_SIZE_WITH_EOPM = bytes.fromhex(
+    "5d00100000ffffffffffffffff00241949986f051527270d7678d02a681715ffff75f80000"
+)
+LZMA_UNKNOWN_SIZE_WITHOUT_EOPM = bytes.fromhex("5d00100000ffffffffffffffff00241949986f051527270d7678d0291d2000")
+
+
+@pytest.mark.parametrize("blob", [LZMA_KNOWN_SIZE_WITH_EOPM, LZMA_KNOWN_SIZE_WITHOUT_EOPM, LZMA_UNKNOWN_SIZE_WITH_EOPM])
+def test_reads_every_legal_lzma_alone_ending(blob):
+    assert decode("lzma", blob) == b"Hello\nWorld!\n"
+
+
+def test_lzma_with_unknown_size_and_no_end_marker_is_truncated():
+    with pytest.raises(CorruptArchive, match="truncated"):
+        decode("lzma", LZMA_UNKNOWN_SIZE_WITHOUT_EOPM)
+
+
+def test_none_reader_passes_bytes_through_and_allows_empty():
+    assert read_all("", Trickle(b"")) == b""
+    assert read_all(".", Trickle(b"raw bytes")) == b"raw bytes"
+    assert read_all("tar", Trickle(PAYLOADS["5MiB-mix"])) == PAYLOADS["5MiB-mix"]
+
+
+# --- bounded output ----------------------------------------------------------------------------
+
+
+def _zero_bomb(method: str, mib: int) -> bytes:
+    zeros = bytes(MiB)
+    if method == "gzip":
+        c = zlib.compressobj(1, wbits=31)
+        return b"".join(c.compress(zeros) for _ in range(mib)) + c.flush()
+    c = new_compressor(method)
+    return b"".join(c.compress(zeros) for _ in range(mib)) + c.finish()
+
+
+# Sizes keep the file fast; each is far beyond one read (65536) and, for lz4, beyond one 4 MiB block.
+BOMBS = {"zstd": 256, "lz4": 64, "brotli": 64, "gzip": 64, "lzma": 16}
+
+
+@pytest.mark.parametrize("method", BOMBS)
+def test_every_read_is_bounded_whatever_the_ratio(method):
+    mib = BOMBS[method]
+    blob = _zero_bomb(method, mib)
+    assert len(blob) * 50 < mib * MiB
+    reader = open_reader(method_ext(method), io.BytesIO(blob))
+    total = 0
+    tracemalloc.start()
+    try:
+        while chunk := reader.read(65_536):
+            assert len(chunk) <= 65_536
+            total += len(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert total == mib * MiB
+    # Python-heap peak: one raw chunk (1 MiB) plus a read's output, never the decoded whole;
+    # CPython's lzma module allocates liblzma's 8 MiB dictionary on that heap too.
+    assert peak < 4 * MiB + (8 * MiB if method == "lzma" else 0)
+
+
+# --- corrupt input -----------------------------------------------------------------------------
+
+
+def _sample(method: str) -> bytes:
+    data = _mixed(400_000, seed=2)
+    return gzip.compress(data) if method == "gzip" else compress(method, data)
+
+
+@pytest.mark.parametrize("method", COMPRESSED_METHODS)
+def test_truncated_stream_is_corrupt_archive(method):
+    blob = _sample(method)
+    for cut in (len(blob) - 1, len(blob) - 5, len(blob) // 2, 3):
+        with pytest.raises(CorruptArchive) as err:
+            read_all(method_ext(method), Trickle(blob[:cut]), name="wal_005/000000010000000000000003.x")
+        assert "wal_005/000000010000000000000003.x" in err.value.message
+        assert method in err.value.detail
+        assert "truncated" in err.value.hint
+
+
+@pytest.mark.parametrize("method", COMPRESSED_METHODS)
+def test_empty_object_is_corrupt_archive(method):
+    with pytest.raises(CorruptArchive, match="empty"):
+        read_all(method_ext(method), Trickle(b""))
+
+
+@pytest.mark.parametrize("method", COMPRESSED_METHODS)
+@pytest.mark.parametrize("seed", range(3))
+def test_random_garbage_is_corrupt_archive(method, seed):
+    garbage = random.Random(seed).randbytes(50_000)
+    with pytest.raises(CorruptArchive):
+        read_all(method_ext(method), Trickle(garbage))
+
+
+@pytest.mark.parametrize("method", COMPRESSED_METHODS)
+def test_bytes_after_the_end_are_corrupt_archive(method):
+    with pytest.raises(CorruptArchive):
+        read_all(method_ext(method), Trickle(_sample(method) + b"\x00junk after the end"))
+
+
+@pytest.mark.parametrize("method", ["lz4", "zstd", "gzip"])
+def test_checksum_mismatch_is_corrupt_archive(method):
+    blob = bytearray(_sample(method))
+    blob[-6 if method == "gzip" else -2] ^= 0x01  # inside the content checksum / gzip CRC32
+    with pytest.raises(CorruptArchive, match="not a valid"):
+        read_all(method_ext(method), Trickle(bytes(blob)))
+
+
+# --- names -------------------------------------------------------------------------------------
+
+
+def test_extensions_of_writable_methods():
+    assert {m: extension(m) for m in WRITABLE_METHODS} == {
+        "lz4": "lz4", "lzma": "lzma", "zstd": "zst", "brotli": "br", "none": "",
+    }
+    with pytest.raises(ConfigError):
+        extension("xz")
+
+
+@pytest.mark.parametrize(
+    "ext,method",
+    [("lz4", "lz4"), ("lzma", "lzma"), ("zst", "zstd"), ("br", "brotli"), ("gz", "gzip"),
+     ("", "none"), ("tar", "none"), (".", "none"), (".lz4", "lz4")],
+)
+def test_method_for_extension(ext, method):
+    assert method_for_extension(ext) == method
+
+
+def test_every_writable_method_reads_back_by_its_extension():
+    for method in WRITABLE_METHODS:
+        assert method_for_extension(extension(method)) == method
+
+
+@pytest.mark.parametrize("ext", ["lzo", "xz", "rar", "zstd", "LZ4"])
+def test_unknown_extension_is_corrupt_archive(ext):
+    with pytest.raises(CorruptArchive, match="unknown compression extension"):
+        method_for_extension(ext)
+    with pytest.raises(CorruptArchive, match="unknown compression extension"):
+        open_reader(ext, io.BytesIO(b""), name="x")
+
+
+def test_wal_probe_order_is_walgs():
+    assert WAL_PROBE_EXTENSIONS == ("lz4", "lzma", "gz", ".", "br", "zst")
+    assert [method_for_extension(e) for e in WAL_PROBE_EXTENSIONS] == ["lz4", "lzma", "gzip", "none", "brotli", "zstd"]

@@ -1,0 +1,156 @@
+"""Tar parts laid out in pool buffers: valid tars, WAL-G's split rule, files that change under the backup."""
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import os
+import tarfile
+
+import pytest
+
+from walrus.archive.tar_read import iter_members
+from walrus.archive.tar_write import Entry, TarPartStream, header_bytes
+from walrus.backup.walk import WalkResult, walk_data_directory
+from walrus.stream.buffers import BufferPool
+from walrus.stream.reader import PreadReader
+
+
+def file_entry(path, name=None) -> Entry:
+    st = os.stat(path)
+    return Entry(name=name or "/" + os.path.basename(path), kind="file", size=st.st_size, mode=0o600,
+                 mtime_ns=st.st_mtime_ns, path=str(path))
+
+
+async def collect(stream: TarPartStream) -> bytes:
+    out = bytearray()
+    async for buf in stream:
+        out += buf.data
+        buf.release()
+    return bytes(out)
+
+
+def build(entries, *, buffers=4, size=8192, threshold=None, depth=2, hook=None):
+    async def main():
+        pool = BufferPool(buffers, size)
+        reader = PreadReader()
+        it = iter(entries)
+        parts = []
+        try:
+            while True:
+                first = next(it, None)
+                if first is None:
+                    break
+                stream = TarPartStream(itertools.chain([first], it), pool, reader, threshold=threshold, depth=depth,
+                                       on_member=hook)
+                parts.append((await collect(stream), stream.members, stream.data_size))
+            assert pool.available() == buffers  # every buffer came back
+        finally:
+            reader.close()
+        return parts
+
+    return asyncio.run(main())
+
+
+def test_part_is_a_valid_tar_with_exact_contents(tmp_path):
+    payloads = {"a": os.urandom(10000), "b": b"", "c": os.urandom(8192 * 3 + 7), "d": b"x" * 511}
+    for name, data in payloads.items():
+        (tmp_path / name).write_bytes(data)
+    entries = [Entry("/", "dir", mode=0o700)] + [file_entry(tmp_path / n) for n in payloads]
+    [(raw, members, size)] = build(entries)
+    assert size == sum(len(d) for d in payloads.values())
+    assert members == ["/", "/a", "/b", "/c", "/d"]
+    assert raw.endswith(bytes(1024)) and len(raw) % 512 == 0
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        for name, data in payloads.items():
+            assert tf.extractfile("/" + name).read() == data
+    got = {m.name: m for m, _ in iter_members(io.BytesIO(raw))}
+    assert got["/"].kind == "dir" and got["/"].mode == 0o700
+
+
+def test_split_after_the_file_that_crosses_the_threshold(tmp_path):
+    sizes = [3000, 3000, 3000, 20000, 100, 100]
+    for i, n in enumerate(sizes):
+        (tmp_path / f"f{i}").write_bytes(os.urandom(n))
+    parts = build([file_entry(tmp_path / f"f{i}") for i in range(len(sizes))], threshold=5000)
+    assert [p[1] for p in parts] == [["/f0", "/f1"], ["/f2", "/f3"], ["/f4", "/f5"]]
+    for raw, members, _ in parts:
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+            assert tf.getnames() == members
+
+
+def test_file_that_shrinks_grows_or_vanishes(tmp_path):
+    (tmp_path / "shrinks").write_bytes(b"s" * 20000)
+    (tmp_path / "grows").write_bytes(b"g" * 1000)
+    (tmp_path / "vanishes").write_bytes(b"v" * 100)
+    (tmp_path / "stays").write_bytes(b"k" * 100)
+    entries = [file_entry(tmp_path / n) for n in ("shrinks", "grows", "vanishes", "stays")]
+    # change the files after the walk, before the reads: what PostgreSQL does under a backup
+    (tmp_path / "shrinks").write_bytes(b"s" * 5000)
+    (tmp_path / "grows").write_bytes(b"g" * 5000)
+    os.unlink(tmp_path / "vanishes")
+    [(raw, members, _)] = build(entries)
+    assert members == ["/shrinks", "/grows", "/stays"]
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        assert tf.extractfile("/shrinks").read() == b"s" * 5000 + bytes(15000)
+        assert tf.extractfile("/grows").read() == b"g" * 1000
+        assert tf.extractfile("/stays").read() == b"k" * 100
+
+
+def test_memory_is_bounded_by_the_pool(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(1 << 20))
+    [(raw, _, _)] = build([file_entry(big)], buffers=3, size=4096, depth=1)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        assert tf.extractfile("/big").read() == big.read_bytes()
+
+
+def test_long_names_and_in_memory_members():
+    name = "/pg_tblspc/16384/PG_15_202209061/" + "d" * 90 + "/16385"
+    entries = [Entry(name, "file", 5, 0o600, data=b"hello"), Entry("backup_label", "file", 3, 0o600, data=b"abc")]
+    [(raw, members, _)] = build(entries)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        assert tf.extractfile(name).read() == b"hello"
+        assert tf.getmember("backup_label").mtime == 0
+
+
+def test_directory_header_has_no_trailing_slash():
+    raw = header_bytes(Entry("/base/1", "dir", mode=0o700))
+    assert raw[:8] == b"/base/1\0"
+
+
+def test_walk_follows_walg_rules(tmp_path):
+    pgdata = tmp_path / "data"
+    for d in ("base/1", "global", "pg_wal/archive_status", "pg_tblspc", "pg_stat_tmp", "base/1/pgsql_tmp"):
+        (pgdata / d).mkdir(parents=True)
+    (pgdata / "base/1/1259").write_bytes(b"r" * 8192)
+    (pgdata / "base/1/pgsql_tmp/tmpfile").write_bytes(b"t")
+    (pgdata / "global/pg_control").write_bytes(b"c" * 8192)
+    (pgdata / "pg_wal/000000010000000000000001").write_bytes(b"w")
+    (pgdata / "postmaster.pid").write_bytes(b"1")
+    (pgdata / "PG_VERSION").write_bytes(b"15\n")
+    (pgdata / "stray-link").symlink_to("/etc")
+    ts = tmp_path / "ts"
+    (ts / "PG_15_202209061/5").mkdir(parents=True)
+    (ts / "PG_15_202209061/5/16390").write_bytes(b"t" * 100)
+    (pgdata / "pg_tblspc/16389").symlink_to(ts)
+    result = WalkResult()
+    names = [e.name for e in walk_data_directory(str(pgdata), result)]
+    assert names[0] == "/"
+    assert "/pg_wal" in names and "/pg_stat_tmp" in names  # excluded dirs kept, empty
+    for absent in ("/pg_wal/000000010000000000000001", "/pg_wal/archive_status", "/postmaster.pid",
+                   "/base/1/pgsql_tmp/tmpfile", "/global/pg_control", "/stray-link"):
+        assert absent not in names
+    assert "/base/1/pgsql_tmp" in names
+    assert "/pg_tblspc/16389/PG_15_202209061/5/16390" in names
+    assert result.tablespaces == {"16389": str(ts)}
+    assert result.pg_control is not None and result.pg_control.name == "/global/pg_control"
+    assert result.skipped_links == ["/stray-link"]
+    assert names == ["/", "/PG_VERSION", "/base", "/base/1", "/base/1/1259", "/base/1/pgsql_tmp", "/global",
+                     "/pg_stat_tmp", "/pg_tblspc", "/pg_tblspc/16389", "/pg_tblspc/16389/PG_15_202209061",
+                     "/pg_tblspc/16389/PG_15_202209061/5", "/pg_tblspc/16389/PG_15_202209061/5/16390", "/pg_wal"]
+
+
+def test_pool_rejects_unaligned_sizes():
+    with pytest.raises(ValueError):
+        BufferPool(2, 1000)
