@@ -205,6 +205,10 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
                 raise ConfigError(f"invalid value {shown} for {s.name}", detail=f"{e}; set in {source}",
                                   hint=f"{s.name}: {s.doc}") from None
         sources[s.attr] = source
+    if values["zstd_level"] is not None and values["compression_method"] != "zstd":
+        raise ConfigError("WALG_ZSTD_LEVEL is set but the compression method is not zstd",
+                          detail=f"WALG_COMPRESSION_METHOD is {values['compression_method']}",
+                          hint="unset WALG_ZSTD_LEVEL or set WALG_COMPRESSION_METHOD=zstd")
     return Settings(values=values, sources=sources, config_path=path)
 
 

@@ -27,6 +27,11 @@ def _pgbench(cluster: Cluster, *args: str, background: bool = False):
     return run(cmd)
 
 
+def source_method(config: str) -> str:
+    with open(config) as f:
+        return json.load(f)["WALG_COMPRESSION_METHOD"]
+
+
 def _restore(root: str, name: str, config: str, source: Cluster, ts_oid: str, **recovery) -> Cluster:
     """backup-fetch into a fresh directory and start it with restore_command = walrus wal-fetch."""
     data = os.path.join(root, f"restore-{name}")
@@ -34,7 +39,9 @@ def _restore(root: str, name: str, config: str, source: Cluster, ts_oid: str, **
     spec = write_config(os.path.join(root, f"spec-{name}.json"),
                         {"base_prefix": source.data, "tablespaces": [ts_oid],
                          ts_oid: {"loc": ts_new, "link": f"pg_tblspc/{ts_oid}"}})
-    walrus(["backup-fetch", data, "LATEST", "--restore-spec", spec], config=config)
+    # the restore reads every method whatever is configured: configure another one
+    other = {"WALG_COMPRESSION_METHOD": "zstd" if source_method(config) != "zstd" else "lz4"}
+    walrus(["backup-fetch", data, "LATEST", "--restore-spec", spec], config=config, env=other)
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
     assert os.readlink(os.path.join(data, "pg_tblspc", ts_oid)) == ts_new
     assert os.path.exists(os.path.join(data, "backup_label"))
@@ -85,6 +92,14 @@ def test_backup_and_point_in_time_restore(method: str, segsize: int) -> None:
         churn.wait(timeout=120)
         assert result["backup_name"].startswith("base_")
         assert len([p for p in result["parts"] if p.startswith("part_")]) >= 2
+
+        occupied = os.path.join(root, "occupied")
+        os.mkdir(occupied)
+        chown_to_user(occupied)
+        open(os.path.join(occupied, "keep-me"), "w").close()
+        refused = walrus(["backup-fetch", occupied, "LATEST"], config=config, check=False)
+        assert refused.returncode == 1 and b"not empty" in refused.stderr
+        assert os.listdir(occupied) == ["keep-me"]
 
         listed = json.loads(walrus(["backup-list", "--json", "--detail"], config=config).stdout)
         assert [b["backup_name"] for b in listed] == [result["backup_name"]]

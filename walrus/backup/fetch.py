@@ -16,6 +16,7 @@ from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
 from walrus.config import Settings
 from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
+from walrus.fsutil import fsync_dir
 from walrus.log import log
 from walrus.storage.base import Storage
 from walrus.stream.stages import SyncReader
@@ -82,12 +83,8 @@ def _load_restore_spec(path: str) -> TablespaceSpec:
 
 
 def _fsync_tree(directory: str) -> None:
-    for root, dirs, _files in os.walk(directory):
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    for root, _dirs, _files in os.walk(directory):
+        fsync_dir(root)
 
 
 async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,

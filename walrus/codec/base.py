@@ -39,7 +39,7 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
-def corrupt(method: str, name: str, problem: str, cause: BaseException | str | None = None) -> CorruptArchive:
+def corrupt(method: str, name: str, problem: str, cause: BaseException | None = None) -> CorruptArchive:
     """The error for bytes that do not decode as `method` promises."""
     subject = repr(name) if name else "object"
     detail = f"compression method {method}"

@@ -8,6 +8,10 @@ from walrus.codec.base import BytesLike, ChunkedReader, RawSource
 
 EXTENSION = "lzma"
 
+# The header names the dictionary size and liblzma allocates it up front; cap it where zstd's window
+# is capped (128 MiB). WAL-G writes 8 MiB dictionaries, `lzma -9` uses 64 MiB.
+_MEMLIMIT = (128 << 20) + (1 << 20)  # the dictionary plus liblzma's own state
+
 
 class LzmaCompressor:
     """Header 5D 00 00 80 00 FF*8: lc=3 lp=0 pb=2, 8 MiB dictionary, unknown size, end marker.
@@ -28,8 +32,8 @@ class LzmaCompressor:
 class LzmaReader(ChunkedReader):
     """Reads one LZMA-alone stream: unknown size with end marker, or known size with or without one.
 
-    liblzma keeps a step's unconsumed input itself (copied once), so input is only handed over
-    when it asks for more.
+    The lzma module keeps a step's unconsumed input itself (copied once), so input is only handed
+    over when the decoder asks for more.
     """
 
     method: ClassVar[str] = "lzma"
@@ -37,12 +41,12 @@ class LzmaReader(ChunkedReader):
 
     def __init__(self, raw: RawSource, name: str = ""):
         super().__init__(raw, name)
-        self._decoder = _lzma.LZMADecompressor(format=_lzma.FORMAT_ALONE)
+        self._decoder = _lzma.LZMADecompressor(format=_lzma.FORMAT_ALONE, memlimit=_MEMLIMIT)
 
     def _step(self, window: memoryview, n: int) -> tuple[bytes, int]:
         decoder = self._decoder
         if decoder.eof:
-            if window or decoder.unused_data:  # liblzma may have taken the extra bytes already
+            if window or decoder.unused_data:  # the decoder may hold the extra bytes already
                 raise self._corrupt("unexpected bytes after the end of the lzma stream")
             return b"", 0
         if not decoder.needs_input:

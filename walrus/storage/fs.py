@@ -11,19 +11,12 @@ from datetime import datetime, timezone
 from typing import AsyncIterable, AsyncIterator, Iterable
 
 from walrus.errors import ObjectNotFound, StorageError
+from walrus.fsutil import fsync_dir, write_all
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
 TMP_RE = re.compile(r"\.tmp\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
 READ_CHUNK = 1 << 20
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _makedirs(path: str) -> None:
@@ -37,7 +30,7 @@ def _makedirs(path: str) -> None:
             os.mkdir(p, 0o750)
         except FileExistsError:
             continue
-        _fsync_dir(os.path.dirname(p))
+        fsync_dir(os.path.dirname(p))
 
 
 class FsStorage(Storage):
@@ -71,12 +64,12 @@ class FsStorage(Storage):
         try:
             async for chunk in stream:
                 if chunk:
-                    total += await asyncio.to_thread(_write_all, fd, chunk)
+                    total += await asyncio.to_thread(write_all, fd, chunk)
             await asyncio.to_thread(os.fsync, fd)
             os.close(fd)
             fd = -1
             os.rename(tmp, path)
-            await asyncio.to_thread(_fsync_dir, os.path.dirname(path))
+            await asyncio.to_thread(fsync_dir, os.path.dirname(path))
         except BaseException as e:
             if fd >= 0:
                 os.close(fd)
@@ -147,16 +140,7 @@ class FsStorage(Storage):
             except OSError as e:
                 raise self._fail("delete", key, e) from None
         for d in dirs:
-            await asyncio.to_thread(_fsync_dir, d)
-
-
-def _write_all(fd: int, data) -> int:
-    view = memoryview(data)
-    total = len(view)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    return total
+            await asyncio.to_thread(fsync_dir, d)
 
 
 def _scan(base: str, recursive: bool) -> list[tuple[str, int, float]]:

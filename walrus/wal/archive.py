@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import Executor
 from typing import Callable
 
@@ -54,9 +53,3 @@ async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor:
         await loop.run_in_executor(executor, work)
     finally:
         await stream.aclose()
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]

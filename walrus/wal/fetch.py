@@ -10,7 +10,8 @@ from typing import Any
 from walrus.config import Settings
 from walrus.errors import ArchiveNotFound, WalrusError
 from walrus.storage.base import Storage
-from walrus.wal.archive import consume_decompressed, open_archived, write_all
+from walrus.fsutil import fsync_dir, write_all
+from walrus.wal.archive import consume_decompressed, open_archived
 
 
 @dataclass
@@ -57,11 +58,7 @@ async def wal_fetch(settings: Settings, storage: Storage, name: str, destination
         os.close(fd)
         fd = -1
         os.rename(tmp, destination)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(directory)
     except BaseException:
         if fd >= 0:
             os.close(fd)
