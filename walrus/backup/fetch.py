@@ -19,7 +19,7 @@ from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
 from walrus.fsutil import fsync_dir
 from walrus.log import log
 from walrus.storage.base import Storage
-from walrus.stream.stages import SyncReader
+from walrus.stream.stages import SyncReader, gather_all
 
 # Restored whatever files_metadata.json lists (WAL-G's UtilityFilePaths).
 UTILITY_RELPATHS = frozenset({"global/pg_control", "backup_label", "tablespace_map"})
@@ -145,8 +145,8 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
         log.info(f"restored {info.name}: {stats.files} files, {stats.bytes} bytes")
 
     try:
-        await _gather_all([restore_part(p) for p in first])
-        await _gather_all([restore_part(p) for p in last])  # pg_control and backup_label after all data
+        await gather_all([restore_part(p) for p in first])
+        await gather_all([restore_part(p) for p in last])  # pg_control and backup_label after all data
     finally:
         executor.shutdown(wait=True)
 
@@ -156,18 +156,6 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
         await asyncio.to_thread(_fsync_tree, directory)
     return BackupFetchResult(name=name, directory=directory, parts=len(parts), files=totals.files,
                              bytes=totals.bytes, seconds=time.monotonic() - began)
-
-
-async def _gather_all(coros) -> None:
-    """Run all; on the first failure cancel the rest and re-raise it (no half-finished noise)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> FilesMetadata | None:

@@ -25,7 +25,7 @@ from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
 from walrus.stream.pipeline import PoolPlan, raise_nofile_limit, upload_buffers
 from walrus.stream.reader import open_reader
-from walrus.stream.stages import Counter
+from walrus.stream.stages import Counter, gather_all
 
 UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
 
@@ -135,7 +135,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                                   settings.tar_size_threshold)
 
         try:
-            await asyncio.gather(*(lane() for _ in range(lanes)))
+            await gather_all([lane() for _ in range(lanes)])
             if walk.pg_control is None:
                 raise BackupError(f"{pgdata} has no global/pg_control", hint="is this a PostgreSQL data directory?")
             next(part_numbers)  # WAL-G's counter counts pg_control.tar too

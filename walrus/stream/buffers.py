@@ -56,7 +56,11 @@ class BufferPool:
         return self._free.qsize()
 
     def close(self) -> None:
+        """Unmap now; if a slice of a buffer is still referenced somewhere, leave it to the GC."""
         for b in self.buffers:
             b.view.release()
         self._whole.release()
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass

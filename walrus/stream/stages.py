@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from concurrent.futures import Executor
-from typing import AsyncIterable, AsyncIterator, Callable
+from typing import AsyncIterable, AsyncIterator
 
 from walrus.stream.buffers import Buffer
 
@@ -129,5 +129,13 @@ async def _anext_or_none(stream: AsyncIterator[bytes]) -> bytes | None:
         return None
 
 
-def run_blocking(executor: Executor, fn: Callable, *args):
-    return asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+async def gather_all(coros) -> list:
+    """Run all concurrently; on the first failure cancel the others, wait for them, re-raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
