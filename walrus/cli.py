@@ -14,6 +14,7 @@ from walrus import __version__
 from walrus.config import Settings, load_settings, settings_help
 from walrus.errors import EXIT_FAILURE, WalrusError
 from walrus.log import log, setup_logging
+from walrus.runtime import tune_process
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -149,6 +150,7 @@ def backup_list_cmd(ctx, detail: bool, as_json: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure ends here, printed PostgreSQL-style, mapped to its exit code."""
+    tune_process()
     try:
         rc = cli.main(args=argv, prog_name="walrus", standalone_mode=False)
         if isinstance(rc, int):

@@ -95,7 +95,7 @@ SETTINGS: tuple[Setting, ...] = (
       "Compare with the archived copy before pushing WAL (walrus never overwrites with different bytes)."),
     S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_positive_int, 16, "WAL segment size in MiB."),
     S("WALRUS_BUFFER_SIZE", "buffer_size", parse_size, 1 << 20, "Size of one data-path buffer."),
-    S("WALRUS_MEMORY_BUDGET", "memory_budget", parse_size, 64 << 20,
+    S("WALRUS_MEMORY_BUDGET", "memory_budget", parse_size, 32 << 20,
       "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once."),
     # logging
     S("WALG_LOG_LEVEL", "log_level", _choice("normal", "devel", "error"), "normal",
