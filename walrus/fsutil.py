@@ -1,7 +1,11 @@
 """Small durable-file helpers shared by the file storage, wal-fetch and backup-fetch."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def fsync_dir(path: str) -> None:
@@ -9,6 +13,17 @@ def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def syncfs(path: str) -> None:
+    """Flush every dirty page and inode of the filesystem holding `path`; raises on writeback errors."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
 

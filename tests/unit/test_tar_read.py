@@ -304,7 +304,7 @@ def test_extracts_files_dirs_and_modes(dest, fmt):
 def test_modes_keep_only_permission_bits(dest):
     data = python_tar([(info("/d", tarfile.DIRTYPE, mode=0o4755 | 0o2000), b""),
                        (info("/d/f", mode=0o4711), b"x")])
-    extract_tar(io.BytesIO(data), str(dest), fsync=False)
+    extract_tar(io.BytesIO(data), str(dest))
     assert mode_of(dest / "d") == 0o755 and mode_of(dest / "d/f") == 0o711
 
 
@@ -373,7 +373,7 @@ def test_large_member_streams_with_bounded_memory(dest):
 
     tracemalloc.start()
     try:
-        stats = extract_tar(Generated(), str(dest), fsync=False, buffer_size=64 * 1024)
+        stats = extract_tar(Generated(), str(dest), buffer_size=64 * 1024)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

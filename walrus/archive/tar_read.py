@@ -333,16 +333,50 @@ def _links_outside(member: Member, archive: str, detail: str) -> CorruptArchive:
     )
 
 
+class FileSink(Protocol):
+    """Where regular-file payloads go: plain writes here, batched io_uring writes in walrus._uring.
+
+    `write` takes ownership of `fd` (opened for writing, empty) and closes it, at once or once its
+    writes complete; `finish` waits for everything and raises the first error. Durability is the
+    caller's: backup-fetch syncs each restored filesystem once at the end.
+    """
+
+    direct_threshold: int  # payloads this large are opened with O_DIRECT (0: never)
+
+    def write(self, fd: int, data: MemberData, size: int, direct: bool) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class PlainSink:
+    """os.write through one reused buffer: memory does not grow with file size."""
+
+    direct_threshold = 0
+
+    def __init__(self, buffer_size: int = 1 << 20):
+        self.buffer = memoryview(bytearray(buffer_size))
+
+    def write(self, fd: int, data: MemberData, size: int, direct: bool) -> None:
+        try:
+            while n := data.readinto(self.buffer):
+                view = self.buffer[:n]
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def finish(self) -> None:
+        return None
+
+
 class _Extractor:
     """Writes members under one directory, never following a symlink the caller did not allow."""
 
-    def __init__(self, dest: str, archive: str, allowed_links: frozenset[str], fsync: bool,
-                 buffer_size: int):
+    def __init__(self, dest: str, archive: str, allowed_links: frozenset[str], sink: FileSink):
         self.dest = dest
         self.archive = archive
         self.allowed = frozenset(_relpath(link, None) for link in allowed_links)
-        self.fsync = fsync
-        self.buffer = memoryview(bytearray(buffer_size))
+        self.sink = sink
         self.stats = ExtractStats()
         try:
             self.root = os.open(dest, _DIR_WALK)
@@ -456,8 +490,9 @@ class _Extractor:
     def _file(self, member: Member, rel: str, data: MemberData, target: str) -> None:
         parts = self._not_root(member, rel)
         parent = self._parent(parts[:-1], member)
+        direct = 0 < self.sink.direct_threshold <= member.size
         try:
-            fd = os.open(parts[-1], _FILE_OPEN, 0o600, dir_fd=parent)
+            fd, direct = self._open_file(parts[-1], parent, direct)
         except IsADirectoryError:
             raise BackupError(f"cannot restore tar member {member.name!r}",
                               detail=f"a directory exists at {target!r}") from None
@@ -466,17 +501,24 @@ class _Extractor:
                 raise self._blocked(member, parent, parts) from None
             raise
         try:
-            while n := data.readinto(self.buffer):
-                view = self.buffer[:n]
-                while view:
-                    view = view[os.write(fd, view):]
             os.fchmod(fd, member.mode & 0o777)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.sink.write(fd, data, member.size, direct)
         self.stats.files += 1
         self.stats.bytes += member.size
+
+    @staticmethod
+    def _open_file(name: str, parent: int, direct: bool) -> tuple[int, bool]:
+        """Open for writing, with O_DIRECT where asked and the filesystem allows it (tmpfs refuses)."""
+        if direct:
+            try:
+                return os.open(name, _FILE_OPEN | os.O_DIRECT, 0o600, dir_fd=parent), True
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        return os.open(name, _FILE_OPEN, 0o600, dir_fd=parent), False
 
     def _not_root(self, member: Member, rel: str) -> tuple[str, ...]:
         if not rel:
@@ -555,19 +597,21 @@ class _Extractor:
 
 
 def extract_tar(stream: Readable, dest: str, *, name: str = "",
-                wanted: Callable[[str], bool] | None = None, fsync: bool = True,
+                wanted: Callable[[str], bool] | None = None,
                 allowed_links: frozenset[str] = frozenset(),
-                buffer_size: int = 1 << 20) -> ExtractStats:
+                sink: FileSink | None = None, buffer_size: int = 1 << 20) -> ExtractStats:
     """Extracts one tar part under the existing directory dest; see ExtractStats for the tally.
 
     `wanted(relpath)` filters regular files; `allowed_links` names the symlinks under dest (the
     tablespace links made for this restore) that may be written through. The root member's mode
     is returned in stats.root_mode for the caller to apply once every part is extracted.
     """
-    extractor = _Extractor(dest, _label(name), allowed_links, fsync, buffer_size)
+    sink = sink or PlainSink(buffer_size)
+    extractor = _Extractor(dest, _label(name), allowed_links, sink)
     try:
         for member, data in iter_members(stream, name=name):
             extractor.extract(member, data, wanted)
+        sink.finish()
     finally:
         extractor.close()
     return extractor.stats

@@ -16,7 +16,7 @@ from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
 from walrus.config import Settings
 from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
-from walrus.fsutil import fsync_dir
+from walrus.fsutil import syncfs
 from walrus.log import log
 from walrus.storage.base import Storage
 from walrus.stream.stages import SyncReader, gather_all
@@ -82,9 +82,14 @@ def _load_restore_spec(path: str) -> TablespaceSpec:
                           hint='it has the shape of the sentinel\'s Spec: {"base_prefix": ..., "tablespaces": [...], "<oid>": {"loc": ...}}') from None
 
 
-def _fsync_tree(directory: str) -> None:
-    for root, _dirs, _files in os.walk(directory):
-        fsync_dir(root)
+def _sync_filesystems(paths: list[str]) -> None:
+    """One syncfs per filesystem restored into: every file and directory durable, no per-file fsync."""
+    seen = set()
+    for path in paths:
+        dev = os.stat(path).st_dev
+        if dev not in seen:
+            seen.add(dev)
+            syncfs(path)
 
 
 async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,
@@ -115,7 +120,6 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
             return not (relpath == "tablespace_map" and restore_spec)  # links were relocated
         return files_metadata is None or files_metadata.lookup("/" + relpath) is not None
 
-    fsync = not settings.tar_disable_fsync
     loop = asyncio.get_running_loop()
     concurrency = settings.download_concurrency
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="walrus-extract")
@@ -133,7 +137,7 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
                 def work() -> ExtractStats:
                     raw = SyncReader(stream, loop)
                     return extract_tar(codec.open_reader(ext, raw, name=info.key), directory, name=info.key,
-                                       wanted=wanted, fsync=fsync, allowed_links=allowed_links)
+                                       wanted=wanted, allowed_links=allowed_links)
 
                 stats = await loop.run_in_executor(executor, work)
             finally:
@@ -152,8 +156,8 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
 
     # PostgreSQL refuses a data directory readable by others; WAL-G's root member is 0700 (or 0750).
     os.chmod(directory, totals.root_mode if totals.root_mode in (0o700, 0o750) else 0o700)
-    if fsync:
-        await asyncio.to_thread(_fsync_tree, directory)
+    if not settings.tar_disable_fsync:
+        await asyncio.to_thread(_sync_filesystems, [directory, *(spec.locations.values() if spec else [])])
     return BackupFetchResult(name=name, directory=directory, parts=len(parts), files=totals.files,
                              bytes=totals.bytes, seconds=time.monotonic() - began)
 
