@@ -61,5 +61,22 @@ class PreadReader:
         self._pool.shutdown(wait=True)
 
 
-def open_reader() -> FileReader:
-    return PreadReader()
+def open_reader(mode: str = "auto") -> FileReader:
+    """The reader for `mode`: "io_uring", "preadv", or "auto" (io_uring when this process may use it)."""
+    from walrus._uring import UringUnavailable, open_uring_reader
+    from walrus.errors import ConfigError
+    from walrus.log import log
+
+    modes = ("auto", "io_uring", "preadv")
+    if mode not in modes:
+        raise ConfigError(f"unknown file reader {mode!r}", hint=f"use one of {', '.join(modes)}")
+    if mode == "preadv":
+        return PreadReader()
+    try:
+        return open_uring_reader()
+    except UringUnavailable as e:
+        if mode == "io_uring":
+            raise ConfigError("the io_uring file reader is unavailable", detail=e.reason,
+                              hint='choose the "preadv" reader, or allow io_uring on this host') from e
+        log.info("io_uring unavailable (%s); using preadv", e.reason)
+        return PreadReader()

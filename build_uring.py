@@ -1,0 +1,127 @@
+"""Build of walrus._uring._liburing (cffi, API mode) and the PEP 517 backend that compiles it on install."""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import sysconfig
+
+
+def _bind_pypa_packaging() -> None:
+    """Imports PyPA's `packaging` from the build environment before setuptools asks for it.
+
+    pip and `build` load an in-tree backend through a meta-path finder that resolves every top-level
+    import against backend-path (the project root) first; there the project's own packaging/
+    directory (distro packaging files, no __init__.py) would pass for a namespace package and hide
+    PyPA's library from setuptools.
+    """
+    if "packaging" in sys.modules:
+        return
+    spec = importlib.machinery.PathFinder.find_spec("packaging", sys.path)
+    if spec is None or not spec.has_location:  # not found, or only our namespace directory
+        raise SystemExit("walrus: the build environment lacks the `packaging` library")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["packaging"] = module
+    spec.loader.exec_module(module)
+
+
+_bind_pypa_packaging()
+
+import cffi  # noqa: E402  (after _bind_pypa_packaging)
+from setuptools import build_meta as _setuptools_backend  # noqa: E402
+
+SCRIPT = "build_uring.py"
+MODULE = "walrus._uring._liburing"
+HEADER = "liburing.h"
+
+# API mode (set_source) rather than ABI mode: liburing's io_uring_prep_* helpers, io_uring_get_sqe and
+# io_uring_cq_advance are static inline in the header, so only a compiled module can call them.
+CDEF = """
+typedef int... __s32;
+typedef int... __u64;
+
+struct io_uring { ...; };
+struct io_uring_sqe { __u64 user_data; ...; };
+struct io_uring_cqe { __u64 user_data; __s32 res; ...; };
+struct io_uring_probe { ...; };
+struct iovec { void *iov_base; size_t iov_len; };
+
+static const int IORING_OP_READ;
+static const int IORING_OP_READ_FIXED;
+
+int io_uring_queue_init(unsigned entries, struct io_uring *ring, unsigned flags);
+void io_uring_queue_exit(struct io_uring *ring);
+struct io_uring_probe *io_uring_get_probe_ring(struct io_uring *ring);
+void io_uring_free_probe(struct io_uring_probe *probe);
+int io_uring_opcode_supported(const struct io_uring_probe *p, int op);
+
+int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr_iovecs);
+int io_uring_unregister_buffers(struct io_uring *ring);
+
+struct io_uring_sqe *io_uring_get_sqe(struct io_uring *ring);
+void io_uring_prep_read(struct io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes, __u64 offset);
+void io_uring_prep_read_fixed(struct io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes, __u64 offset,
+                              int buf_index);
+int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
+unsigned io_uring_peek_batch_cqe(struct io_uring *ring, struct io_uring_cqe **cqes, unsigned count);
+void io_uring_cq_advance(struct io_uring *ring, unsigned nr);
+"""
+
+ffibuilder = cffi.FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(MODULE, f"#include <{HEADER}>", libraries=["uring"])
+
+
+def _include_dirs() -> list[str]:
+    dirs = [d for var in ("CPATH", "C_INCLUDE_PATH") for d in os.environ.get(var, "").split(os.pathsep) if d]
+    flags = f"{os.environ.get('CPPFLAGS', '')} {os.environ.get('CFLAGS', '')}".split()
+    dirs += [f[2:] for f in flags if f.startswith("-I") and len(f) > 2]
+    multiarch = sysconfig.get_config_var("MULTIARCH")
+    if multiarch:
+        dirs.append(f"/usr/include/{multiarch}")
+    return dirs + ["/usr/local/include", "/usr/include"]
+
+
+def _require_liburing() -> None:
+    """Fails the build up front with the fix, instead of a compiler error deep in the build log."""
+    if not any(os.path.isfile(os.path.join(d, HEADER)) for d in _include_dirs()):
+        raise SystemExit(
+            f"walrus: cannot build the io_uring module: {HEADER} not found "
+            f"(searched {', '.join(_include_dirs())}).\n"
+            "Install liburing's development files first: `apt-get install liburing-dev` "
+            "(Debian/Ubuntu) or `dnf install liburing-devel` (Fedora/RHEL).")
+
+
+class _Backend(_setuptools_backend._BuildMetaBackend):
+    """setuptools.build_meta with cffi's `cffi_modules` keyword, which pyproject.toml cannot express.
+
+    setuptools runs a default `setup()` when there is no setup.py; this backend runs that same call
+    with the cffi module added, so `pip install .`, `pip install -e .` and wheel builds all compile it.
+    """
+
+    def run_setup(self, setup_script: str = "setup.py") -> None:
+        import setuptools
+
+        # script_name: sdists ship the setup script, and this file is ours (a wheel built from the
+        # sdist needs it as backend and as cffi build script)
+        setuptools.setup(cffi_modules=[f"{SCRIPT}:ffibuilder"], script_name=SCRIPT)
+
+    def build_wheel(self, wheel_directory, config_settings=None, metadata_directory=None):
+        _require_liburing()
+        return super().build_wheel(wheel_directory, config_settings, metadata_directory)
+
+    def build_editable(self, wheel_directory, config_settings=None, metadata_directory=None):
+        _require_liburing()
+        return super().build_editable(wheel_directory, config_settings, metadata_directory)
+
+
+_BACKEND = _Backend()
+get_requires_for_build_wheel = _BACKEND.get_requires_for_build_wheel
+get_requires_for_build_sdist = _BACKEND.get_requires_for_build_sdist
+get_requires_for_build_editable = _BACKEND.get_requires_for_build_editable
+prepare_metadata_for_build_wheel = _BACKEND.prepare_metadata_for_build_wheel
+prepare_metadata_for_build_editable = _BACKEND.prepare_metadata_for_build_editable
+build_wheel = _BACKEND.build_wheel
+build_editable = _BACKEND.build_editable
+build_sdist = _BACKEND.build_sdist

@@ -1,0 +1,480 @@
+"""Both FileReader implementations (preadv, io_uring) against the same contract, and the reader choice."""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import random
+import sys
+
+import pytest
+
+from walrus._uring import probe
+from walrus._uring import support as probe_module
+from walrus.errors import ConfigError
+from walrus.log import log
+from walrus.stream.buffers import BufferPool
+from walrus.stream.reader import PreadReader, ReadRequest, open_reader
+
+UNAVAILABLE = probe()
+needs_uring = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring unavailable: {UNAVAILABLE}")
+
+BUF = 64 << 10
+DEPTH = 8  # small ring, so ordinary batches already exceed it
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_file(path, size: int, seed: int = 0) -> bytes:
+    data = random.Random(seed).randbytes(size)
+    path.write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def pool():
+    p = BufferPool(4, BUF)
+    yield p
+    p.close()
+
+
+def _uring_reader():
+    from walrus._uring.reader import UringReader
+
+    return UringReader(DEPTH)
+
+
+@pytest.fixture(params=["preadv", "io_uring", "io_uring+fixed"])
+def reader(request, pool):
+    if request.param == "preadv":
+        r = PreadReader()
+    else:
+        if UNAVAILABLE is not None:
+            pytest.skip(f"io_uring unavailable: {UNAVAILABLE}")
+        r = _uring_reader()
+        if request.param == "io_uring+fixed":
+            assert r.register(pool)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def opened():
+    fds = []
+
+    def open_ro(path) -> int:
+        fds.append(os.open(path, os.O_RDONLY))
+        return fds[-1]
+
+    yield open_ro
+    for fd in fds:
+        os.close(fd)
+
+
+def test_batch_across_many_files_lands_exact_bytes(reader, pool, tmp_path, opened):
+    files = [make_file(tmp_path / f"f{i}", random.Random(i).randrange(1, 3 * BUF), seed=i) for i in range(24)]
+    requests, expected = [], []
+    # six slices per pool buffer, each from a different file and offset
+    for n, data in enumerate(files):
+        buf = pool.buffers[n % pool.count].view
+        slot = (n // pool.count) * (BUF // 6)
+        offset = len(data) // 3
+        want = BUF // 6
+        requests.append(ReadRequest(opened(tmp_path / f"f{n}"), offset, buf[slot:slot + want]))
+        expected.append(data[offset:offset + want])
+    counts = run(reader.read_batch(requests))
+    assert counts == [len(e) for e in expected]
+    for r, e in zip(requests, expected):
+        assert bytes(r.view[:len(e)]) == e
+
+
+def test_file_larger_than_pool_reads_in_several_batches(reader, pool, tmp_path, opened):
+    data = make_file(tmp_path / "big", 5 * pool.count * BUF + 123)
+    fd = opened(tmp_path / "big")
+
+    async def read_all() -> bytes:
+        out, offset, batches = bytearray(), 0, 0
+        while True:
+            requests = [ReadRequest(fd, offset + i * BUF, b.view) for i, b in enumerate(pool.buffers)]
+            counts = await reader.read_batch(requests)
+            batches += 1
+            for r, n in zip(requests, counts):
+                out += r.view[:n]
+            offset += sum(counts)
+            if sum(counts) < pool.count * BUF:
+                return bytes(out), batches
+
+    out, batches = run(read_all())
+    assert batches == 6
+    assert out == data
+
+
+def test_end_of_file_gives_short_counts(reader, pool, tmp_path, opened):
+    data = make_file(tmp_path / "small", 1000)
+    fd = opened(tmp_path / "small")
+    view = pool.buffers[0].view
+    requests = [ReadRequest(fd, 0, view[0:4096]), ReadRequest(fd, 900, view[4096:8192]),
+                ReadRequest(fd, 5000, view[8192:12288]), ReadRequest(fd, 0, view[12288:12288])]
+    assert run(reader.read_batch(requests)) == [1000, 100, 0, 0]
+    assert bytes(view[0:1000]) == data
+    assert bytes(view[4096:4196]) == data[900:]
+
+
+def test_file_truncated_between_batches(reader, pool, tmp_path, opened):
+    data = make_file(tmp_path / "shrinks", 3 * BUF)
+    fd = opened(tmp_path / "shrinks")
+    first = ReadRequest(fd, 0, pool.buffers[0].view)
+    assert run(reader.read_batch([first])) == [BUF]
+    os.truncate(tmp_path / "shrinks", BUF + 10)
+    later = [ReadRequest(fd, BUF, pool.buffers[1].view), ReadRequest(fd, 2 * BUF, pool.buffers[2].view)]
+    assert run(reader.read_batch(later)) == [10, 0]
+    assert bytes(pool.buffers[1].view[:10]) == data[BUF:BUF + 10]
+
+
+def test_deleted_but_open_file_still_reads(reader, pool, tmp_path, opened):
+    data = make_file(tmp_path / "gone", BUF // 2)
+    fd = opened(tmp_path / "gone")
+    os.unlink(tmp_path / "gone")
+    assert run(reader.read_batch([ReadRequest(fd, 0, pool.buffers[3].view)])) == [len(data)]
+    assert bytes(pool.buffers[3].view[:len(data)]) == data
+
+
+def test_more_requests_than_queue_depth_in_one_batch(reader, pool, tmp_path, opened):
+    piece = 512
+    files = [make_file(tmp_path / f"m{i}", 64 * piece, seed=100 + i) for i in range(5)]
+    fds = [opened(tmp_path / f"m{i}") for i in range(5)]
+    requests, expected = [], []
+    whole = pool.count * BUF // piece  # 512 slices: far more than DEPTH or the default 64
+    for n in range(whole):
+        k, off = n % 5, (n * 37 % 64) * piece
+        buf = pool.buffers[n * piece // BUF].view
+        start = n * piece % BUF
+        requests.append(ReadRequest(fds[k], off, buf[start:start + piece]))
+        expected.append(files[k][off:off + piece])
+    assert run(reader.read_batch(requests)) == [piece] * whole
+    assert [bytes(r.view) for r in requests] == expected
+
+
+def test_bad_fd_raises_oserror(reader, pool, tmp_path, opened):
+    make_file(tmp_path / "ok", 100)
+    good = opened(tmp_path / "ok")
+    bad = 1 << 30  # never open: a closed fd's number is soon reused (asyncio.run opens a socketpair)
+    requests = [ReadRequest(good, 0, pool.buffers[0].view), ReadRequest(bad, 0, pool.buffers[1].view)]
+    with pytest.raises(OSError) as caught:
+        run(reader.read_batch(requests))
+    assert caught.value.errno == errno.EBADF
+
+
+def test_negative_offset_raises_oserror(reader, pool, tmp_path, opened):
+    make_file(tmp_path / "ok", 100)
+    with pytest.raises(OSError) as caught:
+        run(reader.read_batch([ReadRequest(opened(tmp_path / "ok"), -5, pool.buffers[0].view)]))
+    assert caught.value.errno == errno.EINVAL
+
+
+def test_concurrent_batches_each_get_their_own_bytes(reader, pool, tmp_path, opened):
+    piece = 4096
+    files = [make_file(tmp_path / f"c{k}", BUF, seed=200 + k) for k in range(pool.count)]
+    fds = [opened(tmp_path / f"c{k}") for k in range(pool.count)]
+
+    async def one(k: int, p: int) -> int:
+        view = pool.buffers[k].view[p * piece:(p + 1) * piece]
+        (n,) = await reader.read_batch([ReadRequest(fds[k], p * piece, view)])
+        return n
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*[one(k, p) for p in range(BUF // piece) for k in range(pool.count)])
+
+    assert run(main()) == [piece] * (pool.count * BUF // piece)
+    assert [bytes(b.view) for b in pool.buffers] == files
+
+
+def test_a_failing_batch_does_not_fail_a_concurrent_one(reader, pool, tmp_path, opened):
+    data = make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+
+    async def main():
+        return await asyncio.gather(reader.read_batch([ReadRequest(1 << 30, 0, pool.buffers[0].view)]),
+                                    reader.read_batch([ReadRequest(fd, 0, pool.buffers[1].view)]),
+                                    return_exceptions=True)
+
+    bad, good = run(main())
+    assert isinstance(bad, OSError) and bad.errno == errno.EBADF
+    assert good == [BUF] and bytes(pool.buffers[1].view) == data
+
+
+def test_a_cancelled_batch_leaves_the_reader_usable(reader, pool, tmp_path, opened):
+    data = make_file(tmp_path / "f", pool.count * BUF)
+    fd = opened(tmp_path / "f")
+
+    async def main() -> list[int]:
+        first = asyncio.create_task(
+            reader.read_batch([ReadRequest(fd, i * BUF, b.view) for i, b in enumerate(pool.buffers)]))
+        await asyncio.sleep(0)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        # the same bytes the cancelled batch may still be writing into this buffer
+        return await reader.read_batch([ReadRequest(fd, BUF, pool.buffers[1].view)])
+
+    assert run(main()) == [BUF]
+    assert bytes(pool.buffers[1].view) == data[BUF:2 * BUF]
+
+
+def test_event_loop_keeps_running_during_a_large_batch(reader, tmp_path, opened):
+    size = 1 << 20
+    big = BufferPool(16, size)
+    data = make_file(tmp_path / "large", 16 * size)
+    fd = opened(tmp_path / "large")
+    if getattr(reader, "registered", False):
+        reader.register(big)
+
+    async def main() -> tuple[list[int], int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        started = ticks
+        counts = []
+        for _ in range(8):  # 128 MiB through a 16 MiB pool
+            batch = [ReadRequest(fd, i * size, b.view) for i, b in enumerate(big.buffers)]
+            counts += await reader.read_batch(batch)
+        stop.set()
+        await task
+        return counts, ticks - started
+
+    try:
+        counts, ticks = run(main())
+        assert counts == [size] * 128
+        assert bytes(big.buffers[7].view) == data[7 * size:8 * size]
+        # the ticker ran throughout the batches, not just once between them
+        assert ticks >= 4 * 8
+    finally:
+        big.close()
+
+
+# --- io_uring specifics ---
+
+
+@needs_uring
+def test_reads_go_through_the_ring(pool, tmp_path, opened):
+    data = make_file(tmp_path / "f", 2 * BUF)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+    try:
+        before = r.completions
+        counts = run(r.read_batch([ReadRequest(fd, i * BUF, b.view) for i, b in enumerate(pool.buffers)]))
+        assert counts == [BUF, BUF, 0, 0]
+        assert r.completions - before == 4
+        assert r.fixed_reads == 0
+        assert bytes(pool.buffers[1].view) == data[BUF:]
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_short_and_retryable_completions_are_resubmitted(pool, tmp_path, opened):
+    data = make_file(tmp_path / "f", BUF + 5000)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+    ring_prep, ring_reap = r._ring.prep_read, r._ring.reap
+    retried = []
+
+    def prep_4k(user_data, fd, buf, nbytes, offset, buf_index=-1):  # the kernel then returns short reads
+        ring_prep(user_data, fd, buf, min(nbytes, 4096), offset, buf_index)
+
+    def reap_with_eagain():  # the first completion reports EAGAIN (its bytes get read again)
+        done = ring_reap()
+        if done and not retried:
+            retried.append(done[0])
+            done[0] = (done[0][0], -errno.EAGAIN)
+        return done
+
+    r._ring.prep_read, r._ring.reap = prep_4k, reap_with_eagain
+    try:
+        counts = run(r.read_batch([ReadRequest(fd, 0, pool.buffers[0].view),
+                                   ReadRequest(fd, BUF, pool.buffers[1].view)]))
+        assert counts == [BUF, 5000]
+        assert bytes(pool.buffers[0].view) == data[:BUF]
+        assert bytes(pool.buffers[1].view[:5000]) == data[BUF:]
+        assert retried and r.completions == BUF // 4096 + 3 + 1  # +1: the EAGAIN one
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_registered_pool_uses_read_fixed_and_other_memory_does_not(pool, tmp_path, opened):
+    data = make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    outside = bytearray(BUF)
+    r = _uring_reader()
+    try:
+        assert r.register(pool) and r.registered
+        with memoryview(pool.mapping) as whole:
+            # a slice straddling two pool buffers fits no single fixed buffer: plain READ
+            straddle = whole[BUF - 100:BUF + 100]
+            counts = run(r.read_batch([ReadRequest(fd, 0, pool.buffers[2].view[10:5000]),
+                                       ReadRequest(fd, 7, memoryview(outside)),
+                                       ReadRequest(fd, 3, straddle)]))
+            assert bytes(straddle) == data[3:203]
+            straddle.release()
+        assert counts == [4990, BUF - 7, 200]
+        assert r.fixed_reads == 1
+        assert bytes(pool.buffers[2].view[10:5000]) == data[:4990]
+        assert bytes(outside[:BUF - 7]) == data[7:]
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_a_failed_batch_issues_no_more_reads(pool, tmp_path, opened):
+    make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+    views = [pool.buffers[0].view[k * 1024:(k + 1) * 1024] for k in range(5 * DEPTH)]
+    batch = [ReadRequest(1 << 30, 0, views[0])] + [ReadRequest(fd, 0, v) for v in views[1:]]
+    try:
+        with pytest.raises(OSError):
+            run(r.read_batch(batch))
+        assert r.completions <= DEPTH  # only the first ring-full went out
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_a_failing_ring_fails_batches_instead_of_hanging(pool, tmp_path, opened):
+    make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+
+    def broken(wait_nr):
+        raise OSError(errno.EFAULT, "io_uring_enter: Bad address")
+
+    r._ring.submit_and_wait = broken
+    try:
+        with pytest.raises(OSError) as caught:
+            run(r.read_batch([ReadRequest(fd, 0, pool.buffers[0].view)]))
+        assert caught.value.errno == errno.EFAULT
+        with pytest.raises(RuntimeError):
+            run(r.read_batch([ReadRequest(fd, 0, pool.buffers[0].view)]))
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_closed_pool_is_unregistered_and_a_new_pool_reads_plainly(tmp_path, opened):
+    data = make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+    first = BufferPool(2, BUF)
+    try:
+        assert r.register(first)
+        first.close()  # the reader holds no export that would make this fail
+        second = BufferPool(2, BUF)
+        assert run(r.read_batch([ReadRequest(fd, 0, second.buffers[0].view)])) == [BUF]
+        assert bytes(second.buffers[0].view) == data
+        assert not r.registered and r.fixed_reads == 0
+        second.close()
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_refused_registration_falls_back_with_one_log_line(pool, tmp_path, opened, log_lines):
+    data = make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+
+    def refuse(*_):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    r._ring.register_buffers = refuse
+    try:
+        assert r.register(pool) is False
+        assert len(log_lines) == 1 and "using unregistered reads" in log_lines[0]
+        assert run(r.read_batch([ReadRequest(fd, 0, pool.buffers[0].view)])) == [BUF]
+        assert bytes(pool.buffers[0].view) == data and r.fixed_reads == 0
+    finally:
+        r.close()
+
+
+# --- open_reader: the choice between the two ---
+
+
+@pytest.fixture
+def log_lines():
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Collect(logging.INFO)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield lines
+    log.removeHandler(handler)
+    log.setLevel(old_level)
+
+
+def test_preadv_mode_never_touches_io_uring(monkeypatch):
+    monkeypatch.setattr(probe_module, "probe", lambda: pytest.fail("probed"))
+    r = open_reader("preadv")
+    assert isinstance(r, PreadReader)
+    r.close()
+
+
+@needs_uring
+def test_auto_and_forced_modes_pick_io_uring_when_it_works(log_lines):
+    for mode in ("auto", "io_uring"):
+        r = open_reader(mode)
+        assert r.name == "io_uring"
+        r.close()
+    assert log_lines == []
+
+
+def test_auto_falls_back_to_preadv_with_one_line(monkeypatch, log_lines):
+    monkeypatch.setattr(probe_module, "probe", lambda: "EPERM: kernel.io_uring_disabled=2")
+    r = open_reader("auto")
+    assert isinstance(r, PreadReader)
+    r.close()
+    assert log_lines == ["io_uring unavailable (EPERM: kernel.io_uring_disabled=2); using preadv"]
+
+
+def test_forced_io_uring_unavailable_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(probe_module, "probe", lambda: "ENOSYS: the kernel is built without io_uring")
+    with pytest.raises(ConfigError) as caught:
+        open_reader("io_uring")
+    assert caught.value.detail == "ENOSYS: the kernel is built without io_uring"
+
+
+def test_unknown_mode_is_a_config_error():
+    with pytest.raises(ConfigError):
+        open_reader("mmap")
+
+
+def test_probe_explains_permission_refusals(monkeypatch):
+    lines = {"/proc/sys/kernel/io_uring_disabled": "2", "/proc/self/status": "Seccomp:\t0"}
+    monkeypatch.setattr(probe_module, "_proc_line", lambda path, prefix="": lines[path])
+    assert probe_module._explain(errno.EPERM) == "EPERM: kernel.io_uring_disabled=2"
+    lines["/proc/sys/kernel/io_uring_disabled"] = "0"
+    lines["/proc/self/status"] = "Seccomp:\t2"
+    assert "seccomp" in probe_module._explain(errno.EPERM)
+    assert "seccomp" in probe_module._explain(errno.ENOSYS)
+
+
+def test_probe_reports_a_module_that_was_not_built(monkeypatch):
+    monkeypatch.setitem(sys.modules, "walrus._uring._liburing", None)  # import now raises ImportError
+    monkeypatch.delitem(sys.modules, "walrus._uring.ring", raising=False)
+    assert probe_module.probe.__wrapped__().startswith("module not built")
