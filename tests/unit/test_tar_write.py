@@ -13,7 +13,7 @@ from walrus.archive.tar_read import iter_members
 from walrus.archive.tar_write import Entry, TarPartStream, header_bytes
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.stream.buffers import BufferPool
-from walrus.stream.reader import PreadReader
+from walrus.stream.reader import open_reader
 
 
 def file_entry(path, name=None) -> Entry:
@@ -30,10 +30,24 @@ async def collect(stream: TarPartStream) -> bytes:
     return bytes(out)
 
 
-def build(entries, *, buffers=4, size=8192, threshold=None, depth=2, hook=None):
+IO_MODES = ["preadv", "io_uring", "io_uring+direct", "preadv+direct"]
+
+
+@pytest.fixture(params=IO_MODES)
+def io_mode(request):
+    if "io_uring" in request.param:
+        from walrus._uring import probe
+
+        if probe() is not None:
+            pytest.skip(f"io_uring unavailable: {probe()}")
+    return request.param
+
+
+def build(entries, *, buffers=4, size=8192, threshold=None, depth=2, hook=None, io_mode="preadv"):
     async def main():
         pool = BufferPool(buffers, size)
-        reader = PreadReader()
+        reader = open_reader(io_mode.split("+")[0])
+        direct_min = 0 if io_mode.endswith("+direct") else None
         it = iter(entries)
         parts = []
         try:
@@ -42,7 +56,7 @@ def build(entries, *, buffers=4, size=8192, threshold=None, depth=2, hook=None):
                 if first is None:
                     break
                 stream = TarPartStream(itertools.chain([first], it), pool, reader, threshold=threshold, depth=depth,
-                                       on_member=hook)
+                                       direct_min=direct_min, on_member=hook)
                 parts.append((await collect(stream), stream.members, stream.data_size))
             assert pool.available() == buffers  # every buffer came back
         finally:
@@ -52,12 +66,12 @@ def build(entries, *, buffers=4, size=8192, threshold=None, depth=2, hook=None):
     return asyncio.run(main())
 
 
-def test_part_is_a_valid_tar_with_exact_contents(tmp_path):
+def test_part_is_a_valid_tar_with_exact_contents(tmp_path, io_mode):
     payloads = {"a": os.urandom(10000), "b": b"", "c": os.urandom(8192 * 3 + 7), "d": b"x" * 511}
     for name, data in payloads.items():
         (tmp_path / name).write_bytes(data)
     entries = [Entry("/", "dir", mode=0o700)] + [file_entry(tmp_path / n) for n in payloads]
-    [(raw, members, size)] = build(entries)
+    [(raw, members, size)] = build(entries, io_mode=io_mode)
     assert size == sum(len(d) for d in payloads.values())
     assert members == ["/", "/a", "/b", "/c", "/d"]
     assert raw.endswith(bytes(1024)) and len(raw) % 512 == 0
@@ -68,39 +82,42 @@ def test_part_is_a_valid_tar_with_exact_contents(tmp_path):
     assert got["/"].kind == "dir" and got["/"].mode == 0o700
 
 
-def test_split_after_the_file_that_crosses_the_threshold(tmp_path):
+def test_split_after_the_file_that_crosses_the_threshold(tmp_path, io_mode):
     sizes = [3000, 3000, 3000, 20000, 100, 100]
     for i, n in enumerate(sizes):
         (tmp_path / f"f{i}").write_bytes(os.urandom(n))
-    parts = build([file_entry(tmp_path / f"f{i}") for i in range(len(sizes))], threshold=5000)
+    parts = build([file_entry(tmp_path / f"f{i}") for i in range(len(sizes))], threshold=5000, io_mode=io_mode)
     assert [p[1] for p in parts] == [["/f0", "/f1"], ["/f2", "/f3"], ["/f4", "/f5"]]
     for raw, members, _ in parts:
         with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
             assert tf.getnames() == members
 
 
-def test_file_that_shrinks_grows_or_vanishes(tmp_path):
+def test_file_that_shrinks_grows_or_vanishes(tmp_path, io_mode):
     (tmp_path / "shrinks").write_bytes(b"s" * 20000)
     (tmp_path / "grows").write_bytes(b"g" * 1000)
+    (tmp_path / "shrinks-odd").write_bytes(b"o" * 20000)
     (tmp_path / "vanishes").write_bytes(b"v" * 100)
     (tmp_path / "stays").write_bytes(b"k" * 100)
-    entries = [file_entry(tmp_path / n) for n in ("shrinks", "grows", "vanishes", "stays")]
+    entries = [file_entry(tmp_path / n) for n in ("shrinks", "grows", "vanishes", "stays", "shrinks-odd")]
     # change the files after the walk, before the reads: what PostgreSQL does under a backup
     (tmp_path / "shrinks").write_bytes(b"s" * 5000)
+    (tmp_path / "shrinks-odd").write_bytes(b"o" * 4097)  # ends off a block boundary
     (tmp_path / "grows").write_bytes(b"g" * 5000)
     os.unlink(tmp_path / "vanishes")
-    [(raw, members, _)] = build(entries)
-    assert members == ["/shrinks", "/grows", "/stays"]
+    [(raw, members, _)] = build(entries, io_mode=io_mode)
+    assert members == ["/shrinks", "/grows", "/stays", "/shrinks-odd"]
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         assert tf.extractfile("/shrinks").read() == b"s" * 5000 + bytes(15000)
+        assert tf.extractfile("/shrinks-odd").read() == b"o" * 4097 + bytes(20000 - 4097)
         assert tf.extractfile("/grows").read() == b"g" * 1000
         assert tf.extractfile("/stays").read() == b"k" * 100
 
 
-def test_memory_is_bounded_by_the_pool(tmp_path):
+def test_memory_is_bounded_by_the_pool(tmp_path, io_mode):
     big = tmp_path / "big"
-    big.write_bytes(os.urandom(1 << 20))
-    [(raw, _, _)] = build([file_entry(big)], buffers=3, size=4096, depth=1)
+    big.write_bytes(os.urandom((1 << 20) + 333))
+    [(raw, _, _)] = build([file_entry(big)], buffers=3, size=4096, depth=1, io_mode=io_mode)
     with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
         assert tf.extractfile("/big").read() == big.read_bytes()
 

@@ -77,30 +77,40 @@ def padding(size: int) -> int:
 _OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
-def _open_for_backup(path: str) -> int | None:
-    """Open a data file; None when it vanished since the walk (normal under a running PostgreSQL)."""
-    try:
-        return os.open(path, _OPEN_FLAGS | os.O_NOATIME)
-    except PermissionError:
-        pass  # O_NOATIME needs ownership; retry without it
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        if e.errno not in (errno.EPERM,):
-            raise BackupError(f"could not open {path}", detail=e.strerror) from None
-    try:
-        return os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise BackupError(f"could not open {path} for the backup", detail=e.strerror,
-                          hint="run walrus as the PostgreSQL server's OS user") from None
+DIO_ALIGN = 512  # logical block size O_DIRECT needs for offsets and lengths; tar offsets keep to it
+
+
+def open_for_backup(path: str, direct: bool) -> tuple[int, bool] | None:
+    """Open a data file, with O_DIRECT if asked and allowed; None when it vanished since the walk.
+
+    O_NOATIME needs ownership of the file and O_DIRECT a filesystem that supports it (tmpfs does
+    not): each is dropped when refused. A file that vanished is normal under a running PostgreSQL.
+    """
+    attempts = [(_OPEN_FLAGS | os.O_NOATIME | os.O_DIRECT, True), (_OPEN_FLAGS | os.O_DIRECT, True)] if direct else []
+    attempts += [(_OPEN_FLAGS | os.O_NOATIME, False), (_OPEN_FLAGS, False)]
+    for flags, is_direct in attempts:
+        try:
+            return os.open(path, flags), is_direct
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EINVAL):
+                raise BackupError(f"could not open {path} for the backup", detail=e.strerror,
+                                  hint="run walrus as the PostgreSQL server's OS user") from None
+    raise BackupError(f"could not open {path} for the backup", detail="permission denied",
+                      hint="run walrus as the PostgreSQL server's OS user")
+
+
+def dio_length(n: int, direct: bool) -> int:
+    """Length to ask for: O_DIRECT reads whole blocks; the extra lands in tar padding or buffer slack."""
+    return n if not direct else n + (-n % DIO_ALIGN)
 
 
 @dataclass
 class _OpenFile:
     entry: Entry
     fd: int
+    direct: bool = False
     pending: int = 0  # read requests not yet completed
     laid_out: bool = False  # every request of the file has been issued
     shrank: bool = False
@@ -111,6 +121,7 @@ class _Fill:
     buf: Buffer
     requests: list[ReadRequest] = field(default_factory=list)
     owners: list[_OpenFile] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # bytes of file data in each request's view
 
 
 class TarPartStream:
@@ -124,12 +135,13 @@ class TarPartStream:
     """
 
     def __init__(self, entries: Iterator[Entry], pool: BufferPool, reader: FileReader, *,
-                 threshold: int | None = None, depth: int = 4,
+                 threshold: int | None = None, depth: int = 4, direct_min: int | None = None,
                  on_member: Callable[[Entry], None] | None = None):
         self._entries = entries
         self._pool = pool
         self._reader = reader
         self._threshold = threshold
+        self._direct_min = direct_min
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
         self._on_member = on_member
         self._open: set[int] = set()
@@ -191,12 +203,14 @@ class TarPartStream:
 
     async def _add(self, entry: Entry) -> None:
         if entry.kind == "file" and entry.path is not None and entry.size > 0:
-            fd = _open_for_backup(entry.path)
-            if fd is None:
+            direct = self._direct_min is not None and entry.size >= self._direct_min
+            found = open_for_backup(entry.path, direct)
+            if found is None:
                 log.warning(f"{entry.path} vanished during the backup; skipped")
                 return
+            fd, direct = found
             self._open.add(fd)
-            opened = _OpenFile(entry, fd)
+            opened = _OpenFile(entry, fd, direct)
         else:
             opened = None
         await self._lay_bytes(header_bytes(entry))
@@ -234,8 +248,11 @@ class TarPartStream:
             fill = await self._current()
             start = fill.buf.length
             n = min(self._pool.size - start, remaining)
-            fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + n]))
+            # fits: the buffer ends on a block boundary and tar padding follows the file's last byte
+            ask = dio_length(n, f.direct)
+            fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + ask]))
             fill.owners.append(f)
+            fill.lengths.append(n)
             f.pending += 1
             fill.buf.length += n
             offset += n
@@ -258,9 +275,11 @@ class TarPartStream:
             fill.buf.release()
             raise BackupError("read failed during the backup", detail=f"{e.strerror or e}",
                               hint="check the data directory's disk and permissions") from None
-        for req, owner, got in zip(fill.requests, fill.owners, counts):
-            if got < len(req.view):
-                req.view[got:] = bytes(len(req.view) - got)
+        for req, owner, want, got in zip(fill.requests, fill.owners, fill.lengths, counts):
+            end = min(got, want)
+            if end < len(req.view):
+                req.view[end:] = bytes(len(req.view) - end)  # zero fill: a shrunk file, or tar padding
+            if got < want:
                 if not owner.shrank:
                     owner.shrank = True
                     log.info(f"{owner.entry.path} shrank during the backup; zero padded to its walked size")

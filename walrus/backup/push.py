@@ -114,7 +114,10 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
         lanes = settings.upload_disk_concurrency
         plan = PoolPlan.for_settings(settings, lanes)
         pool = BufferPool(plan.count, plan.buffer_size)
-        reader = open_reader()
+        reader = open_reader(settings.io_method)
+        register = getattr(reader, "register", None)
+        if register is not None:
+            register(pool)
         executor = ThreadPoolExecutor(max_workers=lanes + 1, thread_name_prefix="walrus-compress")
         raise_nofile_limit()
         part_numbers = itertools.count(1)
@@ -122,6 +125,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
 
         async def upload_part(entries: Iterator[Entry], object_name: str, threshold: int | None) -> TarPartStream:
             stream = TarPartStream(entries, pool, reader, threshold=threshold, depth=plan.depth,
+                                   direct_min=settings.direct_io_min if settings.direct_io else None,
                                    on_member=collected.record)
             await upload_buffers(storage, layout.part_key(name, object_name), stream, settings, executor, counter)
             collected.tar_file_sets[object_name] = stream.members

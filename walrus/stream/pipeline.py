@@ -8,6 +8,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import AsyncIterable
 
+from walrus.archive.tar_write import dio_length
 from walrus.codec import new_compressor
 from walrus.config import Settings
 from walrus.storage.base import Storage
@@ -46,17 +47,18 @@ async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buff
     return await storage.put(key, stream)
 
 
-async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader, depth: int):
+async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader, depth: int,
+                       direct: bool = False):
     """A file's first `size` bytes as filled pool buffers, with up to `depth` reads in flight.
 
-    A short read (EOF before `size`) ends the stream early; the caller checks the total.
+    A short read (EOF before `size`) ends the stream early; the caller checks the total. With
+    `direct` (fd opened O_DIRECT) reads ask for whole blocks and keep only the file's bytes.
     """
-
     pending: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
 
     async def read_one(buf: Buffer, offset: int, n: int) -> Buffer:
-        (got,) = await reader.read_batch([ReadRequest(fd, offset, buf.view[:n])])
-        buf.length = got
+        (got,) = await reader.read_batch([ReadRequest(fd, offset, buf.view[:dio_length(n, direct)])])
+        buf.length = min(got, n)
         return buf
 
     async def produce() -> None:

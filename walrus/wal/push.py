@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from walrus import codec
+from walrus.archive.tar_write import open_for_backup
 from walrus.backup import layout
 from walrus.config import Settings
 from walrus.errors import WalOverwriteError, WalrusError
@@ -59,6 +60,7 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
     except OSError as e:
         raise WalrusError(f"cannot open WAL file {path}", detail=e.strerror,
                           hint="archive_command must pass %p, relative to the data directory") from None
+    direct_fd = None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-wal")
     try:
         size = os.fstat(fd).st_size
@@ -78,13 +80,20 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
                                          "WALG_*_PREFIX, and keep the archived copy")
         key = layout.wal_key(layout.with_extension(name, codec.extension(settings.compression_method)))
         pool = BufferPool(PUSH_BUFFERS, settings.buffer_size)
-        reader = open_reader()
+        reader = open_reader(settings.io_method)
         counter = Counter()
         read_total = 0
+        if settings.direct_io and size >= settings.direct_io_min:
+            found = open_for_backup(path, direct=True)  # a segment is read once: keep it out of the cache
+            if found is not None and found[1]:
+                direct_fd = found[0]
+            elif found is not None:
+                os.close(found[0])
 
         async def counted():
             nonlocal read_total
-            async for buf in file_buffers(fd, size, pool, reader, PUSH_BUFFERS - 2):
+            source = direct_fd if direct_fd is not None else fd
+            async for buf in file_buffers(source, size, pool, reader, PUSH_BUFFERS - 2, direct_fd is not None):
                 read_total += buf.length
                 yield buf
             if read_total != size:  # raising here aborts the put: nothing lands under the key
@@ -99,4 +108,6 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
         return WalPushResult(name, key, size, stored, "uploaded", time.monotonic() - began)
     finally:
         os.close(fd)
+        if direct_fd is not None:
+            os.close(direct_fd)
         executor.shutdown(wait=False)
