@@ -16,7 +16,7 @@ _LEVELS = {"devel": logging.DEBUG, "normal": logging.INFO, "error": logging.ERRO
 class _WalgFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(record.created))
-        micros = int(record.msecs * 1000) % 1_000_000
+        micros = int(record.created % 1 * 1_000_000)
         return f"{_LEVEL_NAMES.get(record.levelno, 'INFO')}: {stamp}.{micros:06d} {record.getMessage()}"
 
 
