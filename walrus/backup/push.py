@@ -20,7 +20,7 @@ from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError
 from walrus.log import log
 from walrus.pg.client import PgSession
-from walrus.pg.xlog import backup_name_for, format_lsn
+from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
 from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
 from walrus.stream.pipeline import PoolPlan, raise_nofile_limit, upload_buffers
@@ -76,6 +76,36 @@ class _SharedEntries:
 
     def rest(self) -> Iterator[Entry]:
         return self._it
+
+
+def _archiving_applies(info) -> bool:
+    """When pg_backup_stop(wait_for_archive => true) would wait: archiving on for this server's role."""
+    return info.archive_mode == "always" or (info.archive_mode == "on" and not info.in_recovery)
+
+
+def _backup_wal_files(timeline: int, start_lsn: int, stop_lsn: int, segment_size: int) -> list[str]:
+    """The backup history file and the last WAL segment a restore of this backup needs."""
+    start_segment = wal_file_name(timeline, segment_of(start_lsn, segment_size), segment_size)
+    history = f"{start_segment}.{start_lsn % segment_size:08X}.backup"
+    return [history, wal_file_name(timeline, segment_of(stop_lsn - 1, segment_size), segment_size)]
+
+
+async def wait_for_archiver(pgdata: str, names: list[str], poll: float = 0.02, warn_every: float = 60.0) -> None:
+    """Wait until each WAL file is archived, by PostgreSQL's own test (XLogArchiveIsBusy): its
+    archive_status/<name>.done exists, or the file is gone from pg_wal (archived and recycled)."""
+    wal = os.path.join(pgdata, "pg_wal")
+    began = time.monotonic()
+    warned = began
+    for name in names:
+        while not os.path.exists(os.path.join(wal, "archive_status", name + ".done")) \
+                and os.path.exists(os.path.join(wal, name)):
+            now = time.monotonic()
+            if now - warned >= warn_every:
+                warned = now
+                log.warning(f"still waiting for {name} to be archived after {now - began:.0f} s; "
+                            "check that archive_command succeeds (pg_stat_archiver, the server log)")
+            await asyncio.sleep(poll)
+    log.info(f"WAL up to {names[-1]} is archived")
 
 
 def _check_server(info, pgdata: str, settings: Settings) -> None:
@@ -145,11 +175,16 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             next(part_numbers)  # WAL-G's counter counts pg_control.tar too
             await upload_part(iter([walk.pg_control]), layout.with_extension(layout.PG_CONTROL_TAR, ext), None)
 
-            stop = await asyncio.to_thread(session.backup_stop, info.version_num)
+            # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it
+            # and waits for the same condition itself, polling the archive status every 20 ms.
+            stop = await asyncio.to_thread(session.backup_stop, info.version_num, False)
             label_entries = [Entry("backup_label", "file", len(stop.label.encode()), 0o600, data=stop.label.encode()),
                              Entry("tablespace_map", "file", len(stop.tablespace_map.encode()), 0o600,
                                    data=stop.tablespace_map.encode())]
             await upload_part(iter(label_entries), layout.with_extension(layout.BACKUP_LABEL_TAR, ext), None)
+            if _archiving_applies(info):
+                await wait_for_archiver(pgdata, _backup_wal_files(start.timeline, start.lsn, stop.lsn,
+                                                                  info.segment_size))
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
             reader.close()

@@ -81,9 +81,10 @@ class PgSession:
         (timeline,) = self._one("SELECT timeline_id FROM pg_control_checkpoint()")
         return BackupStart(parse_lsn(lsn_text), int(timeline))
 
-    def backup_stop(self, version_num: int) -> BackupStop:
-        fn = "pg_backup_stop()" if version_num >= 150000 else "pg_stop_backup(false)"
-        label, spcmap, lsn_text = self._one(f"SELECT labelfile, spcmapfile, lsn::text FROM {fn}")
+    def backup_stop(self, version_num: int, wait_for_archive: bool = True) -> BackupStop:
+        fn = "pg_backup_stop(%s)" if version_num >= 150000 else "pg_stop_backup(false, %s)"
+        label, spcmap, lsn_text = self._one(f"SELECT labelfile, spcmapfile, lsn::text FROM {fn}",
+                                            (wait_for_archive,))
         return BackupStop(parse_lsn(lsn_text), label or "", spcmap or "")
 
     def timeline(self) -> int:
