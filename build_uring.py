@@ -49,6 +49,8 @@ struct iovec { void *iov_base; size_t iov_len; };
 
 static const int IORING_OP_READ;
 static const int IORING_OP_READ_FIXED;
+static const int IORING_OP_WRITE;
+static const int IORING_OP_WRITE_FIXED;
 
 int io_uring_queue_init(unsigned entries, struct io_uring *ring, unsigned flags);
 void io_uring_queue_exit(struct io_uring *ring);
@@ -63,6 +65,9 @@ struct io_uring_sqe *io_uring_get_sqe(struct io_uring *ring);
 void io_uring_prep_read(struct io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes, __u64 offset);
 void io_uring_prep_read_fixed(struct io_uring_sqe *sqe, int fd, void *buf, unsigned nbytes, __u64 offset,
                               int buf_index);
+void io_uring_prep_write(struct io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes, __u64 offset);
+void io_uring_prep_write_fixed(struct io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
+                               __u64 offset, int buf_index);
 int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
 unsigned io_uring_peek_batch_cqe(struct io_uring *ring, struct io_uring_cqe **cqes, unsigned count);
 void io_uring_cq_advance(struct io_uring *ring, unsigned nr);

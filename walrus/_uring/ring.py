@@ -60,19 +60,32 @@ class Ring:
         if rc < 0 and rc != -errno.ENXIO:  # ENXIO: nothing was registered
             raise _os_error(rc, "io_uring_unregister_buffers")
 
-    def prep_read(self, user_data: int, fd: int, buf, nbytes: int, offset: int, buf_index: int = -1) -> None:
-        """Queues a read of `nbytes` at `offset` into `buf` (a char* cdata); READ_FIXED if buf_index >= 0."""
+    def _sqe(self):
         sqe = lib.io_uring_get_sqe(self._ring)
         if sqe == ffi.NULL:
             raise RuntimeError("io_uring submission queue full: more requests than entries in flight")
+        return sqe
+
+    def prep_read(self, user_data: int, fd: int, buf, nbytes: int, offset: int, buf_index: int = -1) -> None:
+        """Queues a read of `nbytes` at `offset` into `buf` (a char* cdata); READ_FIXED if buf_index >= 0."""
+        sqe = self._sqe()
         if buf_index >= 0:
             lib.io_uring_prep_read_fixed(sqe, fd, buf, nbytes, offset, buf_index)
         else:
             lib.io_uring_prep_read(sqe, fd, buf, nbytes, offset)
         sqe.user_data = user_data
 
+    def prep_write(self, user_data: int, fd: int, buf, nbytes: int, offset: int, buf_index: int = -1) -> None:
+        """Queues a write of `nbytes` from `buf` (a char* cdata) at `offset`; WRITE_FIXED if buf_index >= 0."""
+        sqe = self._sqe()
+        if buf_index >= 0:
+            lib.io_uring_prep_write_fixed(sqe, fd, buf, nbytes, offset, buf_index)
+        else:
+            lib.io_uring_prep_write(sqe, fd, buf, nbytes, offset)
+        sqe.user_data = user_data
+
     def submit_and_wait(self, wait_nr: int) -> None:
-        """Hands every queued SQE to the kernel and waits until `wait_nr` completions are ready."""
+        """Hands every queued SQE to the kernel and waits until `wait_nr` completions are ready (0: none)."""
         while True:
             rc = lib.io_uring_submit_and_wait(self._ring, wait_nr)
             if rc >= 0:

@@ -337,8 +337,10 @@ class FileSink(Protocol):
     """Where regular-file payloads go: plain writes here, batched io_uring writes in walrus._uring.
 
     `write` takes ownership of `fd` (opened for writing, empty) and closes it, at once or once its
-    writes complete; `finish` waits for everything and raises the first error. Durability is the
-    caller's: backup-fetch syncs each restored filesystem once at the end.
+    writes complete; `finish` waits for everything and raises the first error. `close` releases
+    whatever the sink still holds without raising: its owner calls it once the extraction is over,
+    failed or not, since extract_tar calls `finish` only when every member was read. Durability is
+    the caller's: backup-fetch syncs each restored filesystem once at the end.
     """
 
     direct_threshold: int  # payloads this large are opened with O_DIRECT (0: never)
@@ -346,6 +348,8 @@ class FileSink(Protocol):
     def write(self, fd: int, data: MemberData, size: int, direct: bool) -> None: ...
 
     def finish(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class PlainSink:
@@ -366,6 +370,9 @@ class PlainSink:
             os.close(fd)
 
     def finish(self) -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
 

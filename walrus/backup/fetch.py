@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -19,6 +20,8 @@ from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
 from walrus.fsutil import syncfs
 from walrus.log import log
 from walrus.storage.base import Storage
+from walrus._uring.writer import open_sink
+from walrus.stream.pipeline import raise_nofile_limit
 from walrus.stream.stages import SyncReader, gather_all
 
 # Restored whatever files_metadata.json lists (WAL-G's UtilityFilePaths).
@@ -122,6 +125,10 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
 
     loop = asyncio.get_running_loop()
     concurrency = settings.download_concurrency
+    # each extraction thread owns a sink; together they keep to the memory budget
+    sink_buffers = max(2, settings.memory_budget // settings.buffer_size // concurrency)
+    direct_min = settings.direct_io_min if settings.direct_io else 0
+    raise_nofile_limit()
     executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="walrus-extract")
     semaphore = asyncio.Semaphore(concurrency)
     totals = ExtractStats()
@@ -136,8 +143,17 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
             try:
                 def work() -> ExtractStats:
                     raw = SyncReader(stream, loop)
-                    return extract_tar(codec.open_reader(ext, raw, name=info.key), directory, name=info.key,
-                                       wanted=wanted, allowed_links=allowed_links)
+                    with contextlib.closing(open_sink(settings.io_method, direct_threshold=direct_min,
+                                                      buffer_size=settings.buffer_size,
+                                                      buffers=sink_buffers)) as sink:
+                        try:
+                            return extract_tar(codec.open_reader(ext, raw, name=info.key), directory,
+                                               name=info.key, wanted=wanted, allowed_links=allowed_links,
+                                               sink=sink)
+                        except OSError as e:  # a write that failed after its member was handed over
+                            raise BackupError(f"restoring {info.name} into {directory} failed",
+                                              detail=f"{e.filename or ''}: {e.strerror or e}",
+                                              hint="check free space and permissions of the target") from None
 
                 stats = await loop.run_in_executor(executor, work)
             finally:
