@@ -69,6 +69,10 @@ void io_uring_prep_write(struct io_uring_sqe *sqe, int fd, const void *buf, unsi
 void io_uring_prep_write_fixed(struct io_uring_sqe *sqe, int fd, const void *buf, unsigned nbytes,
                                __u64 offset, int buf_index);
 int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
+struct __kernel_timespec { long long tv_sec; long long tv_nsec; };
+typedef struct { ...; } sigset_t;
+int io_uring_submit_and_wait_timeout(struct io_uring *ring, struct io_uring_cqe **cqe_ptr, unsigned wait_nr,
+                                     struct __kernel_timespec *ts, sigset_t *sigmask);
 unsigned io_uring_peek_batch_cqe(struct io_uring *ring, struct io_uring_cqe **cqes, unsigned count);
 void io_uring_cq_advance(struct io_uring *ring, unsigned nr);
 """

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import sys
+import time
 
 import pytest
 
@@ -478,3 +479,28 @@ def test_probe_reports_a_module_that_was_not_built(monkeypatch):
     monkeypatch.setitem(sys.modules, "walrus._uring._liburing", None)  # import now raises ImportError
     monkeypatch.delitem(sys.modules, "walrus._uring.ring", raising=False)
     assert probe_module.probe.__wrapped__().startswith("module not built")
+
+
+def test_ring_wait_gives_up_instead_of_hanging():
+    """A request that never completes (a read from an idle pipe) ends in TimeoutError, not a hang."""
+    from walrus._uring import probe
+
+    if probe() is not None:
+        pytest.skip(f"io_uring unavailable: {probe()}")
+    from walrus._uring._liburing import ffi
+    from walrus._uring.ring import Ring
+
+    r, w = os.pipe()
+    ring = Ring(4)
+    buf = ffi.new("char[]", 16)
+    try:
+        ring.prep_read(1, r, buf, 16, 0)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            ring.submit_and_wait(1, stall_limit=1.5)
+        assert 1.4 < time.monotonic() - started < 10
+    finally:
+        os.close(w)  # EOF completes the read, so the ring can be torn down cleanly
+        ring.submit_and_wait(1, stall_limit=5)
+        ring.close()
+        os.close(r)

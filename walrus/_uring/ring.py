@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from walrus._uring._liburing import ffi, lib
 
 # Largest byte count the kernel moves in one read(2)-style request (MAX_RW_COUNT); longer requests
 # would come back short anyway, and sqe->len is only 32 bits.
 MAX_IO = 0x7FFFF000
+STALL_POLL = 1.0  # seconds per timed wait
+STALL_LIMIT = 120.0  # seconds without any completion before a wait gives up
 
 
 def _os_error(rc: int, what: str) -> OSError:
@@ -32,6 +35,8 @@ class Ring:
             raise _os_error(rc, "io_uring_queue_init")
         self.entries = entries
         self._cqes = ffi.new("struct io_uring_cqe *[]", 2 * entries)
+        self._cqe_ptr = ffi.new("struct io_uring_cqe **")
+        self._ts = ffi.new("struct __kernel_timespec *")
         self._open = True
         self.completions = 0  # CQEs reaped over the ring's life
 
@@ -84,10 +89,35 @@ class Ring:
             lib.io_uring_prep_write(sqe, fd, buf, nbytes, offset)
         sqe.user_data = user_data
 
-    def submit_and_wait(self, wait_nr: int) -> None:
-        """Hands every queued SQE to the kernel and waits until `wait_nr` completions are ready (0: none)."""
+    def submit_and_wait(self, wait_nr: int, stall_limit: float = STALL_LIMIT) -> None:
+        """Hands every queued SQE to the kernel and waits until `wait_nr` completions are ready (0: none).
+
+        A wait never lasts forever: if no completion arrives for `stall_limit` seconds, raise
+        TimeoutError, so a stuck device or a lost completion becomes an error the command reports
+        (archive_command fails and PostgreSQL retries) instead of a hung process.
+        """
+        if wait_nr == 0:
+            self._submit_only()
+            return
+        deadline = time.monotonic() + stall_limit
         while True:
-            rc = lib.io_uring_submit_and_wait(self._ring, wait_nr)
+            self._ts.tv_sec = int(STALL_POLL)
+            self._ts.tv_nsec = int(STALL_POLL % 1 * 1e9)
+            self._cqe_ptr[0] = ffi.NULL
+            rc = lib.io_uring_submit_and_wait_timeout(self._ring, self._cqe_ptr, wait_nr, self._ts, ffi.NULL)
+            if rc >= 0 and self._cqe_ptr[0] != ffi.NULL:
+                return
+            if rc >= 0 or rc == -errno.ETIME:  # liburing reports a timed-out wait that submitted as success
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"io_uring: no completion for {stall_limit:.0f} s")
+                continue
+            if rc == -errno.EINTR:
+                continue
+            raise _os_error(rc, "io_uring_enter")
+
+    def _submit_only(self) -> None:
+        while True:
+            rc = lib.io_uring_submit_and_wait(self._ring, 0)
             if rc >= 0:
                 return
             # EINTR: a signal cut the wait short. liburing leaves SQEs the kernel did not consume in the
