@@ -1,0 +1,127 @@
+"""Bench output: the per-operation tables, JSON and CSV rows, machine facts and memory-over-time plots."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import platform
+import subprocess
+import sys
+
+MIB = 2 ** 20
+
+COLUMNS = [  # (header, row key, format)
+    ("tool", "tool", "{}"),
+    ("wall s", "wall_s", "{:.1f}"),
+    ("MiB/s", "mib_s", "{:.1f}"),
+    ("CPU s", "cpu_s", "{:.1f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:.1f}"),
+    ("VmPeak MiB", "vmpeak_mib", "{:.1f}"),
+    ("output MiB", "output_mib", "{:.1f}"),
+    ("x walrus(io_uring)", "wall_ratio", "{:.2f}"),
+    ("srv CPU s", "server_cpu_s", "{:.1f}"),
+]
+RESTORE_EXTRA = [("verified", "verified", "{}")]
+
+
+def machine_facts(path: str) -> dict[str, object]:
+    """nproc, memory, kernel, CPU and the filesystem holding path."""
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    fs = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,SOURCE", "-T", path], capture_output=True, text=True)
+    return {"nproc": len(os.sched_getaffinity(0)), "mem_mib": mem_kib // 1024, "kernel": platform.release(),
+            "cpu": cpu, "fs": " ".join(fs.stdout.split()) or "unknown", "fs_path": path}
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def table(rows: list[dict], operation: str) -> str:
+    """A fixed-width text table of one operation's rows."""
+    cols = COLUMNS + (RESTORE_EXTRA if operation == "restore" else [])
+    cells = [[h for h, _, _ in cols]]
+    for r in rows:
+        line = [_cell(r, k, f) for _, k, f in cols]
+        if r.get("error"):
+            line[1] = "FAILED"
+        cells.append(line)
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    lines = []
+    for n, line in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str, meta: dict, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        f.write("\n")
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ";".join(map(str, v)) if isinstance(v, list) else v for k, v in r.items()})
+
+
+def load_matplotlib(install: bool):
+    """matplotlib with the Agg backend, pip-installed into this interpreter's environment if asked; else None.
+
+    matplotlib is a bench-only dependency, not a runtime one.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        if not install:
+            return None
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"], check=False)
+        importlib.invalidate_caches()
+        try:
+            import matplotlib
+        except ImportError:
+            return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_memory(plt, path: str, operation: str, series: dict[str, list[list[float]]], title: str) -> None:
+    """One figure per operation: summed RSS (top) and summed virtual size (bottom) over time, a line per tool.
+
+    series maps a tool label to samples [t_s, rss_bytes, vmsize_bytes].
+    """
+    fig, (ax_rss, ax_vm) = plt.subplots(2, 1, figsize=(10, 7.5), sharex=True)
+    for label, samples in series.items():
+        t = [s[0] for s in samples]
+        ax_rss.plot(t, [s[1] / MIB for s in samples], label=label, linewidth=1.4)
+        ax_vm.plot(t, [s[2] / MIB for s in samples], label=label, linewidth=1.4)
+    ax_rss.set_ylabel("RSS, MiB (sum over process tree)")
+    ax_vm.set_ylabel("virtual size, MiB (sum)")
+    ax_vm.set_xlabel("seconds since the tool started")
+    for ax in (ax_rss, ax_vm):
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+    ax_rss.legend(loc="upper right", fontsize=9)
+    fig.suptitle(f"{operation}: memory over time - {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

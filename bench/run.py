@@ -1,0 +1,495 @@
+"""Benchmark: backup and restore of one pgbench cluster by walrus, pgBackRest, pg_basebackup (and WAL-G if given)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from bench import report  # noqa: E402
+from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed, tree_bytes  # noqa: E402
+from bench.tools import PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, user_dir, user_env, walrus_tool  # noqa: E402
+from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run,  # noqa: E402
+                             run_user, write_config)
+
+MIB = 2 ** 20
+DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup"
+MAX_WAL_SENDERS = 10  # restored clusters must match it, or hot standby refuses to start recovery
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--scale", type=int, default=200, help="pgbench scale (200 is ~3 GiB; default 200)")
+    ap.add_argument("--compression", choices=["lz4", "zstd"], default="lz4")
+    ap.add_argument("--workers", type=int, default=2, help="parallel workers for every tool that has them (default 2)")
+    ap.add_argument("--tools", default=DEFAULT_TOOLS,
+                    help=f"comma-separated, in order (default {DEFAULT_TOOLS}); wal-g and walrus-rs are added "
+                         "when their binaries are given")
+    ap.add_argument("--walg", metavar="PATH", help="a WAL-G binary to include")
+    ap.add_argument("--walrus-rs", metavar="PATH", help="a WAL-RUS binary to include")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="timed runs per tool and operation; the row shown is the run with the median wall time")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (clusters stopped)")
+    ap.add_argument("--out", help="results directory (default bench/results/<UTC stamp>)")
+    ap.add_argument("--workdir", default=None, help="parent of the work directory (default: the system temp dir); "
+                                                    "its filesystem is the one measured")
+    ap.add_argument("--smoke", action="store_true", help="scale 1, one run each: checks the bench works (< 60 s)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.scale, args.repeat = 1, 1
+    if args.repeat < 1 or args.workers < 1 or args.scale < 1:
+        ap.error("--repeat, --workers and --scale must be at least 1")
+    return args
+
+
+def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
+    known: dict[str, Tool] = {t.name: t for t in (walrus_tool("io_uring"), walrus_tool("preadv"), PgBackRest(),
+                                                  PgBaseBackup())}
+    names = [n.strip() for n in args.tools.split(",") if n.strip()]
+    if args.walg:
+        known["wal-g"] = WalgLike("wal-g", "WAL-G", os.path.abspath(args.walg))
+        names.append("wal-g")
+    if args.walrus_rs:
+        known["walrus-rs"] = WalgLike("walrus-rs", "WAL-RUS", os.path.abspath(args.walrus_rs))
+        names.append("walrus-rs")
+    tools, warnings = [], []
+    for name in dict.fromkeys(names):
+        tool = known.get(name)
+        if tool is None:
+            raise SystemExit(f"unknown tool {name!r}; known: {', '.join(known)}")
+        reason = tool.missing()
+        if reason:
+            warnings.append(f"skipped {tool.label}: {reason}")
+        else:
+            tools.append(tool)
+    return tools, warnings
+
+
+def walrus_reads_io_method() -> bool:
+    """Whether the installed walrus consults WALRUS_IO_METHOD at all (else both variants run one reader)."""
+    import walrus
+    pkg = os.path.dirname(walrus.__file__)
+    for dirpath, _dirs, files in os.walk(pkg):
+        for name in files:
+            if name.endswith(".py"):
+                with open(os.path.join(dirpath, name), errors="replace") as f:
+                    if "WALRUS_IO_METHOD" in f.read():
+                        return True
+    return False
+
+
+def walrus_source() -> str:
+    """The commit walrus runs from, and whether its working tree differs (walrus is installed editable)."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", REPO_ROOT, *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    changed = [line for line in git("status", "--porcelain", "--", "walrus").splitlines() if line]
+    return head + (f" + uncommitted changes in {len(changed)} walrus file(s)" if changed else "")
+
+
+def content_digest(c: Cluster) -> dict[str, str]:
+    """Row count and the sum of 60 bits of every row's md5, per user table.
+
+    tests/pgcluster.Cluster.digest aggregates each table into one text value, which passes PostgreSQL's
+    1 GB limit from about scale 90 on; a sum is order-independent and needs no big value.
+    """
+    tables = c.psql("SELECT quote_ident(schemaname)||'.'||quote_ident(relname) FROM pg_stat_user_tables "
+                    "ORDER BY 1").split()
+    return {t: c.psql(f"SELECT count(*)||':'||coalesce(sum(('x'||left(md5(x::text), 15))::bit(60)::bigint), 0) "
+                      f"FROM {t} x") for t in tables}
+
+
+ARCHIVE_STALL_S = 300.0
+
+
+def wait_for_archiver(c: Cluster, done: Callable[[], bool], what: str) -> None:
+    """Wait until done(); fail once the archiver has neither archived nor failed a segment for ARCHIVE_STALL_S."""
+    state, since = "", time.monotonic()
+    while not done():
+        now = c.psql("SELECT archived_count||' archived, '||failed_count||' failed, last '||"
+                     "coalesce(last_archived_wal, 'none') FROM pg_stat_archiver")
+        if now != state:
+            state, since = now, time.monotonic()
+        elif time.monotonic() - since > ARCHIVE_STALL_S:
+            raise RuntimeError(f"archiving stalled while waiting for {what}: no WAL segment archived or failed "
+                               f"for {ARCHIVE_STALL_S:.0f} s (pg_stat_archiver: {state}); archive_command "
+                               f"(walrus wal-push) may be hanging\n{c.log()[-2000:]}")
+        time.sleep(0.5)
+
+
+def archive_everything(c: Cluster) -> None:
+    """Switch to a new WAL segment and wait until the archiver has stored the one that holds everything so far."""
+    last = c.psql("SELECT pg_walfile_name(pg_switch_wal())")
+    wait_for_archiver(c, lambda: c.psql(f"SELECT last_archived_wal >= '{last}' FROM pg_stat_archiver") == "t",
+                      f"segment {last}")
+
+
+def wait_archiver_idle(c: Cluster) -> None:
+    """No .ready file left: WAL a backup produced is archived before the next timed step starts."""
+    status = os.path.join(c.data, "pg_wal", "archive_status")
+    wait_for_archiver(c, lambda: not any(n.endswith(".ready") for n in os.listdir(status)), "the archiver to go idle")
+
+
+class Bench:
+    """One run: the source cluster, the WAL archive, and every tool's backup and restore."""
+
+    def __init__(self, args: argparse.Namespace, tools: list[Tool], out: str) -> None:
+        self.args, self.tools, self.out = args, tools, out
+        self.logs = os.path.join(out, "logs")
+        os.makedirs(self.logs, exist_ok=True)
+        self.root = make_workdir("walrus-bench-") if args.workdir is None else _workdir_in(args.workdir)
+        self.archive_config = write_config(os.path.join(self.root, "archive.json"), {
+            "WALG_FILE_PREFIX": os.path.join(self.root, "archive"), "WALG_COMPRESSION_METHOD": args.compression})
+        self.clusters: list[Cluster] = []
+        self.warm_cache_warned = False
+        self.rows: list[dict] = []
+        self.samples: dict[str, dict[str, list[list[float]]]] = {"backup": {}, "restore": {}}
+        self.db_bytes = 0
+        self.disk_read_mib_s: float | None = None
+        self.source: Cluster | None = None
+        self.setup: Setup | None = None
+
+    def create_source(self) -> None:
+        scale = self.args.scale
+        say(f"==> source cluster: initdb, archive_command = walrus wal-push, pgbench -i -s {scale}")
+        c = Cluster.init(self.root)
+        self.clusters.append(c)
+        c.configure(archive_mode="on", archive_command=f"{WALRUS} --config {self.archive_config} wal-push %p",
+                    max_wal_senders=MAX_WAL_SENDERS, autovacuum="off", max_wal_size="4GB",
+                    checkpoint_timeout="30min")
+        c.start()
+        run([os.path.join(pg_bindir(), "pgbench"), "-i", "-q", "-s", str(scale), "-h", c.sockdir, "-p", str(c.port),
+             "postgres"], timeout=4 * 3600)
+        c.psql("CHECKPOINT")
+        archive_everything(c)
+        self.db_bytes = tree_bytes(c.data) - tree_bytes(os.path.join(c.data, "pg_wal"))
+        self.source = c
+        self.disk_read_mib_s = cold_read_mib_s(largest_file(os.path.join(c.data, "base")))
+        self.setup = Setup(cluster=c, root=self.root, compression=self.args.compression, workers=self.args.workers)
+        say(f"    database: {self.db_bytes / MIB:.0f} MiB (PGDATA without pg_wal)")
+
+    def write_after_backups(self) -> dict[str, str]:
+        """pgbench writes after every backup, archived, so each restore must replay WAL to match."""
+        c = self.source
+        say("==> pgbench writes after the backups; archive them; digest of the source")
+        run([os.path.join(pg_bindir(), "pgbench"), "-n", "-c", "2", "-j", "2", "-t",
+             "200" if self.args.smoke else "2000", "-h", c.sockdir, "-p", str(c.port), "postgres"], timeout=3600)
+        archive_everything(c)
+        return content_digest(c)
+
+    def timed(self, tool: Tool, operation: str, n: int, argv: list[str], env: dict, flush_dir: str) -> StepMetrics:
+        log = os.path.join(self.logs, f"{tool.name}-{operation}-{n}.log")
+        m = run_timed(argv, user=run_user(), env=user_env(env), cwd=self.root, log_path=log, flush_dir=flush_dir,
+                      server_pid=self._postmaster_pid() if operation == "backup" else None, cold=True)
+        if not m.cold_cache and not self.warm_cache_warned:
+            say("WARNING: cannot drop the page cache (needs root and a writable /proc/sys/vm/drop_caches): "
+                "timings are from a WARM cache")
+            self.warm_cache_warned = True
+        if m.returncode != 0:
+            raise StepFailed(f"{tool.label} {operation} exited {m.returncode}; see {log}")
+        return m
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.source.data, "postmaster.pid")) as f:
+                return int(f.readline())
+        except (OSError, ValueError):
+            return None
+
+    def backups(self) -> dict[str, str]:
+        """Every tool's backup, in rounds; returns the repository each tool's restore reads."""
+        repos: dict[str, str] = {}
+        runs: dict[str, list[tuple[StepMetrics, int]]] = {t.name: [] for t in self.tools}
+        failed: dict[str, str] = {}
+        for n, tool in self.rounds(failed):
+            repo = os.path.join(self.root, f"{tool.name}-repo-{n}")
+            say(f"==> backup  {tool.label} (run {n + 1}/{self.args.repeat})")
+            try:
+                tool.new_repo(self.setup, repo)
+                cmd = tool.backup(self.setup, repo)
+                m = self.timed(tool, "backup", n, cmd.argv, cmd.env, repo)
+                runs[tool.name].append((m, tree_bytes(repo)))
+                wait_archiver_idle(self.source)
+            except (StepFailed, RuntimeError, AssertionError) as e:
+                say(f"    FAILED: {e}")
+                failed[tool.name] = str(e)
+                continue
+            if tool.name in repos:
+                remove_tree(repos[tool.name])
+            repos[tool.name] = repo
+        for tool in self.tools:
+            if tool.name in failed:
+                self.rows.append(self.failed_row(tool, "backup", failed[tool.name]))
+                repos.pop(tool.name, None)
+            else:
+                self.rows.append(self.row(tool, "backup", runs[tool.name]))
+        return repos
+
+    def restores(self, repos: dict[str, str], expected: dict[str, str]) -> None:
+        """Every backed-up tool's restore, in rounds; the last round's restore is verified."""
+        runs: dict[str, list[tuple[StepMetrics, int]]] = {t.name: [] for t in self.tools}
+        failed = {t.name: "no backup" for t in self.tools if t.name not in repos}
+        verified: dict[str, str] = {}
+        last = self.args.repeat - 1
+        for n, tool in self.rounds(failed):
+            target = user_dir(os.path.join(self.root, f"{tool.name}-restore-{n}"))
+            say(f"==> restore {tool.label} (run {n + 1}/{self.args.repeat})")
+            try:
+                cmd = tool.restore(self.setup, repos[tool.name], target)
+                m = self.timed(tool, "restore", n, cmd.argv, cmd.env, target)
+                runs[tool.name].append((m, tree_bytes(target)))
+                if n == last:
+                    verified[tool.name] = self.verify(tool, target, expected)
+                    say(f"    {verified[tool.name]}")
+            except (StepFailed, RuntimeError, AssertionError) as e:
+                say(f"    FAILED: {e}")
+                failed[tool.name] = str(e)
+            if not (self.args.keep and n == last):
+                remove_tree(target)
+        for tool in self.tools:
+            if tool.name not in repos:
+                continue
+            if tool.name in failed:
+                self.rows.append(self.failed_row(tool, "restore", failed[tool.name]))
+            else:
+                self.rows.append({**self.row(tool, "restore", runs[tool.name]), "verified": verified[tool.name]})
+
+    def rounds(self, failed: dict[str, str]) -> Iterator[tuple[int, Tool]]:
+        """(round, tool) pairs: every tool once per round, so background load spreads evenly over the tools."""
+        for n in range(self.args.repeat):
+            shift = n % len(self.tools)  # each round starts one tool later: no tool always runs first
+            for tool in self.tools[shift:] + self.tools[:shift]:
+                if tool.name not in failed:
+                    yield n, tool
+
+    def verify(self, tool: Tool, target: str, expected: dict[str, str]) -> str:
+        """Start the restored cluster, recover to the end of the walrus archive, compare the digest."""
+        signal = os.path.join(target, "recovery.signal")
+        open(signal, "a").close()
+        chown_to_user(signal)
+        c = Cluster(data=target, sockdir=self.root)
+        c.configure(archive_mode="off", restore_command=f"{WALRUS} --config {self.archive_config} wal-fetch %f %p",
+                    max_wal_senders=MAX_WAL_SENDERS, autovacuum="off")
+        self.clusters.append(c)
+        try:
+            c.start()
+            c.wait_until("SELECT pg_is_in_recovery()", "f", timeout=3600)
+            got = content_digest(c)
+        except AssertionError as e:
+            with open(os.path.join(self.logs, f"{tool.name}-verify.log"), "w") as f:
+                f.write(f"{e}\n\n{c.log()}")
+            return f"FAILED (recovery; see logs/{tool.name}-verify.log)"
+        finally:
+            c.stop()
+            self.clusters.remove(c)
+        if got != expected:
+            return f"MISMATCH ({sum(got.get(t) != d for t, d in expected.items())} tables differ)"
+        return "verified"
+
+    def row(self, tool: Tool, operation: str, runs: list[tuple[StepMetrics, int]]) -> dict:
+        """The run with the median wall time (the lower median for an even count) stands for the tool."""
+        walls = [m.wall_s for m, _ in runs]
+        median = statistics.median_low(walls)
+        m, size = runs[walls.index(median)]
+        self.samples[operation][tool.label] = [[s.t, s.rss, s.vmsize] for s in m.samples]
+        return {"operation": operation, "tool": tool.label, "tool_name": tool.name,
+                "wall_s": m.wall_s, "mib_s": self.db_bytes / MIB / m.wall_s, "cpu_s": m.cpu_s,
+                "server_cpu_s": m.server_cpu_s, "peak_rss_mib": m.peak_rss / MIB, "vmpeak_mib": m.peak_vmpeak / MIB,
+                "output_mib": size / MIB, "wall_ratio": None, "verified": None, "peak_procs": m.peak_procs,
+                "left_running": m.left_running, "cold_cache": m.cold_cache,
+                "background_cpu_s": round(m.background_cpu_s, 2),
+                "runs_background_cpu_s": [round(r.background_cpu_s, 2) for r, _ in runs], "runs_wall_s": [round(w, 3) for w in walls],
+                "output_bytes": size, "error": None}
+
+    @staticmethod
+    def failed_row(tool: Tool, operation: str, error: str) -> dict:
+        return {"operation": operation, "tool": tool.label, "tool_name": tool.name, "error": error,
+                "verified": "FAILED" if operation == "restore" else None}
+
+    def close(self) -> None:
+        for c in self.clusters:
+            c.stop("immediate")
+        if self.args.keep:
+            say(f"kept {self.root}")
+        else:
+            remove_tree(self.root)
+
+
+class StepFailed(Exception):
+    """A timed step exited non-zero."""
+
+
+def _workdir_in(parent: str) -> str:
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, "walrus-bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return user_dir(path)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    for op in ("backup", "restore"):
+        base = next((r["wall_s"] for r in rows if r["operation"] == op and r["tool_name"] == "walrus"
+                     and r.get("wall_s")), None)
+        for r in rows:
+            if r["operation"] == op and base and r.get("wall_s"):
+                r["wall_ratio"] = r["wall_s"] / base
+
+
+def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
+    rows = [r for r in b.rows if r.get("wall_s") is not None]
+    cold = all(r["cold_cache"] for r in rows) if rows else False
+    out = [
+        f"pgbench scale {args.scale}: {b.db_bytes / MIB:.0f} MiB of database (PGDATA without pg_wal), "
+        f"compression {args.compression} at each tool's default level, {args.workers} workers.",
+        "wall s: from exec to the end of `sync -f <output dir>` (syncfs) run after the tool exits, on top of the "
+        "tools' own fsyncs (walrus/WAL-G: every stored object and restored file; pgBackRest: repository and "
+        "restored files; pg_basebackup: its output; the tar restore: syncfs only).",
+        ("each timed step starts from a cold page cache (sync; echo 3 > /proc/sys/vm/drop_caches)." if cold else
+         "WARNING: the page cache could NOT be dropped; timings are from a warm cache."),
+        "MiB/s: database MiB / wall s. CPU s: user+sys of the tool's whole process tree (RUSAGE_CHILDREN delta). "
+        "srv CPU s: PostgreSQL server processes during the step (postmaster tree sampled at 20 Hz, so a lower "
+        "bound); pg_basebackup reads and builds its tar there, in the walsender; it also includes the archiver "
+        "running walrus wal-push for the backup's last segment.",
+        "peak RSS / VmPeak: highest sum over the tool's live processes, sampled from /proc at 20 Hz.",
+        "output MiB: backup = bytes in the repository; restore = bytes of the restored data directory.",
+        f"workers: walrus/WAL-G WALG_UPLOAD_DISK_CONCURRENCY = WALG_DOWNLOAD_CONCURRENCY = {args.workers}; pgBackRest "
+        f"process-max={args.workers}; pg_basebackup and tar have no worker option (PostgreSQL 15 client "
+        "compression is single-threaded).",
+        "pgBackRest: posix repo, backup --type=full, start-fast=y, archive-check=n (WAL goes to walrus's archive); "
+        "restore into an empty directory without --delta. pg_basebackup: -Ft -X none --checkpoint=fast "
+        f"--compress=client-{args.compression}; restore = `{args.compression} -dc base.tar.* | tar -x`.",
+        "verified: the restored cluster started with recovery.signal and restore_command = walrus wal-fetch, "
+        "recovered to the end of the archive (pgbench writes made after all backups), and every table's row "
+        "count and summed row md5 equal the source's.",
+    ]
+    if b.disk_read_mib_s:
+        out.append(f"disk: {b.disk_read_mib_s:.0f} MiB/s sequential read of the largest relation file just after "
+                   "drop_caches; in a VM, \"cold\" is the guest's cache only (the host may still cache the disk).")
+    if args.repeat > 1:
+        out.append(f"each row is the run with the median wall time of {args.repeat} (lower median for an even count); "
+                   "the tools take turns, each round starting one tool later; every run's wall time is in "
+                   "results.json (runs_wall_s).")
+    names = {t.name for t in b.tools}
+    if {"walrus", "walrus-preadv"} <= names and not walrus_reads_io_method():
+        out.append("WARNING: this walrus does not read WALRUS_IO_METHOD yet: walrus (io_uring) and walrus (preadv) "
+                   "ran the same reader.")
+    for r in rows:
+        if r["left_running"]:
+            out.append(f"{r['tool']} {r['operation']}: {r['left_running']} process(es) still running after it "
+                       "exited (daemonized); their work after that is not measured.")
+    for r in b.rows:
+        if r.get("error"):
+            out.append(f"{r['tool']} {r['operation']} FAILED: {r['error']}")
+    return out + warnings
+
+
+def background_note(rows: list[dict], nproc: int) -> str:
+    """How much CPU the rest of the machine took during the timed steps: the noise in the numbers."""
+    steps = [(bg / (nproc * wall), bg, wall, r) for r in rows if r.get("wall_s")
+             for bg, wall in zip(r["runs_background_cpu_s"], r["runs_wall_s"])]
+    if not steps:
+        return "no timed step completed."
+    share, bg, wall, r = max(steps, key=lambda x: x[0])
+    text = (f"other processes used at most {share:.0%} of the machine's CPU during a timed step ({r['tool']} "
+            f"{r['operation']}: {bg:.1f} CPU s in {wall:.1f} s; every run's figure is in results.json, "
+            "runs_background_cpu_s).")
+    return ("WARNING: " + text + " The numbers may be noisy.") if share > 0.1 else text
+
+
+def describe(args: argparse.Namespace, b: Bench, warnings: list[str], stamp: str, duration_s: float,
+             loadavg: list[tuple[float, float, float]]) -> dict:
+    """The run's metadata; also stamps each row with tool version, settings and machine facts."""
+    add_ratios(b.rows)
+    machine = report.machine_facts(os.path.dirname(b.root))
+    machine["cold_read_mib_s"] = round(b.disk_read_mib_s, 1) if b.disk_read_mib_s else None
+    versions = {t.label: t.version() for t in b.tools}
+    for t in b.tools:
+        if t.binary == WALRUS:
+            versions[t.label] += f" ({walrus_source()})"
+    for r in b.rows:
+        r.update(tool_version=versions[r["tool"]], scale=args.scale, compression=args.compression,
+                 workers=args.workers, db_mib=round(b.db_bytes / MIB, 1),
+                 **{f"machine_{k}": v for k, v in machine.items()})
+    return {"started_utc": stamp, "args": vars(args), "machine": machine, "versions": versions,
+            "loadavg_before": loadavg[0], "loadavg_after": loadavg[1], "duration_s": round(duration_s, 1),
+            "notes": notes(args, b, warnings) + [background_note(b.rows, machine["nproc"])]}
+
+
+def render(args: argparse.Namespace, rows: list[dict], meta: dict) -> str:
+    machine = meta["machine"]
+    text = []
+    for op in ("backup", "restore"):
+        text += [f"{op} ({args.compression}, scale {args.scale}, {args.workers} workers)",
+                 report.table([r for r in rows if r["operation"] == op], op), ""]
+    text += ["notes:"] + [f"- {n}" for n in meta["notes"]]
+    text += ["", "versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
+             f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['mem_mib']} MiB, kernel "
+             f"{machine['kernel']}, {machine['fs']}"]
+    return "\n".join(text) + "\n"
+
+
+def write_results(out: str, text: str, meta: dict, b: Bench, plt) -> None:
+    with open(os.path.join(out, "tables.txt"), "w") as f:
+        f.write(text)
+    report.write_json(os.path.join(out, "results.json"), meta, b.rows)
+    report.write_csv(os.path.join(out, "results.csv"), b.rows)
+    with open(os.path.join(out, "samples.json"), "w") as f:
+        json.dump(b.samples, f)
+    if plt is None:
+        say("matplotlib is not available: no plots (pip install matplotlib)")
+        return
+    args = b.args
+    for op in ("backup", "restore"):
+        report.plot_memory(plt, os.path.join(out, f"memory-{op}.png"), op, b.samples[op],
+                           f"pgbench scale {args.scale}, {args.compression}, {args.workers} workers")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = os.path.abspath(args.out or os.path.join(REPO_ROOT, "bench", "results", stamp))
+    os.makedirs(out, exist_ok=True)
+    tools, warnings = select_tools(args)
+    for w in warnings:
+        say(f"WARNING: {w}")
+    if not tools:
+        say("no tool to run")
+        return 2
+    plt = report.load_matplotlib(install=not args.smoke)
+    load_before, started = os.getloadavg(), time.monotonic()
+    b = Bench(args, tools, out)
+    try:
+        b.create_source()
+        repos = b.backups()
+        expected = b.write_after_backups()
+        b.restores(repos, expected)
+    except RuntimeError as e:
+        say(f"ERROR: {e}")
+        return 2
+    finally:
+        b.close()
+    meta = describe(args, b, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()])
+    text = render(args, b.rows, meta)
+    say("\n" + text)
+    write_results(out, text, meta, b, plt)
+    say(f"results in {out}")
+    ok = all(not r.get("error") for r in b.rows) and all(
+        r["verified"] == "verified" for r in b.rows if r["operation"] == "restore")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

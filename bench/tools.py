@@ -1,0 +1,197 @@
+"""Per-tool adapters: how each tool backs up and restores the bench cluster, with equal compression and workers."""
+from __future__ import annotations
+
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from tests.pgcluster import WALRUS, Cluster, chown_to_user, pg_bindir, run, run_user
+
+STANZA = "bench"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every tool shares in one bench run."""
+
+    cluster: Cluster
+    root: str  # work directory (owned by the run user)
+    compression: str  # lz4 | zstd
+    workers: int
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: list[str]
+    env: dict[str, str]
+
+
+def user_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment a tool runs with: ours minus any WAL-G/libpq/AWS settings, as the run user, plus extra."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "WALE_", "WALRUS_", "PG", "AWS_"))}
+    user = run_user()
+    if user:
+        pw = pwd.getpwnam(user)
+        env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
+    env["LC_ALL"] = "C.UTF-8"
+    env.update(extra)
+    return env
+
+
+def user_dir(path: str) -> str:
+    """An empty 0700 directory owned by the run user (PostgreSQL refuses a data directory open to others)."""
+    os.makedirs(path)
+    chown_to_user(path)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=60)
+    except OSError as e:
+        return f"unknown ({e.strerror})"
+    text = (proc.stdout or proc.stderr).decode(errors="replace").strip()
+    return text.splitlines()[0].strip("* ") if text else "unknown"
+
+
+class Tool:
+    """One contender. Subclasses say how to back up into a repository and restore from it."""
+
+    name: str  # as given to --tools
+    label: str  # as shown in the tables
+    binary: str  # the executable run for backups
+
+    def missing(self) -> str | None:
+        """Why the tool cannot run here, or None."""
+        return None
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def new_repo(self, s: Setup, repo: str) -> None:
+        """Create an empty repository (untimed)."""
+        user_dir(repo)
+
+    def backup(self, s: Setup, repo: str) -> Command:
+        raise NotImplementedError
+
+    def restore(self, s: Setup, repo: str, target: str) -> Command:
+        raise NotImplementedError
+
+
+class WalgLike(Tool):
+    """walrus, WAL-G or WAL-RUS: the same command line and WALG_* settings, file storage in the repository."""
+
+    def __init__(self, name: str, label: str, binary: str, extra_env: dict[str, str] | None = None) -> None:
+        self.name, self.label, self.binary = name, label, binary
+        self.extra_env = extra_env or {}
+
+    def missing(self) -> str | None:
+        return None if os.access(self.binary, os.X_OK) else f"{self.binary} is not an executable file"
+
+    def version(self) -> str:
+        return _first_line([self.binary, "--version"])
+
+    def _env(self, s: Setup, repo: str) -> dict[str, str]:
+        return {**s.cluster.env, "WALG_FILE_PREFIX": repo, "WALG_COMPRESSION_METHOD": s.compression,
+                "WALG_UPLOAD_DISK_CONCURRENCY": str(s.workers), "WALG_DOWNLOAD_CONCURRENCY": str(s.workers),
+                **self.extra_env}
+
+    def backup(self, s: Setup, repo: str) -> Command:
+        return Command([self.binary, "backup-push", s.cluster.data], self._env(s, repo))
+
+    def restore(self, s: Setup, repo: str, target: str) -> Command:
+        return Command([self.binary, "backup-fetch", target, "LATEST"], self._env(s, repo))
+
+
+def walrus_tool(io_method: str) -> WalgLike:
+    name = "walrus" if io_method == "io_uring" else f"walrus-{io_method}"
+    return WalgLike(name, f"walrus ({io_method})", WALRUS, {"WALRUS_IO_METHOD": io_method})
+
+
+class PgBackRest(Tool):
+    """pgBackRest with a posix repository; WAL stays with walrus's archive_command, so archive-check=n."""
+
+    name, label = "pgbackrest", "pgBackRest"
+    binary = shutil.which("pgbackrest") or "pgbackrest"
+
+    def missing(self) -> str | None:
+        return None if shutil.which("pgbackrest") else "pgbackrest is not installed (apt-get install pgbackrest)"
+
+    def version(self) -> str:
+        return _first_line([self.binary, "version"])
+
+    @staticmethod
+    def _etc(repo: str) -> str:
+        return repo + "-etc"  # config, logs and locks live beside the repository, not in it
+
+    def new_repo(self, s: Setup, repo: str) -> None:
+        user_dir(repo)
+        etc = user_dir(self._etc(repo))
+        for sub in ("log", "lock", "conf.d"):
+            user_dir(os.path.join(etc, sub))
+        compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
+        conf = "\n".join([
+            "[global]",
+            f"repo1-path={repo}", "repo1-type=posix", "repo1-retention-full=1",
+            f"compress-type={compress}", f"process-max={s.workers}",
+            "start-fast=y", "archive-check=n",
+            f"log-path={etc}/log", f"lock-path={etc}/lock", "log-level-console=warn", "log-level-file=off",
+            f"[{STANZA}]",
+            f"pg1-path={s.cluster.data}", f"pg1-port={s.cluster.port}", f"pg1-socket-path={s.cluster.sockdir}",
+        ]) + "\n"
+        path = os.path.join(etc, "pgbackrest.conf")
+        with open(path, "w") as f:
+            f.write(conf)
+        chown_to_user(path)
+        run(self._argv(repo, "stanza-create"), cwd=s.root)
+
+    def _argv(self, repo: str, *args: str) -> list[str]:
+        etc = self._etc(repo)
+        return [self.binary, f"--config={etc}/pgbackrest.conf", f"--config-include-path={etc}/conf.d",
+                f"--stanza={STANZA}", *args]
+
+    def backup(self, s: Setup, repo: str) -> Command:
+        return Command(self._argv(repo, "--type=full", "backup"), {})
+
+    def restore(self, s: Setup, repo: str, target: str) -> Command:
+        # restore into an empty directory: no --delta, no --force
+        return Command(self._argv(repo, f"--pg1-path={target}", "restore"), {})
+
+
+class PgBaseBackup(Tool):
+    """The floor: pg_basebackup -Ft with client-side compression, WAL left to the archive (-X none).
+
+    Restore is the decompressor piped into tar.
+    """
+
+    name, label = "pg_basebackup", "pg_basebackup"
+
+    def __init__(self) -> None:
+        self.binary = os.path.join(pg_bindir(), "pg_basebackup")
+
+    def missing(self) -> str | None:
+        for exe in ("lz4", "zstd", "tar", "bash"):
+            if not shutil.which(exe):
+                return f"{exe} is not installed"
+        return None if os.access(self.binary, os.X_OK) else f"{self.binary} not found"
+
+    def version(self) -> str:
+        return "; ".join([_first_line([self.binary, "--version"]), _first_line(["lz4", "-V"]),
+                          _first_line(["zstd", "-V"]), _first_line(["tar", "--version"])])
+
+    def backup(self, s: Setup, repo: str) -> Command:
+        c = s.cluster
+        return Command([self.binary, "-D", repo, "-Ft", "-X", "none", "--checkpoint=fast",
+                        f"--compress=client-{s.compression}", "-h", c.sockdir, "-p", str(c.port)], {})
+
+    def restore(self, s: Setup, repo: str, target: str) -> Command:
+        ext = {"lz4": "lz4", "zstd": "zst"}[s.compression]
+        tar = os.path.join(repo, f"base.tar.{ext}")
+        script = (f"set -o pipefail; {s.compression} -dcq {shlex.quote(tar)} | "
+                  f"tar -xf - -C {shlex.quote(target)}")
+        return Command(["bash", "-c", script], {})
