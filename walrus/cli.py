@@ -148,6 +148,27 @@ def backup_list_cmd(ctx, detail: bool, as_json: bool) -> None:
         click.echo(render_table(backups, detail))
 
 
+@cli.command("daemon", context_settings=CONTEXT)
+@click.argument("socket_path", metavar="SOCKET")
+@click.pass_context
+def daemon_cmd(ctx, socket_path: str) -> None:
+    """Serve wal-push and wal-fetch on a Unix socket (WAL-G's protocol; archive_command =
+    'walrus daemon-client SOCKET wal-push %f'). Needs PGDATA."""
+    from walrus.daemon.server import run_daemon
+
+    _run(ctx, lambda s, st: run_daemon(s, st, socket_path))
+
+
+@cli.command("daemon-client", context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def daemon_client_cmd(args) -> None:
+    """SOCKET wal-push NAME | SOCKET wal-fetch NAME DEST: one request to the daemon; exits 0, 74 or 1.
+    Also installed as walg-daemon-client. Starts in milliseconds: it imports almost nothing."""
+    from walrus.daemon.client import run
+
+    sys.exit(run(list(args)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure ends here, printed PostgreSQL-style, mapped to its exit code."""
     tune_process()

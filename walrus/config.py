@@ -45,6 +45,20 @@ def parse_size(text: str) -> int:
     return int(digits) * units[unit]
 
 
+def parse_duration(text: str) -> float:
+    """Seconds from a Go-style duration (WAL-G's): 1h30m, 60s, 500ms, or a plain number of seconds."""
+    import re
+
+    t = text.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise ValueError("expected a duration such as 60s, 5m, 1h30m or 500ms")
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -133,6 +147,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Read and write large files (relation segments, WAL) with O_DIRECT, bypassing the page cache."),
     S("WALRUS_DIRECT_IO_MIN", "direct_io_min", parse_size, 1 << 20,
       "Files at least this large use O_DIRECT when WALRUS_DIRECT_IO is on."),
+    S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
+      "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
     # logging
     S("WALG_LOG_LEVEL", "log_level", _choice("normal", "devel", "error"), "normal",
       "NORMAL, DEVEL (debug) or ERROR."),

@@ -1,0 +1,152 @@
+"""The daemon over its real Unix socket: WAL-G's bytes, look-ahead uploads, errors, clients and systemd."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from walrus.daemon import protocol
+
+BIN = os.path.dirname(sys.executable)
+SEG = "000000010000000000000001"
+
+
+def seg_name(n: int) -> str:
+    return f"0000000100000000000000{n:02X}"
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    (pgdata / "pg_wal" / "archive_status").mkdir(parents=True)
+    store = tmp_path / "store"
+    sock = str(tmp_path / "walrus.sock")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(10)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "PG"))}
+    env.update(WALG_FILE_PREFIX=str(store), PGDATA=str(pgdata), NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+               WALG_UPLOAD_CONCURRENCY="4")
+    proc = subprocess.Popen([f"{BIN}/walrus", "daemon", sock], env=env, stderr=subprocess.PIPE)
+    try:
+        assert notify.recv(100) == b"READY=1"  # sent once the socket listens
+        yield proc, sock, pgdata, store
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        notify.close()
+
+
+def request(sock: str, raw: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(sock)
+        s.sendall(raw)
+        return s.recv(16)
+
+
+def write_segment(pgdata, name, ready=True, size=1 << 20) -> bytes:
+    data = os.urandom(size)
+    (pgdata / "pg_wal" / name).write_bytes(data)
+    if ready:
+        (pgdata / "pg_wal" / "archive_status" / f"{name}.ready").write_bytes(b"")
+    return data
+
+
+def test_walg_request_bytes():
+    assert protocol.encode(protocol.WAL_PUSH, SEG) == bytes.fromhex("46001B") + SEG.encode()
+    fetch = protocol.encode(protocol.WAL_FETCH, SEG, "pg_wal/RECOVERYXLOG")
+    assert fetch == bytes.fromhex("660033020018") + SEG.encode() + bytes.fromhex("0013") + b"pg_wal/RECOVERYXLOG"
+    assert protocol.encode(protocol.CHECK) == bytes.fromhex("430003")
+    assert protocol.split_args(fetch[3:]) == [SEG, "pg_wal/RECOVERYXLOG"]
+    with pytest.raises(protocol.ProtocolError):
+        protocol.parse_header(b"F\x00\x02")
+    with pytest.raises(protocol.ProtocolError):
+        protocol.split_args(fetch[3:-1])
+
+
+def test_check_push_fetch_and_errors(daemon, tmp_path):
+    proc, sock, pgdata, store = daemon
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # check keeps the connection open
+        s.connect(sock)
+        s.sendall(bytes.fromhex("430003"))
+        assert s.recv(1) == b"O"
+        s.sendall(bytes.fromhex("430003"))
+        assert s.recv(1) == b"O"
+    data = write_segment(pgdata, SEG)
+    assert request(sock, bytes.fromhex("46001B") + SEG.encode()) == b"O"
+    assert (store / "wal_005" / f"{SEG}.lz4").is_file()
+    # pushing a file that is not there: E, and the daemon lives on
+    assert request(sock, protocol.encode(protocol.WAL_PUSH, seg_name(0x30))) == b"E"
+    assert request(sock, b"F\x00\x01") == b"E"  # malformed length
+    # fetch through the real client, as restore_command would
+    dest = tmp_path / "restored"
+    client = subprocess.run([f"{BIN}/walg-daemon-client", sock, "wal-fetch", SEG, str(dest)])
+    assert client.returncode == 0 and dest.read_bytes() == data
+    missing = subprocess.run([f"{BIN}/walrus", "daemon-client", sock, "wal-fetch", seg_name(0x31), str(dest)],
+                             capture_output=True)
+    assert missing.returncode == 74
+    failed = subprocess.run([f"{BIN}/walrus", "daemon-client", sock, "wal-push", seg_name(0x32)], capture_output=True)
+    assert failed.returncode == 1 and b"ERROR" in failed.stderr
+    assert proc.poll() is None
+
+
+def test_look_ahead_uploads_ready_segments(daemon):
+    proc, sock, pgdata, store = daemon
+    names = [seg_name(n) for n in range(0x10, 0x16)]
+    for n in names:
+        write_segment(pgdata, n)
+    assert request(sock, protocol.encode(protocol.WAL_PUSH, names[0])) == b"O"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all((store / "wal_005" / f"{n}.lz4").exists() for n in names[1:5]):
+        time.sleep(0.05)
+    for n in names[1:5]:  # WALG_UPLOAD_CONCURRENCY=4 segments ahead, uploaded before anyone asked
+        assert (store / "wal_005" / f"{n}.lz4").exists()
+    os.unlink(pgdata / "pg_wal" / names[1])  # already durable: answered without reading the file again
+    assert request(sock, protocol.encode(protocol.WAL_PUSH, names[1])) == b"O"
+
+
+def test_daemon_client_imports_almost_nothing():
+    code = ("import sys; from walrus.daemon.client import run; "
+            "print(sorted(m for m in ('click', 'asyncio', 'walrus.config', 'lz4', 'psycopg') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    (pgdata / "pg_wal" / "archive_status").mkdir(parents=True)
+    sock = str(tmp_path / "d.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock)
+    stale.close()  # a socket file nobody listens on, as after a crash
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "PG"))}
+    env.update(WALG_FILE_PREFIX=str(tmp_path / "s"), PGDATA=str(pgdata))
+    first = subprocess.Popen([f"{BIN}/walrus", "daemon", sock], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                assert request(sock, bytes.fromhex("430003")) == b"O"
+                break
+            except (ConnectionRefusedError, FileNotFoundError):
+                time.sleep(0.05)
+        second = subprocess.run([f"{BIN}/walrus", "daemon", sock], env=env, capture_output=True, timeout=30)
+        assert second.returncode == 1 and b"already listening" in second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=30) == 0
+    assert not os.path.exists(sock)
+
+
+def test_daemon_needs_pgdata(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "PG"))}
+    env.update(WALG_FILE_PREFIX=str(tmp_path / "s"))
+    proc = subprocess.run([f"{BIN}/walrus", "daemon", str(tmp_path / "x.sock")], env=env, capture_output=True,
+                          timeout=30)
+    assert proc.returncode == 1 and b"PGDATA" in proc.stderr

@@ -1,0 +1,1 @@
+"""WAL-G's Unix-socket daemon: archive_command and restore_command served by one long-lived process."""

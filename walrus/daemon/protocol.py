@@ -1,0 +1,65 @@
+"""WAL-G's daemon wire format: type byte, u16 big-endian total length, body; one-byte replies."""
+from __future__ import annotations
+
+import struct
+
+CHECK = ord("C")
+WAL_PUSH = ord("F")
+WAL_FETCH = ord("f")
+OK = b"O"
+ERROR = b"E"
+NOT_FOUND = b"N"  # wal-fetch: the archive has no such file; the client exits 74
+
+HEADER = 3
+MAX_MESSAGE = 0xFFFF
+
+
+class ProtocolError(ValueError):
+    """A request that does not follow the framing (the daemon answers E and closes)."""
+
+
+def encode(kind: int, *args: str) -> bytes:
+    """A request as WAL-G's client frames it: no body, one raw argument, or counted arguments."""
+    if len(args) == 0:
+        body = b""
+    elif len(args) == 1:
+        body = args[0].encode()
+    else:
+        if len(args) > 255:
+            raise ProtocolError("at most 255 arguments")
+        body = bytes([len(args)])
+        for a in args:
+            raw = a.encode()
+            if len(raw) > 0xFFFF:
+                raise ProtocolError("argument too long")
+            body += struct.pack(">H", len(raw)) + raw
+    if HEADER + len(body) > MAX_MESSAGE:
+        raise ProtocolError("message too long")
+    return bytes([kind]) + struct.pack(">H", HEADER + len(body)) + body
+
+
+def parse_header(header: bytes) -> tuple[int, int]:
+    """(kind, body length) from the 3 header bytes; a total length under 3 is malformed."""
+    kind, total = header[0], struct.unpack(">H", header[1:3])[0]
+    if total < HEADER:
+        raise ProtocolError(f"message length {total} is shorter than its header")
+    return kind, total - HEADER
+
+
+def split_args(body: bytes) -> list[str]:
+    """Counted arguments: a count byte, then per argument a u16 length and its bytes; all consumed."""
+    if not body:
+        raise ProtocolError("empty argument list")
+    count, pos, out = body[0], 1, []
+    for _ in range(count):
+        if pos + 2 > len(body):
+            raise ProtocolError("argument length runs past the message")
+        (n,) = struct.unpack(">H", body[pos:pos + 2])
+        pos += 2
+        if pos + n > len(body):
+            raise ProtocolError("argument runs past the message")
+        out.append(body[pos:pos + n].decode())
+        pos += n
+    if pos != len(body):
+        raise ProtocolError("bytes left after the arguments")
+    return out

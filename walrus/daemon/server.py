@@ -1,0 +1,226 @@
+"""`walrus daemon SOCKET`: WAL-G's socket protocol, with look-ahead uploads of the next .ready segments."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import stat
+from dataclasses import dataclass, field
+
+from walrus.config import Settings
+from walrus.daemon import protocol
+from walrus.errors import ArchiveNotFound, ConfigError, WalrusError
+from walrus.log import log
+from walrus.pg.xlog import classify_wal_name, next_wal_file_name
+from walrus.storage.base import Storage
+from walrus.wal.fetch import wal_fetch
+from walrus.wal.push import wal_push
+
+
+def sd_notify(message: str) -> None:
+    """systemd's notification protocol (Type=notify): one datagram to $NOTIFY_SOCKET, if set."""
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return
+    address = "\0" + target[1:] if target.startswith("@") else target
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), address)
+
+
+@dataclass
+class _Pushes:
+    """Uploads under way or finished, by WAL file name; a finished one stays until PostgreSQL asks."""
+
+    tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, storage: Storage, socket_path: str, pgdata: str):
+        self.settings = settings
+        self.storage = storage
+        self.socket_path = socket_path
+        self.pgdata = os.path.realpath(pgdata)
+        self.status_dir = os.path.join(self.pgdata, "pg_wal", "archive_status")
+        self._uploads = asyncio.Semaphore(settings.upload_concurrency)
+        self._pushes = _Pushes()
+        self._stopping = asyncio.Event()
+        self._connections: set[asyncio.Task] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def run(self) -> None:
+        self._claim_socket()
+        old_umask = os.umask(0o117)  # the socket is rw for the owner and its group only
+        try:
+            server = await asyncio.start_unix_server(self._connection, path=self.socket_path)
+        finally:
+            os.umask(old_umask)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        watchdog = asyncio.create_task(self._watchdog())
+        log.info(f"walrus daemon listening on {self.socket_path} for {self.pgdata} ({self.storage.describe()})")
+        sd_notify("READY=1")
+        try:
+            await self._stopping.wait()
+        finally:
+            sd_notify("STOPPING=1")
+            server.close()
+            await server.wait_closed()
+            watchdog.cancel()
+            # finish what was asked, so no client waits on a reply that never comes
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            for task in self._pushes.tasks.values():
+                task.cancel()
+            await asyncio.gather(*self._pushes.tasks.values(), return_exceptions=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            log.info("walrus daemon stopped")
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _claim_socket(self) -> None:
+        """Remove a stale socket left by a crash; refuse to replace a live daemon or a non-socket file."""
+        try:
+            st = os.lstat(self.socket_path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"{self.socket_path} exists and is not a socket", hint="choose another socket path")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(self.socket_path)
+            except OSError:
+                os.unlink(self.socket_path)  # nobody listens: left over from a previous run
+                return
+        raise ConfigError(f"another daemon is already listening on {self.socket_path}",
+                          hint="stop it first, or choose another socket path")
+
+    async def _watchdog(self) -> None:
+        usec = os.environ.get("WATCHDOG_USEC")
+        if not usec:
+            return
+        interval = max(1.0, int(usec) / 2e6)
+        while True:
+            sd_notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # -- requests --------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(protocol.HEADER)
+                except asyncio.IncompleteReadError:
+                    return  # the client is done
+                try:
+                    kind, length = protocol.parse_header(header)
+                    body = await reader.readexactly(length)
+                    reply = await self._dispatch(kind, body)
+                except (protocol.ProtocolError, UnicodeDecodeError, asyncio.IncompleteReadError) as e:
+                    log.warning(f"daemon: malformed request ({e}); answered E")
+                    writer.write(protocol.ERROR)
+                    return
+                writer.write(reply)
+                await writer.drain()
+                if kind != protocol.CHECK:
+                    return  # WAL-G closes after a push or a fetch
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()
+                await writer.wait_closed()
+            self._connections.discard(task)
+
+    async def _dispatch(self, kind: int, body: bytes) -> bytes:
+        if kind == protocol.CHECK:
+            return protocol.OK
+        if kind == protocol.WAL_PUSH:
+            return await self._push(body.decode())
+        if kind == protocol.WAL_FETCH:
+            name, destination = protocol.split_args(body)
+            return await self._fetch(name, destination)
+        raise protocol.ProtocolError(f"unknown message type {kind!r}")
+
+    def _in_pgdata(self, path: str) -> str:
+        """WAL-G's rule: a path that already names PGDATA is used as is, else it is under PGDATA."""
+        return path if self.pgdata in path else os.path.join(self.pgdata, path)
+
+    async def _push(self, name: str) -> bytes:
+        wal_name = os.path.basename(name)
+        path = self._in_pgdata(name if "/" in name else os.path.join("pg_wal", name))
+        task = self._pushes.tasks.get(wal_name)
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            task = self._start_push(wal_name, path)
+        self._look_ahead(wal_name)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.settings.daemon_wal_upload_timeout)
+        except asyncio.TimeoutError:
+            log.error(f"daemon: wal-push {wal_name} did not finish in {self.settings.daemon_wal_upload_timeout:.0f} s")
+            return protocol.ERROR
+        except WalrusError as e:
+            log.error(f"daemon: wal-push {wal_name}: {e.message}" + (f" ({e.detail})" if e.detail else ""))
+            self._pushes.tasks.pop(wal_name, None)
+            return protocol.ERROR
+        except Exception as e:  # storage and OS errors: PostgreSQL retries; the daemon lives on
+            log.error(f"daemon: wal-push {wal_name}: {type(e).__name__}: {e}")
+            self._pushes.tasks.pop(wal_name, None)
+            return protocol.ERROR
+        self._pushes.tasks.pop(wal_name, None)  # answered: PostgreSQL marks it .done
+        return protocol.OK
+
+    def _start_push(self, wal_name: str, path: str) -> asyncio.Task:
+        async def upload() -> None:
+            async with self._uploads:
+                await wal_push(self.settings, self.storage, path)
+
+        task = asyncio.create_task(upload())
+        task.add_done_callback(_consume_exception)
+        self._pushes.tasks[wal_name] = task
+        return task
+
+    def _look_ahead(self, wal_name: str) -> None:
+        """Start uploading the segments after wal_name that PostgreSQL has marked .ready, so they are
+        durable (and answered at once) by the time the archiver asks for them. Bounded by
+        WALG_UPLOAD_CONCURRENCY uploads; each is reported only when PostgreSQL asks."""
+        if classify_wal_name(wal_name) != "segment":
+            return
+        name = wal_name
+        for _ in range(self.settings.upload_concurrency):
+            name = next_wal_file_name(name, self.settings.segment_size)
+            if name in self._pushes.tasks:
+                continue
+            if not os.path.exists(os.path.join(self.status_dir, name + ".ready")):
+                break
+            self._start_push(name, os.path.join(self.pgdata, "pg_wal", name))
+
+    async def _fetch(self, name: str, destination: str) -> bytes:
+        try:
+            await wal_fetch(self.settings, self.storage, name, self._in_pgdata(destination))
+        except ArchiveNotFound:
+            return protocol.NOT_FOUND
+        except WalrusError as e:
+            log.error(f"daemon: wal-fetch {name}: {e.message}" + (f" ({e.detail})" if e.detail else ""))
+            return protocol.ERROR
+        except Exception as e:
+            log.error(f"daemon: wal-fetch {name}: {type(e).__name__}: {e}")
+            return protocol.ERROR
+        return protocol.OK
+
+
+def _consume_exception(task: asyncio.Task) -> None:
+    """A look-ahead upload that fails is retried when PostgreSQL asks; don't warn about it twice."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def run_daemon(settings: Settings, storage: Storage, socket_path: str) -> None:
+    pgdata = settings.pgdata
+    if not pgdata or not os.path.isdir(os.path.join(pgdata, "pg_wal")):
+        raise ConfigError("the daemon needs PGDATA, the data directory whose WAL it archives",
+                          detail=f"PGDATA is {pgdata!r}" if pgdata else "PGDATA is not set",
+                          hint="set PGDATA in the environment or the config file")
+    await Daemon(settings, storage, socket_path, pgdata).run()
