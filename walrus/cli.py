@@ -84,11 +84,33 @@ def wal_push_cmd(ctx, path: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool) -> None:
-    """Restore one WAL file (restore_command = 'walrus wal-fetch %f %p'); exit 74 if it is not archived."""
+    """Restore one WAL file (restore_command = 'walrus wal-fetch %f %p'); exit 74 if it is not archived.
+
+    The next WALG_DOWNLOAD_CONCURRENCY segments are then prefetched in the background."""
+    from walrus.wal import prefetch
     from walrus.wal.fetch import wal_fetch
 
-    result = _run(ctx, lambda s, st: wal_fetch(s, st, name, destination))
+    settings_seen = {}
+
+    async def engine(settings, storage):
+        settings_seen["s"] = settings
+        return await wal_fetch(settings, storage, name, destination)
+
+    result = _run(ctx, engine)
+    if prefetch.wanted(name, settings_seen["s"]):
+        prefetch.spawn(name, destination, ctx.obj["config_path"])
     _emit(result, as_json, None)
+
+
+@cli.command("wal-prefetch", hidden=True, context_settings=CONTEXT)
+@click.argument("name")
+@click.argument("location")
+@click.pass_context
+def wal_prefetch_cmd(ctx, name: str, location: str) -> None:
+    """Download the segments after NAME into LOCATION/.wal-g/prefetch (started by wal-fetch)."""
+    from walrus.wal import prefetch
+
+    _run(ctx, lambda s, st: prefetch.prefetch(s, st, name, prefetch.location(s, os.path.join(location, name))))
 
 
 @cli.command("backup-push", context_settings=CONTEXT)

@@ -147,6 +147,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Read and write large files (relation segments, WAL) with O_DIRECT, bypassing the page cache."),
     S("WALRUS_DIRECT_IO_MIN", "direct_io_min", parse_size, 1 << 20,
       "Files at least this large use O_DIRECT when WALRUS_DIRECT_IO is on."),
+    S("WALG_PREFETCH_DIR", "prefetch_dir", _text, None,
+      "Directory under which wal-fetch keeps .wal-g/prefetch (default: beside DEST, i.e. pg_wal)."),
     S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
       "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
     # logging

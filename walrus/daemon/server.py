@@ -15,6 +15,7 @@ from walrus.errors import ArchiveNotFound, ConfigError, WalrusError
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name, next_wal_file_name
 from walrus.storage.base import Storage
+from walrus.wal import prefetch
 from walrus.wal.fetch import wal_fetch
 from walrus.wal.push import wal_push
 
@@ -47,6 +48,7 @@ class Daemon:
         self._pushes = _Pushes()
         self._stopping = asyncio.Event()
         self._connections: set[asyncio.Task] = set()
+        self._prefetching: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -198,8 +200,9 @@ class Daemon:
             self._start_push(name, os.path.join(self.pgdata, "pg_wal", name))
 
     async def _fetch(self, name: str, destination: str) -> bytes:
+        destination = self._in_pgdata(destination)
         try:
-            await wal_fetch(self.settings, self.storage, name, self._in_pgdata(destination))
+            await wal_fetch(self.settings, self.storage, name, destination)
         except ArchiveNotFound:
             return protocol.NOT_FOUND
         except WalrusError as e:
@@ -208,7 +211,17 @@ class Daemon:
         except Exception as e:
             log.error(f"daemon: wal-fetch {name}: {type(e).__name__}: {e}")
             return protocol.ERROR
+        if prefetch.wanted(name, self.settings):
+            self._prefetch(name, destination)
         return protocol.OK
+
+    def _prefetch(self, name: str, destination: str) -> None:
+        """In-process prefetch of the next segments; one at a time, the newest request wins."""
+        if self._prefetching is not None and not self._prefetching.done():
+            return  # the running one covers most of the window; the next fetch starts another
+        location = prefetch.location(self.settings, destination)
+        self._prefetching = asyncio.create_task(prefetch.prefetch(self.settings, self.storage, name, location))
+        self._prefetching.add_done_callback(_consume_exception)
 
 
 def _consume_exception(task: asyncio.Task) -> None:

@@ -1,4 +1,4 @@
-"""wal-fetch: find a WAL file under any extension and write it to DEST atomically."""
+"""wal-fetch: find a WAL file under any extension and write it to DEST atomically (prefetched copies first)."""
 from __future__ import annotations
 
 import os
@@ -9,15 +9,16 @@ from typing import Any
 
 from walrus.config import Settings
 from walrus.errors import ArchiveNotFound, WalrusError
-from walrus.storage.base import Storage
 from walrus.fsutil import fsync_dir, write_all
+from walrus.storage.base import Storage
+from walrus.wal import prefetch
 from walrus.wal.archive import consume_decompressed, open_archived
 
 
 @dataclass
 class WalFetchResult:
     name: str
-    key: str
+    key: str  # the object read, or "prefetched"
     destination: str
     size: int
     seconds: float
@@ -27,18 +28,16 @@ class WalFetchResult:
                 "seconds": round(self.seconds, 3)}
 
 
-async def wal_fetch(settings: Settings, storage: Storage, name: str, destination: str) -> WalFetchResult:
-    began = time.monotonic()
-    if "/" in name or not name:
-        raise WalrusError(f"invalid WAL file name {name!r}", hint="restore_command must pass %f")
+async def download(settings: Settings, storage: Storage, name: str, destination: str,
+                   partial: str | None = None) -> tuple[str, int]:
+    """Decompress archived `name` into `destination` via `partial` (a temporary file in the same
+    directory by default), fsync, rename: a reader never sees a partial file under `destination`."""
     found = await open_archived(storage, name, settings)
     if found is None:
         raise ArchiveNotFound(f"WAL file {name} is not in the archive")
     key, ext, stream = found
     directory = os.path.dirname(os.path.abspath(destination))
-    # The temporary file sits beside DEST, so the final rename is atomic: PostgreSQL never sees
-    # a partial segment under DEST, even if walrus is killed mid-copy.
-    tmp = os.path.join(directory, f".{os.path.basename(destination)}.walrus-{secrets.token_hex(4)}")
+    tmp = partial or os.path.join(directory, f".{os.path.basename(destination)}.walrus-{secrets.token_hex(4)}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as e:
@@ -67,4 +66,16 @@ async def wal_fetch(settings: Settings, storage: Storage, name: str, destination
         except OSError:
             pass
         raise
+    return key, size
+
+
+async def wal_fetch(settings: Settings, storage: Storage, name: str, destination: str) -> WalFetchResult:
+    began = time.monotonic()
+    if "/" in name or not name:
+        raise WalrusError(f"invalid WAL file name {name!r}", hint="restore_command must pass %f")
+    location = prefetch.location(settings, destination)
+    size = await prefetch.take(location, name, destination, settings.segment_size)
+    if size is not None:
+        return WalFetchResult(name, "prefetched", destination, size, time.monotonic() - began)
+    key, size = await download(settings, storage, name, destination)
     return WalFetchResult(name, key, destination, size, time.monotonic() - began)
