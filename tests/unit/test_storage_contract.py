@@ -1,22 +1,51 @@
-"""The storage contract, run against every backend (file storage here; S3 joins with its issue)."""
+"""The storage contract, run against every backend: file storage, and S3 on moto's server over real HTTP."""
 from __future__ import annotations
 
 import asyncio
 import os
+import random
 
 import pytest
 
-from walrus.errors import ObjectNotFound
+from tests.s3server import s3_settings
+from walrus.config import load_settings
+from walrus.errors import ObjectNotFound, StorageError
+from walrus.storage import open_storage
 from walrus.storage.fs import FsStorage
 
-
-@pytest.fixture(params=["fs"])
-def storage(request, tmp_path):
-    return FsStorage(str(tmp_path / "root"))
+PART = 256 << 10  # the S3 backend's part and range size here (s3_settings)
 
 
-def run(coro):
-    return asyncio.run(coro)
+class Backend:
+    """A storage under test, plus what only the backend itself can tell (S3: pending multipart uploads)."""
+
+    def __init__(self, storage, moto=None, bucket: str | None = None):
+        self.storage = storage
+        self.moto = moto
+        self.bucket = bucket
+
+    def run(self, coro):
+        """One event loop per call, as each walrus command has; the storage is closed at its end."""
+
+        async def main():
+            try:
+                return await coro
+            finally:
+                await self.storage.close()
+
+        return asyncio.run(main())
+
+    def pending_uploads(self) -> list[str]:
+        return self.moto.pending_uploads(self.bucket) if self.moto else []
+
+
+@pytest.fixture(params=["fs", "s3"])
+def backend(request, tmp_path) -> Backend:
+    if request.param == "fs":
+        return Backend(FsStorage(str(tmp_path / "root")))
+    moto, bucket = request.getfixturevalue("moto_server"), request.getfixturevalue("s3_bucket")
+    env = {**s3_settings(moto.endpoint, bucket), "HOME": str(tmp_path)}
+    return Backend(open_storage(load_settings(env=env)), moto, bucket)
 
 
 async def chunks(*parts: bytes):
@@ -24,7 +53,12 @@ async def chunks(*parts: bytes):
         yield p
 
 
-def test_put_get_round_trip(storage):
+async def keys(storage, folder: str, recursive: bool) -> list[str]:
+    return [o.key async for o in storage.list(folder, recursive=recursive)]
+
+
+def test_put_get_round_trip(backend):
+    storage, run = backend.storage, backend.run
     data = [os.urandom(100_000), b"", os.urandom(3)]
     assert run(storage.put("wal_005/a.lz4", chunks(*data))) == sum(map(len, data))
     assert run(storage.get_bytes("wal_005/a.lz4")) == b"".join(data)
@@ -32,14 +66,24 @@ def test_put_get_round_trip(storage):
     assert info.size == sum(map(len, data)) and info.name == "a.lz4"
 
 
-def test_get_missing_raises_before_any_byte(storage):
+def test_empty_object(backend):
+    storage, run = backend.storage, backend.run
+    assert run(storage.put("empty", chunks())) == 0
+    assert run(storage.get_bytes("empty")) == b""
+    assert run(storage.stat("empty")).size == 0
+
+
+def test_get_missing_raises_before_any_byte(backend):
+    storage, run = backend.storage, backend.run
     with pytest.raises(ObjectNotFound):
         run(storage.get("wal_005/missing"))
     assert run(storage.stat("wal_005/missing")) is None
     assert run(storage.exists("wal_005/missing")) is False
 
 
-def test_failed_stream_leaves_no_object(storage):
+def test_failed_stream_leaves_no_object(backend):
+    storage, run = backend.storage, backend.run
+
     async def failing():
         yield b"partial data"
         raise RuntimeError("upstream failed")
@@ -47,42 +91,138 @@ def test_failed_stream_leaves_no_object(storage):
     with pytest.raises(RuntimeError):
         run(storage.put("basebackups_005/b/tar_partitions/part_001.tar.lz4", failing()))
     assert run(storage.stat("basebackups_005/b/tar_partitions/part_001.tar.lz4")) is None
-
-    async def listed():
-        return [o.key async for o in storage.list("", recursive=True)]
-
-    assert run(listed()) == []  # not even a temporary file is listed
+    assert run(keys(storage, "", True)) == []  # not even a temporary file is listed
 
 
-def test_overwrite_replaces_whole_object(storage):
+def test_overwrite_replaces_whole_object(backend):
+    storage, run = backend.storage, backend.run
     run(storage.put_bytes("k", b"first version, long"))
     run(storage.put_bytes("k", b"second"))
     assert run(storage.get_bytes("k")) == b"second"
 
 
-def test_list_direct_children_and_recursive(storage):
+def test_list_direct_children_and_recursive(backend):
+    storage, run = backend.storage, backend.run
     for key in ("basebackups_005/x_backup_stop_sentinel.json", "basebackups_005/x/metadata.json",
                 "basebackups_005/x/tar_partitions/part_001.tar.lz4", "wal_005/000000010000000000000001.lz4"):
         run(storage.put_bytes(key, b"{}"))
 
-    async def keys(folder, recursive):
-        return [o.key async for o in storage.list(folder, recursive=recursive)]
-
-    assert run(keys("basebackups_005", False)) == ["basebackups_005/x_backup_stop_sentinel.json"]
-    assert run(keys("basebackups_005/", True)) == ["basebackups_005/x/metadata.json",
-                                                   "basebackups_005/x/tar_partitions/part_001.tar.lz4",
-                                                   "basebackups_005/x_backup_stop_sentinel.json"]
-    assert run(keys("nothing-here", True)) == []
+    assert run(keys(storage, "basebackups_005", False)) == ["basebackups_005/x_backup_stop_sentinel.json"]
+    assert run(keys(storage, "basebackups_005/", True)) == ["basebackups_005/x/metadata.json",
+                                                            "basebackups_005/x/tar_partitions/part_001.tar.lz4",
+                                                            "basebackups_005/x_backup_stop_sentinel.json"]
+    assert run(keys(storage, "nothing-here", True)) == []
 
 
-def test_delete_is_idempotent(storage):
+def test_delete_is_idempotent(backend):
+    storage, run = backend.storage, backend.run
     run(storage.put_bytes("a/b", b"1"))
     run(storage.delete(["a/b", "a/never-existed"]))
     assert run(storage.stat("a/b")) is None
 
 
-def test_keys_cannot_escape_the_root(storage):
-    from walrus.errors import StorageError
-
+def test_keys_cannot_escape_the_root(backend):
     with pytest.raises(StorageError):
-        run(storage.put_bytes("../outside", b"x"))
+        backend.run(backend.storage.put_bytes("../outside", b"x"))
+
+
+# -- at scale: listings past one page, deletes past one batch, objects past one part
+
+def _many_keys(n: int) -> list[str]:
+    return [f"wal_005/{i:024X}.lz4" for i in range(n)]
+
+
+async def _put_all(storage, names: list[str]) -> None:
+    gate = asyncio.Semaphore(32)
+
+    async def one(name: str) -> None:
+        async with gate:
+            await storage.put_bytes(name, name.encode())
+
+    await asyncio.gather(*(one(n) for n in names))
+
+
+def test_listing_past_1000_keys(backend):
+    storage, run = backend.storage, backend.run
+    names = _many_keys(1003)
+    run(_put_all(storage, names + ["wal_005/sub/nested"]))
+    assert run(keys(storage, "wal_005", False)) == names  # every page, in key order, no sub-folder entries
+    assert run(keys(storage, "wal_005", True)) == names + ["wal_005/sub/nested"]
+
+
+def test_delete_past_one_batch(backend):
+    storage, run = backend.storage, backend.run
+    names = _many_keys(1005)
+    run(_put_all(storage, names + ["keep"]))
+    run(storage.delete(iter(names)))  # any iterable, consumed once
+    assert run(keys(storage, "", True)) == ["keep"]
+
+
+def _large(seed: int, size: int) -> bytes:
+    rng = random.Random(seed)
+    return rng.randbytes(size)
+
+
+async def _ragged(data: bytes, seed: int):
+    """data in chunks of irregular sizes, some smaller and some larger than a part."""
+    rng = random.Random(seed)
+    offset = 0
+    while offset < len(data):
+        n = rng.choice([1, 4096, 65536, 300_000, PART, PART + 1, 3 * PART])
+        yield data[offset:offset + n]
+        offset += n
+
+
+def test_large_streamed_object_round_trip(backend):
+    storage, run = backend.storage, backend.run
+    data = _large(1, 10 * PART + 12345)  # several parts (and several ranges to read back)
+    assert run(storage.put("basebackups_005/b/tar_partitions/part_001.tar.lz4", _ragged(data, 2))) == len(data)
+    assert run(storage.stat("basebackups_005/b/tar_partitions/part_001.tar.lz4")).size == len(data)
+    assert backend.pending_uploads() == []
+
+    async def read_slowly() -> bytes:
+        out = bytearray()
+        async for chunk in await storage.get("basebackups_005/b/tar_partitions/part_001.tar.lz4"):
+            out += chunk
+            await asyncio.sleep(0)  # a consumer that yields, so reads ahead overlap it
+        return bytes(out)
+
+    assert run(read_slowly()) == data
+
+
+def test_exact_part_multiple_round_trip(backend):
+    storage, run = backend.storage, backend.run
+    for size in (PART, 2 * PART):
+        data = _large(size, size)
+        assert run(storage.put(f"k{size}", chunks(data))) == size
+        assert run(storage.get_bytes(f"k{size}")) == data
+
+
+def test_reader_closing_early_releases_everything(backend):
+    storage, run = backend.storage, backend.run
+    data = _large(3, 8 * PART)
+    run(storage.put("big", chunks(data)))
+
+    async def first_bytes() -> bytes:
+        stream = await storage.get("big")
+        first = await anext(stream)
+        await stream.aclose()  # reads ahead are cancelled; nothing is left running
+        return first
+
+    assert data.startswith(run(first_bytes()))
+    assert run(storage.get_bytes("big")) == data  # and the storage still works
+
+
+def test_failed_large_upload_leaves_nothing(backend):
+    storage, run = backend.storage, backend.run
+
+    async def fails_after_parts():
+        yield _large(4, 3 * PART + 100)  # some parts are already uploaded when the stream breaks
+        await asyncio.sleep(0.05)
+        raise RuntimeError("disk read failed")
+
+    with pytest.raises(RuntimeError):
+        run(storage.put("basebackups_005/b/tar_partitions/part_002.tar.lz4", fails_after_parts()))
+    assert run(storage.stat("basebackups_005/b/tar_partitions/part_002.tar.lz4")) is None
+    assert run(keys(storage, "", True)) == []
+    assert backend.pending_uploads() == []  # the multipart upload was aborted, its parts dropped

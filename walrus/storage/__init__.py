@@ -27,9 +27,9 @@ def open_storage(settings: Settings) -> Storage:
     """The first configured prefix wins, in WAL-G's order (S3 before FILE)."""
     sub = settings.storage_prefix or ""
     if settings.s3_prefix:
-        raise ConfigError("S3 storage is not available in this build yet",
-                          detail=f"WALG_S3_PREFIX={settings.s3_prefix}",
-                          hint="use WALG_FILE_PREFIX for now")
+        from walrus.storage.s3 import open_s3  # aiobotocore is imported only by S3 users
+
+        return open_s3(settings)
     if settings.file_prefix:
         from walrus.storage.fs import FsStorage
 

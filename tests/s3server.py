@@ -1,0 +1,328 @@
+"""S3 for tests: moto in server mode on 127.0.0.1 (real HTTP), and a fault-injecting proxy in front of it."""
+from __future__ import annotations
+
+import http.client
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tests.pgcluster import free_port
+
+MOTO_SERVER = os.path.join(os.path.dirname(sys.executable), "moto_server")
+ACCESS_KEY = "walrus-test-key"
+SECRET_KEY = "walrus-test-secret"
+# moto enforces S3's 5 MiB minimum part size unless told otherwise; small parts keep tests fast.
+MIN_PART_SIZE = 64 << 10
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto_server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"moto_server did not listen on port {port} within {timeout} s")
+
+
+class MotoServer:
+    """`moto_server` as a subprocess on a free port; buckets are made per test."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env["S3_UPLOAD_PART_MIN_SIZE"] = str(MIN_PART_SIZE)
+        self.proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            _wait_for_port(self.port, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        self._client = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    @property
+    def client(self):
+        """A plain botocore client straight to moto, to set up and check what walrus did."""
+        if self._client is None:
+            import botocore.session
+            from botocore.config import Config
+
+            self._client = botocore.session.get_session().create_client(
+                "s3", region_name="us-east-1", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
+                aws_secret_access_key=SECRET_KEY, config=Config(s3={"addressing_style": "path"}))
+        return self._client
+
+    def new_bucket(self) -> str:
+        name = f"walrus-{uuid.uuid4().hex[:16]}"
+        self.client.create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def pending_uploads(self, bucket: str) -> list[str]:
+        """Multipart uploads begun and neither completed nor aborted."""
+        return [u["Key"] for u in self.client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
+
+    def read(self, bucket: str, key: str) -> bytes:
+        return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def s3_settings(endpoint: str, bucket: str, prefix: str = "walrus", **extra: str) -> dict[str, str]:
+    """walrus settings for a test bucket: static keys, path style, small parts and ranges, short timeouts."""
+    settings = {
+        "WALG_S3_PREFIX": f"s3://{bucket}/{prefix}", "AWS_ENDPOINT": endpoint, "AWS_REGION": "us-east-1",
+        "AWS_S3_FORCE_PATH_STYLE": "true", "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "WALG_S3_MAX_PART_SIZE": str(256 << 10), "WALRUS_S3_RANGE_SIZE": str(256 << 10),
+        "WALG_UPLOAD_CONCURRENCY": "4", "WALG_DOWNLOAD_CONCURRENCY": "4",
+        "WALRUS_S3_TIMEOUT": "5", "WALRUS_S3_CONNECT_TIMEOUT": "2", "WALG_S3_MAX_RETRIES": "4",
+    }
+    settings.update(extra)
+    return settings
+
+
+# -- the fault-injecting proxy
+
+S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
+             503: ("SlowDown", "Please reduce your request rate.")}
+ACTIONS = ("500", "503", "drop", "drop-body", "stall")
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # path and query string, as sent
+
+    @property
+    def is_part(self) -> bool:
+        return self.method == "PUT" and "partNumber=" in self.path
+
+    @property
+    def is_get(self) -> bool:
+        return self.method == "GET" and "list-type=" not in self.path and "uploads" not in self.path
+
+    @property
+    def kind(self) -> str:
+        """"part" for UploadPart, "get" for GetObject, else the method."""
+        return "part" if self.is_part else "get" if self.is_get else self.method
+
+
+@dataclass
+class _Rule:
+    action: str
+    count: int  # requests left to fail
+    when: Callable[[Request], bool]
+
+
+@dataclass
+class _Schedule:
+    actions: tuple[str, ...]
+    every: int  # fail every n-th request
+    limit: int  # then stop
+    seen: int = 0
+
+
+@dataclass
+class FaultProxy:
+    """A reverse proxy to `upstream` that fails chosen requests, bounded in count and time.
+
+    Actions: "500" / "503" (S3's InternalError / SlowDown), "drop" (close without a response),
+    "drop-body" (send the headers and half the body, then close), "stall" (stop reading and
+    answering for `stall_seconds`, then close). A request body is read before an error is sent.
+    `latency` delays every forwarded request, so that concurrent ones overlap visibly in `peak`.
+    """
+
+    upstream_port: int
+    stall_seconds: float = 30.0
+    latency: float = 0.0
+    log: list[Request] = field(default_factory=list)
+    applied: list[tuple[str, Request]] = field(default_factory=list)
+    peak: dict[str, int] = field(default_factory=dict)  # most requests of each kind in flight at once
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[_Rule] = []
+        self._schedule: _Schedule | None = None
+        self._stopping = threading.Event()
+        self._in_flight: dict[str, int] = {}
+        proxy = self
+
+        class Handler(_ProxyHandler):
+            owner = proxy
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def fail(self, action: str, count: int = 1, when: Callable[[Request], bool] = lambda r: True) -> None:
+        """Apply `action` to the next `count` requests that match `when`."""
+        assert action in ACTIONS
+        with self._lock:
+            self._rules.append(_Rule(action, count, when))
+
+    def fail_every(self, every: int, actions: tuple[str, ...], limit: int) -> None:
+        """Fail every `every`-th request, cycling through `actions`, `limit` times in all."""
+        with self._lock:
+            self._schedule = _Schedule(actions, every, limit)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rules.clear()
+            self._schedule = None
+
+    def _decide(self, request: Request) -> str | None:
+        with self._lock:
+            self.log.append(request)
+            action = None
+            for rule in self._rules:
+                if rule.count > 0 and rule.when(request):
+                    rule.count -= 1
+                    action = rule.action
+                    break
+            s = self._schedule
+            if action is None and s is not None and len(self.applied) < s.limit:
+                s.seen += 1
+                if s.seen % s.every == 0:
+                    action = s.actions[(s.seen // s.every) % len(s.actions)]
+            if action is not None:
+                self.applied.append((action, request))
+            return action
+
+    def stall(self) -> None:
+        self.stall_for(self.stall_seconds)
+
+    def stall_for(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
+
+    def entered(self, request: Request, delta: int) -> None:
+        with self._lock:
+            n = self._in_flight[request.kind] = self._in_flight.get(request.kind, 0) + delta
+            self.peak[request.kind] = max(self.peak.get(request.kind, 0), n)
+
+    def count(self, kind: str) -> int:
+        with self._lock:
+            return sum(1 for r in self.log if r.kind == kind)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_HOP_BY_HOP = {"connection", "keep-alive", "expect", "transfer-encoding", "te", "trailer", "upgrade",
+               "proxy-connection"}
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, and 100-continue answered as a server would
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
+    owner: FaultProxy
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
+        return
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _handle(self) -> None:
+        request = Request(self.command, self.path)
+        self.owner.entered(request, +1)
+        try:
+            self._serve(request)
+        finally:
+            self.owner.entered(request, -1)
+
+    def _serve(self, request: Request) -> None:
+        action = self.owner._decide(request)
+        if action == "stall":
+            self.owner.stall()
+            self._drop()
+            return
+        body = self._body()
+        if action == "drop":
+            self._drop()
+            return
+        if action in ("500", "503"):
+            code, message = S3_ERRORS[int(action)]
+            xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                   f"<Message>{message}</Message></Error>").encode()
+            self.send_response(int(action))
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(xml)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(xml)
+            return
+        if self.owner.latency:
+            self.owner.stall_for(self.owner.latency)
+        status, headers, payload = self._forward(body)
+        self.send_response(status)
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                self.send_header(name, value)
+        length = next((v for n, v in headers if n.lower() == "content-length"), None)
+        self.send_header("Content-Length", length if self.command == "HEAD" and length else str(len(payload)))
+        self.end_headers()
+        if action == "drop-body" and len(payload) > 1:
+            self.wfile.write(payload[:len(payload) // 2])
+            self.wfile.flush()
+            self._drop()
+            return
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.owner.upstream_port, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            conn.request(self.command, self.path, body=body if body else None, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.getheaders(), resp.read()
+        finally:
+            conn.close()

@@ -1,0 +1,701 @@
+"""S3 storage (WALG_S3_PREFIX) on aiobotocore: streamed multipart uploads and parallel ranged downloads."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from urllib.parse import urlparse
+
+import aiohttp
+import botocore.exceptions as bce
+
+from walrus.config import Settings
+from walrus.errors import ConfigError, ObjectNotFound, StorageError
+from walrus.log import log
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
+from walrus.storage.retry import (Progress, RetryingStorage, RetryPolicy, TransientError, describe, gave_up,
+                                  is_transient)
+from walrus.stream.stages import gather_all
+
+MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts except the last one
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+DELETE_BATCH = 1000  # S3's limit per DeleteObjects request
+READ_CHUNK = 1 << 20
+COMPLETE_TIMEOUT_FACTOR = 5  # CompleteMultipartUpload may legitimately take minutes on large uploads
+ABORT_ATTEMPTS = 3  # the upload has already failed: try to clean up, but do not wait out a full retry cycle
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+# Error codes that say "try again": throttling, the server's own trouble, a body that arrived damaged.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "RequestThrottled", "InternalError", "ServiceUnavailable", "RequestTimeout", "OperationAborted",
+    "BadDigest", "IncompleteBody", "XAmzContentSHA256Mismatch"})
+_CREDENTIAL_CODES = frozenset({
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+    "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "403"})
+_MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException",
+                           "301", "400"})
+_CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_PROFILE, "
+                     "or the instance or web-identity role, and that it may use this bucket")
+_ENDPOINT_HINT = "check AWS_ENDPOINT (or the network to S3) and that the endpoint is up"
+_TLS_HINT = "set WALG_S3_CA_CERT_FILE to the CA bundle that signed the endpoint's certificate"
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Everything the backend needs, resolved and checked from the settings."""
+
+    bucket: str
+    root: str  # key prefix inside the bucket, without leading or trailing slashes
+    endpoint: str | None = None
+    region: str | None = None
+    force_path_style: bool = False
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    profile: str | None = None
+    storage_class: str = "STANDARD"
+    sse: str | None = None
+    sse_kms_id: str | None = None
+    ca_cert_file: str | None = None
+    part_size: int = 20 << 20
+    range_size: int = 8 << 20
+    upload_concurrency: int = 16
+    download_concurrency: int = 10
+    upload_lanes: int = 1
+    connect_timeout: float = 10
+    timeout: float = 60
+    max_retries: int = 15
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "S3Config":
+        bucket, root = parse_prefix(settings.s3_prefix)
+        root = join_key(root, settings.storage_prefix or "")
+        sse = settings.s3_sse or None
+        if (sse == "aws:kms") != bool(settings.s3_sse_kms_id):
+            raise ConfigError("WALG_S3_SSE_KMS_ID must be set exactly when WALG_S3_SSE is aws:kms",
+                              detail=f"WALG_S3_SSE is {sse or 'unset'}, WALG_S3_SSE_KMS_ID is "
+                                     f"{'set' if settings.s3_sse_kms_id else 'unset'}",
+                              hint="set WALG_S3_SSE=aws:kms with a KMS key id, or AES256 without one")
+        if sse not in (None, "AES256", "aws:kms"):
+            raise ConfigError(f"invalid value {sse!r} for WALG_S3_SSE", hint="use AES256 or aws:kms")
+        if settings.s3_max_retries < 0:
+            raise ConfigError("WALG_S3_MAX_RETRIES must not be negative",
+                              detail=f"it is {settings.s3_max_retries}", hint="0 disables retries")
+        if settings.s3_ca_cert_file and not os.path.isfile(settings.s3_ca_cert_file):
+            raise ConfigError(f"WALG_S3_CA_CERT_FILE {settings.s3_ca_cert_file} is not a file",
+                              hint="point it at a PEM bundle of the CA certificates that sign the endpoint's")
+        endpoint = settings.aws_endpoint or None
+        if endpoint and "://" not in endpoint:
+            endpoint = "https://" + endpoint  # a bare host means HTTPS, as in the AWS SDKs
+        return cls(bucket=bucket, root=root, endpoint=endpoint, region=settings.aws_region or None,
+                   force_path_style=settings.aws_s3_force_path_style,
+                   access_key=(settings.aws_access_key_id or "").strip() or None,
+                   secret_key=(settings.aws_secret_access_key or "").strip() or None,
+                   session_token=settings.aws_session_token or None, profile=settings.aws_profile or None,
+                   storage_class=settings.s3_storage_class, sse=sse, sse_kms_id=settings.s3_sse_kms_id or None,
+                   ca_cert_file=settings.s3_ca_cert_file or None, part_size=settings.s3_max_part_size,
+                   range_size=settings.s3_range_size, upload_concurrency=settings.upload_concurrency,
+                   download_concurrency=settings.download_concurrency,
+                   upload_lanes=settings.upload_disk_concurrency, connect_timeout=settings.s3_connect_timeout,
+                   timeout=settings.s3_timeout, max_retries=settings.s3_max_retries)
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(attempts=self.max_retries + 1, timeout=self.timeout)
+
+
+def parse_prefix(prefix: str) -> tuple[str, str]:
+    """s3://bucket/path -> (bucket, path)."""
+    url = urlparse(prefix)
+    if url.scheme != "s3" or not url.netloc:
+        raise ConfigError(f"WALG_S3_PREFIX {prefix!r} is not an S3 URL", hint="write it as s3://bucket/path")
+    return url.netloc, url.path.strip("/")
+
+
+def open_s3(settings: Settings) -> Storage:
+    """The configured S3 storage, its whole calls retried by the same policy its requests use."""
+    config = S3Config.from_settings(settings)
+    policy = config.policy()
+    return RetryingStorage(S3Storage(config, policy), policy)
+
+
+class S3Storage(Storage):
+    """One bucket and prefix. The client is made on first use, inside the running event loop.
+
+    Every request runs under the retry policy, except HEAD and the first GET of a download, which
+    RetryingStorage retries as whole calls (open_s3 always wraps this class in it).
+    """
+
+    def __init__(self, config: S3Config, policy: RetryPolicy):
+        self.config = config
+        self.policy = policy
+        self.name = "default"
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock: asyncio.Lock | None = None
+        self._prefetch_slots: asyncio.Semaphore | None = None
+
+    def describe(self) -> str:
+        where = f" at {self.config.endpoint}" if self.config.endpoint else ""
+        return f"S3 storage s3://{join_key(self.config.bucket, self.config.root)}{where}"
+
+    # -- client
+
+    async def _s3(self) -> Any:
+        if self._client is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._client is None:
+                    await self._connect()
+        return self._client
+
+    async def _connect(self) -> None:
+        from aiobotocore.config import AioConfig
+        from aiobotocore.session import get_session
+
+        c = self.config
+        session = get_session()
+        try:
+            if c.profile:
+                session.set_config_variable("profile", c.profile)
+            if c.access_key and c.secret_key:  # static keys first, as WAL-G; otherwise botocore's chain
+                session.set_credentials(c.access_key, c.secret_key, c.session_token)
+            region = c.region or session.get_config_variable("region") or "us-east-1"
+        except bce.ProfileNotFound as e:
+            raise ConfigError(f"AWS profile {c.profile!r} not found", detail=str(e),
+                              hint="check AWS_PROFILE and ~/.aws/config") from None
+        pool = c.upload_concurrency * c.upload_lanes + 2 * c.download_concurrency + 4
+        config = AioConfig(
+            connect_timeout=c.connect_timeout, read_timeout=c.timeout,
+            retries={"total_max_attempts": 1, "mode": "standard"},  # walrus's policy is the only retry layer
+            max_pool_connections=pool,
+            s3={"addressing_style": "path" if c.force_path_style else "auto"},
+            # Content-MD5 is sent on every upload instead: S3-compatible servers that predate the
+            # flexible checksums accept it, and S3 verifies it.
+            request_checksum_calculation="when_required", response_checksum_validation="when_required",
+            user_agent_extra="walrus")
+        stack = contextlib.AsyncExitStack()
+        self._client = await stack.enter_async_context(session.create_client(
+            "s3", region_name=region, endpoint_url=c.endpoint, verify=c.ca_cert_file, config=config))
+        self._stack = stack
+        self._prefetch_slots = asyncio.Semaphore(c.download_concurrency)
+
+    async def close(self) -> None:
+        stack, self._stack, self._client, self._lock = self._stack, None, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    # -- keys and errors
+
+    def _key(self, key: str) -> str:
+        rel = join_key(key)
+        if not rel or ".." in rel.split("/"):
+            raise StorageError(f"invalid storage key {key!r}")
+        return join_key(self.config.root, rel)
+
+    def _rel(self, full: str) -> str:
+        return full[len(self.config.root) + 1:] if self.config.root else full
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, key: str | None = None) -> Iterator[None]:
+        """Turn botocore and transport failures into walrus errors, transient or not.
+
+        With `key`, a missing object becomes ObjectNotFound(key). (A HEAD cannot tell a missing
+        bucket from a missing key: both are a bare 404.)
+        """
+        try:
+            yield
+        except bce.ClientError as e:
+            if key is not None and _code(e) in _MISSING_CODES:
+                raise ObjectNotFound(key) from None
+            raise self._client_error(what, e) from None
+        except (bce.NoCredentialsError, bce.PartialCredentialsError, bce.CredentialRetrievalError) as e:
+            raise StorageError(f"{what} failed: no usable S3 credentials", detail=str(e),
+                               hint=_CREDENTIALS_HINT) from None
+        except bce.SSLError as e:
+            raise StorageError(f"{what} failed: TLS verification of the S3 endpoint failed", detail=str(e),
+                               hint=_TLS_HINT) from None
+        except (bce.EndpointConnectionError, bce.ConnectTimeoutError) as e:
+            raise TransientError(f"{what} failed: cannot connect to S3", detail=str(e), hint=_ENDPOINT_HINT) from None
+        except (bce.ReadTimeoutError, TimeoutError):  # the HTTP client's read timeout: the same limit as the watchdog's
+            raise TransientError(f"{what} timed out", detail=f"no progress for {self.config.timeout:g} s",
+                                 hint=_ENDPOINT_HINT) from None
+        except (bce.ResponseStreamingError, bce.IncompleteReadError, bce.ConnectionClosedError,
+                bce.HTTPClientError, aiohttp.ClientError, ConnectionError) as e:
+            raise TransientError(f"{what} failed: the connection to S3 broke", detail=describe(e),
+                                 hint=_ENDPOINT_HINT) from None
+        except bce.ParamValidationError as e:
+            raise StorageError(f"{what} failed: S3 rejected the request's parameters", detail=str(e),
+                               hint="check WALG_S3_PREFIX and the WALG_S3_* settings") from None
+
+    def _client_error(self, what: str, e: bce.ClientError) -> StorageError:
+        error = e.response.get("Error") or {}
+        code = _code(e)
+        status = int((e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+        detail = f"S3 error {code or status}: {error.get('Message') or 'no message'}"
+        if status >= 500 or code in _TRANSIENT_CODES:
+            return TransientError(f"{what} failed", detail=detail,
+                                  hint="S3 was unavailable or throttling; raise WALG_S3_MAX_RETRIES to wait longer")
+        if code == "NoSuchBucket":
+            return StorageError(f"S3 bucket {self.config.bucket!r} does not exist", detail=detail,
+                                hint="create the bucket, or fix the bucket name in WALG_S3_PREFIX (s3://bucket/path)")
+        if code in _CREDENTIAL_CODES:
+            return StorageError(f"{what} failed: access denied", detail=detail, hint=_CREDENTIALS_HINT)
+        if code in _REGION_CODES:
+            return StorageError(f"{what} failed", detail=detail,
+                                hint="set AWS_REGION to the bucket's region (and AWS_ENDPOINT for S3-compatible storage)")
+        if code == "EntityTooSmall":
+            return StorageError(f"{what} failed: a part was too small", detail=detail,
+                                hint=f"WALG_S3_MAX_PART_SIZE must be at least {MIN_PART_SIZE >> 20} MiB")
+        if code == "InvalidStorageClass":
+            return StorageError(f"{what} failed", detail=detail, hint="check WALG_S3_STORAGE_CLASS")
+        if code.startswith("KMS."):
+            return StorageError(f"{what} failed", detail=detail, hint="check WALG_S3_SSE_KMS_ID and its key policy")
+        if code == "PreconditionFailed":
+            return StorageError(f"{what} failed: the object changed while it was being read", detail=detail,
+                                hint="something overwrote it meanwhile; run the command again")
+        return StorageError(f"{what} failed", detail=detail)
+
+    async def _call(self, what: str, op: str, *, timeout: float | None = None, policy: RetryPolicy | None = None,
+                    body: Callable[[Progress], dict[str, Any]] | None = None, **params: Any) -> dict[str, Any]:
+        """One S3 operation under the retry policy; `body` makes each try's fresh request body."""
+        s3 = await self._s3()
+
+        async def attempt(progress: Progress) -> dict[str, Any]:
+            extra = body(progress) if body is not None else {}
+            with self._errors(what):
+                return await getattr(s3, op)(Bucket=self.config.bucket, **params, **extra)
+
+        return await (policy or self.policy).run(what, attempt, timeout=timeout)
+
+    # -- reads
+
+    async def stat(self, key: str) -> ObjectInfo | None:
+        full = self._key(key)
+        s3 = await self._s3()
+        try:
+            with self._errors(f"stat of {key}", key):
+                head = await s3.head_object(Bucket=self.config.bucket, Key=full)
+        except ObjectNotFound:
+            return None
+        return ObjectInfo(self._rel(full), int(head["ContentLength"]), head["LastModified"])
+
+    async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+        base = join_key(self.config.root, folder)
+        params: dict[str, Any] = {"Prefix": base + "/" if base else ""}
+        if not recursive:
+            params["Delimiter"] = "/"
+        token = None
+        while True:
+            if token:
+                params["ContinuationToken"] = token
+            page = await self._call(f"listing of {join_key(folder) or '/'}", "list_objects_v2", **params)
+            for obj in page.get("Contents") or ():
+                full = obj["Key"]
+                if full.endswith("/"):
+                    continue  # a folder placeholder (consoles create them), not an object
+                yield ObjectInfo(self._rel(full), int(obj["Size"]), obj["LastModified"])
+            token = page.get("NextContinuationToken") if page.get("IsTruncated") else None
+            if not token:
+                return
+
+    async def get(self, key: str) -> ByteStream:
+        """The first range is requested here, so an absent key raises before any byte is read."""
+        full = self._key(key)
+        head = await self._open_range(full, 0, self.config.range_size - 1, None, Progress(), initial=True)
+        return self._read(full, head)
+
+    async def _open_range(self, full: str, start: int, end: int | None, etag: str | None,
+                          progress: Progress, *, initial: bool = False) -> "_Range":
+        """GET bytes start..end (None: the whole object), pinned to `etag` when one is given.
+
+        Only the initial request of a download reports a missing key as ObjectNotFound; later
+        ones fail as a StorageError, since the object vanished mid-read.
+        """
+        s3 = await self._s3()
+        params: dict[str, Any] = {"Bucket": self.config.bucket, "Key": full}
+        if end is not None:
+            params["Range"] = f"bytes={start}-{end}"
+        if etag is not None:
+            params["IfMatch"] = etag
+        what = f"download of {self._rel(full)}"
+        with self._errors(what, self._rel(full) if initial else None):
+            try:
+                resp = await s3.get_object(**params)
+            except bce.ClientError as e:
+                if not (initial and end is not None and _code(e) == "InvalidRange"):
+                    raise
+                resp = None
+        if resp is None:  # an empty object has no byte 0
+            return await self._open_range(full, 0, None, etag, progress, initial=True)
+        progress.touch()
+        length = int(resp["ContentLength"])
+        found = _CONTENT_RANGE.fullmatch(resp.get("ContentRange") or "")
+        if found:
+            first, last, total = map(int, found.groups())
+        else:  # the whole object came back (no Range asked, or the server ignored it)
+            first, last, total = 0, length - 1, length
+        if first != start or last - first + 1 != length:
+            resp["Body"].close()
+            raise TransientError(f"{what} failed", detail=f"asked for bytes {start}-{end}, got {first}-{last}")
+        return _Range(resp["Body"], first, last, total, resp.get("ETag"))
+
+    async def _read(self, full: str, head: "_Range") -> AsyncIterator[bytes]:
+        """The object's bytes in order: the head range streamed, later ranges fetched ahead.
+
+        At most download_concurrency ranges of one object are in flight: the one being read plus
+        prefetched ones. A prefetched range is held in memory, so prefetching needs a slot from a
+        storage-wide pool of download_concurrency; the range being read needs none, so every reader
+        always progresses. A prefetch still waiting for its slot when the reader reaches it is
+        cancelled and the range is streamed directly instead.
+        """
+        size = self.config.range_size
+        ranges = [(s, min(s + size, head.total) - 1) for s in range(head.last + 1, head.total, size)]
+        ahead = self.config.download_concurrency - 1
+        fetches: dict[int, _Prefetch] = {}
+        scheduled = 0
+
+        def schedule(reading: int) -> None:
+            nonlocal scheduled
+            while scheduled < len(ranges) and scheduled < reading + ahead:
+                start, end = ranges[scheduled]
+                fetches[scheduled] = _Prefetch(self._prefetch_slots,
+                                               functools.partial(self._fetch_range, full, start, end, head.etag))
+                scheduled += 1
+
+        try:
+            schedule(0)
+            async for chunk in self._stream_range(full, head.first, head.last, head.etag, head):
+                yield chunk
+            for i, (start, end) in enumerate(ranges):
+                schedule(i + 1)
+                fetch = fetches.pop(i)
+                if fetch.holds_slot:
+                    try:
+                        for chunk in await fetch.task:
+                            yield chunk
+                    finally:
+                        fetch.release()
+                else:
+                    await fetch.cancel()
+                    async for chunk in self._stream_range(full, start, end, head.etag, None):
+                        yield chunk
+        finally:
+            head.body.close()
+            for fetch in fetches.values():
+                await fetch.cancel()
+
+    async def _stream_range(self, full: str, start: int, end: int, etag: str | None,
+                            opened: "_Range | None") -> AsyncIterator[bytes]:
+        """Bytes start..end as they arrive; a broken stream resumes from the last byte received."""
+        what = f"download of {self._rel(full)}"
+        offset, failures = start, 0
+        current = opened
+        try:
+            while offset <= end:
+                try:
+                    if current is None:
+                        current = await self.policy.run(
+                            what, lambda p: self._open_range(full, offset, end, etag, p))
+                    with self._errors(what):
+                        chunk = await current.body.read(min(READ_CHUNK, end - offset + 1))
+                    if not chunk:
+                        raise TransientError(f"{what} failed", detail=f"the stream ended at byte {offset} of {end + 1}")
+                except StorageError as e:
+                    if current is not None:
+                        current.body.close()
+                        current = None
+                    if not is_transient(e):
+                        raise
+                    failures += 1
+                    if failures >= self.policy.attempts:
+                        raise gave_up(what, e, failures) from None
+                    await asyncio.sleep(self.policy.delay(failures))
+                    continue
+                offset += len(chunk)
+                yield chunk
+        finally:
+            if current is not None:
+                current.body.close()
+
+    async def _fetch_range(self, full: str, start: int, end: int, etag: str | None) -> list[bytes]:
+        """A whole range into memory (a prefetch), each try reading it from its start."""
+
+        async def attempt(progress: Progress) -> list[bytes]:
+            got = await self._open_range(full, start, end, etag, progress)
+            chunks, n = [], 0
+            try:
+                with self._errors(f"download of {self._rel(full)}"):
+                    while chunk := await got.body.read(READ_CHUNK):
+                        progress.touch()
+                        chunks.append(chunk)
+                        n += len(chunk)
+            finally:
+                got.body.close()
+            if n != end - start + 1:
+                raise TransientError(f"download of {self._rel(full)} failed",
+                                     detail=f"range {start}-{end} returned {n} bytes")
+            return chunks
+
+        return await self.policy.run(f"download of {self._rel(full)}", attempt)
+
+    # -- writes
+
+    def _object_args(self) -> dict[str, Any]:
+        c = self.config
+        args: dict[str, Any] = {"StorageClass": c.storage_class}  # always sent, as WAL-G does
+        if c.sse:
+            args["ServerSideEncryption"] = c.sse
+        if c.sse_kms_id:
+            args["SSEKMSKeyId"] = c.sse_kms_id
+        return args
+
+    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
+        """A stream shorter than one part is one PUT; a longer one a multipart upload, completed last.
+
+        The object is visible only once S3 has it whole: after the single PUT, or after
+        CompleteMultipartUpload. Any failure before that aborts the multipart upload.
+        """
+        full = self._key(key)
+        size = self.config.part_size
+        part = bytearray()
+        upload: _Multipart | None = None
+        total = 0
+        try:
+            async for chunk in stream:
+                view = memoryview(chunk)
+                total += len(view)
+                while view:
+                    if len(part) == size:  # full, and more is coming: it is not the last part
+                        if upload is None:
+                            upload = await self._start_multipart(full)
+                        await upload.add(part)
+                        part = bytearray()
+                    take = min(len(view), size - len(part))
+                    part += view[:take]
+                    view = view[take:]
+            if upload is None:
+                await self._put_single(full, part)
+                return total
+            if part:
+                await upload.add(part)
+            await upload.complete()
+            return total
+        except BaseException:
+            if upload is not None:
+                await upload.abort()
+            raise
+
+    async def _put_single(self, full: str, data: bytearray) -> None:
+        md5 = await _md5(data)
+        await self._call(f"upload of {self._rel(full)}", "put_object", Key=full, ContentMD5=_b64(md5),
+                         ContentLength=len(data), body=lambda p: {"Body": _Body(data, p)}, **self._object_args())
+
+    async def _start_multipart(self, full: str) -> "_Multipart":
+        created = await self._call(f"upload of {self._rel(full)}", "create_multipart_upload", Key=full,
+                                   **self._object_args())
+        return _Multipart(self, full, created["UploadId"])
+
+    async def delete(self, keys: Iterable[str]) -> None:
+        batch: list[str] = []
+        for key in keys:
+            batch.append(self._key(key))
+            if len(batch) == DELETE_BATCH:
+                await self._delete_batch(batch)
+                batch = []
+        if batch:
+            await self._delete_batch(batch)
+
+    async def _delete_batch(self, batch: list[str]) -> None:
+        result = await self._call(f"delete of {len(batch)} objects", "delete_objects",
+                                  Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+        errors = result.get("Errors") or []
+        if errors:
+            first = errors[0]
+            raise StorageError(f"could not delete {len(errors)} of {len(batch)} objects",
+                               detail=f"{self._rel(first.get('Key', ''))}: S3 error {first.get('Code')}: "
+                                      f"{first.get('Message')}",
+                               hint=_CREDENTIALS_HINT if first.get("Code") == "AccessDenied" else None)
+
+
+@dataclass
+class _Range:
+    body: Any  # aiobotocore StreamingBody
+    first: int
+    last: int
+    total: int
+    etag: str | None
+
+
+class _Prefetch:
+    """A range fetched ahead into memory, holding one slot of the storage-wide pool while it does."""
+
+    def __init__(self, slots: asyncio.Semaphore, fetch: Callable[[], Awaitable[list[bytes]]]):
+        self._slots = slots
+        self.holds_slot = False
+        self.task = asyncio.ensure_future(self._run(fetch))
+
+    async def _run(self, fetch: Callable[[], Awaitable[list[bytes]]]) -> list[bytes]:
+        await self._slots.acquire()
+        self.holds_slot = True
+        return await fetch()
+
+    def release(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self._slots.release()
+
+    async def cancel(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(BaseException):
+            await self.task
+        self.release()
+
+
+class _Multipart:
+    """One multipart upload: at most upload_concurrency parts in flight, each retried from its buffer."""
+
+    def __init__(self, storage: S3Storage, full: str, upload_id: str):
+        self.storage = storage
+        self.full = full
+        self.upload_id = upload_id
+        self.what = f"upload of {storage._rel(full)}"
+        self.slots = asyncio.Semaphore(storage.config.upload_concurrency)
+        self.tasks: list[asyncio.Task] = []
+
+    def _raise_failed(self) -> None:
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def add(self, data: bytearray) -> None:
+        """Start uploading the next part once a slot frees; the caller then fills a new buffer."""
+        self._raise_failed()
+        number = len(self.tasks) + 1
+        if number > MAX_PARTS:
+            raise StorageError(f"{self.what} failed: more than {MAX_PARTS} parts",
+                               detail=f"WALG_S3_MAX_PART_SIZE is {self.storage.config.part_size} bytes",
+                               hint="raise WALG_S3_MAX_PART_SIZE (S3 allows 10000 parts per object)")
+        await self.slots.acquire()
+        try:
+            self._raise_failed()
+        except BaseException:
+            self.slots.release()
+            raise
+        self.tasks.append(asyncio.ensure_future(self._upload(number, data)))
+
+    async def _upload(self, number: int, data: bytearray) -> tuple[str, bytes]:
+        try:
+            md5 = await _md5(data)
+            done = await self.storage._call(
+                f"{self.what} (part {number})", "upload_part", Key=self.full, UploadId=self.upload_id,
+                PartNumber=number, ContentMD5=_b64(md5), ContentLength=len(data),
+                body=lambda p: {"Body": _Body(data, p)})
+            return done["ETag"], md5
+        finally:
+            self.slots.release()
+
+    async def complete(self) -> None:
+        parts = await gather_all(self.tasks)
+        listing = {"Parts": [{"ETag": etag, "PartNumber": n} for n, (etag, _) in enumerate(parts, 1)]}
+        # A retried Complete whose first try succeeded unseen meets NoSuchUpload: the object's
+        # multipart ETag (MD5 of the parts' MD5s, dash, part count) tells whether it is ours.
+        expected = f'"{hashlib.md5(b"".join(md5 for _, md5 in parts)).hexdigest()}-{len(parts)}"'
+        tries = 0
+
+        async def attempt(progress: Progress) -> None:
+            nonlocal tries
+            tries += 1
+            s3 = await self.storage._s3()
+            try:
+                with self.storage._errors(self.what):
+                    await s3.complete_multipart_upload(Bucket=self.storage.config.bucket, Key=self.full,
+                                                       UploadId=self.upload_id, MultipartUpload=listing)
+            except StorageError as e:
+                if tries > 1 and "NoSuchUpload" in (e.detail or "") and await self._landed(expected):
+                    return
+                raise
+
+        await self.storage.policy.run(self.what, attempt,
+                                      timeout=self.storage.policy.timeout * COMPLETE_TIMEOUT_FACTOR)
+
+    async def _landed(self, etag: str) -> bool:
+        s3 = await self.storage._s3()
+        with self.storage._errors(self.what):
+            head = await s3.head_object(Bucket=self.storage.config.bucket, Key=self.full)
+        return head.get("ETag") == etag
+
+    async def abort(self) -> None:
+        """Cancel the parts in flight and abort, so S3 keeps no parts; never raises."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        policy = replace(self.storage.policy, attempts=min(ABORT_ATTEMPTS, self.storage.policy.attempts))
+        try:
+            await asyncio.shield(self.storage._call(f"{self.what} (abort)", "abort_multipart_upload", policy=policy,
+                                                    Key=self.full, UploadId=self.upload_id))
+        except Exception as e:  # the upload stays invisible; only its stored parts remain
+            log.warning(f"could not abort the multipart upload of {self.storage._rel(self.full)}: {describe(e)}; "
+                        "its parts stay stored until a lifecycle rule (AbortIncompleteMultipartUpload) removes them")
+
+
+class _Body(io.RawIOBase):
+    """A request body over a part's buffer; each read by the HTTP client counts as progress."""
+
+    def __init__(self, data: bytearray, progress: Progress):
+        super().__init__()
+        self._data = memoryview(data)
+        self._pos = 0
+        self._progress = progress
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), len(self._data) - self._pos)
+        buffer[:n] = self._data[self._pos:self._pos + n]
+        self._pos += n
+        self._progress.touch()
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._data) if size is None or size < 0 else min(len(self._data), self._pos + size)
+        out = bytes(self._data[self._pos:end])
+        self._pos = end
+        self._progress.touch()
+        return out
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _code(e: bce.ClientError) -> str:
+    return str((e.response.get("Error") or {}).get("Code") or "")
+
+
+async def _md5(data: bytearray) -> bytes:
+    return await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # hashlib releases the GIL
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
