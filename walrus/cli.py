@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 import traceback
 from typing import Any, Awaitable, Callable
@@ -50,12 +51,20 @@ def _run(ctx: click.Context, engine: Callable[[Settings, Any], Awaitable[Any]]) 
     storage = open_storage(settings)
 
     async def main():
+        # SIGTERM cancels the work like Ctrl-C does, so uploads in progress are aborted cleanly
+        # (no multipart upload left behind, no temporary file under a final key).
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
         try:
             return await engine(settings, storage)
         finally:
             await storage.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise WalrusError("stopped by a signal before finishing",
+                          detail="what was in progress was abandoned; nothing partial is left in storage",
+                          hint="run the command again") from None
 
 
 def _emit(result: Any, as_json: bool, text: str | None) -> None:

@@ -171,3 +171,33 @@ def test_walk_follows_walg_rules(tmp_path):
 def test_pool_rejects_unaligned_sizes():
     with pytest.raises(ValueError):
         BufferPool(2, 1000)
+
+
+def test_consumer_that_stops_early_or_is_cancelled_never_hangs(tmp_path, io_mode):
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(1 << 20))
+
+    async def main(cancel: bool):
+        pool = BufferPool(3, 4096)
+        reader = open_reader(io_mode.split("+")[0])
+        stream = TarPartStream(iter([file_entry(big)]), pool, reader, depth=1)
+
+        async def consume():
+            async for buf in stream:
+                buf.release()
+                if not cancel:
+                    break  # the part's consumer gives up (e.g. the upload failed)
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.05)
+        if cancel:
+            task.cancel()  # SIGTERM / Ctrl-C
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
+        await asyncio.sleep(0.01)  # let the async generator's finalizer run
+        leftover = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+        reader.close()
+        return leftover
+
+    assert asyncio.run(main(cancel=False)) == []
+    assert asyncio.run(main(cancel=True)) == []

@@ -193,13 +193,14 @@ class TarPartStream:
                 self.exhausted = True
             await self._lay_bytes(END_OF_ARCHIVE)
             await self._submit()
-        except BaseException as e:
+        except asyncio.CancelledError:
+            raise  # the consumer is going away: nobody to tell, and its queue may be full
+        except BaseException as e:  # the consumer re-raises it when it reaches this item
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(e)
             await self._queue.put(fut)
-            raise
-        finally:
-            await self._queue.put(None)
+            return
+        await self._queue.put(None)
 
     async def _add(self, entry: Entry) -> None:
         if entry.kind == "file" and entry.path is not None and entry.size > 0:

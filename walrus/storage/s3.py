@@ -103,13 +103,23 @@ class S3Config:
                    session_token=settings.aws_session_token or None, profile=settings.aws_profile or None,
                    storage_class=settings.s3_storage_class, sse=sse, sse_kms_id=settings.s3_sse_kms_id or None,
                    ca_cert_file=settings.s3_ca_cert_file or None, part_size=settings.s3_max_part_size,
-                   range_size=settings.s3_range_size, upload_concurrency=settings.upload_concurrency,
-                   download_concurrency=settings.download_concurrency,
+                   range_size=settings.s3_range_size,
+                   # part and range buffers come out of the one memory budget (WALRUS_MEMORY_BUDGET):
+                   # raise it for more parts in flight on high-latency links
+                   upload_concurrency=_within_budget(settings.upload_concurrency, settings.memory_budget,
+                                                     settings.s3_max_part_size * settings.upload_disk_concurrency),
+                   download_concurrency=_within_budget(settings.download_concurrency, settings.memory_budget,
+                                                       settings.s3_range_size),
                    upload_lanes=settings.upload_disk_concurrency, connect_timeout=settings.s3_connect_timeout,
                    timeout=settings.s3_timeout, max_retries=settings.s3_max_retries)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(attempts=self.max_retries + 1, timeout=self.timeout)
+
+
+def _within_budget(wanted: int, budget: int, unit: int) -> int:
+    """How many `unit`-sized buffers in flight the budget allows, between 1 and `wanted`."""
+    return max(1, min(wanted, budget // max(1, unit)))
 
 
 def parse_prefix(prefix: str) -> tuple[str, str]:

@@ -54,7 +54,9 @@ async def piped(stream: AsyncIterable, depth: int) -> AsyncIterator:
         try:
             async for item in stream:
                 await queue.put(item)
-        except BaseException as e:  # handed to the consumer, including cancellation
+        except asyncio.CancelledError:
+            raise  # the consumer cancelled us: it is not reading the queue any more
+        except BaseException as e:  # handed to the consumer, which re-raises it
             await queue.put(_Failure(e))
             return
         await queue.put(_DONE)
