@@ -34,6 +34,16 @@ def run_user() -> str | None:
     return os.environ.get("WALRUS_TEST_USER", "postgres")
 
 
+def as_user() -> dict:
+    """subprocess arguments that run a child as the test user with *its* groups, as a real server has
+    (keeping root's group would let it read root:postgres 0640 files a real postgres could not)."""
+    user = run_user()
+    if not user:
+        return {}
+    pw = pwd.getpwnam(user)
+    return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": os.getgrouplist(user, pw.pw_gid)}
+
+
 def _user_env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "WALE_", "PG", "AWS_"))}
     user = run_user()
@@ -48,9 +58,8 @@ def _user_env(extra: dict | None = None) -> dict:
 def run(cmd: list[str], *, env: dict | None = None, check: bool = True, cwd: str | None = None,
         timeout: float = 600, input: bytes | None = None) -> subprocess.CompletedProcess:
     """Run as the unprivileged test user (when we are root), capturing output."""
-    user = run_user()
-    proc = subprocess.run(cmd, env=_user_env(env), cwd=cwd, user=user, capture_output=True, timeout=timeout,
-                          input=input)
+    proc = subprocess.run(cmd, env=_user_env(env), cwd=cwd, capture_output=True, timeout=timeout, input=input,
+                          **as_user())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nstdout: {proc.stdout.decode()}\n"
                              f"stderr: {proc.stderr.decode()}")

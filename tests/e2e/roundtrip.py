@@ -9,15 +9,14 @@ import subprocess
 import time
 from typing import Callable, ContextManager
 
-from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run, run_user,
+from tests.pgcluster import (WALRUS, Cluster, as_user, chown_to_user, make_workdir, pg_bindir, remove_tree, run,
                              walrus, write_config)
 
 
 def _pgbench(cluster: Cluster, *args: str, background: bool = False):
     cmd = [os.path.join(pg_bindir(), "pgbench"), "-h", cluster.sockdir, "-p", str(cluster.port), *args, "postgres"]
     if background:
-        user = run_user()
-        return subprocess.Popen(cmd, user=user, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_user())
     return run(cmd)
 
 
@@ -85,7 +84,7 @@ def backup_and_point_in_time_restore(method: str, segsize: int, storage: Callabl
             ["bash", "-c", "for i in $(seq 1 20); do "
              f"{pg_bindir()}/psql -X -q -h {primary.sockdir} -p {primary.port} -d postgres "
              "-c 'CREATE TABLE churn AS SELECT g FROM generate_series(1, 20000) g' -c 'DROP TABLE churn'; done"],
-            user=run_user(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            **as_user(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with during_backup():
             pushed = walrus(["backup-push", primary.data, "--json"], config=config, env=primary.env)
         result = json.loads(pushed.stdout)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.pgcluster import (WALRUS, Cluster, make_workdir, pg_bindir, remove_tree, run, run_user, walrus,
+from tests.pgcluster import (WALRUS, Cluster, as_user, make_workdir, pg_bindir, remove_tree, run, walrus,
                              write_config)
 
 pytestmark = pytest.mark.e2e
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 def _start_daemon(config: str, sock: str, pgdata: str, log: str) -> subprocess.Popen:
     env = {"PATH": os.environ["PATH"], "PGDATA": pgdata, "HOME": "/tmp", "LC_ALL": "C.UTF-8"}
-    proc = subprocess.Popen([WALRUS, "--config", config, "daemon", sock], env=env, user=run_user(),
+    proc = subprocess.Popen([WALRUS, "--config", config, "daemon", sock], env=env, **as_user(),
                             stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -48,7 +48,7 @@ def test_archive_through_daemon_survives_a_kill_and_restores() -> None:
 
         burst = subprocess.Popen([os.path.join(pg_bindir(), "pgbench"), "-n", "-c", "4", "-T", "8", "-h",
                                   primary.sockdir, "-p", str(primary.port), "postgres"],
-                                 user=run_user(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                 **as_user(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(3)
         daemons[0].send_signal(signal.SIGKILL)  # mid-burst: the archiver's next calls fail, then retry
         daemons[0].wait()

@@ -1,0 +1,1 @@
+"""Tests of the .deb and .rpm that packaging/build.py makes."""
