@@ -9,19 +9,24 @@ from tests.e2e.roundtrip import backup_and_point_in_time_restore
 
 pytestmark = pytest.mark.e2e
 
-# (compression method, WAL segment size in MiB): 16 MiB is PostgreSQL's default; 1 MiB segments
-# make the WAL span many segments quickly and exercise WALG_PG_WAL_SIZE.
-CASES = [("lz4", 16), ("zstd", 1), ("brotli", 1), ("lzma", 1), ("none", 1)]
+# (compression method, WAL segment size in MiB, file I/O): 16 MiB is PostgreSQL's default; 1 MiB
+# segments make the WAL span many segments quickly and exercise WALG_PG_WAL_SIZE. "auto" is io_uring
+# here; one case runs the whole round trip on the preadv/pwrite fallback.
+CASES = [("lz4", 16, "auto"), ("lz4", 16, "preadv"), ("zstd", 1, "auto"), ("brotli", 1, "auto"),
+         ("lzma", 1, "auto"), ("none", 1, "auto")]
 
 
-def _storage(root: str) -> dict[str, str]:
-    return {"WALG_FILE_PREFIX": os.path.join(root, "storage")}
+def _storage_with(io_method: str):
+    def storage(root: str) -> dict[str, str]:
+        return {"WALG_FILE_PREFIX": os.path.join(root, "storage"), "WALRUS_IO_METHOD": io_method}
+
+    return storage
 
 
 def _wal_names(root: str) -> list[str]:
     return os.listdir(os.path.join(root, "storage", "wal_005"))
 
 
-@pytest.mark.parametrize("method,segsize", CASES, ids=[c[0] for c in CASES])
-def test_backup_and_point_in_time_restore(method: str, segsize: int) -> None:
-    backup_and_point_in_time_restore(method, segsize, _storage, _wal_names)
+@pytest.mark.parametrize("method,segsize,io_method", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_backup_and_point_in_time_restore(method: str, segsize: int, io_method: str) -> None:
+    backup_and_point_in_time_restore(method, segsize, _storage_with(io_method), _wal_names)
