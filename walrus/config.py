@@ -1,6 +1,7 @@
 """One declarative table of settings (WAL-G's names) resolved once into a frozen Settings object."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -71,6 +72,11 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 
 def _text(text: str) -> str:
     return text.rstrip("\r\n")
+
+
+def _verbatim(text: str) -> str:
+    """Keys and passphrases: used exactly as given, as WAL-G uses them."""
+    return text
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,23 @@ SETTINGS: tuple[Setting, ...] = (
       "Directory under which wal-fetch keeps .wal-g/prefetch (default: beside DEST, i.e. pg_wal)."),
     S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
       "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
+    # encryption (WAL-G's precedence: PGP, then libsodium; keys are never logged or put in argv)
+    S("WALG_PGP_KEY", "pgp_key", _verbatim, None,
+      "Armored OpenPGP key ring (literal \\n allowed): public to push, secret to fetch too.", secret=True),
+    S("WALG_PGP_KEY_PATH", "pgp_key_path", _text, None, "File holding the armored OpenPGP key ring."),
+    S("WALG_PGP_KEY_PASSPHRASE", "pgp_key_passphrase", _verbatim, None,
+      "Passphrase of the OpenPGP secret key.", secret=True),
+    S("WALG_LIBSODIUM_KEY", "libsodium_key", _verbatim, None,
+      "libsodium secretstream key (see WALG_LIBSODIUM_KEY_TRANSFORM).", secret=True),
+    S("WALG_LIBSODIUM_KEY_PATH", "libsodium_key_path", _text, None, "File holding the libsodium key (trimmed)."),
+    S("WALG_LIBSODIUM_KEY_TRANSFORM", "libsodium_key_transform", _choice("none", "hex", "base64"), "none",
+      "How the libsodium key is read: none (at least 25 bytes, padded or cut to 32), hex or base64 (32 bytes)."),
+    S("WALG_GPG_KEY_ID", "gpg_key_id", _text, None, "Not supported (WAL-G's external gpg); set, it is an error.",
+      ("WALE_GPG_KEY_ID", "GPG_KEY_ID")),
+    S("WALG_ENVELOPE_PGP_KEY", "envelope_pgp_key", _verbatim, None, "Not supported; set, it is an error.",
+      ("WALG_ENVELOPE_PGP_KEY_PATH",), secret=True),
+    S("WALG_CSE_KMS_ID", "cse_kms_id", _text, None, "Not supported; set, it is an error."),
+    S("YC_CSE_KMS_KEY_ID", "yc_cse_kms_key_id", _text, None, "Not supported; set, it is an error."),
     # logging
     S("WALG_LOG_LEVEL", "log_level", _choice("normal", "devel", "error"), "normal",
       "NORMAL, DEVEL (debug) or ERROR."),
@@ -175,6 +198,7 @@ class Settings:
     values: Mapping[str, Any]
     sources: Mapping[str, str]
     config_path: str | None = None
+    crypter: Any = dataclasses.field(default=None, repr=False, compare=False)  # walrus.crypto.Crypter | None
 
     def __getattr__(self, attr: str) -> Any:
         try:
@@ -263,7 +287,11 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
         raise ConfigError("WALG_ZSTD_LEVEL is set but the compression method is not zstd",
                           detail=f"WALG_COMPRESSION_METHOD is {values['compression_method']}",
                           hint="unset WALG_ZSTD_LEVEL or set WALG_COMPRESSION_METHOD=zstd")
-    return Settings(values=values, sources=sources, config_path=path)
+    settings = Settings(values=values, sources=sources, config_path=path)
+    # a configured key is checked here, before any work: unusable is an error, never plaintext
+    from walrus.crypto import crypter_from_settings
+
+    return dataclasses.replace(settings, crypter=crypter_from_settings(settings, warn))
 
 
 def settings_help() -> str:

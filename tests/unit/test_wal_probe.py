@@ -7,7 +7,7 @@ SEG = "000000010000000000000003"
 def test_probe_order_for_default_lz4():
     assert [k for k, _ in candidate_keys(SEG, "lz4")] == [
         f"wal_005/{SEG}.lz4", f"wal_005/{SEG}.lzma", f"wal_005/{SEG}.gz", f"wal_005/{SEG}.",
-        f"wal_005/{SEG}.br", f"wal_005/{SEG}.zst", f"wal_005/{SEG}"]
+        f"wal_005/{SEG}.br", f"wal_005/{SEG}.lzo", f"wal_005/{SEG}.zst", f"wal_005/{SEG}"]
 
 
 def test_configured_method_goes_first_once():

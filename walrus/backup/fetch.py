@@ -16,6 +16,7 @@ from walrus.backup import layout
 from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
 from walrus.config import Settings
+from walrus.crypto import decrypting
 from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
 from walrus.fsutil import syncfs
 from walrus.log import log
@@ -142,7 +143,7 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
             stream = await storage.get(info.key)
             try:
                 def work() -> ExtractStats:
-                    raw = SyncReader(stream, loop)
+                    raw = decrypting(SyncReader(stream, loop), settings.crypter, info.key)
                     with contextlib.closing(open_sink(settings.io_method, direct_threshold=direct_min,
                                                       buffer_size=settings.buffer_size,
                                                       buffers=sink_buffers)) as sink:

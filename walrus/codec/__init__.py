@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from walrus.codec import brotli, gzip, lz4, lzma, none, zstd
+from walrus.codec import brotli, gzip, lz4, lzma, lzo, none, zstd
 from walrus.codec.base import Compressor, RawSource, Reader
 from walrus.errors import ConfigError, CorruptArchive
 
@@ -31,15 +31,16 @@ _CODECS: dict[str, _Codec] = {
     "brotli": _Codec(brotli.EXTENSION, brotli.BrotliReader),
     "none": _Codec(none.EXTENSION, none.IdentityReader),
     "gzip": _Codec(gzip.EXTENSION, gzip.GzipReader),
+    "lzo": _Codec(lzo.EXTENSION, lzo.LzoReader),
 }
 
-# WALG_COMPRESSION_METHOD values walrus writes (gzip is read only, as in WAL-G).
+# WALG_COMPRESSION_METHOD values walrus writes (gzip and lzo are read only, as in WAL-G).
 WRITABLE_METHODS: tuple[str, ...] = ("lz4", "lzma", "zstd", "brotli", "none")
 
 # wal-fetch probes after the cached extension, in WAL-G's order (internal/fetch_helper.go); "." is
-# the v3.0.8 trailing-dot key of an uncompressed segment. The caller probes the bare name last.
-# WAL-G also probes "lzo" (between "br" and "zst") when built with it; walrus cannot read lzo.
-WAL_PROBE_EXTENSIONS: tuple[str, ...] = ("lz4", "lzma", "gz", ".", "br", "zst")
+# the v3.0.8 trailing-dot key of an uncompressed segment; "lzo" is where builds with lzo probe it
+# (WAL-E's segments). The caller probes the bare name last.
+WAL_PROBE_EXTENSIONS: tuple[str, ...] = ("lz4", "lzma", "gz", ".", "br", "lzo", "zst")
 
 _METHOD_BY_EXTENSION: dict[str, str] = {codec.extension: method for method, codec in _CODECS.items()}
 _METHOD_BY_EXTENSION["tar"] = "none"  # tar parts of uncompressed backups: part_001.tar
@@ -62,8 +63,6 @@ def method_for_extension(ext: str) -> str:
     method = _METHOD_BY_EXTENSION.get(bare)
     if method is None:
         detail = f"known extensions: {', '.join(repr(e) for e in sorted(_METHOD_BY_EXTENSION))}"
-        if bare == "lzo":
-            detail = "lzo (WAL-E's lzop format) is not supported by walrus"
         raise CorruptArchive(
             f"unknown compression extension {ext!r}",
             detail=detail,

@@ -20,6 +20,9 @@ from walrus.wal.fetch import wal_fetch
 from walrus.wal.push import wal_push
 
 
+SHUTDOWN_GRACE = 30.0  # seconds requests in progress get to finish after SIGTERM
+
+
 def sd_notify(message: str) -> None:
     """systemd's notification protocol (Type=notify): one datagram to $NOTIFY_SOCKET, if set."""
     target = os.environ.get("NOTIFY_SOCKET")
@@ -71,11 +74,15 @@ class Daemon:
             server.close()
             await server.wait_closed()
             watchdog.cancel()
-            # finish what was asked, so no client waits on a reply that never comes
-            await asyncio.gather(*self._connections, return_exceptions=True)
-            for task in self._pushes.tasks.values():
+            # finish what was asked (bounded), so no client waits on a reply that never comes
+            if self._connections:
+                await asyncio.wait(set(self._connections), timeout=SHUTDOWN_GRACE)
+            leftovers = [*self._connections, *self._pushes.tasks.values()]
+            if self._prefetching is not None:
+                leftovers.append(self._prefetching)
+            for task in leftovers:
                 task.cancel()
-            await asyncio.gather(*self._pushes.tasks.values(), return_exceptions=True)
+            await asyncio.gather(*leftovers, return_exceptions=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
             log.info("walrus daemon stopped")

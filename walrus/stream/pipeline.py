@@ -1,4 +1,4 @@
-"""The upload chain shared by wal-push and backup-push: pool buffers -> compress -> count -> storage."""
+"""The upload chain shared by wal-push and backup-push: pool buffers -> compress -> encrypt -> count -> storage."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +11,7 @@ from typing import AsyncIterable
 from walrus.archive.tar_write import dio_length
 from walrus.codec import new_compressor
 from walrus.config import Settings
+from walrus.crypto import encrypting
 from walrus.storage.base import Storage
 from walrus.stream.buffers import Buffer, BufferPool
 from walrus.stream.reader import FileReader, ReadRequest
@@ -39,8 +40,9 @@ class PoolPlan:
 
 async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buffer], settings: Settings,
                          executor: Executor, counter: Counter | None = None) -> int:
-    """Compress a stream of pool buffers into one object; returns bytes stored."""
-    compressor = new_compressor(settings.compression_method, zstd_level=settings.zstd_level)
+    """Compress pool buffers into one object, encrypted if a key is configured; returns bytes stored."""
+    compressor = encrypting(new_compressor(settings.compression_method, zstd_level=settings.zstd_level),
+                            settings.crypter)
     stream = piped(compressed(buffers, compressor, executor), UPLOAD_QUEUE_DEPTH)
     if counter is not None:
         stream = counter.count(stream)

@@ -99,11 +99,18 @@ class SyncReader:
         self._eof = False
 
     def _next(self) -> bytes | None:
+        if self._loop.is_closed():
+            raise asyncio.CancelledError()
         fut = asyncio.run_coroutine_threadsafe(_anext_or_none(self._stream), self._loop)
-        try:
-            return fut.result()
-        except concurrent.futures.CancelledError:
-            raise asyncio.CancelledError() from None
+        while True:
+            try:
+                return fut.result(timeout=1.0)
+            except concurrent.futures.TimeoutError:
+                if self._loop.is_closed() or not self._loop.is_running():
+                    fut.cancel()  # the loop is gone (shutdown): never wait for it
+                    raise asyncio.CancelledError() from None
+            except concurrent.futures.CancelledError:
+                raise asyncio.CancelledError() from None
 
     def read(self, n: int = -1) -> bytes:
         while not self._chunk and not self._eof:

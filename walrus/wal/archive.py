@@ -8,6 +8,7 @@ from typing import Callable
 from walrus import codec
 from walrus.backup import layout
 from walrus.config import Settings
+from walrus.crypto import Crypter, decrypting
 from walrus.errors import ObjectNotFound
 from walrus.storage.base import ByteStream, Storage
 from walrus.stream.stages import SyncReader
@@ -40,12 +41,12 @@ async def open_archived(storage: Storage, name: str, settings: Settings) -> tupl
 
 
 async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor: Executor | None,
-                               sink: Callable[[bytes], None]) -> None:
-    """Decompress an object on a worker thread, handing each chunk to `sink` (also on that thread)."""
+                               sink: Callable[[bytes], None], crypter: Crypter | None) -> None:
+    """Decrypt and decompress an object on a worker thread, handing each chunk to `sink` (also on that thread)."""
     loop = asyncio.get_running_loop()
 
     def work() -> None:
-        reader = codec.open_reader(ext, SyncReader(stream, loop), name=key)
+        reader = codec.open_reader(ext, decrypting(SyncReader(stream, loop), crypter, key), name=key)
         while chunk := reader.read(COPY_CHUNK):
             sink(chunk)
 

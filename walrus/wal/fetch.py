@@ -52,7 +52,7 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
         size += len(chunk)
 
     try:
-        await consume_decompressed(stream, ext, key, None, sink)
+        await consume_decompressed(stream, ext, key, None, sink, settings.crypter)
         os.fsync(fd)
         os.close(fd)
         fd = -1

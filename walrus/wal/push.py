@@ -70,7 +70,7 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
             # identical bytes are success, different bytes are never overwritten.
             key, ext, stream = existing
             comparer = _Comparer(fd)
-            await consume_decompressed(stream, ext, key, executor, comparer.feed)
+            await consume_decompressed(stream, ext, key, executor, comparer.feed, settings.crypter)
             if comparer.same and comparer.offset == size:
                 log.info(f"{name} is already archived with identical contents ({key}); not uploaded again")
                 return WalPushResult(name, key, size, 0, "already archived", time.monotonic() - began)
