@@ -30,6 +30,10 @@ def is_get(r: Request) -> bool:
     return r.is_get
 
 
+def is_listing(r: Request) -> bool:
+    return r.method == "GET" and "list-type=2" in r.path
+
+
 def is_complete(r: Request) -> bool:
     return r.method == "POST" and "uploadId=" in r.path
 
@@ -289,7 +293,7 @@ def segment(tmp_path):
 SCENARIOS = [  # (name, faults, settings, expected outcome: "ok", "fail", or None for either)
     ("5xx on parts", lambda p: (p.fail("503", 3, is_part), p.fail("500", 1, is_part)), {}, "ok"),
     ("dropped connections", lambda p: p.fail("drop", 3), {}, "ok"),
-    ("probe bodies cut", lambda p: p.fail("drop-body", 3, is_get), {}, "ok"),
+    ("probe listings cut", lambda p: p.fail("drop-body", 3, is_listing), {}, "ok"),
     ("a part stalls", lambda p: p.fail("stall", 1, is_part), {"WALRUS_S3_TIMEOUT": "1"}, "ok"),
     ("complete answer lost", lambda p: p.fail("drop-body", 1, is_complete), {}, "ok"),
     ("every third request", lambda p: p.fail_every(3, ("500", "503", "drop", "drop-body"), 12), {}, None),

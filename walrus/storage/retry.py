@@ -113,6 +113,9 @@ def gave_up(what: str, last: BaseException, attempts: int) -> StorageError:
     return StorageError(f"{what} failed after {attempts} attempts", detail=describe(last), hint=hint)
 
 
+OPTIONAL_CAPABILITIES = frozenset({"keys_with_prefix"})
+
+
 class RetryingStorage(Storage):
     """Any backend with its whole calls retried under one policy.
 
@@ -142,6 +145,17 @@ class RetryingStorage(Storage):
 
     async def stat(self, key: str) -> ObjectInfo | None:
         return await self.policy.run(f"stat of {key}", lambda _: self.inner.stat(key))
+
+    def __getattr__(self, capability: str):
+        """Optional capabilities of the inner backend, retried like the rest; absent if it lacks them."""
+        if capability not in OPTIONAL_CAPABILITIES:
+            raise AttributeError(capability)
+        method = getattr(self.inner, capability)
+
+        async def retried(*args, **kwargs):
+            return await self.policy.run(capability, lambda _: method(*args, **kwargs))
+
+        return retried
 
     async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
         opened: list[AsyncIterator[ObjectInfo]] = []

@@ -318,6 +318,16 @@ class S3Storage(Storage):
             if not token:
                 return
 
+    async def keys_with_prefix(self, prefix: str, limit: int = 100) -> set[str]:
+        """Optional capability: the keys starting with `prefix`, in one LIST request (at most `limit`).
+
+        wal-push and wal-fetch use it to find which extension a WAL file was archived under with one
+        request instead of one GET per extension.
+        """
+        full = self._key(prefix)
+        page = await self._call(f"listing of {prefix}*", "list_objects_v2", Prefix=full, MaxKeys=limit)
+        return {self._rel(obj["Key"]) for obj in page.get("Contents") or ()}
+
     async def get(self, key: str) -> ByteStream:
         """The first range is requested here, so an absent key raises before any byte is read."""
         full = self._key(key)
