@@ -106,8 +106,9 @@ def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool) -> None:
         return await wal_fetch(settings, storage, name, destination)
 
     result = _run(ctx, engine)
-    if prefetch.wanted(name, settings_seen["s"]):
-        prefetch.spawn(name, destination, ctx.obj["config_path"])
+    settings = settings_seen["s"]
+    if prefetch.wanted(name, settings):
+        prefetch.spawn(name, destination, prefetch.location(settings, destination), ctx.obj["config_path"])
     _emit(result, as_json, None)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from walrus.storage.base import Storage
 
 PREFETCH = os.path.join(".wal-g", "prefetch")
 RUNNING = "running"
+LOCK = ".prefetcher.lock"
 WAL_MAGIC_MIN = 0xD061  # the oldest WAL page magic PostgreSQL 9.x wrote; anything lower is not WAL
 WAIT_POLL = 0.002
 WAIT_GIVE_UP = 100  # polls without growth of a running download (WAL-G waits the same ~200 ms)
@@ -109,10 +111,27 @@ def _clean(location: str, name: str, segment_size: int) -> None:
                     continue
 
 
-def spawn(name: str, destination: str, config_path: str | None) -> None:
-    """Start `walrus wal-prefetch` detached, so restore_command returns while the next segments come."""
+def spawn(name: str, destination: str, location: str, config_path: str | None) -> None:
+    """Start `walrus wal-prefetch` detached, so restore_command returns while the next segments come.
+
+    At most one prefetcher runs per location: this process takes an exclusive flock and hands the
+    locked file to the child, which holds it until it exits. Recovery calls restore_command once per
+    segment; without the lock each call would start another interpreter competing for the CPU
+    that replay needs.
+    """
+    try:
+        os.makedirs(os.path.join(location, RUNNING), 0o700, exist_ok=True)
+        lock = os.open(os.path.join(location, RUNNING, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(lock)  # a prefetcher is already at work
+        return
     cmd = [sys.executable, "-m", "walrus"] + (["--config", config_path] if config_path else [])
     cmd += ["wal-prefetch", name, os.path.dirname(os.path.abspath(destination))]
     with contextlib.suppress(OSError):
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True)
+                         start_new_session=True, pass_fds=(lock,))
+    os.close(lock)  # the child's copy keeps the lock (flock belongs to the shared open file)
