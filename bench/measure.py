@@ -184,7 +184,7 @@ def _cpu_self() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _cpu_machine() -> float:
+def machine_busy_s() -> float:
     """CPU seconds the whole machine has been busy (user, nice, system, irq, softirq) since boot."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:8]]
@@ -205,7 +205,7 @@ def run_timed(cmd: list[str], *, user: str | None, env: dict, cwd: str, log_path
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(cmd) + "\n").encode())
         log.flush()
-        cpu0, self0, machine0, t0 = _cpu_children(), _cpu_self(), _cpu_machine(), time.monotonic()
+        cpu0, self0, machine0, t0 = _cpu_children(), _cpu_self(), machine_busy_s(), time.monotonic()
         proc = subprocess.Popen(cmd, user=user, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         sampler = TreeSampler(proc.pid, server_pid)
@@ -219,7 +219,7 @@ def run_timed(cmd: list[str], *, user: str | None, env: dict, cwd: str, log_path
             sampler.finish()
         subprocess.run(["sync", "-f", flush_dir], check=True)
         wall, cpu = time.monotonic() - t0, _cpu_children() - cpu0
-        machine, own = _cpu_machine() - machine0, _cpu_self() - self0
+        machine, own = machine_busy_s() - machine0, _cpu_self() - self0
     samples = sampler.samples
     server = sampler.server_cpu_s()
     return StepMetrics(

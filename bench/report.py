@@ -1,4 +1,4 @@
-"""Bench output: the per-operation tables, JSON and CSV rows, machine facts and memory-over-time plots."""
+"""Bench output: the per-operation tables, JSON and CSV rows, machine facts, memory and WAL backlog plots."""
 from __future__ import annotations
 
 import csv
@@ -23,6 +23,28 @@ COLUMNS = [  # (header, row key, format)
     ("srv CPU s", "server_cpu_s", "{:.1f}"),
 ]
 RESTORE_EXTRA = [("verified", "verified", "{}")]
+WAL_COLUMNS = {
+    "archive": [
+        ("tool", "tool", "{}"), ("burst s", "wall_s", "{:.1f}"), ("TPS", "tps", "{:.0f}"),
+        ("WAL MiB", "wal_mib", "{:.0f}"), ("WAL segs", "wal_segments", "{}"), ("archived", "archived_segments", "{}"),
+        ("backlog end", "backlog_end", "{}"), ("max backlog", "backlog_max", "{}"),
+        ("catch-up s", "catchup_s", "{:.1f}"), ("CPU s", "cpu_s", "{:.1f}"),
+        ("CPU ms/seg", "cpu_ms_per_segment", "{:.0f}"), ("peak RSS MiB", "peak_rss_mib", "{:.1f}"),
+        ("stored MiB", "output_mib", "{:.1f}"), ("srv CPU s", "server_cpu_s", "{:.1f}"),
+    ],
+    "drain": [
+        ("tool", "tool", "{}"), ("wall s", "wall_s", "{:.2f}"), ("segs/s", "segments_s", "{:.2f}"),
+        ("MiB/s", "mib_s", "{:.1f}"), ("CPU s", "cpu_s", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.1f}"),
+        ("stored MiB", "output_mib", "{:.1f}"), ("x walrus daemon", "wall_ratio", "{:.2f}"),
+        ("srv CPU s", "server_cpu_s", "{:.1f}"), ("verified", "verified", "{}"),
+    ],
+    "replay": [
+        ("tool", "tool", "{}"), ("wall s", "wall_s", "{:.2f}"), ("WAL MiB", "wal_mib", "{:.0f}"),
+        ("MiB/s", "mib_s", "{:.1f}"), ("CPU s", "cpu_s", "{:.1f}"), ("peak RSS MiB", "peak_rss_mib", "{:.1f}"),
+        ("x walrus daemon", "wall_ratio", "{:.2f}"), ("srv CPU s", "server_cpu_s", "{:.1f}"),
+        ("verified", "verified", "{}"),
+    ],
+}
 
 
 def machine_facts(path: str) -> dict[str, object]:
@@ -49,8 +71,12 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 
 def table(rows: list[dict], operation: str) -> str:
-    """A fixed-width text table of one operation's rows."""
-    cols = COLUMNS + (RESTORE_EXTRA if operation == "restore" else [])
+    """A fixed-width text table of one backup or restore operation's rows."""
+    return table_of(rows, COLUMNS + (RESTORE_EXTRA if operation == "restore" else []))
+
+
+def table_of(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    """A fixed-width text table: one line per row, one column per (header, key, format)."""
     cells = [[h for h, _, _ in cols]]
     for r in rows:
         line = [_cell(r, k, f) for _, k, f in cols]
@@ -122,6 +148,39 @@ def plot_memory(plt, path: str, operation: str, series: dict[str, list[list[floa
         ax.set_ylim(bottom=0)
     ax_rss.legend(loc="upper right", fontsize=9)
     fig.suptitle(f"{operation}: memory over time - {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_backlog(plt, path: str, series: dict[str, list[list[float]]], title: str, progress: bool,
+                 mark_s: float | None) -> None:
+    """The .ready backlog over time, a line per tool; with progress, a second panel of segments written
+    (dashed) and archived (solid) since the start; a dotted line at mark_s (the end of the load) if given.
+
+    series maps a tool label to samples [t_s, ready, written, archived] (progress) or [t_s, ready].
+    """
+    panels = 2 if progress else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 4 + 3.5 * (panels - 1)), sharex=True, squeeze=False)
+    ax_ready = axes[0][0]
+    for label, samples in series.items():
+        t = [s[0] for s in samples]
+        line, = ax_ready.plot(t, [s[1] for s in samples], label=label, linewidth=1.4)
+        if progress:
+            ax = axes[1][0]
+            ax.plot(t, [s[3] for s in samples], color=line.get_color(), linewidth=1.4)
+            ax.plot(t, [s[2] for s in samples], color=line.get_color(), linewidth=1.0, linestyle="--")
+    ax_ready.set_ylabel(".ready segments (backlog)")
+    if progress:
+        axes[1][0].set_ylabel("segments: written (dashed), archived")
+    axes[-1][0].set_xlabel("seconds since the step started")
+    for (ax,) in axes:
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        if mark_s is not None:
+            ax.axvline(mark_s, color="grey", linestyle=":", linewidth=1.2)
+    ax_ready.legend(loc="upper right", fontsize=9)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,15 +1,19 @@
-"""Benchmark: backup and restore of one pgbench cluster by walrus, pgBackRest, pg_basebackup (and WAL-G if given)."""
+"""Benchmark: backup and restore of one pgbench cluster by walrus, pgBackRest, pg_basebackup (and WAL-G if given),
+and WAL archiving, backlog draining and replay by walrus, pgBackRest and WAL-E (and WAL-G)."""
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+
+import psycopg
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -17,12 +21,19 @@ sys.path.insert(0, REPO_ROOT)
 from bench import report  # noqa: E402
 from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed, tree_bytes  # noqa: E402
 from bench.tools import PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, user_dir, user_env, walrus_tool  # noqa: E402
+from bench.wal import DEFAULT_WAL_TOOLS, WAL_OPS, WalBench, select_wal_tools  # noqa: E402
 from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run,  # noqa: E402
                              run_user, write_config)
 
 MIB = 2 ** 20
 DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup"
+ALL_OPS = ("backup", "restore") + WAL_OPS
 MAX_WAL_SENDERS = 10  # restored clusters must match it, or hot standby refuses to start recovery
+# --encryption: walrus again with a key, so the tables show what encryption costs (keys via the environment)
+ENCRYPTION = {
+    "libsodium": {"WALG_LIBSODIUM_KEY": "walrus_bench_libsodium_key_32byt"},
+    "openpgp": {"WALG_PGP_KEY_PATH": os.path.join(REPO_ROOT, "tests", "fixtures", "walrus-cv25519.sec.asc")},
+}
 
 
 def say(text: str) -> None:
@@ -39,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"comma-separated, in order (default {DEFAULT_TOOLS}); wal-g and walrus-rs are added "
                          "when their binaries are given")
     ap.add_argument("--walg", metavar="PATH", help="a WAL-G binary to include")
+    ap.add_argument("--encryption", default="", metavar="KINDS",
+                    help=f"comma-separated of {', '.join(ENCRYPTION)}: also back up and restore with walrus "
+                         "(io_uring) encrypting that way, as tools walrus-<kind>")
     ap.add_argument("--walrus-rs", metavar="PATH", help="a WAL-RUS binary to include")
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed runs per tool and operation; the row shown is the run with the median wall time")
@@ -46,12 +60,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", help="results directory (default bench/results/<UTC stamp>)")
     ap.add_argument("--workdir", default=None, help="parent of the work directory (default: the system temp dir); "
                                                     "its filesystem is the one measured")
-    ap.add_argument("--smoke", action="store_true", help="scale 1, one run each: checks the bench works (< 60 s)")
+    ap.add_argument("--ops", default=",".join(ALL_OPS),
+                    help=f"comma-separated operations of {', '.join(ALL_OPS)} (default all); restore needs backup")
+    ap.add_argument("--wal-tools", default=DEFAULT_WAL_TOOLS,
+                    help=f"WAL tools, in order (default {DEFAULT_WAL_TOOLS}); wal-g-daemon and wal-g are added "
+                         "with --walg")
+    ap.add_argument("--walg-daemon-client", metavar="PATH",
+                    help="WAL-G's walg-daemon-client (default: beside --walg, else walrus daemon-client)")
+    ap.add_argument("--wal-scale", type=int, default=20, help="pgbench scale of the WAL cluster (default 20)")
+    ap.add_argument("--wal-segsize", type=int, default=16, help="WAL segment size in MiB (default 16)")
+    ap.add_argument("--burst-seconds", type=int, default=60, help="pgbench -T of the archive burst (default 60)")
+    ap.add_argument("--burst-clients", type=int, default=4, help="pgbench -c of the archive burst (default 4)")
+    ap.add_argument("--drain-segments", type=int, default=50, help="backlog the drain starts from (default 50)")
+    ap.add_argument("--replay-segments", type=int, default=64,
+                    help="segments of WAL replayed (default 64: 1 GiB of 16 MiB segments)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny sizes, one run each: checks the bench works (< 90 s)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.scale, args.repeat = 1, 1
-    if args.repeat < 1 or args.workers < 1 or args.scale < 1:
-        ap.error("--repeat, --workers and --scale must be at least 1")
+        args.wal_scale, args.wal_segsize, args.burst_seconds = 1, 1, 2
+        args.drain_segments, args.replay_segments = 8, 6
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    unknown = [o for o in ops if o not in ALL_OPS]
+    if unknown or not ops:
+        ap.error(f"--ops: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(ALL_OPS)}")
+    if "restore" in ops and "backup" not in ops:
+        ap.error("--ops: restore needs backup (it restores the backups taken in the same run)")
+    args.encryption = [k.strip() for k in args.encryption.split(",") if k.strip()]
+    if any(k not in ENCRYPTION for k in args.encryption):
+        ap.error(f"--encryption: choose from {', '.join(ENCRYPTION)}")
+    args.ops = [o for o in ALL_OPS if o in ops]
+    numbers = (args.repeat, args.workers, args.scale, args.wal_scale, args.wal_segsize, args.burst_seconds,
+               args.burst_clients, args.drain_segments, args.replay_segments)
+    if min(numbers) < 1:
+        ap.error("--repeat, --workers, the scales, sizes, seconds, clients and segment counts must be at least 1")
+    if args.wal_segsize & (args.wal_segsize - 1) or args.wal_segsize > 1024:
+        ap.error("--wal-segsize must be a power of two from 1 to 1024 (initdb's rule)")
     return args
 
 
@@ -59,6 +104,10 @@ def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
     known: dict[str, Tool] = {t.name: t for t in (walrus_tool("io_uring"), walrus_tool("preadv"), PgBackRest(),
                                                   PgBaseBackup())}
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
+    for kind in args.encryption:
+        name = f"walrus-{kind}"
+        known[name] = WalgLike(name, f"walrus ({kind})", WALRUS, {"WALRUS_IO_METHOD": "io_uring", **ENCRYPTION[kind]})
+        names.append(name)
     if args.walg:
         known["wal-g"] = WalgLike("wal-g", "WAL-G", os.path.abspath(args.walg))
         names.append("wal-g")
@@ -333,16 +382,22 @@ class StepFailed(Exception):
     """A timed step exited non-zero."""
 
 
-def _workdir_in(parent: str) -> str:
+def _workdir_in(parent: str, prefix: str = "walrus-bench-") -> str:
     os.makedirs(parent, exist_ok=True)
-    path = os.path.join(parent, "walrus-bench-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    path = os.path.join(parent, prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     return user_dir(path)
 
 
+FAMILY_LABELS = {"walrus": "walrus", "pgbackrest": "pgBackRest", "wal-e": "WAL-E", "wal-g": "WAL-G"}
+RATIO_BASE = {"backup": "walrus", "restore": "walrus", "drain": "walrus-daemon", "replay": "walrus-daemon"}
+
+
 def add_ratios(rows: list[dict]) -> None:
-    for op in ("backup", "restore"):
-        base = next((r["wall_s"] for r in rows if r["operation"] == op and r["tool_name"] == "walrus"
-                     and r.get("wall_s")), None)
+    """wall_ratio: wall time over the base tool's for the same operation (the archive burst has none: its wall
+    time is fixed)."""
+    for op, base_name in RATIO_BASE.items():
+        base = next((r["wall_s"] for r in rows if r["operation"] == op and r["tool_name"] == base_name
+                     and r.get("wall_s") and r.get("verified") in (None, "verified")), None)
         for r in rows:
             if r["operation"] == op and base and r.get("wall_s"):
                 r["wall_ratio"] = r["wall_s"] / base
@@ -399,7 +454,8 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
 def background_note(rows: list[dict], nproc: int) -> str:
     """How much CPU the rest of the machine took during the timed steps: the noise in the numbers."""
     steps = [(bg / (nproc * wall), bg, wall, r) for r in rows if r.get("wall_s")
-             for bg, wall in zip(r["runs_background_cpu_s"], r["runs_wall_s"])]
+             for bg, wall in zip(r["runs_background_cpu_s"], r.get("runs_window_s", r["runs_wall_s"]))
+             if bg is not None]
     if not steps:
         return "no timed step completed."
     share, bg, wall, r = max(steps, key=lambda x: x[0])
@@ -409,31 +465,50 @@ def background_note(rows: list[dict], nproc: int) -> str:
     return ("WARNING: " + text + " The numbers may be noisy.") if share > 0.1 else text
 
 
-def describe(args: argparse.Namespace, b: Bench, warnings: list[str], stamp: str, duration_s: float,
-             loadavg: list[tuple[float, float, float]]) -> dict:
+def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warnings: list[str], stamp: str,
+             duration_s: float, loadavg: list[tuple[float, float, float]]) -> dict:
     """The run's metadata; also stamps each row with tool version, settings and machine facts."""
-    add_ratios(b.rows)
-    machine = report.machine_facts(os.path.dirname(b.root))
-    machine["cold_read_mib_s"] = round(b.disk_read_mib_s, 1) if b.disk_read_mib_s else None
-    versions = {t.label: t.version() for t in b.tools}
-    for t in b.tools:
-        if t.binary == WALRUS:
-            versions[t.label] += f" ({walrus_source()})"
-    for r in b.rows:
-        r.update(tool_version=versions[r["tool"]], scale=args.scale, compression=args.compression,
-                 workers=args.workers, db_mib=round(b.db_bytes / MIB, 1),
-                 **{f"machine_{k}": v for k, v in machine.items()})
+    rows = (b.rows if b else []) + (w.rows if w else [])
+    add_ratios(rows)
+    machine = report.machine_facts(os.path.dirname((b or w).root))
+    machine["cold_read_mib_s"] = round(b.disk_read_mib_s, 1) if b and b.disk_read_mib_s else None
+    facts = {f"machine_{k}": v for k, v in machine.items()}
+    versions: dict[str, str] = {}
+    out_notes: list[str] = []
+    if b:
+        for t in b.tools:
+            versions[t.label] = t.version() + (f" ({walrus_source()})" if t.binary == WALRUS else "")
+        for r in b.rows:
+            r.update(tool_version=versions[r["tool"]], scale=args.scale, compression=args.compression,
+                     workers=args.workers, db_mib=round(b.db_bytes / MIB, 1), **facts)
+        out_notes += notes(args, b, [] if w else warnings)
+    if w:
+        by_name = {}
+        for t in w.tools:
+            by_name[t.name] = w.versions[t.name] + (f" ({walrus_source()})" if t.binary == WALRUS else "")
+            versions.setdefault(FAMILY_LABELS.get(t.family, t.family), by_name[t.name])
+        for r in w.rows:
+            r.update(tool_version=by_name[r["tool_name"]], compression=args.compression, workers=args.workers,
+                     wal_scale=args.wal_scale, wal_segment_mib=args.wal_segsize, **facts)
+        out_notes += w.notes(warnings) + w.errors
     return {"started_utc": stamp, "args": vars(args), "machine": machine, "versions": versions,
             "loadavg_before": loadavg[0], "loadavg_after": loadavg[1], "duration_s": round(duration_s, 1),
-            "notes": notes(args, b, warnings) + [background_note(b.rows, machine["nproc"])]}
+            "targets": w.targets() if w else [],
+            "notes": out_notes + [background_note(rows, machine["nproc"])]}
 
 
-def render(args: argparse.Namespace, rows: list[dict], meta: dict) -> str:
+def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: dict) -> str:
     machine = meta["machine"]
     text = []
     for op in ("backup", "restore"):
-        text += [f"{op} ({args.compression}, scale {args.scale}, {args.workers} workers)",
-                 report.table([r for r in rows if r["operation"] == op], op), ""]
+        rows = [r for r in b.rows if r["operation"] == op] if b else []
+        if rows:
+            text += [f"{op} ({args.compression}, scale {args.scale}, {args.workers} workers)",
+                     report.table(rows, op), ""]
+    if w:
+        text += w.tables()
+    if meta["targets"]:
+        text += ["targets:"] + [f"- {t}" for t in meta["targets"]] + [""]
     text += ["notes:"] + [f"- {n}" for n in meta["notes"]]
     text += ["", "versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items()),
              f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['mem_mib']} MiB, kernel "
@@ -441,53 +516,96 @@ def render(args: argparse.Namespace, rows: list[dict], meta: dict) -> str:
     return "\n".join(text) + "\n"
 
 
-def write_results(out: str, text: str, meta: dict, b: Bench, plt) -> None:
+def write_results(out: str, text: str, meta: dict, b: Bench | None, w: WalBench | None, plt) -> None:
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(text)
-    report.write_json(os.path.join(out, "results.json"), meta, b.rows)
-    report.write_csv(os.path.join(out, "results.csv"), b.rows)
+    rows = (b.rows if b else []) + (w.rows if w else [])
+    report.write_json(os.path.join(out, "results.json"), meta, rows)
+    report.write_csv(os.path.join(out, "results.csv"), rows)
     with open(os.path.join(out, "samples.json"), "w") as f:
-        json.dump(b.samples, f)
+        json.dump({**(b.samples if b else {}), **(w.samples if w else {})}, f)
     if plt is None:
         say("matplotlib is not available: no plots (pip install matplotlib)")
         return
-    args = b.args
-    for op in ("backup", "restore"):
-        report.plot_memory(plt, os.path.join(out, f"memory-{op}.png"), op, b.samples[op],
-                           f"pgbench scale {args.scale}, {args.compression}, {args.workers} workers")
+    args = (b or w).args
+    for op in ("backup", "restore") if b else ():
+        if b.samples[op]:
+            report.plot_memory(plt, os.path.join(out, f"memory-{op}.png"), op, b.samples[op],
+                               f"pgbench scale {args.scale}, {args.compression}, {args.workers} workers")
+    if w:
+        w.plot(plt, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = os.path.abspath(args.out or os.path.join(REPO_ROOT, "bench", "results", stamp))
-    os.makedirs(out, exist_ok=True)
-    tools, warnings = select_tools(args)
-    for w in warnings:
-        say(f"WARNING: {w}")
-    if not tools:
-        say("no tool to run")
-        return 2
-    plt = report.load_matplotlib(install=not args.smoke)
-    load_before, started = os.getloadavg(), time.monotonic()
+def run_backups(args: argparse.Namespace, tools: list[Tool], out: str) -> Bench | None:
+    """backup (and restore) of the pgbench cluster; None if the run could not go on."""
     b = Bench(args, tools, out)
     try:
         b.create_source()
         repos = b.backups()
-        expected = b.write_after_backups()
-        b.restores(repos, expected)
+        if "restore" in args.ops:
+            expected = b.write_after_backups()
+            b.restores(repos, expected)
     except RuntimeError as e:
         say(f"ERROR: {e}")
-        return 2
+        return None
     finally:
         b.close()
-    meta = describe(args, b, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()])
-    text = render(args, b.rows, meta)
+    return b
+
+
+def run_wal(args: argparse.Namespace, out: str, warnings: list[str]) -> WalBench | None:
+    """archive, drain and replay; None if the WAL cluster could not be set up or no WAL tool can run."""
+    root = make_workdir("walrus-walbench-") if args.workdir is None else _workdir_in(args.workdir, "walrus-walbench-")
+    tools, tool_warnings = select_wal_tools(args, os.path.join(root, "wale-venv"))
+    for text in tool_warnings:
+        say(f"WARNING: {text}")
+    warnings += tool_warnings
+    w = WalBench(args, [o for o in args.ops if o in WAL_OPS], tools, root, out, say)
+    try:
+        if not tools:
+            say("no WAL tool to run")
+            return None
+        w.run_all()
+    except (RuntimeError, AssertionError, psycopg.Error) as e:
+        say(f"ERROR: {e}")
+        return None
+    finally:
+        warnings += w.close()
+    return w
+
+
+def _terminate(signum: int, _frame) -> None:
+    """SIGTERM unwinds like Ctrl-C: every finally stops its clusters and daemons and removes its cgroups."""
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = os.path.abspath(args.out or os.path.join(REPO_ROOT, "bench", "results", stamp))
+    os.makedirs(out, exist_ok=True)
+    tools, warnings = select_tools(args) if "backup" in args.ops else ([], [])
+    for text in warnings:
+        say(f"WARNING: {text}")
+    if "backup" in args.ops and not tools:
+        say("no tool to run")
+        return 2
+    plt = report.load_matplotlib(install=not args.smoke)
+    load_before, started = os.getloadavg(), time.monotonic()
+    b = w = None
+    if "backup" in args.ops and (b := run_backups(args, tools, out)) is None:
+        return 2
+    if any(op in WAL_OPS for op in args.ops) and (w := run_wal(args, out, warnings)) is None:
+        return 2
+    meta = describe(args, b, w, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()])
+    text = render(args, b, w, meta)
     say("\n" + text)
-    write_results(out, text, meta, b, plt)
+    write_results(out, text, meta, b, w, plt)
     say(f"results in {out}")
-    ok = all(not r.get("error") for r in b.rows) and all(
-        r["verified"] == "verified" for r in b.rows if r["operation"] == "restore")
+    rows = (b.rows if b else []) + (w.rows if w else [])
+    ok = all(not r.get("error") for r in rows) and not (w and w.errors) and all(
+        r["verified"] == "verified" for r in rows if r["operation"] in ("restore", "drain", "replay"))
     return 0 if ok else 1
 
 

@@ -49,7 +49,7 @@ def user_dir(path: str) -> str:
     return path
 
 
-def _first_line(argv: list[str]) -> str:
+def first_line(argv: list[str]) -> str:
     try:
         proc = subprocess.run(argv, capture_output=True, timeout=60)
     except OSError as e:
@@ -94,7 +94,7 @@ class WalgLike(Tool):
         return None if os.access(self.binary, os.X_OK) else f"{self.binary} is not an executable file"
 
     def version(self) -> str:
-        return _first_line([self.binary, "--version"])
+        return first_line([self.binary, "--version"])
 
     def _env(self, s: Setup, repo: str) -> dict[str, str]:
         return {**s.cluster.env, "WALG_FILE_PREFIX": repo, "WALG_COMPRESSION_METHOD": s.compression,
@@ -123,7 +123,7 @@ class PgBackRest(Tool):
         return None if shutil.which("pgbackrest") else "pgbackrest is not installed (apt-get install pgbackrest)"
 
     def version(self) -> str:
-        return _first_line([self.binary, "version"])
+        return first_line([self.binary, "version"])
 
     @staticmethod
     def _etc(repo: str) -> str:
@@ -181,8 +181,8 @@ class PgBaseBackup(Tool):
         return None if os.access(self.binary, os.X_OK) else f"{self.binary} not found"
 
     def version(self) -> str:
-        return "; ".join([_first_line([self.binary, "--version"]), _first_line(["lz4", "-V"]),
-                          _first_line(["zstd", "-V"]), _first_line(["tar", "--version"])])
+        return "; ".join([first_line([self.binary, "--version"]), first_line(["lz4", "-V"]),
+                          first_line(["zstd", "-V"]), first_line(["tar", "--version"])])
 
     def backup(self, s: Setup, repo: str) -> Command:
         c = s.cluster
