@@ -79,3 +79,26 @@ def test_clean_removes_segments_recovery_has_passed(tmp_path):
     prefetch._clean(str(location), seg(4), SEGSIZE)
     assert sorted(p.name for p in location.iterdir() if p.is_file()) == [seg(5)]
     assert list((location / "running").iterdir()) == []
+
+
+def test_full_prefetch_window_of_large_segments_does_not_starve(tmp_path):
+    """Ten 16 MiB downloads at once (the default window) once deadlocked the loop's default
+    executor: each decompressing thread waited for reads that needed a thread of that same pool."""
+    from walrus.config import load_settings
+    from walrus.storage import open_storage
+
+    big = 16 << 20
+    store = tmp_path / "store" / "wal_005"
+    store.mkdir(parents=True)
+    for n in range(2, 12):  # compression 'none' objects: the bare name
+        (store / seg(n)).write_bytes(struct.pack("<HH", 0xD110, 0) + bytes([n]) * (big - 4))
+    settings = load_settings(env={"WALG_FILE_PREFIX": str(tmp_path / "store"), "WALG_DOWNLOAD_CONCURRENCY": "10",
+                                  "HOME": str(tmp_path)})
+    location = str(tmp_path / "pg_wal" / ".wal-g" / "prefetch")
+
+    async def main():
+        storage = open_storage(settings)
+        return await asyncio.wait_for(prefetch.prefetch(settings, storage, seg(1), location), 60)
+
+    assert sorted(asyncio.run(main())) == [seg(n) for n in range(2, 12)]
+    assert all(os.path.getsize(os.path.join(location, seg(n))) == big for n in range(2, 12))

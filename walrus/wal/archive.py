@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Executor
+import contextlib
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Callable
 
 from walrus import codec
@@ -55,7 +56,17 @@ async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor:
         while chunk := reader.read(COPY_CHUNK):
             sink(chunk)
 
+    # The work blocks on the event loop for every chunk (SyncReader), and the storage may need the
+    # loop's default executor to produce that chunk (file reads go through asyncio.to_thread). So it
+    # must never occupy a default-executor thread itself: ten of them waiting at once (a prefetch
+    # window) would starve the reads they wait for, and everything would hang.
+    own = None
+    if executor is None:
+        own = executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-decompress")
     try:
         await loop.run_in_executor(executor, work)
     finally:
-        await stream.aclose()
+        with contextlib.suppress(RuntimeError):  # still running in the worker when cancelled
+            await stream.aclose()
+        if own is not None:
+            own.shutdown(wait=False)
