@@ -90,6 +90,10 @@ class SyncReader:
     """A blocking read(n) over an async byte stream, for code running on a worker thread.
 
     Each refill asks the event loop for the next chunk; the loop must not be blocked by the caller.
+    Invariant: never use it from a thread of the loop's default executor. Storage backends produce
+    chunks through that pool (asyncio.to_thread), so readers waiting inside it can starve it and
+    hang (ten concurrent prefetches did). Give the work its own executor, as backup-fetch and
+    wal.archive.consume_decompressed do.
     """
 
     def __init__(self, stream: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop):
