@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help=f"WAL tools, in order (default {DEFAULT_WAL_TOOLS}); wal-g-daemon and wal-g are added "
                          "with --walg")
     ap.add_argument("--walg-daemon-client", metavar="PATH",
-                    help="WAL-G's walg-daemon-client (default: beside --walg, else walrus daemon-client)")
+                    help="WAL-G's walg-daemon-client (default: beside --walg, else walrus's)")
     ap.add_argument("--wal-scale", type=int, default=20, help="pgbench scale of the WAL cluster (default 20)")
     ap.add_argument("--wal-segsize", type=int, default=16, help="WAL segment size in MiB (default 16)")
     ap.add_argument("--burst-seconds", type=int, default=60, help="pgbench -T of the archive burst (default 60)")

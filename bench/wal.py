@@ -79,8 +79,8 @@ def select_wal_tools(args: argparse.Namespace, venv: str) -> tuple[list[WalTool]
         names += ["wal-g-daemon", "wal-g"]
         if client is None:
             warnings.append("WAL-G daemon: no walg-daemon-client beside the wal-g binary or given with "
-                            "--walg-daemon-client; its archive_command/restore_command use `walrus daemon-client` "
-                            "(the same socket protocol).")
+                            "--walg-daemon-client; its archive_command/restore_command use walrus's "
+                            "walg-daemon-client (the same socket protocol).")
     wale = WalE(venv)
     known[wale.name] = wale
     tools = []

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from bench.tools import STANZA, first_line, user_dir
 from tests.pgcluster import WALRUS, Cluster, chown_to_user, run
 
+# walrus's daemon client as users point archive_command/restore_command at it (the packages' /usr/bin one)
+WALRUS_CLIENT = os.path.join(os.path.dirname(WALRUS), "walg-daemon-client")
 # WALG_DOWNLOAD_CONCURRENCY's default in WAL-G and walrus: the prefetch window every tool gets in replay
 PREFETCH_WINDOW = 10
 
@@ -75,7 +77,7 @@ class WalgFamily(WalTool):
                  ops: tuple[str, ...], client: list[str] | None = None, download_concurrency: int | None = None):
         self.name, self.label, self.replay_label, self.family = name, label, replay_label, family
         self.binary, self.ops, self.uses_daemon = binary, ops, daemon
-        self.client = client or [WALRUS, "daemon-client"]
+        self.client = client or [WALRUS_CLIENT]
         self.download_concurrency = download_concurrency
 
     def missing(self) -> str | None:
@@ -140,7 +142,7 @@ def walrus_tools() -> list[WalgFamily]:
 
 def walg_tools(binary: str, client: str | None) -> list[WalgFamily]:
     """WAL-G's daemon is driven by walg-daemon-client when given, else by walrus's client (same protocol)."""
-    argv = [client] if client else [WALRUS, "daemon-client"]
+    argv = [client] if client else [WALRUS_CLIENT]
     return [
         WalgFamily("wal-g-daemon", "WAL-G daemon", "WAL-G daemon", "wal-g", binary, daemon=True,
                    ops=("archive", "drain", "replay"), client=argv),

@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,25 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
         missing = as_postgres(WALRUS, "--config", CONFIG, "wal-fetch", "0000000100000000000000FF", fetched + ".x",
                               check=False)
         assert missing.returncode == 74, missing.stderr
+
+        # the daemon and /usr/bin/walg-daemon-client (an sh prelude that runs the system python -IS)
+        sock = os.path.join(pgroot, "walrus.sock")
+        daemon = subprocess.Popen(["runuser", "-u", "postgres", "--", "env", f"PGDATA={cluster.data}", WALRUS,
+                                   "--config", CONFIG, "daemon", sock], stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(sock) and daemon.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            via_daemon = os.path.join(pgroot, "via-daemon")
+            as_postgres("/usr/bin/walg-daemon-client", sock, "wal-fetch", segment, via_daemon)
+            assert Path(via_daemon).read_bytes() == Path(fetched).read_bytes()
+            absent = as_postgres("/usr/bin/walg-daemon-client", sock, "wal-fetch", "0000000100000000000000FF",
+                                 via_daemon + ".x", check=False)
+            assert absent.returncode == 74, absent.stderr
+        finally:
+            daemon.terminate()  # runuser passes SIGTERM on and then ends by it
+            daemon.wait(30)
+        assert not os.path.exists(sock), daemon.stderr.read().decode()[-2000:]  # the daemon stopped cleanly
 
         # upgrade under a running archiver: the edited config and its ownership stay
         _sh("dpkg", "-i", str(upgrade))

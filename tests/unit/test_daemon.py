@@ -113,9 +113,33 @@ def test_look_ahead_uploads_ready_segments(daemon):
 
 def test_daemon_client_imports_almost_nothing():
     code = ("import sys; from walrus.daemon.client import run; "
-            "print(sorted(m for m in ('click', 'asyncio', 'walrus.config', 'lz4', 'psycopg') if m in sys.modules))")
+            "print(sorted(m for m in ('click', 'asyncio', 'walrus.config', 'lz4', 'psycopg', 'socket') "
+            "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_daemon_client_stands_alone_without_site_packages(tmp_path):
+    """The client module runs under `python -IS` (no site-packages, so no walrus to import)."""
+    import walrus.daemon.client as client
+
+    out = subprocess.run([sys.executable, "-IS", client.__file__, str(tmp_path / "none.sock"), "wal-push", SEG],
+                         capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "ERROR: walrus daemon at" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_installed_client_script_is_the_module_behind_an_sh_prelude():
+    """walg-daemon-client is built from client.py (the build would be stale otherwise) and runs python -IS."""
+    import walrus.daemon.client as client
+
+    with open(f"{BIN}/walg-daemon-client") as f:
+        script = f.read()
+    with open(client.__file__) as f:
+        source = f.read()
+    prelude, _, body = script.partition("\n'''\n")
+    assert prelude.startswith("#!/bin/sh\n") and 'exec "$py" -IS "$0" "$@"' in prelude
+    assert body == source
 
 
 def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):

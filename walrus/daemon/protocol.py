@@ -3,39 +3,15 @@ from __future__ import annotations
 
 import struct
 
+# the client's side of the framing lives in client.py, which must import nothing of walrus
+from walrus.daemon.client import HEADER, MAX_MESSAGE, ProtocolError, encode  # noqa: F401
+
 CHECK = ord("C")
 WAL_PUSH = ord("F")
 WAL_FETCH = ord("f")
 OK = b"O"
 ERROR = b"E"
 NOT_FOUND = b"N"  # wal-fetch: the archive has no such file; the client exits 74
-
-HEADER = 3
-MAX_MESSAGE = 0xFFFF
-
-
-class ProtocolError(ValueError):
-    """A request that does not follow the framing (the daemon answers E and closes)."""
-
-
-def encode(kind: int, *args: str) -> bytes:
-    """A request as WAL-G's client frames it: no body, one raw argument, or counted arguments."""
-    if len(args) == 0:
-        body = b""
-    elif len(args) == 1:
-        body = args[0].encode()
-    else:
-        if len(args) > 255:
-            raise ProtocolError("at most 255 arguments")
-        body = bytes([len(args)])
-        for a in args:
-            raw = a.encode()
-            if len(raw) > 0xFFFF:
-                raise ProtocolError("argument too long")
-            body += struct.pack(">H", len(raw)) + raw
-    if HEADER + len(body) > MAX_MESSAGE:
-        raise ProtocolError("message too long")
-    return bytes([kind]) + struct.pack(">H", HEADER + len(body)) + body
 
 
 def parse_header(header: bytes) -> tuple[int, int]:

@@ -17,10 +17,13 @@ from walrus.pg.xlog import classify_wal_name, next_wal_file_name
 from walrus.storage.base import Storage
 from walrus.wal import prefetch
 from walrus.wal.fetch import wal_fetch
-from walrus.wal.push import wal_push
+from walrus.wal.push import WalPusher
 
 
 SHUTDOWN_GRACE = 30.0  # seconds requests in progress get to finish after SIGTERM
+# .ready segments queued ahead of the archiver, per upload slot: uploads run WALG_UPLOAD_CONCURRENCY at a
+# time, and a queue twice that deep keeps every slot busy while the archiver collects finished ones
+LOOK_AHEAD_PER_UPLOAD = 2
 
 
 def sd_notify(message: str) -> None:
@@ -47,15 +50,22 @@ class Daemon:
         self.socket_path = socket_path
         self.pgdata = os.path.realpath(pgdata)
         self.status_dir = os.path.join(self.pgdata, "pg_wal", "archive_status")
-        self._uploads = asyncio.Semaphore(settings.upload_concurrency)
+        self._pusher: WalPusher | None = None  # made in run(): it needs the loop
         self._pushes = _Pushes()
         self._stopping = asyncio.Event()
         self._connections: set[asyncio.Task] = set()
-        self._prefetching: asyncio.Task | None = None
+        self._window = prefetch.Window(settings, storage)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         self._claim_socket()
+        self._pusher = WalPusher(self.settings, slots=WalPusher.slots_for(self.settings))
+        try:
+            await self._serve()
+        finally:
+            self._pusher.close()
+
+    async def _serve(self) -> None:
         old_umask = os.umask(0o117)  # the socket is rw for the owner and its group only
         try:
             server = await asyncio.start_unix_server(self._connection, path=self.socket_path)
@@ -78,10 +88,9 @@ class Daemon:
             if self._connections:
                 await asyncio.wait(set(self._connections), timeout=SHUTDOWN_GRACE)
             leftovers = [*self._connections, *self._pushes.tasks.values()]
-            if self._prefetching is not None:
-                leftovers.append(self._prefetching)
             for task in leftovers:
                 task.cancel()
+            leftovers += self._window.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -183,8 +192,7 @@ class Daemon:
 
     def _start_push(self, wal_name: str, path: str) -> asyncio.Task:
         async def upload() -> None:
-            async with self._uploads:
-                await wal_push(self.settings, self.storage, path)
+            await self._pusher.push(self.storage, path)  # WALG_UPLOAD_CONCURRENCY at once
 
         task = asyncio.create_task(upload())
         task.add_done_callback(_consume_exception)
@@ -193,12 +201,13 @@ class Daemon:
 
     def _look_ahead(self, wal_name: str) -> None:
         """Start uploading the segments after wal_name that PostgreSQL has marked .ready, so they are
-        durable (and answered at once) by the time the archiver asks for them. Bounded by
-        WALG_UPLOAD_CONCURRENCY uploads; each is reported only when PostgreSQL asks."""
+        durable (and answered at once) by the time the archiver asks for them. WALG_UPLOAD_CONCURRENCY
+        uploads run at once, from a queue LOOK_AHEAD_PER_UPLOAD times as deep; each is reported only when
+        PostgreSQL asks, and a queued one holds no memory until its turn."""
         if classify_wal_name(wal_name) != "segment":
             return
         name = wal_name
-        for _ in range(self.settings.upload_concurrency):
+        for _ in range(self.settings.upload_concurrency * LOOK_AHEAD_PER_UPLOAD):
             name = next_wal_file_name(name, self.settings.segment_size)
             if name in self._pushes.tasks:
                 continue
@@ -209,6 +218,7 @@ class Daemon:
     async def _fetch(self, name: str, destination: str) -> bytes:
         destination = self._in_pgdata(destination)
         try:
+            await self._window.settle(prefetch.location(self.settings, destination), name)
             await wal_fetch(self.settings, self.storage, name, destination)
         except ArchiveNotFound:
             return protocol.NOT_FOUND
@@ -223,12 +233,11 @@ class Daemon:
         return protocol.OK
 
     def _prefetch(self, name: str, destination: str) -> None:
-        """In-process prefetch of the next segments; one at a time, the newest request wins."""
-        if self._prefetching is not None and not self._prefetching.done():
-            return  # the running one covers most of the window; the next fetch starts another
-        location = prefetch.location(self.settings, destination)
-        self._prefetching = asyncio.create_task(prefetch.prefetch(self.settings, self.storage, name, location))
-        self._prefetching.add_done_callback(_consume_exception)
+        """Keep the prefetch window after `name` full: recovery asks for the next segment in milliseconds."""
+        try:
+            self._window.fill(name, prefetch.location(self.settings, destination))
+        except OSError as e:  # no room for the prefetch directory: fetches still work, only slower
+            log.warning(f"daemon: cannot prefetch after {name}: {e.strerror or e}")
 
 
 def _consume_exception(task: asyncio.Task) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from walrus.config import Settings
 from walrus.errors import ArchiveNotFound, WalrusError
-from walrus.fsutil import fsync_dir, write_all
+from walrus.fsutil import write_all
 from walrus.storage.base import Storage
 from walrus.wal import prefetch
 from walrus.wal.archive import consume_decompressed, open_archived
@@ -31,7 +31,12 @@ class WalFetchResult:
 async def download(settings: Settings, storage: Storage, name: str, destination: str,
                    partial: str | None = None) -> tuple[str, int]:
     """Decompress archived `name` into `destination` via `partial` (a temporary file in the same
-    directory by default), fsync, rename: a reader never sees a partial file under `destination`."""
+    directory by default), then rename: a reader never sees a partial file under `destination`.
+
+    Not fsynced: what restore_command writes is PostgreSQL's to keep, and it makes the segment durable
+    itself (durable_rename in KeepFileRestoredFromArchive) when fsync is on; after a crash before
+    that, recovery asks for the segment again. WAL-G does not fsync it either. (Prefetched copies are
+    not fsynced for the same reason; prefetch.take() refuses any written before the last boot.)"""
     found = await open_archived(storage, name, settings)
     if found is None:
         raise ArchiveNotFound(f"WAL file {name} is not in the archive")
@@ -53,11 +58,9 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
 
     try:
         await consume_decompressed(stream, ext, key, None, sink, settings.crypter)
-        os.fsync(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, destination)
-        fsync_dir(directory)
     except BaseException:
         if fd >= 0:
             os.close(fd)

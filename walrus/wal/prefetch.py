@@ -21,7 +21,6 @@ LOCK = ".prefetcher.lock"
 WAL_MAGIC_MIN = 0xD061  # the oldest WAL page magic PostgreSQL 9.x wrote; anything lower is not WAL
 WAIT_POLL = 0.002
 WAIT_GIVE_UP = 100  # polls without growth of a running download (WAL-G waits the same ~200 ms)
-STAGGER = 0.01  # seconds between starting each prefetch download, as WAL-G
 
 
 def location(settings: Settings, destination: str) -> str:
@@ -53,9 +52,16 @@ async def take(location: str, name: str, destination: str, segment_size: int) ->
     try:
         with open(ready, "rb") as f:
             head = f.read(4)
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
     except FileNotFoundError:
         return None
+    if st.st_mtime < _boot_time():
+        # written without fsync before a crash or reboot: its bytes may be torn, so never trust it
+        log.info(f"prefetched {name} dates from before the last boot; downloading it again")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(ready)
+        return None
+    size = st.st_size
     if size != segment_size or len(head) < 4 or struct.unpack("<I", head)[0] < WAL_MAGIC_MIN:
         log.warning(f"prefetched {name} is not a whole WAL segment; downloading it again")
         with contextlib.suppress(FileNotFoundError):
@@ -68,34 +74,94 @@ async def take(location: str, name: str, destination: str, segment_size: int) ->
     return size
 
 
+def parallel_downloads(settings: Settings) -> int:
+    """Downloads of a window running at once: one per CPU (decompression is the work; at least 2, so
+    one download's wait on storage overlaps another's), never more than the window."""
+    return max(1, min(settings.download_concurrency, max(2, len(os.sched_getaffinity(0)))))
+
+
+class Window:
+    """The prefetch window after the segment recovery asked for last, downloaded in order.
+
+    Each fill() queues the next WALG_DOWNLOAD_CONCURRENCY segments that are neither here nor queued;
+    they start in WAL order, parallel_downloads() at a time, so the one recovery asks for next is
+    whole first (ten at once, as WAL-G starts them, would all finish late). The daemon keeps one
+    window for its lifetime and refills it on every fetch; `wal-prefetch` fills one and waits.
+    """
+
+    def __init__(self, settings: Settings, storage: Storage):
+        self.settings = settings
+        self.storage = storage
+        self._slots = asyncio.Semaphore(parallel_downloads(settings))
+        self._tasks: dict[tuple[str, str], asyncio.Task] = {}  # (location, segment) -> its download
+
+    def fill(self, name: str, location: str) -> list[asyncio.Task]:
+        """Queue the segments after `name`; returns the downloads queued now."""
+        os.makedirs(os.path.join(location, RUNNING), 0o700, exist_ok=True)
+        _clean(location, name, self.settings.segment_size)
+        started, current = [], name
+        for _ in range(self.settings.download_concurrency):
+            current = next_wal_file_name(current, self.settings.segment_size)
+            key = (location, current)
+            if key in self._tasks or _present(location, current):
+                continue
+            task = asyncio.create_task(self._download(location, current))
+            self._tasks[key] = task
+            task.add_done_callback(lambda _t, k=key: self._tasks.pop(k, None))
+            started.append(task)
+        return started
+
+    async def settle(self, location: str, name: str) -> None:
+        """Wait for a queued or running download of `name`, so a fetch takes it instead of racing it."""
+        task = self._tasks.get((location, name))
+        if task is not None:
+            await asyncio.wait({task})
+
+    def cancel(self) -> list[asyncio.Task]:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        return tasks
+
+    async def _download(self, location: str, segment: str) -> str | None:
+        from walrus.wal.fetch import download
+
+        async with self._slots:
+            final, partial = os.path.join(location, segment), os.path.join(location, RUNNING, segment)
+            if _present(location, segment):
+                return None  # there already, or another prefetcher has it
+            try:
+                # not fsynced (a cache): take() refuses any file written before the last boot, the
+                # only way its bytes could be torn
+                await download(self.settings, self.storage, segment, final, partial=partial)
+            except ArchiveNotFound:
+                return None  # past the end of the archive (yet)
+            except (WalrusError, OSError) as e:  # best effort: wal-fetch downloads it itself
+                log.debug(f"prefetch of {segment} skipped: {e}")
+                return None
+            return segment
+
+
 async def prefetch(settings: Settings, storage: Storage, name: str, location: str) -> list[str]:
     """Download the WALG_DOWNLOAD_CONCURRENCY segments after `name` on its timeline; clean older ones."""
-    from walrus.wal.fetch import download
-
-    running = os.path.join(location, RUNNING)
-    os.makedirs(running, 0o700, exist_ok=True)
-    _clean(location, name, settings.segment_size)
-    names, current = [], name
-    for _ in range(settings.download_concurrency):
-        current = next_wal_file_name(current, settings.segment_size)
-        names.append(current)
-
-    async def one(i: int, segment: str) -> str | None:
-        await asyncio.sleep(i * STAGGER)
-        final, partial = os.path.join(location, segment), os.path.join(running, segment)
-        if os.path.exists(final) or os.path.exists(partial):
-            return None  # there already, or another prefetch has it
-        try:
-            await download(settings, storage, segment, final, partial=partial)
-        except ArchiveNotFound:
-            return None  # past the end of the archive (yet)
-        except (WalrusError, FileExistsError) as e:
-            log.debug(f"prefetch of {segment} skipped: {e}")
-            return None
-        return segment
-
-    done = await asyncio.gather(*(one(i, s) for i, s in enumerate(names)))
+    done = await asyncio.gather(*Window(settings, storage).fill(name, location))
     return [s for s in done if s]
+
+
+def _present(location: str, segment: str) -> bool:
+    return os.path.exists(os.path.join(location, segment)) or os.path.exists(os.path.join(location, RUNNING, segment))
+
+
+def _boot_time() -> float:
+    """When this system booted (seconds since the epoch), from /proc/stat's btime; 0 if unknown."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
 
 
 def _clean(location: str, name: str, segment_size: int) -> None:

@@ -1,6 +1,7 @@
 """wal-push: compress one WAL file (segment, .history, .backup, .partial) into wal_005/ durably."""
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,62 +53,114 @@ class _Comparer:
             self.offset += len(chunk)
 
 
-async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushResult:
-    began = time.monotonic()
-    name = os.path.basename(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise WalrusError(f"cannot open WAL file {path}", detail=e.strerror,
-                          hint="archive_command must pass %p, relative to the data directory") from None
-    direct_fd = None
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-wal")
-    try:
-        size = os.fstat(fd).st_size
-        existing = await open_archived(storage, name, settings)
-        if existing is not None:
-            # Archived already (a retry after a crash, or a second cluster on the same prefix):
-            # identical bytes are success, different bytes are never overwritten.
-            key, ext, stream = existing
-            comparer = _Comparer(fd)
-            await consume_decompressed(stream, ext, key, executor, comparer.feed, settings.crypter)
-            if comparer.same and comparer.offset == size:
-                log.info(f"{name} is already archived with identical contents ({key}); not uploaded again")
-                return WalPushResult(name, key, size, 0, "already archived", time.monotonic() - began)
-            raise WalOverwriteError(f"{name} is already archived with different contents",
-                                    detail=f"{key} in {storage.describe()} differs from {path}",
-                                    hint="two clusters may be archiving into the same prefix; give each its own "
-                                         "WALG_*_PREFIX, and keep the archived copy")
-        key = layout.wal_key(layout.with_extension(name, codec.extension(settings.compression_method)))
-        pool = BufferPool(PUSH_BUFFERS, settings.buffer_size)
-        reader = open_reader(settings.io_method)
-        counter = Counter()
-        read_total = 0
-        if settings.direct_io and size >= settings.direct_io_min:
-            found = open_for_backup(path, direct=True)  # a segment is read once: keep it out of the cache
-            if found is not None and found[1]:
-                direct_fd = found[0]
-            elif found is not None:
-                os.close(found[0])
+class WalPusher:
+    """What pushing WAL needs besides the file: a buffer pool, the file reader and a compression thread
+    per concurrent push. `wal-push` makes one for its single file; the daemon keeps one for its lifetime,
+    so each segment pays for its bytes only (no ring, mapping or thread set up per segment).
 
-        async def counted():
-            nonlocal read_total
-            source = direct_fd if direct_fd is not None else fd
-            async for buf in file_buffers(source, size, pool, reader, PUSH_BUFFERS - 2, direct_fd is not None):
-                read_total += buf.length
-                yield buf
-            if read_total != size:  # raising here aborts the put: nothing lands under the key
-                raise WalrusError(f"{path} shrank while it was being archived",
-                                  detail=f"read {read_total} of {size} bytes")
+    Invariant: at most `slots` pushes read and compress at once (WALG_UPLOAD_CONCURRENCY), each holding
+    at most PUSH_BUFFERS buffers, so the shared pool of slots * PUSH_BUFFERS never runs dry under one of
+    them. A push gives its slot back once its last buffer is consumed, so the next segment is read and
+    compressed while the previous one is made durable (fsync, rename), which holds no buffer.
+    """
 
+    def __init__(self, settings: Settings, slots: int = 1):
+        self.settings = settings
+        self._slots = asyncio.Semaphore(slots)
+        self.pool = BufferPool(PUSH_BUFFERS * slots, settings.buffer_size)
+        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="walrus-wal")
         try:
-            stored = await upload_buffers(storage, key, counted(), settings, executor, counter)
+            self.reader = open_reader(settings.io_method)
+        except BaseException:
+            self.close()
+            raise
+        register = getattr(self.reader, "register", None)
+        if register is not None and slots > 1:  # long-lived: pinning the pool once pays off
+            register(self.pool)
+
+    @staticmethod
+    def slots_for(settings: Settings) -> int:
+        """WALG_UPLOAD_CONCURRENCY pushes at once (WAL-G's default is 16), as many as the memory budget holds."""
+        per_push = PUSH_BUFFERS * settings.buffer_size
+        return max(1, min(settings.upload_concurrency, settings.memory_budget // per_push))
+
+    def close(self) -> None:
+        if getattr(self, "reader", None) is not None:
+            self.reader.close()
+        self.executor.shutdown(wait=False)
+        self.pool.close()
+
+    async def push(self, storage: Storage, path: str) -> WalPushResult:
+        settings = self.settings
+        began = time.monotonic()
+        name = os.path.basename(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise WalrusError(f"cannot open WAL file {path}", detail=e.strerror,
+                              hint="archive_command must pass %p, relative to the data directory") from None
+        direct_fd = None
+        try:
+            size = os.fstat(fd).st_size
+            existing = await open_archived(storage, name, settings)
+            if existing is not None:
+                # Archived already (a retry after a crash, or a second cluster on the same prefix):
+                # identical bytes are success, different bytes are never overwritten.
+                key, ext, stream = existing
+                comparer = _Comparer(fd)
+                await consume_decompressed(stream, ext, key, self.executor, comparer.feed, settings.crypter)
+                if comparer.same and comparer.offset == size:
+                    log.info(f"{name} is already archived with identical contents ({key}); not uploaded again")
+                    return WalPushResult(name, key, size, 0, "already archived", time.monotonic() - began)
+                raise WalOverwriteError(f"{name} is already archived with different contents",
+                                        detail=f"{key} in {storage.describe()} differs from {path}",
+                                        hint="two clusters may be archiving into the same prefix; give each its "
+                                             "own WALG_*_PREFIX, and keep the archived copy")
+            key = layout.wal_key(layout.with_extension(name, codec.extension(settings.compression_method)))
+            read_total = 0
+            await self._slots.acquire()
+            holding = True
+
+            def free_slot() -> None:
+                nonlocal holding
+                if holding:
+                    holding = False
+                    self._slots.release()
+
+            if settings.direct_io and size >= settings.direct_io_min:
+                found = open_for_backup(path, direct=True)  # a segment is read once: keep it out of the cache
+                if found is not None and found[1]:
+                    direct_fd = found[0]
+                elif found is not None:
+                    os.close(found[0])
+
+            async def counted():
+                nonlocal read_total
+                source = direct_fd if direct_fd is not None else fd
+                async for buf in file_buffers(source, size, self.pool, self.reader, PUSH_BUFFERS - 2,
+                                              direct_fd is not None):
+                    read_total += buf.length
+                    yield buf
+                free_slot()  # every buffer is back in the pool
+                if read_total != size:  # raising here aborts the put: nothing lands under the key
+                    raise WalrusError(f"{path} shrank while it was being archived",
+                                      detail=f"read {read_total} of {size} bytes")
+
+            try:
+                stored = await upload_buffers(storage, key, counted(), settings, self.executor, Counter())
+            finally:
+                free_slot()
+            log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
+            return WalPushResult(name, key, size, stored, "uploaded", time.monotonic() - began)
         finally:
-            reader.close()
-        log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
-        return WalPushResult(name, key, size, stored, "uploaded", time.monotonic() - began)
+            os.close(fd)
+            if direct_fd is not None:
+                os.close(direct_fd)
+
+
+async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushResult:
+    pusher = WalPusher(settings)
+    try:
+        return await pusher.push(storage, path)
     finally:
-        os.close(fd)
-        if direct_fd is not None:
-            os.close(direct_fd)
-        executor.shutdown(wait=False)
+        pusher.close()
