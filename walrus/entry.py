@@ -1,4 +1,5 @@
-"""The `walrus` executable: the daemon client is answered before anything heavy is imported."""
+"""The `walrus` executable: the daemon client, and wal-fetch of a prefetched segment, are answered before
+anything heavy (click, asyncio, codecs, storage) is imported: PostgreSQL runs them once per segment."""
 from __future__ import annotations
 
 import os
@@ -14,6 +15,41 @@ def main() -> None:
         from walrus.daemon.client import run
 
         sys.exit(run(sys.argv[2:]))
+    if _prefetched_fetch(sys.argv[1:]):
+        sys.exit(0)
     from walrus.cli import main as cli_main
 
     cli_main()
+
+
+def _prefetched_fetch(argv: list[str]) -> bool:
+    """`walrus [--config PATH] wal-fetch NAME DEST` when the prefetcher already has NAME: done here.
+
+    False for any other form, or when anything is not simply so (a setting in error, nothing
+    prefetched): the full command then does the work and reports errors as usual.
+    """
+    config_path = None
+    if argv[:1] == ["--config"] and len(argv) > 1:
+        config_path, argv = argv[1], argv[2:]
+    elif argv[:1] and argv[0].startswith("--config="):
+        config_path, argv = argv[0][len("--config="):], argv[1:]
+    if len(argv) != 3 or argv[0] != "wal-fetch" or argv[1].startswith("-") or argv[2].startswith("-"):
+        return False
+    from walrus.config import load_settings
+    from walrus.errors import WalrusError
+    from walrus.wal.fetch import prefetch_after, take_prefetched
+
+    warnings: list[str] = []
+    try:
+        settings = load_settings(config_path=config_path, warn=warnings.append)
+        if take_prefetched(settings, argv[1], argv[2]) is None:
+            return False
+    except (WalrusError, OSError):
+        return False
+    from walrus.log import log, setup_logging
+
+    setup_logging(settings.log_level)
+    for text in warnings:
+        log.warning(text)
+    prefetch_after(settings, argv[1], argv[2], config_path)
+    return True

@@ -1,11 +1,11 @@
 """Small durable-file helpers shared by the file storage, wal-fetch and backup-fetch."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import ctypes.util
 import os
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (ctypes.util.find_library runs ldconfig)
 
 
 def fsync_dir(path: str) -> None:
@@ -26,6 +26,14 @@ def syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+def discard(fd: int, tmp: str) -> None:
+    """After a failed write of temporary file `tmp`: close `fd` (unless already closed, -1), remove `tmp`."""
+    if fd >= 0:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
 
 
 def write_all(fd: int, data) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -12,7 +11,7 @@ THREAD_STACK = 2 << 20  # the default 8 MiB per thread is address space walrus's
 
 def tune_process() -> None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the process's own symbols (ctypes.util.find_library runs ldconfig)
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune

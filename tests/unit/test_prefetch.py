@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from walrus.wal import prefetch
+from walrus.wal import prefetch, prefetcher
 
 BIN = os.path.dirname(sys.executable)
 SEGSIZE = 1 << 20
@@ -76,7 +76,7 @@ def test_clean_removes_segments_recovery_has_passed(tmp_path):
     for n in (1, 2, 5):
         (location / seg(n)).write_bytes(b"x")
     (location / "running" / seg(3)).write_bytes(b"x")
-    prefetch._clean(str(location), seg(4), SEGSIZE)
+    prefetch.clean(str(location), seg(4), SEGSIZE)
     assert sorted(p.name for p in location.iterdir() if p.is_file()) == [seg(5)]
     assert list((location / "running").iterdir()) == []
 
@@ -98,7 +98,57 @@ def test_full_prefetch_window_of_large_segments_does_not_starve(tmp_path):
 
     async def main():
         storage = open_storage(settings)
-        return await asyncio.wait_for(prefetch.prefetch(settings, storage, seg(1), location), 60)
+        return await asyncio.wait_for(prefetcher.prefetch(settings, storage, seg(1), location), 60)
 
     assert sorted(asyncio.run(main())) == [seg(n) for n in range(2, 12)]
     assert all(os.path.getsize(os.path.join(location, seg(n))) == big for n in range(2, 12))
+
+
+def test_take_refuses_a_prefetched_file_from_before_the_last_boot(tmp_path):
+    """Prefetched files are not fsynced: one written before a crash may be torn, so it is never used."""
+    location = tmp_path / "prefetch"
+    location.mkdir()
+    (location / seg(5)).write_bytes(wal_bytes(5))
+    before_boot = prefetch._boot_time() - 60
+    os.utime(location / seg(5), (before_boot, before_boot))
+    dest = tmp_path / "dest"
+    assert prefetch.take_ready(str(location), seg(5), str(dest), SEGSIZE) is None
+    assert not (location / seg(5)).exists() and not dest.exists()
+
+
+def test_prefetcher_follows_the_cursor_and_exits_when_recovery_stops(tmp_path, monkeypatch):
+    from walrus.config import load_settings
+    from walrus.storage import open_storage
+
+    store = tmp_path / "store" / "wal_005"
+    store.mkdir(parents=True)
+    for n in range(2, 12):  # compression 'none' objects: the bare name
+        (store / seg(n)).write_bytes(wal_bytes(n))
+    settings = load_settings(env={"WALG_FILE_PREFIX": str(tmp_path / "store"), "WALG_DOWNLOAD_CONCURRENCY": "3",
+                                  "WALG_PG_WAL_SIZE": "1", "HOME": str(tmp_path)})
+    location = str(tmp_path / "pg_wal" / ".wal-g" / "prefetch")
+    monkeypatch.setattr(prefetcher, "FOLLOW_LINGER", 0.5)
+
+    def here() -> list[str]:
+        return sorted(n for n in os.listdir(location) if not n.startswith("."))[:-1]  # less running/
+
+    async def main():
+        storage = open_storage(settings)
+        follower = asyncio.create_task(prefetcher.follow(settings, storage, seg(1), location))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if here() == [seg(2), seg(3), seg(4)]:
+                break
+        assert here() == [seg(2), seg(3), seg(4)]
+        for n in (2, 3):  # recovery takes two of them and asks on
+            assert prefetch.take_ready(location, seg(n), str(tmp_path / "RECOVERYXLOG"), SEGSIZE) == SEGSIZE
+            prefetch.advance(location, seg(n))
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if here() == [seg(4), seg(5), seg(6)]:
+                break
+        assert here() == [seg(4), seg(5), seg(6)]
+        return await asyncio.wait_for(follower, 10)  # nothing new asked: it ends after FOLLOW_LINGER
+
+    assert asyncio.run(main()) == 5
+    assert prefetch.cursor(location) == seg(3)

@@ -15,7 +15,7 @@ from walrus.errors import ArchiveNotFound, ConfigError, WalrusError
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name, next_wal_file_name
 from walrus.storage.base import Storage
-from walrus.wal import prefetch
+from walrus.wal import prefetch, prefetcher
 from walrus.wal.fetch import wal_fetch
 from walrus.wal.push import WalPusher
 
@@ -54,7 +54,7 @@ class Daemon:
         self._pushes = _Pushes()
         self._stopping = asyncio.Event()
         self._connections: set[asyncio.Task] = set()
-        self._window = prefetch.Window(settings, storage)
+        self._window = prefetcher.Window(settings, storage)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import AsyncIterable, AsyncIterator, Iterable
 
 from walrus.errors import ObjectNotFound, StorageError
-from walrus.fsutil import fsync_dir, write_all
+from walrus.fsutil import discard, fsync_dir, write_all
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
@@ -71,12 +71,7 @@ class FsStorage(Storage):
             os.rename(tmp, path)
             await asyncio.to_thread(fsync_dir, os.path.dirname(path))
         except BaseException as e:
-            if fd >= 0:
-                os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            discard(fd, tmp)
             if isinstance(e, OSError):
                 raise self._fail("write", key, e) from None
             raise

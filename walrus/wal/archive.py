@@ -1,8 +1,10 @@
-"""Finding an archived WAL object under any compression extension, in WAL-G's probe order."""
+"""Archived WAL objects: found under any compression extension (WAL-G's probe order), decompressed, downloaded."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Callable
 
@@ -10,7 +12,8 @@ from walrus import codec
 from walrus.backup import layout
 from walrus.config import Settings
 from walrus.crypto import Crypter, decrypting
-from walrus.errors import ObjectNotFound
+from walrus.errors import ArchiveNotFound, ObjectNotFound, WalrusError
+from walrus.fsutil import discard, write_all
 from walrus.storage.base import ByteStream, Storage
 from walrus.stream.stages import SyncReader
 
@@ -70,3 +73,42 @@ async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor:
             await stream.aclose()
         if own is not None:
             own.shutdown(wait=False)
+
+
+async def download(settings: Settings, storage: Storage, name: str, destination: str,
+                   partial: str | None = None) -> tuple[str, int]:
+    """Decompress archived `name` into `destination` via `partial` (a temporary file in the same
+    directory by default), then rename: a reader never sees a partial file under `destination`.
+
+    Not fsynced: what restore_command writes is PostgreSQL's to keep, and it makes the segment durable
+    itself (durable_rename in KeepFileRestoredFromArchive) when fsync is on; after a crash before
+    that, recovery asks for the segment again. WAL-G does not fsync it either. (Prefetched copies are
+    not fsynced for the same reason; prefetch.take() refuses any written before the last boot.)"""
+    found = await open_archived(storage, name, settings)
+    if found is None:
+        raise ArchiveNotFound(f"WAL file {name} is not in the archive")
+    key, ext, stream = found
+    directory = os.path.dirname(os.path.abspath(destination))
+    tmp = partial or os.path.join(directory, f".{os.path.basename(destination)}.walrus-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        await stream.aclose()
+        raise WalrusError(f"cannot create {tmp}", detail=e.strerror,
+                          hint="restore_command must pass %p and run as the server's OS user") from None
+    size = 0
+
+    def sink(chunk: bytes) -> None:
+        nonlocal size
+        write_all(fd, chunk)
+        size += len(chunk)
+
+    try:
+        await consume_decompressed(stream, ext, key, None, sink, settings.crypter)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, destination)
+    except BaseException:
+        discard(fd, tmp)
+        raise
+    return key, size

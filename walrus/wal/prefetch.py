@@ -1,7 +1,10 @@
-"""WAL prefetch in WAL-G's layout: the next segments land in pg_wal/.wal-g/prefetch/ before recovery asks."""
+"""WAL prefetch in WAL-G's layout (pg_wal/.wal-g/prefetch/): taking prefetched files, starting the prefetcher.
+
+Nothing here imports asyncio or a storage: a restore_command whose segment was prefetched needs only
+this module. The downloads are prefetcher.py's.
+"""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import os
@@ -10,14 +13,13 @@ import subprocess
 import sys
 
 from walrus.config import Settings
-from walrus.errors import ArchiveNotFound, WalrusError
 from walrus.log import log
-from walrus.pg.xlog import classify_wal_name, next_wal_file_name, parse_wal_file_name
-from walrus.storage.base import Storage
+from walrus.pg.xlog import classify_wal_name, parse_wal_file_name
 
 PREFETCH = os.path.join(".wal-g", "prefetch")
 RUNNING = "running"
 LOCK = ".prefetcher.lock"
+CURSOR = ".prefetcher.cursor"  # the segment recovery asked for last (advance(), cursor())
 WAL_MAGIC_MIN = 0xD061  # the oldest WAL page magic PostgreSQL 9.x wrote; anything lower is not WAL
 WAIT_POLL = 0.002
 WAIT_GIVE_UP = 100  # polls without growth of a running download (WAL-G waits the same ~200 ms)
@@ -34,10 +36,11 @@ def wanted(name: str, settings: Settings) -> bool:
 
 
 async def take(location: str, name: str, destination: str, segment_size: int) -> int | None:
-    """Move a prefetched `name` to DEST if it is whole and looks like WAL; None to download it instead."""
-    ready = os.path.join(location, name)
+    """take_ready(), after waiting for a download of `name` in progress while it keeps growing."""
+    import asyncio  # here, not at the top: a wal-fetch of a prefetched segment never needs asyncio
+
     running = os.path.join(location, RUNNING, name)
-    if not os.path.exists(ready):
+    if not os.path.exists(os.path.join(location, name)):
         last, idle = -1, 0
         while idle < WAIT_GIVE_UP:  # a prefetch is writing it: wait while it keeps growing
             try:
@@ -47,8 +50,12 @@ async def take(location: str, name: str, destination: str, segment_size: int) ->
             idle = idle + 1 if size == last else 0
             last = size
             await asyncio.sleep(WAIT_POLL)
-        if not os.path.exists(ready):
-            return None
+    return take_ready(location, name, destination, segment_size)
+
+
+def take_ready(location: str, name: str, destination: str, segment_size: int) -> int | None:
+    """Move a prefetched `name` to DEST if it is whole and looks like WAL; None to download it instead."""
+    ready = os.path.join(location, name)
     try:
         with open(ready, "rb") as f:
             head = f.read(4)
@@ -74,81 +81,28 @@ async def take(location: str, name: str, destination: str, segment_size: int) ->
     return size
 
 
-def parallel_downloads(settings: Settings) -> int:
-    """Downloads of a window running at once: one per CPU (decompression is the work; at least 2, so
-    one download's wait on storage overlaps another's), never more than the window."""
-    return max(1, min(settings.download_concurrency, max(2, len(os.sched_getaffinity(0)))))
-
-
-class Window:
-    """The prefetch window after the segment recovery asked for last, downloaded in order.
-
-    Each fill() queues the next WALG_DOWNLOAD_CONCURRENCY segments that are neither here nor queued;
-    they start in WAL order, parallel_downloads() at a time, so the one recovery asks for next is
-    whole first (ten at once, as WAL-G starts them, would all finish late). The daemon keeps one
-    window for its lifetime and refills it on every fetch; `wal-prefetch` fills one and waits.
-    """
-
-    def __init__(self, settings: Settings, storage: Storage):
-        self.settings = settings
-        self.storage = storage
-        self._slots = asyncio.Semaphore(parallel_downloads(settings))
-        self._tasks: dict[tuple[str, str], asyncio.Task] = {}  # (location, segment) -> its download
-
-    def fill(self, name: str, location: str) -> list[asyncio.Task]:
-        """Queue the segments after `name`; returns the downloads queued now."""
+def advance(location: str, name: str) -> None:
+    """Record `name` as the segment recovery asked for last: the running prefetcher follows it."""
+    with contextlib.suppress(OSError):
         os.makedirs(os.path.join(location, RUNNING), 0o700, exist_ok=True)
-        _clean(location, name, self.settings.segment_size)
-        started, current = [], name
-        for _ in range(self.settings.download_concurrency):
-            current = next_wal_file_name(current, self.settings.segment_size)
-            key = (location, current)
-            if key in self._tasks or _present(location, current):
-                continue
-            task = asyncio.create_task(self._download(location, current))
-            self._tasks[key] = task
-            task.add_done_callback(lambda _t, k=key: self._tasks.pop(k, None))
-            started.append(task)
-        return started
-
-    async def settle(self, location: str, name: str) -> None:
-        """Wait for a queued or running download of `name`, so a fetch takes it instead of racing it."""
-        task = self._tasks.get((location, name))
-        if task is not None:
-            await asyncio.wait({task})
-
-    def cancel(self) -> list[asyncio.Task]:
-        tasks = list(self._tasks.values())
-        for task in tasks:
-            task.cancel()
-        return tasks
-
-    async def _download(self, location: str, segment: str) -> str | None:
-        from walrus.wal.fetch import download
-
-        async with self._slots:
-            final, partial = os.path.join(location, segment), os.path.join(location, RUNNING, segment)
-            if _present(location, segment):
-                return None  # there already, or another prefetcher has it
-            try:
-                # not fsynced (a cache): take() refuses any file written before the last boot, the
-                # only way its bytes could be torn
-                await download(self.settings, self.storage, segment, final, partial=partial)
-            except ArchiveNotFound:
-                return None  # past the end of the archive (yet)
-            except (WalrusError, OSError) as e:  # best effort: wal-fetch downloads it itself
-                log.debug(f"prefetch of {segment} skipped: {e}")
-                return None
-            return segment
+        fd = os.open(os.path.join(location, RUNNING, CURSOR), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.pwrite(fd, name.encode(), 0)  # names have one length: one small write, never seen torn
+        finally:
+            os.close(fd)
 
 
-async def prefetch(settings: Settings, storage: Storage, name: str, location: str) -> list[str]:
-    """Download the WALG_DOWNLOAD_CONCURRENCY segments after `name` on its timeline; clean older ones."""
-    done = await asyncio.gather(*Window(settings, storage).fill(name, location))
-    return [s for s in done if s]
+def cursor(location: str) -> str | None:
+    """The segment advance() recorded last, or None."""
+    try:
+        with open(os.path.join(location, RUNNING, CURSOR), "rb") as f:
+            text = f.read(64).decode("ascii", "replace")
+    except OSError:
+        return None
+    return text if classify_wal_name(text) == "segment" else None
 
 
-def _present(location: str, segment: str) -> bool:
+def present(location: str, segment: str) -> bool:
     return os.path.exists(os.path.join(location, segment)) or os.path.exists(os.path.join(location, RUNNING, segment))
 
 
@@ -164,7 +118,7 @@ def _boot_time() -> float:
     return 0.0
 
 
-def _clean(location: str, name: str, segment_size: int) -> None:
+def clean(location: str, name: str, segment_size: int) -> None:
     """Remove prefetched files older than `name`: recovery has moved past them."""
     timeline, segno = parse_wal_file_name(name, segment_size)
     for folder in (location, os.path.join(location, RUNNING)):
