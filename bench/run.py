@@ -20,6 +20,7 @@ sys.path.insert(0, REPO_ROOT)
 
 from bench import report  # noqa: E402
 from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed, tree_bytes  # noqa: E402
+from bench.s3 import S3rver  # noqa: E402
 from bench.tools import PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, user_dir, user_env, walrus_tool  # noqa: E402
 from bench.wal import DEFAULT_WAL_TOOLS, WAL_OPS, WalBench, select_wal_tools  # noqa: E402
 from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run,  # noqa: E402
@@ -45,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scale", type=int, default=200, help="pgbench scale (200 is ~3 GiB; default 200)")
     ap.add_argument("--compression", choices=["lz4", "zstd"], default="lz4")
+    ap.add_argument("--storage", choices=["file", "s3"], default="file",
+                    help="where backup/restore repositories live: local files (default) or an S3 endpoint on "
+                         "loopback (s3rver from npm, TLS); the WAL operations always use files")
     ap.add_argument("--workers", type=int, default=2, help="parallel workers for every tool that has them (default 2)")
     ap.add_argument("--tools", default=DEFAULT_TOOLS,
                     help=f"comma-separated, in order (default {DEFAULT_TOOLS}); wal-g and walrus-rs are added "
@@ -101,6 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
+    """The tools named by --tools (and the extra ones), minus those that cannot run here or on --storage."""
     known: dict[str, Tool] = {t.name: t for t in (walrus_tool("io_uring"), walrus_tool("preadv"), PgBackRest(),
                                                   PgBaseBackup())}
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
@@ -119,11 +124,13 @@ def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
         tool = known.get(name)
         if tool is None:
             raise SystemExit(f"unknown tool {name!r}; known: {', '.join(known)}")
-        reason = tool.missing()
+        reason = tool.missing() or (None if tool.s3 or args.storage != "s3" else "no S3 storage")
         if reason:
             warnings.append(f"skipped {tool.label}: {reason}")
         else:
             tools.append(tool)
+    if args.storage == "s3" and (reason := S3rver.missing()):
+        raise SystemExit(f"--storage s3: {reason}")
     return tools, warnings
 
 
@@ -211,6 +218,19 @@ class Bench:
         self.disk_read_mib_s: float | None = None
         self.source: Cluster | None = None
         self.setup: Setup | None = None
+        self.s3 = S3rver(self.root) if args.storage == "s3" else None
+
+    # a repository: a local directory, or with --storage s3 a key prefix named after it
+    def repo_bytes(self, repo: str) -> int:
+        return self.s3.stored_bytes(repo) if self.s3 else tree_bytes(repo)
+
+    def repo_flush_dir(self, repo: str) -> str:
+        return self.s3.data if self.s3 else repo  # what `sync -f` makes durable after a backup
+
+    def remove_repo(self, repo: str) -> None:
+        if self.s3:
+            self.s3.remove(repo)
+        remove_tree(repo)
 
     def create_source(self) -> None:
         scale = self.args.scale
@@ -228,7 +248,11 @@ class Bench:
         self.db_bytes = tree_bytes(c.data) - tree_bytes(os.path.join(c.data, "pg_wal"))
         self.source = c
         self.disk_read_mib_s = cold_read_mib_s(largest_file(os.path.join(c.data, "base")))
-        self.setup = Setup(cluster=c, root=self.root, compression=self.args.compression, workers=self.args.workers)
+        if self.s3:
+            say(f"==> S3 endpoint: {self.s3.version()} with TLS on 127.0.0.1")
+            self.s3.start(os.path.join(self.logs, "s3rver.log"))
+        self.setup = Setup(cluster=c, root=self.root, compression=self.args.compression, workers=self.args.workers,
+                           s3=self.s3)
         say(f"    database: {self.db_bytes / MIB:.0f} MiB (PGDATA without pg_wal)")
 
     def write_after_backups(self) -> dict[str, str]:
@@ -270,15 +294,15 @@ class Bench:
             try:
                 tool.new_repo(self.setup, repo)
                 cmd = tool.backup(self.setup, repo)
-                m = self.timed(tool, "backup", n, cmd.argv, cmd.env, repo)
-                runs[tool.name].append((m, tree_bytes(repo)))
+                m = self.timed(tool, "backup", n, cmd.argv, cmd.env, self.repo_flush_dir(repo))
+                runs[tool.name].append((m, self.repo_bytes(repo)))
                 wait_archiver_idle(self.source)
             except (StepFailed, RuntimeError, AssertionError) as e:
                 say(f"    FAILED: {e}")
                 failed[tool.name] = str(e)
                 continue
             if tool.name in repos:
-                remove_tree(repos[tool.name])
+                self.remove_repo(repos[tool.name])
             repos[tool.name] = repo
         for tool in self.tools:
             if tool.name in failed:
@@ -372,6 +396,8 @@ class Bench:
     def close(self) -> None:
         for c in self.clusters:
             c.stop("immediate")
+        if self.s3:
+            self.s3.stop()
         if self.args.keep:
             say(f"kept {self.root}")
         else:
@@ -420,6 +446,9 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
         "running walrus wal-push for the backup's last segment.",
         "peak RSS / VmPeak: highest sum over the tool's live processes, sampled from /proc at 20 Hz.",
         "output MiB: backup = bytes in the repository; restore = bytes of the restored data directory.",
+        *([f"storage: S3 on loopback, {S3rver(b.root).version()} (Node.js, objects in files, TLS with a self-signed "
+           "certificate every tool verifies), path-style bucket; its CPU is not in the tools' CPU s; wall s of a "
+           "backup ends with `sync -f` of s3rver's directory."] if args.storage == "s3" else []),
         f"workers: walrus/WAL-G WALG_UPLOAD_DISK_CONCURRENCY = WALG_DOWNLOAD_CONCURRENCY = {args.workers}; pgBackRest "
         f"process-max={args.workers}; pg_basebackup and tar have no worker option (PostgreSQL 15 client "
         "compression is single-threaded).",
@@ -503,7 +532,7 @@ def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: 
     for op in ("backup", "restore"):
         rows = [r for r in b.rows if r["operation"] == op] if b else []
         if rows:
-            text += [f"{op} ({args.compression}, scale {args.scale}, {args.workers} workers)",
+            text += [f"{op} ({args.compression}, scale {args.scale}, {args.workers} workers, {args.storage} storage)",
                      report.table(rows, op), ""]
     if w:
         text += w.tables()
@@ -531,7 +560,8 @@ def write_results(out: str, text: str, meta: dict, b: Bench | None, w: WalBench 
     for op in ("backup", "restore") if b else ():
         if b.samples[op]:
             report.plot_memory(plt, os.path.join(out, f"memory-{op}.png"), op, b.samples[op],
-                               f"pgbench scale {args.scale}, {args.compression}, {args.workers} workers")
+                               f"pgbench scale {args.scale}, {args.compression}, {args.workers} workers, "
+                               f"{args.storage} storage")
     if w:
         w.plot(plt, out)
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+from bench.s3 import S3rver
 from tests.pgcluster import WALRUS, Cluster, chown_to_user, pg_bindir, run, run_user
 
 STANZA = "bench"
@@ -21,6 +22,7 @@ class Setup:
     root: str  # work directory (owned by the run user)
     compression: str  # lz4 | zstd
     workers: int
+    s3: S3rver | None = None  # repositories are key prefixes there instead of local directories
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Tool:
     name: str  # as given to --tools
     label: str  # as shown in the tables
     binary: str  # the executable run for backups
+    s3: bool = True  # whether it can keep its repository in S3
 
     def missing(self) -> str | None:
         """Why the tool cannot run here, or None."""
@@ -97,7 +100,8 @@ class WalgLike(Tool):
         return first_line([self.binary, "--version"])
 
     def _env(self, s: Setup, repo: str) -> dict[str, str]:
-        return {**s.cluster.env, "WALG_FILE_PREFIX": repo, "WALG_COMPRESSION_METHOD": s.compression,
+        storage = s.s3.walg_env(repo) if s.s3 else {"WALG_FILE_PREFIX": repo}
+        return {**s.cluster.env, **storage, "WALG_COMPRESSION_METHOD": s.compression,
                 "WALG_UPLOAD_DISK_CONCURRENCY": str(s.workers), "WALG_DOWNLOAD_CONCURRENCY": str(s.workers),
                 **self.extra_env}
 
@@ -135,9 +139,10 @@ class PgBackRest(Tool):
         for sub in ("log", "lock", "conf.d"):
             user_dir(os.path.join(etc, sub))
         compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
+        storage = s.s3.pgbackrest_options(repo) if s.s3 else [f"repo1-path={repo}", "repo1-type=posix"]
         conf = "\n".join([
             "[global]",
-            f"repo1-path={repo}", "repo1-type=posix", "repo1-retention-full=1",
+            *storage, "repo1-retention-full=1",
             f"compress-type={compress}", f"process-max={s.workers}",
             "start-fast=y", "archive-check=n",
             f"log-path={etc}/log", f"lock-path={etc}/lock", "log-level-console=warn", "log-level-file=off",
@@ -170,6 +175,7 @@ class PgBaseBackup(Tool):
     """
 
     name, label = "pg_basebackup", "pg_basebackup"
+    s3 = False  # writes local tar files only
 
     def __init__(self) -> None:
         self.binary = os.path.join(pg_bindir(), "pg_basebackup")
