@@ -106,6 +106,18 @@ def test_a_lost_complete_response_is_recognised(moto_server, s3_bucket, fault_pr
     assert moto_server.read(s3_bucket, "walrus/obj") == data
 
 
+def test_a_lost_create_response_leaves_no_upload_behind(moto_server, s3_bucket, fault_proxy, tmp_path):
+    """S3 created a multipart upload but the answer was lost: the retry creates another, and the first,
+    which nobody would ever complete or abort, is aborted (it would keep its parts stored forever)."""
+    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    fault_proxy.fail("drop-body", 1, lambda r: r.method == "POST" and r.path.endswith("?uploads"))
+    data = os.urandom(3 * PART)
+    run(storage, storage.put("obj", chunks(data)))
+    assert [a for a, _ in fault_proxy.applied] == ["drop-body"]
+    assert moto_server.read(s3_bucket, "walrus/obj") == data
+    assert moto_server.pending_uploads(s3_bucket) == []
+
+
 def test_a_stalled_request_is_abandoned_and_retried(moto_server, s3_bucket, fault_proxy, tmp_path):
     storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_TIMEOUT="1")
     fault_proxy.fail("stall", 1, is_part)

@@ -521,9 +521,34 @@ class S3Storage(Storage):
                          ContentLength=len(data), body=lambda p: {"Body": _Body(data, p)}, **self._object_args())
 
     async def _start_multipart(self, full: str) -> "_Multipart":
-        created = await self._call(f"upload of {self._rel(full)}", "create_multipart_upload", Key=full,
-                                   **self._object_args())
-        return _Multipart(self, full, created["UploadId"])
+        what = f"upload of {self._rel(full)}"
+        s3 = await self._s3()
+        tries = 0
+
+        async def attempt(progress: Progress) -> dict[str, Any]:
+            nonlocal tries
+            tries += 1
+            with self._errors(what):
+                return await s3.create_multipart_upload(Bucket=self.config.bucket, Key=full, **self._object_args())
+
+        upload_id = (await self.policy.run(what, attempt))["UploadId"]
+        if tries > 1:
+            await self._abort_lost_creates(full, upload_id)
+        return _Multipart(self, full, upload_id)
+
+    async def _abort_lost_creates(self, full: str, keep: str) -> None:
+        """A retried CreateMultipartUpload whose earlier try succeeded unseen (the answer was lost) left an
+        upload nobody will complete; abort every upload of this key but ours. One key has one writer
+        (a backup's part, a WAL file), so they are ours. Best effort: a lifecycle rule covers the rest."""
+        try:
+            page = await self._call(f"listing of the uploads of {self._rel(full)}", "list_multipart_uploads",
+                                    Prefix=full)
+            for upload in page.get("Uploads") or ():
+                if upload.get("Key") == full and upload.get("UploadId") != keep:
+                    await self._call(f"upload of {self._rel(full)} (abort of a lost try)", "abort_multipart_upload",
+                                     Key=full, UploadId=upload["UploadId"])
+        except Exception as e:
+            log.warning(f"could not abort the lost multipart uploads of {self._rel(full)}: {describe(e)}")
 
     async def delete(self, keys: Iterable[str]) -> None:
         batch: list[str] = []
