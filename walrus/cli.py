@@ -98,14 +98,12 @@ def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool) -> None:
     """Restore one WAL file (restore_command = 'walrus wal-fetch %f %p'); exit 74 if it is not archived.
 
     The next WALG_DOWNLOAD_CONCURRENCY segments are then prefetched in the background."""
-    from walrus.wal.fetch import prefetch_after, take_prefetched, wal_fetch
+    from walrus.wal.fetch import prefetch_after, wal_fetch
 
+    # entry.py has already answered the plain form when the segment was prefetched; here wal_fetch
+    # takes a prefetched copy itself, or downloads
     settings = _settings(ctx)
-    # recovery's common case once the prefetcher is ahead: a rename, with no storage or event loop
-    # (entry.py answers the plain form of this before even click is imported)
-    result = take_prefetched(settings, name, destination)
-    if result is None:
-        result = _run(ctx, lambda s, st: wal_fetch(s, st, name, destination), settings)
+    result = _run(ctx, lambda s, st: wal_fetch(s, st, name, destination), settings)
     prefetch_after(settings, name, destination, ctx.obj["config_path"])
     _emit(result, as_json, None)
 

@@ -98,7 +98,9 @@ def test_full_prefetch_window_of_large_segments_does_not_starve(tmp_path):
 
     async def main():
         storage = open_storage(settings)
-        return await asyncio.wait_for(prefetcher.prefetch(settings, storage, seg(1), location), 60)
+        window = prefetcher.Window(settings, storage)
+        done = await asyncio.wait_for(asyncio.gather(*window.fill(seg(1), location)), 60)
+        return [s for s in done if s]
 
     assert sorted(asyncio.run(main())) == [seg(n) for n in range(2, 12)]
     assert all(os.path.getsize(os.path.join(location, seg(n))) == big for n in range(2, 12))

@@ -29,7 +29,7 @@ class Window:
     Each fill() queues the next WALG_DOWNLOAD_CONCURRENCY segments that are neither here nor queued;
     they start in WAL order, parallel_downloads() at a time, so the one recovery asks for next is
     whole first (ten at once, as WAL-G starts them, would all finish late). The daemon keeps one
-    window for its lifetime and refills it on every fetch; `wal-prefetch` fills one and waits.
+    window for its lifetime and refills it on every fetch; `wal-prefetch` refills one as follow() says.
     """
 
     def __init__(self, settings: Settings, storage: Storage):
@@ -37,6 +37,12 @@ class Window:
         self.storage = storage
         self._slots = asyncio.Semaphore(parallel_downloads(settings))
         self._tasks: dict[tuple[str, str], asyncio.Task] = {}  # (location, segment) -> its download
+        self.downloaded = 0  # segments this window has prefetched
+
+    @property
+    def busy(self) -> bool:
+        """Some download is queued or running."""
+        return bool(self._tasks)
 
     def fill(self, name: str, location: str) -> list[asyncio.Task]:
         """Queue the segments after `name`; returns the downloads queued now."""
@@ -80,13 +86,8 @@ class Window:
             except (WalrusError, OSError) as e:  # best effort: wal-fetch downloads it itself
                 log.debug(f"prefetch of {segment} skipped: {e}")
                 return None
+            self.downloaded += 1
             return segment
-
-
-async def prefetch(settings: Settings, storage: Storage, name: str, location: str) -> list[str]:
-    """Download the WALG_DOWNLOAD_CONCURRENCY segments after `name` on its timeline; clean older ones."""
-    done = await asyncio.gather(*Window(settings, storage).fill(name, location))
-    return [s for s in done if s]
 
 
 async def follow(settings: Settings, storage: Storage, name: str, location: str) -> int:
@@ -97,17 +98,16 @@ async def follow(settings: Settings, storage: Storage, name: str, location: str)
     imports, about 0.1 CPU-s) every few segments competing with replay for the CPU.
     """
     window = Window(settings, storage)
-    tasks = window.fill(name, location)
+    window.fill(name, location)
     last, moved = name, time.monotonic()
     while True:
         await asyncio.sleep(FOLLOW_POLL)
         now = cursor(location)
         if now is not None and _after(now, last, settings.segment_size):
             last, moved = now, time.monotonic()
-            tasks += window.fill(last, location)
-        elif time.monotonic() - moved > FOLLOW_LINGER and all(t.done() for t in tasks):
-            break
-    return sum(1 for t in tasks if not t.cancelled() and t.exception() is None and t.result())
+            window.fill(last, location)
+        elif time.monotonic() - moved > FOLLOW_LINGER and not window.busy:
+            return window.downloaded
 
 
 def _after(a: str, b: str, segment_size: int) -> bool:
