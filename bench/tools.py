@@ -60,6 +60,39 @@ def first_line(argv: list[str]) -> str:
     return text.splitlines()[0].strip("* ") if text else "unknown"
 
 
+PGBACKREST = shutil.which("pgbackrest") or "pgbackrest"
+
+
+def pgbackrest_etc(repo: str) -> str:
+    return repo + "-etc"  # pgBackRest's config, logs and locks live beside the repository, not in it
+
+
+def pgbackrest_argv(repo: str, *args: str) -> list[str]:
+    etc = pgbackrest_etc(repo)
+    return [PGBACKREST, f"--config={etc}/pgbackrest.conf", f"--config-include-path={etc}/conf.d",
+            f"--stanza={STANZA}", *args]
+
+
+def pgbackrest_stanza(repo: str, cluster: Cluster, root: str, options: list[str], dirs: tuple[str, ...] = ()) -> None:
+    """pgBackRest's configuration for `repo`: its [global] `options` (repository, compression...),
+    logs and locks in the -etc directory (with `dirs` made there too), the bench stanza on `cluster`;
+    then stanza-create."""
+    etc = user_dir(pgbackrest_etc(repo))
+    for sub in ("log", "lock", "conf.d", *dirs):
+        user_dir(os.path.join(etc, sub))
+    conf = "\n".join([
+        "[global]", *options,
+        f"log-path={etc}/log", f"lock-path={etc}/lock", "log-level-console=warn", "log-level-file=off",
+        f"[{STANZA}]",
+        f"pg1-path={cluster.data}", f"pg1-port={cluster.port}", f"pg1-socket-path={cluster.sockdir}",
+    ]) + "\n"
+    path = os.path.join(etc, "pgbackrest.conf")
+    with open(path, "w") as f:
+        f.write(conf)
+    chown_to_user(path)
+    run(pgbackrest_argv(repo, "stanza-create"), cwd=root)
+
+
 class Tool:
     """One contender. Subclasses say how to back up into a repository and restore from it."""
 
@@ -121,7 +154,7 @@ class PgBackRest(Tool):
     """pgBackRest with a posix repository; WAL stays with walrus's archive_command, so archive-check=n."""
 
     name, label = "pgbackrest", "pgBackRest"
-    binary = shutil.which("pgbackrest") or "pgbackrest"
+    binary = PGBACKREST
 
     def missing(self) -> str | None:
         return None if shutil.which("pgbackrest") else "pgbackrest is not installed (apt-get install pgbackrest)"
@@ -129,43 +162,20 @@ class PgBackRest(Tool):
     def version(self) -> str:
         return first_line([self.binary, "version"])
 
-    @staticmethod
-    def _etc(repo: str) -> str:
-        return repo + "-etc"  # config, logs and locks live beside the repository, not in it
-
     def new_repo(self, s: Setup, repo: str) -> None:
         user_dir(repo)
-        etc = user_dir(self._etc(repo))
-        for sub in ("log", "lock", "conf.d"):
-            user_dir(os.path.join(etc, sub))
-        compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
         storage = s.s3.pgbackrest_options(repo) if s.s3 else [f"repo1-path={repo}", "repo1-type=posix"]
-        conf = "\n".join([
-            "[global]",
-            *storage, "repo1-retention-full=1",
-            f"compress-type={compress}", f"process-max={s.workers}",
-            "start-fast=y", "archive-check=n",
-            f"log-path={etc}/log", f"lock-path={etc}/lock", "log-level-console=warn", "log-level-file=off",
-            f"[{STANZA}]",
-            f"pg1-path={s.cluster.data}", f"pg1-port={s.cluster.port}", f"pg1-socket-path={s.cluster.sockdir}",
-        ]) + "\n"
-        path = os.path.join(etc, "pgbackrest.conf")
-        with open(path, "w") as f:
-            f.write(conf)
-        chown_to_user(path)
-        run(self._argv(repo, "stanza-create"), cwd=s.root)
-
-    def _argv(self, repo: str, *args: str) -> list[str]:
-        etc = self._etc(repo)
-        return [self.binary, f"--config={etc}/pgbackrest.conf", f"--config-include-path={etc}/conf.d",
-                f"--stanza={STANZA}", *args]
+        compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
+        pgbackrest_stanza(repo, s.cluster, s.root, [
+            *storage, "repo1-retention-full=1", f"compress-type={compress}", f"process-max={s.workers}",
+            "start-fast=y", "archive-check=n"])
 
     def backup(self, s: Setup, repo: str) -> Command:
-        return Command(self._argv(repo, "--type=full", "backup"), {})
+        return Command(pgbackrest_argv(repo, "--type=full", "backup"), {})
 
     def restore(self, s: Setup, repo: str, target: str) -> Command:
         # restore into an empty directory: no --delta, no --force
-        return Command(self._argv(repo, f"--pg1-path={target}", "restore"), {})
+        return Command(pgbackrest_argv(repo, f"--pg1-path={target}", "restore"), {})
 
 
 class PgBaseBackup(Tool):

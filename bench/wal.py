@@ -322,25 +322,9 @@ class WalBench:
     # -- archive: a pgbench burst with the tool as archive_command --------------------------------
     def archive(self) -> None:
         a = self.args
-        tools = [t for t in self.tools if "archive" in t.ops]
-        runs: dict[str, list[dict]] = {t.name: [] for t in tools}
-        failed: dict[str, str] = {}
-        for n, tool in rounds(tools, a.repeat, failed):
-            self.say(f"==> archive {tool.label}: pgbench -c {a.burst_clients} -T {a.burst_seconds} "
-                     f"(run {n + 1}/{a.repeat})")
-            try:
-                runs[tool.name].append(self.archive_run(tool, n))
-                r = runs[tool.name][-1]
-                self.say(f"    {r['wal_segments']} segments written, backlog at the end {r['backlog_end']}, "
-                         f"max {r['backlog_max']}, caught up in {r['catchup_s']:.1f} s")
-            except StepFailed as e:
-                self.say(f"    FAILED: {e}")
-                failed[tool.name] = str(e)
-        for tool in tools:
-            if tool.name in failed:
-                self.rows.append(_failed_row(tool.label, tool.name, "archive", failed[tool.name]))
-            else:
-                self.add_row(runs[tool.name], "catchup_s")
+        self.measure("archive", f": pgbench -c {a.burst_clients} -T {a.burst_seconds}", self.archive_run,
+                     lambda r: f"{r['wal_segments']} segments written, backlog at the end {r['backlog_end']}, "
+                               f"max {r['backlog_max']}, caught up in {r['catchup_s']:.1f} s", "catchup_s")
 
     def archive_run(self, tool: WalTool, n: int) -> dict:
         a, c = self.args, self.source
@@ -400,24 +384,8 @@ class WalBench:
 
     # -- drain: a backlog of N segments, then the tool's archive_command -------------------------
     def drain(self) -> None:
-        a = self.args
-        tools = [t for t in self.tools if "drain" in t.ops]
-        runs: dict[str, list[dict]] = {t.name: [] for t in tools}
-        failed: dict[str, str] = {}
-        for n, tool in rounds(tools, a.repeat, failed):
-            self.say(f"==> drain   {tool.label}: a backlog of {a.drain_segments} segments (run {n + 1}/{a.repeat})")
-            try:
-                runs[tool.name].append(self.drain_run(tool, n))
-                r = runs[tool.name][-1]
-                self.say(f"    {r['wall_s']:.2f} s, {r['segments_s']:.1f} segments/s, {r['verified']}")
-            except StepFailed as e:
-                self.say(f"    FAILED: {e}")
-                failed[tool.name] = str(e)
-        for tool in tools:
-            if tool.name in failed:
-                self.rows.append(_failed_row(tool.label, tool.name, "drain", failed[tool.name]))
-            else:
-                self.add_row(runs[tool.name], "wall_s")
+        self.measure("drain", f": a backlog of {self.args.drain_segments} segments", self.drain_run,
+                     lambda r: f"{r['wall_s']:.2f} s, {r['segments_s']:.1f} segments/s, {r['verified']}", "wall_s")
 
     def drain_run(self, tool: WalTool, n: int) -> dict:
         want = self.args.drain_segments
@@ -458,27 +426,34 @@ class WalBench:
 
     # -- replay: recovery of a base backup through the tool's restore_command ---------------------
     def replay(self) -> None:
-        a = self.args
         tools = [t for t in self.tools if "replay" in t.ops]
         if not tools:
             return
         repos = self.replay_setup(tools)
+        self.measure("replay", "", lambda tool, n: self.replay_run(tool, repos[tool.family], n),
+                     lambda r: f"{r['wall_s']:.2f} s, {r['mib_s']:.1f} MiB/s of WAL, {r['verified']}", "wall_s")
+
+    def measure(self, op: str, what: str, run_one: Callable[[WalTool, int], dict], summary: Callable[[dict], str],
+                key: str) -> None:
+        """Every tool's runs of `op`, in rounds; one row per tool: the median by `key`, or its failure."""
+        a = self.args
+        tools = [t for t in self.tools if op in t.ops]
         runs: dict[str, list[dict]] = {t.name: [] for t in tools}
         failed: dict[str, str] = {}
+        label = (lambda t: t.replay_label) if op == "replay" else (lambda t: t.label)
         for n, tool in rounds(tools, a.repeat, failed):
-            self.say(f"==> replay  {tool.replay_label} (run {n + 1}/{a.repeat})")
+            self.say(f"==> {op:<7} {label(tool)}{what} (run {n + 1}/{a.repeat})")
             try:
-                runs[tool.name].append(self.replay_run(tool, repos[tool.family], n))
-                r = runs[tool.name][-1]
-                self.say(f"    {r['wall_s']:.2f} s, {r['mib_s']:.1f} MiB/s of WAL, {r['verified']}")
+                runs[tool.name].append(run_one(tool, n))
+                self.say(f"    {summary(runs[tool.name][-1])}")
             except StepFailed as e:
                 self.say(f"    FAILED: {e}")
                 failed[tool.name] = str(e)
         for tool in tools:
             if tool.name in failed:
-                self.rows.append(_failed_row(tool.replay_label, tool.name, "replay", failed[tool.name]))
+                self.rows.append(_failed_row(label(tool), tool.name, op, failed[tool.name]))
             else:
-                self.add_row(runs[tool.name], "wall_s")
+                self.add_row(runs[tool.name], key)
 
     def replay_setup(self, tools: list[WalTool]) -> dict[str, str]:
         """A base backup, then N segments archived by every family into its own repository, at once: one

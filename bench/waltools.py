@@ -9,8 +9,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from bench.tools import STANZA, first_line, user_dir
-from tests.pgcluster import WALRUS, Cluster, chown_to_user, run
+from bench.tools import (PGBACKREST, STANZA, first_line, pgbackrest_argv, pgbackrest_etc, pgbackrest_stanza,
+                         user_dir)
+from tests.pgcluster import WALRUS, Cluster, chown_to_user
 
 # walrus's daemon client as users point archive_command/restore_command at it (the packages' /usr/bin one)
 WALRUS_CLIENT = os.path.join(os.path.dirname(WALRUS), "walg-daemon-client")
@@ -162,7 +163,7 @@ class PgBackRestWal(WalTool):
         self.label = "pgBackRest async" if asynchronous else "pgBackRest"
         self.replay_label = "pgBackRest archive-get async" if asynchronous else "pgBackRest archive-get"
         self.ops = ("archive", "drain", "replay") if asynchronous else ("archive", "drain")
-        self.binary = shutil.which("pgbackrest") or "pgbackrest"
+        self.binary = PGBACKREST
 
     def missing(self) -> str | None:
         return None if shutil.which("pgbackrest") else "pgbackrest is not installed (apt-get install pgbackrest)"
@@ -170,49 +171,26 @@ class PgBackRestWal(WalTool):
     def version(self) -> str:
         return first_line([self.binary, "version"])
 
-    @staticmethod
-    def _etc(repo: str) -> str:
-        return repo + "-etc"
-
     def new_repo(self, s: WalSetup, repo: str) -> None:
         if os.path.isdir(repo):
             return  # the family's repository exists: the stanza is there
         user_dir(repo)
-        etc = user_dir(self._etc(repo))
-        for sub in ("log", "lock", "conf.d", "spool"):
-            user_dir(os.path.join(etc, sub))
         compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
-        c = s.source
-        conf = "\n".join([
-            "[global]",
-            f"repo1-path={repo}", "repo1-type=posix",
-            f"compress-type={compress}", f"process-max={s.workers}",
-            f"spool-path={etc}/spool",
+        pgbackrest_stanza(repo, s.source, s.root, [
+            f"repo1-path={repo}", "repo1-type=posix", f"compress-type={compress}", f"process-max={s.workers}",
+            f"spool-path={pgbackrest_etc(repo)}/spool",
             # the same window as walrus's prefetch: PREFETCH_WINDOW segments
-            f"archive-get-queue-max={PREFETCH_WINDOW * s.segment_mib}MiB",
-            f"log-path={etc}/log", f"lock-path={etc}/lock", "log-level-console=warn", "log-level-file=off",
-            f"[{STANZA}]",
-            f"pg1-path={c.data}", f"pg1-port={c.port}", f"pg1-socket-path={c.sockdir}",
-        ]) + "\n"
-        path = os.path.join(etc, "pgbackrest.conf")
-        with open(path, "w") as f:
-            f.write(conf)
-        chown_to_user(path)
-        run(self._words(repo, "stanza-create"), cwd=s.root)
-
-    def _words(self, repo: str, *args: str) -> list[str]:
-        etc = self._etc(repo)
-        return [self.binary, f"--config={etc}/pgbackrest.conf", f"--config-include-path={etc}/conf.d",
-                f"--stanza={STANZA}", *args]
+            f"archive-get-queue-max={PREFETCH_WINDOW * s.segment_mib}MiB"], dirs=("spool",))
 
     def _async_flag(self, solo: bool) -> str:
         return "--archive-async" if self.asynchronous and not solo else "--no-archive-async"
 
     def push_command(self, s: WalSetup, repo: str, daemon_socket: str | None, solo: bool = False) -> str:
-        return "exec " + " ".join(map(shlex.quote, self._words(repo, self._async_flag(solo), "archive-push"))) + " %p"
+        words = pgbackrest_argv(repo, self._async_flag(solo), "archive-push")
+        return "exec " + " ".join(map(shlex.quote, words)) + " %p"
 
     def fetch_command(self, s: WalSetup, repo: str, pgdata: str, daemon_socket: str | None, scratch: str) -> str:
-        words = self._words(repo, self._async_flag(False), f"--pg1-path={pgdata}", f"--spool-path={scratch}",
+        words = pgbackrest_argv(repo, self._async_flag(False), f"--pg1-path={pgdata}", f"--spool-path={scratch}",
                             "archive-get")
         return "exec " + " ".join(map(shlex.quote, words)) + " %f %p"
 
