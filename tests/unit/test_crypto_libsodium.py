@@ -5,12 +5,12 @@ import io
 import itertools
 import os
 import random
-import tracemalloc
 from pathlib import Path
 
 import pytest
 from nacl import bindings as nacl
 
+from tests.crypto_stream import decrypt_endless
 from walrus import codec
 from walrus.config import load_settings
 from walrus.crypto import decrypting, encrypting
@@ -177,33 +177,8 @@ def test_compress_then_encrypt_round_trip_through_the_codec():
 
 def test_memory_is_bounded_whatever_the_object_size():
     crypter = LibsodiumCrypter(KEY)
-    block = os.urandom(1 << 20)
     total = 48
-
-    class Endless:
-        """Encrypts `total` MiB on demand, so the whole ciphertext never exists at once."""
-
-        def __init__(self):
-            self.writer = crypter.new_encryptor()
-            self.left = total
-            self.buf = b""
-
-        def read(self, n):
-            while not self.buf and self.left >= 0:
-                self.buf = self.writer.encrypt(block) if self.left else self.writer.finish()
-                self.left -= 1
-            out, self.buf = self.buf[:n], self.buf[n:]
-            return out
-
-    tracemalloc.start()
-    try:
-        reader = crypter.open_reader(Endless(), "x")
-        seen = 0
-        while chunk := reader.read(1 << 20):
-            seen += len(chunk)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    seen, peak = decrypt_endless(crypter, total)
     assert seen == total << 20
     assert peak < 8 << 20, f"peak {peak} bytes while decrypting {total} MiB"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.crypto_stream import decrypt_endless
 from walrus import codec
 from walrus.config import load_settings
 from walrus.crypto import decrypting, encrypting
@@ -141,29 +142,8 @@ def test_compress_then_encrypt_chain():
 
 def test_memory_is_bounded_whatever_the_object_size():
     c = crypter("cv25519")
-    block = os.urandom(1 << 20)
     total = 40
-
-    class Endless:
-        def __init__(self):
-            self.writer, self.left, self.buf = c.new_encryptor(), total, b""
-
-        def read(self, n):
-            while not self.buf and self.left >= 0:
-                self.buf = self.writer.encrypt(block) if self.left else self.writer.finish()
-                self.left -= 1
-            out, self.buf = self.buf[:n], self.buf[n:]
-            return out
-
-    tracemalloc.start()
-    try:
-        reader = c.open_reader(Endless(), "x")
-        seen = 0
-        while chunk := reader.read(1 << 20):
-            seen += len(chunk)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    seen, peak = decrypt_endless(c, total)
     assert seen == total << 20
     assert peak < 12 << 20, f"peak {peak} bytes while decrypting {total} MiB"
 
