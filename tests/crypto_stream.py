@@ -1,8 +1,10 @@
-"""Shared by the crypter tests: decrypting a ciphertext far larger than memory, made on demand."""
+"""Shared by the crypter tests: sealing bytes as walrus stores them, and decrypting endless ciphertext."""
 from __future__ import annotations
 
 import os
 import tracemalloc
+
+from walrus import codec
 
 
 def decrypt_endless(crypter, total_mib: int) -> tuple[int, int]:
@@ -31,3 +33,10 @@ def decrypt_endless(crypter, total_mib: int) -> tuple[int, int]:
     finally:
         tracemalloc.stop()
     return seen, peak
+
+
+def seal(method: str, crypter, *chunks: bytes) -> bytes:
+    """`chunks` compressed by `method` and then encrypted by `crypter`, as the upload chain stores them."""
+    compressor, encryptor = codec.new_compressor(method), crypter.new_encryptor()
+    out = [encryptor.encrypt(c) for c in [*map(compressor.compress, chunks), compressor.finish()] if c]
+    return b"".join(out) + encryptor.finish()

@@ -43,3 +43,31 @@ def write_all(fd: int, data) -> int:
     while view:
         view = view[os.write(fd, view):]
     return total
+
+
+def writev_all(fd: int, chunks: list) -> int:
+    """Write `chunks` in order with one writev where the kernel takes them all; finish any short write."""
+    written = os.writev(fd, chunks)
+    total = sum(map(len, chunks))
+    if written < total:
+        for chunk in chunks:
+            if written >= len(chunk):
+                written -= len(chunk)
+                continue
+            write_all(fd, memoryview(chunk)[written:])
+            written = 0
+    return total
+
+
+SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
+_libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range of `fd` to disk now, without waiting for it.
+
+    Used while a large object is written, so the final fsync finds little left to do instead of
+    stalling on everything at once (PostgreSQL's *_flush_after settings do the same). Purely a
+    hint: where the call is refused (not Linux, a filesystem without it) nothing changes.
+    """
+    _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)

@@ -11,6 +11,7 @@ import tracemalloc
 import zlib
 
 import brotli
+import lz4.block
 import lz4.frame
 import pytest
 import zstandard
@@ -135,20 +136,82 @@ def test_lz4_empty_stream_is_the_walg_vector():
 
 
 def test_lz4_writes_exactly_one_frame():
-    data = _mixed(9 * MiB, seed=11)  # three 4 MiB blocks
+    data = _mixed(9 * MiB, seed=11)
     blob = compress("lz4", data)
     decoded, consumed = lz4.frame.decompress(blob, return_bytes_read=True)
     assert decoded == data and consumed == len(blob)
 
 
-def test_zstd_writes_exactly_one_checksummed_frame():
+def _lz4_blocks(blob: bytes) -> list[tuple[int, bool]]:
+    """(decoded size, stored compressed?) of each block of a one-frame object with WAL-G's header."""
+    pos, blocks = 7, []
+    while (word := struct.unpack_from("<I", blob, pos)[0]) != 0:
+        size, packed = word & 0x7FFFFFFF, not word >> 31
+        body = blob[pos + 4:pos + 4 + size]
+        blocks.append((len(lz4.block.decompress(body, uncompressed_size=4 * MiB)) if packed else size, packed))
+        pos += 4 + size
+    assert len(blob) == pos + 8  # end mark and content checksum
+    return blocks
+
+
+def test_lz4_blocks_are_at_most_4_mib_and_incompressible_ones_are_stored():
+    c = new_compressor("lz4")
+    noise = random.Random(3).randbytes(MiB)
+    blob = c.compress(bytes(10 * MiB)) + c.compress(noise) + c.finish()
+    assert _lz4_blocks(blob) == [(4 * MiB, True), (4 * MiB, True), (2 * MiB, True), (MiB, False)]
+    assert lz4.frame.decompress(blob) == bytes(10 * MiB) + noise
+
+
+def test_lz4_block_form_makes_the_same_frame_in_any_encoding_order():
+    chunks = [_mixed(MiB, seed=n) for n in range(5)]
+    c = new_compressor("lz4")
+    expected = b"".join(c.compress(x) for x in chunks) + c.finish()
+    c = new_compressor("lz4")
+    encoded = {i: c.encode(chunks[i]) for i in (3, 0, 4, 1, 2)}  # threads finish in any order
+    for x in chunks:
+        c.checksum(x)
+    assert c.start() + b"".join(encoded[i] for i in range(5)) + c.finish() == expected
+    assert c.start() == b""  # the header once per frame
+
+
+def test_lz4_content_checksum_is_checked_on_read():
+    data = _mixed(3 * MiB)
+    blob = bytearray(compress("lz4", data))
+    blob[-1] ^= 0x40
+    with pytest.raises(CorruptArchive):
+        read_all("lz4", io.BytesIO(bytes(blob)))
+
+
+def _zstd_frames(blob: bytes) -> list[bytes]:
+    """The frames of a zstd object, each found by decoding it (decompressobj stops at a frame's end)."""
+    frames = []
+    while blob:
+        decoder = zstandard.ZstdDecompressor().decompressobj()
+        decoder.decompress(blob)
+        end = len(blob) - len(decoder.unused_data)
+        frames.append(blob[:end])
+        blob = blob[end:]
+    return frames
+
+
+def test_zstd_writes_one_checksummed_frame_per_chunk():
     data = PAYLOADS["5MiB-mix"]
-    blob = compress("zstd", data)
-    assert blob[:4] == bytes.fromhex("28B52FFD")
-    assert zstandard.get_frame_parameters(blob).has_checksum
-    single = zstandard.ZstdDecompressor().decompressobj()
-    assert single.decompress(blob) == data
-    assert single.eof and single.unused_data == b""
+    chunks = [data[i:i + MiB] for i in range(0, len(data), MiB)]
+    c = new_compressor("zstd")
+    blob = b"".join(c.compress(x) for x in chunks) + c.finish()
+    frames = _zstd_frames(blob)
+    assert len(frames) == len(chunks)
+    for frame, chunk in zip(frames, chunks):
+        params = zstandard.get_frame_parameters(frame)
+        assert params.has_checksum and params.content_size == len(chunk)
+        assert zstandard.ZstdDecompressor().decompress(frame) == chunk
+    assert read_all("zst", io.BytesIO(blob)) == data
+
+
+def test_zstd_empty_object_is_one_empty_frame():
+    c = new_compressor("zstd")
+    blob = c.compress(b"") + c.finish()
+    assert blob.startswith(bytes.fromhex("28B52FFD")) and zstandard.ZstdDecompressor().decompress(blob) == b""
 
 
 def test_lzma_header_is_ulikunitz_default():
@@ -170,8 +233,7 @@ def test_brotli_is_a_raw_stream_at_quality_3():
 def test_zstd_levels_follow_the_documented_mapping(name, level):
     data = _mixed(300_000, seed=9)
     blob = compress("zstd", data, sizes=(len(data),), zstd_level=name)
-    reference = zstandard.ZstdCompressor(level=level, write_checksum=True).compressobj()
-    assert blob == reference.compress(data) + reference.flush()
+    assert blob == zstandard.ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
 def test_unknown_zstd_level_is_a_config_error():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.crypto_stream import seal
 from walrus import codec
 from walrus.config import load_settings
-from walrus.crypto import encrypting
 
 WALRUS = os.path.join(os.path.dirname(sys.executable), "walrus")
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -118,8 +118,7 @@ def _encrypted_tar(env: dict, members: dict[str, bytes]) -> bytes:
             info = tarfile.TarInfo(name)
             info.size, info.mode = len(data), 0o600
             tar.addfile(info, io.BytesIO(data))
-    stage = encrypting(codec.new_compressor("lz4"), load_settings(env={"HOME": "/nonexistent", **env}).crypter)
-    return stage.compress(buf.getvalue()) + stage.finish()
+    return seal("lz4", load_settings(env={"HOME": "/nonexistent", **env}).crypter, buf.getvalue())
 
 
 @pytest.mark.parametrize("kind", list(KEYS))

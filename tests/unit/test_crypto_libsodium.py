@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from nacl import bindings as nacl
 
-from tests.crypto_stream import decrypt_endless
+from tests.crypto_stream import decrypt_endless, seal
 from walrus import codec
 from walrus.config import load_settings
-from walrus.crypto import decrypting, encrypting
+from walrus.crypto import decrypting
 from walrus.crypto.libsodium import LibsodiumCrypter, derive_key
 from walrus.errors import ConfigError, CorruptArchive
 
@@ -166,8 +166,7 @@ def test_damaged_byte_is_detected():
 def test_compress_then_encrypt_round_trip_through_the_codec():
     plain = os.urandom(100_000) + bytes(3 << 20)
     crypter = LibsodiumCrypter(KEY)
-    stage = encrypting(codec.new_compressor("lz4"), crypter)
-    sealed = b"".join([stage.compress(plain[:1 << 20]), stage.compress(plain[1 << 20:]), stage.finish()])
+    sealed = seal("lz4", crypter, plain[:1 << 20], plain[1 << 20:])
     assert not sealed.startswith(bytes.fromhex("04224D18"))  # no lz4 magic: it is encrypted
     lz4_frame = pynacl_read(sealed)
     assert lz4_frame.startswith(bytes.fromhex("04224D186470B9"))  # compressed first, as WAL-G

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.crypto_stream import decrypt_endless
+from tests.crypto_stream import decrypt_endless, seal
 from walrus import codec
 from walrus.config import load_settings
-from walrus.crypto import decrypting, encrypting
+from walrus.crypto import decrypting
 from walrus.crypto import pgp_keys as keys
 from walrus.crypto.openpgp import OpenPgpCrypter
 from walrus.crypto.pgp_packets import (TAG_COMPRESSED, TAG_LITERAL, TAG_PKESK, TAG_SEIPD, PartialWriter, packet,
@@ -134,8 +134,7 @@ def test_every_entity_of_a_key_ring_is_a_recipient_and_each_can_decrypt():
 def test_compress_then_encrypt_chain():
     c = crypter("cv25519")
     plain = os.urandom(50_000) + bytes(2 << 20)
-    stage = encrypting(codec.new_compressor("zstd"), c)
-    sealed = stage.compress(plain) + stage.finish()
+    sealed = seal("zstd", c, plain)
     reader = codec.open_reader("zst", decrypting(Trickle(sealed), c, "x"), name="x")
     assert read_all(reader) == plain
 

@@ -23,7 +23,7 @@ from walrus.pg.client import PgSession
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
 from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
-from walrus.stream.pipeline import PoolPlan, raise_nofile_limit, upload_buffers
+from walrus.stream.pipeline import PoolPlan, cpu_count, raise_nofile_limit, upload_buffers
 from walrus.stream.reader import open_reader
 from walrus.stream.stages import Counter, gather_all
 
@@ -142,13 +142,15 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
         collected = _Collected()
         counter = Counter()
         lanes = settings.upload_disk_concurrency
-        plan = PoolPlan.for_settings(settings, lanes)
+        # each part's lz4 blocks are compressed on every core, so the last part is not left to one
+        plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
         pool = BufferPool(plan.count, plan.buffer_size)
         reader = open_reader(settings.io_method)
         register = getattr(reader, "register", None)
         if register is not None:
             register(pool)
-        executor = ThreadPoolExecutor(max_workers=lanes + 1, thread_name_prefix="walrus-compress")
+        # per lane: its blocks being compressed and its checksum
+        executor = ThreadPoolExecutor(max_workers=lanes * (plan.parallel + 1), thread_name_prefix="walrus-compress")
         raise_nofile_limit()
         part_numbers = itertools.count(1)
         shared = _SharedEntries(walk_data_directory(pgdata, walk))
@@ -157,7 +159,8 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             stream = TarPartStream(entries, pool, reader, threshold=threshold, depth=plan.depth,
                                    direct_min=settings.direct_io_min if settings.direct_io else None,
                                    on_member=collected.record)
-            await upload_buffers(storage, layout.part_key(name, object_name), stream, settings, executor, counter)
+            await upload_buffers(storage, layout.part_key(name, object_name), stream, settings, executor, counter,
+                                 plan.parallel)
             collected.tar_file_sets[object_name] = stream.members
             log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
             return stream

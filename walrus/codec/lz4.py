@@ -1,43 +1,82 @@
 """lz4: one LZ4 frame per object, framed exactly as WAL-G's pierrec/lz4 v4 writer frames it."""
 from __future__ import annotations
 
+import struct
 from typing import ClassVar
 
+import lz4.block as _block
 import lz4.frame as _frame
+import xxhash
 
 from walrus.codec.base import BytesLike, ChunkedReader, RawSource
 
 EXTENSION = "lz4"
 
+# The frame header WAL-G's pierrec/lz4 v4 writer produces: magic 184D2204, FLG 0x64 (version 1,
+# independent blocks, content checksum, no content size, no block checksums), BD 0x70 (blocks of
+# at most 4 MiB), header checksum 0xB9.
+FRAME_HEADER = bytes.fromhex("04224D186470B9")
+BLOCK_MAX = 4 << 20
+_END_MARK = bytes(4)
+_UNCOMPRESSED = 0x80000000  # high bit of a block's size word: the block is stored as is
+_SIZE = struct.Struct("<I")
+
+
+def encode_blocks(data: BytesLike) -> bytes:
+    """`data` as frame blocks of at most 4 MiB, each independent of all others.
+
+    Pure and thread safe (liblz4 runs with the GIL released), so the blocks of one frame can be
+    encoded on several threads at once and concatenated in input order. A block that does not
+    shrink is stored uncompressed, as the frame format (and liblz4's own writer) does.
+    """
+    view = memoryview(data)
+    out: list[BytesLike] = []
+    for start in range(0, len(view), BLOCK_MAX):
+        block = view[start:start + BLOCK_MAX]
+        packed = _block.compress(block, store_size=False)
+        if len(packed) < len(block):
+            out += (_SIZE.pack(len(packed)), packed)
+        else:
+            out += (_SIZE.pack(len(block) | _UNCOMPRESSED), block)
+    return b"".join(out)
+
 
 class Lz4Compressor:
-    """Header 04 22 4D 18 64 70 B9: independent 4 MiB blocks, content checksum, no content size.
+    """One frame per object with WAL-G's header: independent blocks, an XXH32 content checksum.
 
     Exactly one frame per object: WAL-G's reader stops after the first frame and would silently drop
-    anything after it. Input is buffered by liblz4 until a block is full, so compress() often
-    returns b"" and does its work (with the GIL released) once per 4 MiB.
+    anything after it. Each compress() call becomes its own block(s), so callers hand it whole pool
+    buffers (1 MiB by default); the frame stays valid for any sizes, since BD only caps a block.
+
+    Besides compress()/finish() it offers the block form that walrus.stream.stages.compressed uses
+    to spread one frame over several cores: start() once, then for each chunk in order checksum(),
+    and encode() in any order on any thread.
     """
 
     def __init__(self) -> None:
-        self._frame = _frame.LZ4FrameCompressor(
-            block_size=_frame.BLOCKSIZE_MAX4MB,
-            block_linked=False,
-            content_checksum=True,
-            block_checksum=False,
-            auto_flush=False,
-        )
-        self._header = self._frame.begin()  # source_size=0: the header carries no content size
+        self._checksum = xxhash.xxh32()
+        self._started = False
 
-    def _take_header(self) -> bytes:
-        header, self._header = self._header, b""
-        return header
+    def start(self) -> bytes:
+        """The frame header the first time, then b""."""
+        if self._started:
+            return b""
+        self._started = True
+        return FRAME_HEADER
+
+    def checksum(self, data: BytesLike) -> None:
+        """Adds `data` to the content checksum; calls must follow the input order."""
+        self._checksum.update(data)
+
+    encode = staticmethod(encode_blocks)
 
     def compress(self, data: BytesLike) -> bytes:
-        out = self._frame.compress(data)
-        return self._take_header() + out if self._header else out
+        self.checksum(data)
+        head = self.start()
+        return head + encode_blocks(data) if len(data) else head
 
     def finish(self) -> bytes:
-        return self._take_header() + self._frame.flush()
+        return self.start() + _END_MARK + _SIZE.pack(self._checksum.intdigest())
 
 
 class Lz4Reader(ChunkedReader):

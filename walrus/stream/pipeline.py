@@ -11,11 +11,10 @@ from typing import AsyncIterable
 from walrus.archive.tar_write import dio_length
 from walrus.codec import new_compressor
 from walrus.config import Settings
-from walrus.crypto import encrypting
 from walrus.storage.base import Storage
 from walrus.stream.buffers import Buffer, BufferPool
 from walrus.stream.reader import FileReader, ReadRequest
-from walrus.stream.stages import Counter, compressed, piped
+from walrus.stream.stages import Counter, compressed, encrypted, piped
 
 # Compressed chunks queued between the compressor thread and the storage writer.
 UPLOAD_QUEUE_DEPTH = 4
@@ -23,27 +22,36 @@ UPLOAD_QUEUE_DEPTH = 4
 
 @dataclass(frozen=True)
 class PoolPlan:
-    """How the memory budget splits: `lanes` parts in flight, each with `depth` buffers read ahead."""
+    """How the memory budget splits: `lanes` parts in flight, each with `depth` buffers read ahead
+    and `parallel` buffers compressed at once."""
 
     buffer_size: int
     count: int
     depth: int
+    parallel: int
 
     @classmethod
-    def for_settings(cls, settings: Settings, lanes: int) -> "PoolPlan":
+    def for_settings(cls, settings: Settings, lanes: int, parallel: int = 1) -> "PoolPlan":
         size = max(4096, settings.buffer_size - settings.buffer_size % 4096)
-        per_lane = max(3, settings.memory_budget // size // max(1, lanes))
-        # a lane holds its read-ahead queue, the buffer being filled and the one being compressed
-        depth = per_lane - 2
-        return cls(size, lanes * per_lane, depth)
+        parallel = max(1, parallel)
+        per_lane = max(parallel + 2, settings.memory_budget // size // max(1, lanes))
+        # a lane holds its read-ahead queue, the buffer being filled and the ones being compressed
+        depth = per_lane - 1 - parallel
+        return cls(size, lanes * per_lane, depth, parallel)
 
 
 async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buffer], settings: Settings,
-                         executor: Executor, counter: Counter | None = None) -> int:
-    """Compress pool buffers into one object, encrypted if a key is configured; returns bytes stored."""
-    compressor = encrypting(new_compressor(settings.compression_method, zstd_level=settings.zstd_level),
-                            settings.crypter)
-    stream = piped(compressed(buffers, compressor, executor), UPLOAD_QUEUE_DEPTH)
+                         executor: Executor, counter: Counter | None = None, parallel: int = 1) -> int:
+    """Compress pool buffers into one object, encrypted if a key is configured; returns bytes stored.
+
+    `parallel`: buffers of this object compressed at once by codecs with independent blocks (lz4,
+    zstd); the executor needs that many threads for this object, plus one for its checksum.
+    """
+    compressor = new_compressor(settings.compression_method, zstd_level=settings.zstd_level)
+    stream = compressed(buffers, compressor, executor, parallel)
+    if settings.crypter is not None:
+        stream = encrypted(stream, settings.crypter.new_encryptor(), executor)
+    stream = piped(stream, UPLOAD_QUEUE_DEPTH)
     if counter is not None:
         stream = counter.count(stream)
     return await storage.put(key, stream)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
+from collections import deque
 from concurrent.futures import Executor
 from typing import AsyncIterable, AsyncIterator
 
@@ -11,12 +13,20 @@ from walrus.stream.buffers import Buffer
 _DONE = object()
 
 
-async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Executor) -> AsyncIterator[bytes]:
-    """Compress pool buffers on a worker thread (the codecs release the GIL) and release each one.
+async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Executor,
+                     parallel: int = 1) -> AsyncIterator[bytes]:
+    """Compress pool buffers on worker threads (the codecs release the GIL) and release each one.
 
-    With compression 'none' the compressor returns its input as bytes: the stage is then a copy
-    out of the pool, which is what lets the buffer go back for the next read.
+    A codec with independent blocks (lz4: start/checksum/encode, see walrus.codec.lz4) gets up to
+    `parallel` buffers encoded at once, so one object uses every core; its output still comes out
+    in input order and its running checksum is fed in input order. Any other codec is a stream
+    and runs one buffer at a time. With compression 'none' the compressor returns its input as
+    bytes: the stage is then a copy out of the pool, which is what lets the buffer go back.
     """
+    if parallel > 1 and hasattr(compressor, "encode"):
+        async for out in _compressed_blocks(buffers, compressor, executor, parallel):
+            yield out
+        return
     loop = asyncio.get_running_loop()
     async for buf in buffers:
         try:
@@ -26,6 +36,85 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
         if out:
             yield out if isinstance(out, bytes) else bytes(out)  # never a view into a released buffer
     tail = await loop.run_in_executor(executor, compressor.finish)
+    if tail:
+        yield tail
+
+
+async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executor: Executor,
+                             parallel: int) -> AsyncIterator[bytes]:
+    loop = asyncio.get_running_loop()
+    # (buffer, the job reading it) in input order. Invariant: a buffer goes back to the pool only
+    # once no job reads it any more, even when the stream is abandoned half way.
+    jobs: deque[tuple[Buffer, concurrent.futures.Future]] = deque()
+    summed = threading.Event()  # the previous chunk is in the checksum (none yet: go)
+    summed.set()
+
+    async def next_block() -> bytes:
+        buf, job = jobs[0]
+        out = await asyncio.wrap_future(job)
+        jobs.popleft()
+        buf.release()
+        return out
+
+    try:
+        yield compressor.start()
+        async for buf in buffers:
+            mine = threading.Event()
+            job = executor.submit(_sum_then_encode, compressor, buf.data, summed, mine)
+            # A job that never runs (cancelled by an executor shutdown) must not hold up the next one.
+            job.add_done_callback(lambda _job, event=mine: event.set())
+            jobs.append((buf, job))
+            summed = mine
+            if len(jobs) >= parallel:
+                yield await next_block()
+        while jobs:
+            yield await next_block()
+        yield await loop.run_in_executor(executor, compressor.finish)
+    finally:
+        while jobs:
+            _release_after(*jobs.popleft(), loop)
+
+
+def _sum_then_encode(compressor, data, before: threading.Event, mine: threading.Event) -> bytes:
+    """One chunk's job: add it to the running checksum after the chunk before it, then encode it.
+
+    The checksums follow the input order while the encodes overlap. Jobs start in submission
+    order (the executor's queue is FIFO), so the job waited for has started or was cancelled;
+    either way it sets its event, and no worker waits forever.
+    """
+    before.wait()
+    try:
+        compressor.checksum(data)
+    finally:
+        mine.set()
+    return compressor.encode(data)
+
+
+def _release_after(buf: Buffer, job: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
+    """Return `buf` to its pool (a loop-thread object) once `job` has stopped reading it."""
+    if job.done():
+        buf.release()
+        return
+
+    def on_loop(_job) -> None:
+        try:
+            loop.call_soon_threadsafe(buf.release)
+        except RuntimeError:  # the loop is closed: the pool is gone with it
+            pass
+
+    job.add_done_callback(on_loop)
+
+
+async def encrypted(chunks: AsyncIterable[bytes], encryptor, executor: Executor) -> AsyncIterator[bytes]:
+    """Encrypt a byte stream chunk by chunk on a worker thread; the encryptor keeps the framing."""
+    loop = asyncio.get_running_loop()
+    async for chunk in chunks:
+        if not chunk:
+            continue  # WAL-G ignores empty writes too: no empty secretstream chunk or PGP packet
+        out = await loop.run_in_executor(executor, encryptor.encrypt, chunk)
+        if out:
+            yield out
+    tail = await loop.run_in_executor(executor, encryptor.finish)
     if tail:
         yield tail
 

@@ -22,6 +22,10 @@ from walrus.stream.stages import Counter
 from walrus.wal.archive import consume_decompressed, open_archived
 
 PUSH_BUFFERS = 4
+# Cores a lone push compresses on (lz4 blocks at once, zstd threads); its reads run
+# PUSH_BUFFERS - PUSH_PARALLEL buffers ahead, so a push never holds more than PUSH_BUFFERS.
+# Concurrent pushes (the daemon) use the cores by running side by side, one core each.
+PUSH_PARALLEL = 2
 
 
 @dataclass
@@ -68,7 +72,9 @@ class WalPusher:
         self.settings = settings
         self._slots = asyncio.Semaphore(slots)
         self.pool = BufferPool(PUSH_BUFFERS * slots, settings.buffer_size)
-        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="walrus-wal")
+        self.parallel = PUSH_PARALLEL if slots == 1 else 1
+        # per push: its blocks being compressed and its checksum
+        self.executor = ThreadPoolExecutor(max_workers=slots * (self.parallel + 1), thread_name_prefix="walrus-wal")
         try:
             self.reader = open_reader(settings.io_method)
         except BaseException:
@@ -137,17 +143,18 @@ class WalPusher:
             async def counted():
                 nonlocal read_total
                 source = direct_fd if direct_fd is not None else fd
-                async for buf in file_buffers(source, size, self.pool, self.reader, PUSH_BUFFERS - 2,
+                async for buf in file_buffers(source, size, self.pool, self.reader, PUSH_BUFFERS - self.parallel,
                                               direct_fd is not None):
                     read_total += buf.length
                     yield buf
-                free_slot()  # every buffer is back in the pool
+                free_slot()  # every buffer is read; the last ones return to the pool once compressed
                 if read_total != size:  # raising here aborts the put: nothing lands under the key
                     raise WalrusError(f"{path} shrank while it was being archived",
                                       detail=f"read {read_total} of {size} bytes")
 
             try:
-                stored = await upload_buffers(storage, key, counted(), settings, self.executor, Counter())
+                stored = await upload_buffers(storage, key, counted(), settings, self.executor, Counter(),
+                                              self.parallel)
             finally:
                 free_slot()
             log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
