@@ -7,6 +7,8 @@ import itertools
 import lzma
 import random
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
 
@@ -448,3 +450,11 @@ def test_wal_probe_order_is_walgs():
     assert WAL_PROBE_EXTENSIONS == ("lz4", "lzma", "gz", ".", "br", "lzo", "zst")
     methods = [method_for_extension(e) for e in WAL_PROBE_EXTENSIONS]
     assert methods == ["lz4", "lzma", "gzip", "none", "brotli", "lzo", "zstd"]
+
+
+def test_only_the_codecs_in_use_are_imported():
+    # wal-fetch runs once per segment: it must not pay for importing every compression library
+    probe = ("import sys, walrus.codec as c; c.open_reader('zst', None); c.extension('lzma'); "
+             "print(sorted(m for m in sys.modules if m.startswith('walrus.codec.')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['walrus.codec.base', 'walrus.codec.zstd']"

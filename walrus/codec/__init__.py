@@ -1,9 +1,9 @@
 """Compression methods: names, key extensions, WAL-G-identical writers and bounded streaming readers."""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import importlib
+from typing import NamedTuple
 
-from walrus.codec import brotli, gzip, lz4, lzma, lzo, none, zstd
 from walrus.codec.base import Compressor, RawSource, Reader
 from walrus.errors import ConfigError, CorruptArchive
 
@@ -21,18 +21,25 @@ __all__ = [
 
 class _Codec(NamedTuple):
     extension: str
-    reader: Callable[[RawSource, str], Reader]
+    module: str  # walrus.codec.<module>, imported on first use: a command loads only the codecs it meets
+    reader: str  # its Reader class
+    compressor: str | None  # its Compressor class; None where walrus only reads (as WAL-G)
 
 
 _CODECS: dict[str, _Codec] = {
-    "lz4": _Codec(lz4.EXTENSION, lz4.Lz4Reader),
-    "lzma": _Codec(lzma.EXTENSION, lzma.LzmaReader),
-    "zstd": _Codec(zstd.EXTENSION, zstd.ZstdReader),
-    "brotli": _Codec(brotli.EXTENSION, brotli.BrotliReader),
-    "none": _Codec(none.EXTENSION, none.IdentityReader),
-    "gzip": _Codec(gzip.EXTENSION, gzip.GzipReader),
-    "lzo": _Codec(lzo.EXTENSION, lzo.LzoReader),
+    "lz4": _Codec("lz4", "lz4", "Lz4Reader", "Lz4Compressor"),
+    "lzma": _Codec("lzma", "lzma", "LzmaReader", "LzmaCompressor"),
+    "zstd": _Codec("zst", "zstd", "ZstdReader", "ZstdCompressor"),
+    "brotli": _Codec("br", "brotli", "BrotliReader", "BrotliCompressor"),
+    "none": _Codec("", "none", "IdentityReader", "IdentityCompressor"),
+    "gzip": _Codec("gz", "gzip", "GzipReader", None),
+    "lzo": _Codec("lzo", "lzo", "LzoReader", None),
 }
+
+
+def _load(method: str, attr: str):
+    return getattr(importlib.import_module(f"walrus.codec.{_CODECS[method].module}"), attr)
+
 
 # WALG_COMPRESSION_METHOD values walrus writes (gzip and lzo are read only, as in WAL-G).
 WRITABLE_METHODS: tuple[str, ...] = ("lz4", "lzma", "zstd", "brotli", "none")
@@ -73,22 +80,17 @@ def method_for_extension(ext: str) -> str:
 
 def new_compressor(method: str, *, zstd_level: str | None = None) -> Compressor:
     """A compressor for one object. zstd_level (a WALG_ZSTD_LEVEL name) only matters for zstd."""
-    if method == "lz4":
-        return lz4.Lz4Compressor()
-    if method == "zstd":
-        return zstd.ZstdCompressor(zstd_level)
-    if method == "lzma":
-        return lzma.LzmaCompressor()
-    if method == "brotli":
-        return brotli.BrotliCompressor()
-    if method == "none":
-        return none.IdentityCompressor()
-    raise _unknown_method(method)
+    codec = _CODECS.get(method)
+    if codec is None or codec.compressor is None:
+        raise _unknown_method(method)
+    make = _load(method, codec.compressor)
+    return make(zstd_level) if method == "zstd" else make()
 
 
 def open_reader(ext: str, raw: RawSource, *, name: str = "") -> Reader:
     """A decompressing reader over `raw` for an object whose key ends in `ext`; name is for errors."""
-    return _CODECS[method_for_extension(ext)].reader(raw, name)
+    method = method_for_extension(ext)
+    return _load(method, _CODECS[method].reader)(raw, name)
 
 
 def _unknown_method(method: str) -> ConfigError:

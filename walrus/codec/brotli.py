@@ -7,7 +7,6 @@ import brotli as _brotli
 
 from walrus.codec.base import BytesLike, ChunkedReader, RawSource
 
-EXTENSION = "br"
 QUALITY = 3  # WAL-G: cbrotli.WriterOptions{Quality: 3}; window left at the default 22 bits
 
 

@@ -6,7 +6,6 @@ from typing import ClassVar
 
 from walrus.codec.base import ChunkedReader, RawSource
 
-EXTENSION = "gz"
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
 

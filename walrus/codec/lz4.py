@@ -10,7 +10,6 @@ import xxhash
 
 from walrus.codec.base import BytesLike, ChunkedReader, RawSource
 
-EXTENSION = "lz4"
 
 # The frame header WAL-G's pierrec/lz4 v4 writer produces: magic 184D2204, FLG 0x64 (version 1,
 # independent blocks, content checksum, no content size, no block checksums), BD 0x70 (blocks of

@@ -6,7 +6,6 @@ from typing import ClassVar
 
 from walrus.codec.base import BytesLike, ChunkedReader, RawSource
 
-EXTENSION = "lzma"
 
 # The header names the dictionary size and liblzma allocates it up front; cap it where zstd's window
 # is capped (128 MiB). WAL-G writes 8 MiB dictionaries, `lzma -9` uses 64 MiB.

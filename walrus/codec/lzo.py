@@ -13,7 +13,6 @@ import zlib
 from walrus.codec.base import READ_SIZE, RawSource, corrupt
 from walrus.errors import WalrusError
 
-EXTENSION = "lzo"
 
 MAGIC = b"\x89LZO\x00\r\n\x1a\n"
 F_ADLER32_D, F_ADLER32_C = 0x0001, 0x0002

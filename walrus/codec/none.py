@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from walrus.codec.base import BytesLike, RawSource
 
-EXTENSION = ""
-
 
 class IdentityCompressor:
     def compress(self, data: BytesLike) -> bytes:

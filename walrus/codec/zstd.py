@@ -8,7 +8,6 @@ import zstandard as _zstd
 from walrus.codec.base import READ_SIZE, BytesLike, RawSource, corrupt
 from walrus.errors import ConfigError
 
-EXTENSION = "zst"
 METHOD = "zstd"
 
 # WALG_ZSTD_LEVEL names are klauspost/compress EncoderLevel names (matched case-insensitively, as
