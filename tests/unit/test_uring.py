@@ -409,6 +409,33 @@ def test_refused_registration_falls_back_with_one_log_line(pool, tmp_path, opene
         r.close()
 
 
+@needs_uring
+def test_a_pool_over_the_memlock_limit_registers_the_buffers_that_fit(pool, tmp_path, opened, log_lines):
+    data = make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    r = _uring_reader()
+    real = r._ring.register_buffers
+    asked = []
+
+    def limit_to_three(base, size, count):  # as the kernel does over RLIMIT_MEMLOCK
+        asked.append(count)
+        if count > 3:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        real(base, size, count)
+
+    r._ring.register_buffers = limit_to_three
+    try:
+        assert r.register(pool) and r.registered
+        assert asked[0] == pool.count and asked[-1] == 3
+        assert len(log_lines) == 1 and f"registered 3 of {pool.count} pool buffers" in log_lines[0]
+        last = pool.buffers[pool.count - 1]
+        counts = run(r.read_batch([ReadRequest(fd, 0, pool.buffers[2].view), ReadRequest(fd, 0, last.view)]))
+        assert counts == [BUF, BUF] and r.fixed_reads == 1  # buffer 2 is fixed, the last one is not
+        assert bytes(pool.buffers[2].view) == data and bytes(last.view) == data
+    finally:
+        r.close()
+
+
 # --- open_reader: the choice between the two ---
 
 

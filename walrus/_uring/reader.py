@@ -129,9 +129,10 @@ class UringReader:
     def register(self, pool: "BufferPool") -> bool:
         """Registers the pool's buffers as fixed buffers; returns False when reads stay unregistered.
 
-        Optional: without it (or when the kernel refuses, e.g. over RLIMIT_MEMLOCK) every read is a
-        plain IORING_OP_READ into the same memory. Registration is an optimisation, so any refusal
-        falls back and says why in one log line.
+        Optional: without it (or when the kernel refuses) every read is a plain IORING_OP_READ into
+        the same memory. The kernel enforces RLIMIT_MEMLOCK itself (and exempts CAP_IPC_LOCK), so
+        it is asked: when the whole pool does not fit under the limit, as many leading buffers as
+        fit are registered and the others read plainly. Either outcome is one log line.
         """
         return self._thread.submit(self._register, pool).result()
 
@@ -139,17 +140,29 @@ class UringReader:
         self._unregister()
         with ffi.from_buffer(pool.mapping) as whole:
             base = int(ffi.cast("uintptr_t", whole))
-        try:
-            # The kernel enforces RLIMIT_MEMLOCK itself (and exempts CAP_IPC_LOCK), so ask it.
-            self._ring.register_buffers(base, pool.size, pool.count)
-        except OSError as e:
+        count, refusal = pool.count, None
+        while count > 0:
+            try:
+                self._ring.register_buffers(base, pool.size, count)
+                break
+            except OSError as e:
+                refusal = e
+                if e.errno != errno.ENOMEM:  # not the memlock limit: fewer buffers would not help
+                    count = 0
+                else:
+                    count = count * 3 // 4 if count > 4 else count - 1
+        if count < pool.count:
             soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
             limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft >> 10} KiB"
-            log.info("io_uring: cannot register the %d KiB buffer pool as fixed buffers "
-                     "(%s; RLIMIT_MEMLOCK %s); using unregistered reads",
-                     (pool.count * pool.size) >> 10, e.strerror, limit)
-            return False
-        self._fixed = _FixedBuffers(pool, base, pool.size, pool.count)
+            if count == 0:
+                log.info("io_uring: cannot register the %d KiB buffer pool as fixed buffers "
+                         "(%s; RLIMIT_MEMLOCK %s); using unregistered reads",
+                         (pool.count * pool.size) >> 10, refusal.strerror, limit)
+                return False
+            log.info("io_uring: registered %d of %d pool buffers (%d KiB) as fixed buffers, as many as "
+                     "RLIMIT_MEMLOCK %s allows; the others use unregistered reads",
+                     count, pool.count, (count * pool.size) >> 10, limit)
+        self._fixed = _FixedBuffers(pool, base, pool.size, count)
         return True
 
     def _unregister(self) -> None:
