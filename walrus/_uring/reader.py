@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from walrus.stream.reader import ReadRequest
 
 _RETRY = (errno.EINTR, errno.EAGAIN)
-REAP_BATCH = 4  # completions the ring thread waits for per wake (fewer when fewer are in flight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,9 +207,7 @@ class UringReader:
                 if not self._pending and not self._in_flight:
                     continue  # what was admitted finished at once (empty views, bad offsets)
                 self._issue()
-                # Wake once per few completions, not once per read: each wake takes the GIL from the
-                # threads compressing, which is what the ring costs when the backup is CPU-bound.
-                self._ring.submit_and_wait(max(1, min(len(self._in_flight), REAP_BATCH)))
+                self._ring.submit_and_wait(1)
                 for user_data, res in self._ring.reap():
                     self._complete(user_data, res)
         except BaseException as e:  # the ring itself failed: fail every batch rather than hang them
