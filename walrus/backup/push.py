@@ -23,7 +23,7 @@ from walrus.pg.client import PgSession
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
 from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
-from walrus.stream.pipeline import PoolPlan, cpu_count, raise_nofile_limit, upload_buffers
+from walrus.stream.pipeline import PoolPlan, cpu_count, raise_nofile_limit, upload_buffers, upload_threads
 from walrus.stream.reader import open_reader
 from walrus.stream.stages import Counter, gather_all
 
@@ -142,15 +142,15 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
         collected = _Collected()
         counter = Counter()
         lanes = settings.upload_disk_concurrency
-        # each part's lz4 blocks are compressed on every core, so the last part is not left to one
+        # each part's buffers are compressed on every core, so the last part is not left to one
         plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
         pool = BufferPool(plan.count, plan.buffer_size)
         reader = open_reader(settings.io_method)
         register = getattr(reader, "register", None)
         if register is not None:
             register(pool)
-        # per lane: its blocks being compressed and its checksum
-        executor = ThreadPoolExecutor(max_workers=lanes * (plan.parallel + 1), thread_name_prefix="walrus-compress")
+        executor = ThreadPoolExecutor(max_workers=lanes * upload_threads(plan.parallel),
+                                      thread_name_prefix="walrus-compress")
         raise_nofile_limit()
         part_numbers = itertools.count(1)
         shared = _SharedEntries(walk_data_directory(pgdata, walk))

@@ -40,12 +40,17 @@ class PoolPlan:
         return cls(size, lanes * per_lane, depth, parallel)
 
 
+def upload_threads(parallel: int) -> int:
+    """Executor threads one upload_buffers call can keep busy: its compression jobs and its encryption."""
+    return max(1, parallel) + 1
+
+
 async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buffer], settings: Settings,
                          executor: Executor, counter: Counter | None = None, parallel: int = 1) -> int:
     """Compress pool buffers into one object, encrypted if a key is configured; returns bytes stored.
 
     `parallel`: buffers of this object compressed at once by codecs with independent blocks (lz4,
-    zstd); the executor needs that many threads for this object, plus one for its checksum.
+    zstd); the executor needs upload_threads(parallel) threads for this object.
     """
     compressor = new_compressor(settings.compression_method, zstd_level=settings.zstd_level)
     stream = compressed(buffers, compressor, executor, parallel)

@@ -17,9 +17,9 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
                      parallel: int = 1) -> AsyncIterator[bytes]:
     """Compress pool buffers on worker threads (the codecs release the GIL) and release each one.
 
-    A codec with independent blocks (lz4: start/checksum/encode, see walrus.codec.lz4) gets up to
-    `parallel` buffers encoded at once, so one object uses every core; its output still comes out
-    in input order and its running checksum is fed in input order. Any other codec is a stream
+    A codec with independent blocks (lz4 and zstd: start/checksum/encode, see walrus.codec.lz4) gets
+    up to `parallel` buffers encoded at once, so one object uses every core; its output still comes
+    out in input order and its running checksum is fed in input order. Any other codec is a stream
     and runs one buffer at a time. With compression 'none' the compressor returns its input as
     bytes: the stage is then a copy out of the pool, which is what lets the buffer go back.
     """
@@ -57,7 +57,8 @@ async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executo
         return out
 
     try:
-        yield compressor.start()
+        if head := compressor.start():
+            yield head
         async for buf in buffers:
             mine = threading.Event()
             job = executor.submit(_sum_then_encode, compressor, buf.data, summed, mine)

@@ -16,13 +16,13 @@ from walrus.errors import WalOverwriteError, WalrusError
 from walrus.log import log
 from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
-from walrus.stream.pipeline import file_buffers, upload_buffers
+from walrus.stream.pipeline import file_buffers, upload_buffers, upload_threads
 from walrus.stream.reader import open_reader
 from walrus.stream.stages import Counter
 from walrus.wal.archive import consume_decompressed, open_archived
 
 PUSH_BUFFERS = 4
-# Cores a lone push compresses on (lz4 blocks at once, zstd threads); its reads run
+# Cores a lone push compresses on (lz4 blocks or zstd frames at once); its reads run
 # PUSH_BUFFERS - PUSH_PARALLEL buffers ahead, so a push never holds more than PUSH_BUFFERS.
 # Concurrent pushes (the daemon) use the cores by running side by side, one core each.
 PUSH_PARALLEL = 2
@@ -73,8 +73,8 @@ class WalPusher:
         self._slots = asyncio.Semaphore(slots)
         self.pool = BufferPool(PUSH_BUFFERS * slots, settings.buffer_size)
         self.parallel = PUSH_PARALLEL if slots == 1 else 1
-        # per push: its blocks being compressed and its checksum
-        self.executor = ThreadPoolExecutor(max_workers=slots * (self.parallel + 1), thread_name_prefix="walrus-wal")
+        self.executor = ThreadPoolExecutor(max_workers=slots * upload_threads(self.parallel),
+                                           thread_name_prefix="walrus-wal")
         try:
             self.reader = open_reader(settings.io_method)
         except BaseException:
