@@ -25,6 +25,7 @@ from walrus.codec import (
     method_for_extension,
     new_compressor,
     open_reader,
+    preload,
 )
 from walrus.errors import ConfigError, CorruptArchive
 
@@ -458,3 +459,12 @@ def test_only_the_codecs_in_use_are_imported():
              "print(sorted(m for m in sys.modules if m.startswith('walrus.codec.')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['walrus.codec.base', 'walrus.codec.zstd']"
+
+
+def test_preload_imports_the_codec_and_rejects_unknown_methods():
+    probe = ("import sys, walrus.codec as c; c.preload('brotli'); "
+             "print(sorted(m for m in sys.modules if m.startswith('walrus.codec.')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['walrus.codec.base', 'walrus.codec.brotli']"
+    with pytest.raises(ConfigError, match="'snappy' is unknown"):
+        preload("snappy")

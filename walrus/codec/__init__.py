@@ -16,6 +16,7 @@ __all__ = [
     "method_for_extension",
     "new_compressor",
     "open_reader",
+    "preload",
 ]
 
 
@@ -85,6 +86,14 @@ def new_compressor(method: str, *, zstd_level: str | None = None) -> Compressor:
         raise _unknown_method(method)
     make = _load(method, codec.compressor)
     return make(zstd_level) if method == "zstd" else make()
+
+
+def preload(method: str) -> None:
+    """Imports the codec for `method` now rather than on first use: a long-lived process (the daemon)
+    takes the import at start-up, not inside the first request PostgreSQL waits on."""
+    if method not in _CODECS:
+        raise _unknown_method(method)
+    importlib.import_module(f"walrus.codec.{_CODECS[method].module}")
 
 
 def open_reader(ext: str, raw: RawSource, *, name: str = "") -> Reader:

@@ -9,6 +9,7 @@ import socket
 import stat
 from dataclasses import dataclass, field
 
+from walrus import codec
 from walrus.config import Settings
 from walrus.daemon import protocol
 from walrus.errors import ArchiveNotFound, ConfigError, WalrusError
@@ -59,6 +60,7 @@ class Daemon:
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         self._claim_socket()
+        codec.preload(self.settings.compression_method)  # the first segment should not wait on imports
         self._pusher = WalPusher(self.settings, slots=WalPusher.slots_for(self.settings))
         try:
             await self._serve()
