@@ -149,6 +149,9 @@ SETTINGS: tuple[Setting, ...] = (
       "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once."),
     S("WALRUS_IO_METHOD", "io_method", _choice("auto", "io_uring", "preadv"), "auto",
       "File I/O of the data path: io_uring, preadv/pwrite, or auto (io_uring where the kernel allows it)."),
+    S("WALRUS_READ_INFLIGHT", "read_inflight", parse_size, 8 << 20,
+      "Bytes of file reads io_uring keeps in flight at once (the queue the disk sees); later reads "
+      "wait their turn, so parts read side by side share the disk evenly."),
     S("WALRUS_DIRECT_IO", "direct_io", parse_bool, True,
       "Read and write large files (relation segments, WAL) with O_DIRECT, bypassing the page cache."),
     S("WALRUS_DIRECT_IO_MIN", "direct_io_min", parse_size, 1 << 20,

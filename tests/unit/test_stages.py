@@ -13,7 +13,7 @@ import pytest
 from walrus.codec import new_compressor
 from walrus.codec.lz4 import Lz4Compressor
 from walrus.stream.buffers import BufferPool
-from walrus.stream.stages import compressed
+from walrus.stream.stages import blocks_in_flight, compressed
 
 SIZE = 64 << 10
 
@@ -23,9 +23,11 @@ def _chunks(n: int) -> list[bytes]:
     return [rnd.randbytes(SIZE // 2) + bytes([i]) * (SIZE // 2) for i in range(n)]
 
 
-async def _filled(pool: BufferPool, chunks: list[bytes]):
+async def _filled(pool: BufferPool, chunks: list[bytes], held: list[int] | None = None):
     for chunk in chunks:
         buf = await pool.acquire()
+        if held is not None:  # buffers out of the pool, this one included
+            held.append(pool.count - pool.available())
         buf.view[:len(chunk)] = chunk
         buf.length = len(chunk)
         yield buf
@@ -60,17 +62,20 @@ def test_parallel_blocks_make_the_sequential_frame(parallel):
     expected = b"".join(reference.compress(c) for c in chunks) + reference.finish()
 
     async def run():
-        pool = BufferPool(8, SIZE)
+        pool = BufferPool(16, SIZE)
         compressor = _Jittery()
-        with ThreadPoolExecutor(parallel + 1) as executor:
-            out = [c async for c in compressed(_filled(pool, chunks), compressor, executor, parallel)]
-        return b"".join(out), compressor.most, pool.available()
+        held: list[int] = []
+        with ThreadPoolExecutor(parallel) as executor:
+            out = [c async for c in compressed(_filled(pool, chunks, held), compressor, executor, parallel)]
+        return b"".join(out), compressor.most, max(held), pool.available()
 
-    blob, most, free = asyncio.run(run())
+    blob, most, held, free = asyncio.run(run())
     assert blob == expected
     assert lz4.frame.decompress(blob) == b"".join(chunks)
-    assert 2 <= most <= parallel  # blocks of one object were encoded at once, never more than asked
-    assert free == 8
+    assert most == parallel  # blocks of one object were encoded on every thread at once
+    # a queued job per core besides the running one, and never more buffers than that
+    assert held == blocks_in_flight(parallel) == 2 * parallel
+    assert free == 16
 
 
 def test_an_abandoned_stream_frees_each_buffer_only_after_its_job_ends():
@@ -83,11 +88,11 @@ def test_an_abandoned_stream_frees_each_buffer_only_after_its_job_ends():
 
     async def run():
         pool = BufferPool(4, SIZE)
-        with ThreadPoolExecutor(4) as executor:
-            stream = compressed(_filled(pool, _chunks(4)), Held(), executor, parallel=3)
+        with ThreadPoolExecutor(3) as executor:
+            stream = compressed(_filled(pool, _chunks(4)), Held(), executor, parallel=2)
             assert await stream.__anext__() == bytes.fromhex("04224D186470B9")  # header
             reading = asyncio.ensure_future(stream.__anext__())
-            await asyncio.sleep(0.1)  # three encodes in flight, blocked on the gate
+            await asyncio.sleep(0.1)  # four jobs in flight: three encodes blocked on the gate, one queued
             reading.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await reading
@@ -101,5 +106,5 @@ def test_an_abandoned_stream_frees_each_buffer_only_after_its_job_ends():
             return held_while_jobs_ran, pool.available()
 
     held, free = asyncio.run(run())
-    assert held == 3  # the three buffers being encoded stayed out of the pool
+    assert held == 4  # the buffers of running and queued jobs stayed out of the pool
     assert free == 4  # and came back once their jobs ended

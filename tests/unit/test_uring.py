@@ -313,6 +313,65 @@ def test_short_and_retryable_completions_are_resubmitted(pool, tmp_path, opened)
         r.close()
 
 
+def _tracking_in_flight(r):
+    """Wraps the ring so the test sees the most reads and bytes that were ever in flight at once."""
+    ring_prep, ring_reap = r._ring.prep_read, r._ring.reap
+    asked: dict[int, int] = {}
+    peak = {"reads": 0, "bytes": 0}
+
+    def prep(user_data, fd, buf, nbytes, offset, buf_index=-1):
+        asked[user_data] = nbytes
+        peak["reads"] = max(peak["reads"], len(asked))
+        peak["bytes"] = max(peak["bytes"], sum(asked.values()))
+        ring_prep(user_data, fd, buf, nbytes, offset, buf_index)
+
+    def reap():
+        done = ring_reap()
+        for user_data, _res in done:
+            del asked[user_data]
+        return done
+
+    r._ring.prep_read, r._ring.reap = prep, reap
+    return peak
+
+
+@needs_uring
+@pytest.mark.parametrize("cap, most", [(2 * BUF, 2), (BUF // 2, 1)])
+def test_large_reads_in_flight_stay_under_the_byte_cap(pool, tmp_path, opened, cap, most):
+    from walrus._uring.reader import UringReader
+
+    data = make_file(tmp_path / "f", 4 * BUF)
+    fd = opened(tmp_path / "f")
+    r = UringReader(DEPTH, inflight=cap)
+    peak = _tracking_in_flight(r)
+    try:
+        counts = run(r.read_batch([ReadRequest(fd, i * BUF, b.view) for i, b in enumerate(pool.buffers)]))
+        assert counts == [BUF] * 4
+        assert b"".join(bytes(b.view) for b in pool.buffers) == data
+        assert peak["reads"] == most  # a cap under one read still lets one through at a time
+    finally:
+        r.close()
+
+
+@needs_uring
+def test_small_reads_fill_the_ring_under_the_byte_cap(pool, tmp_path, opened):
+    from walrus._uring.reader import UringReader
+
+    piece = 512
+    data = make_file(tmp_path / "f", BUF)
+    fd = opened(tmp_path / "f")
+    r = UringReader(DEPTH, inflight=2 * BUF)
+    peak = _tracking_in_flight(r)
+    try:
+        view = pool.buffers[0].view
+        requests = [ReadRequest(fd, off, view[off:off + piece]) for off in range(0, BUF, piece)]
+        assert run(r.read_batch(requests)) == [piece] * len(requests)
+        assert bytes(view) == data
+        assert peak["reads"] == DEPTH and peak["bytes"] == DEPTH * piece  # the ring, not the cap, bounds them
+    finally:
+        r.close()
+
+
 @needs_uring
 def test_registered_pool_uses_read_fixed_and_other_memory_does_not(pool, tmp_path, opened):
     data = make_file(tmp_path / "f", BUF)

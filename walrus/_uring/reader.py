@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from walrus._uring._liburing import ffi, lib
 from walrus._uring.ring import MAX_IO, Ring
-from walrus._uring.support import DEFAULT_DEPTH
+from walrus._uring.support import DEFAULT_DEPTH, DEFAULT_INFLIGHT
 from walrus.log import log
 
 if TYPE_CHECKING:
@@ -91,14 +91,19 @@ class UringReader:
     cffi drops the GIL around each liburing call, so the loop runs while the thread copies.
 
     Batches from concurrent read_batch calls share the ring: the thread admits whatever is queued
-    each time it wakes, keeps up to `depth` reads in flight across all of them, and resolves each
-    batch's future as soon as its own reads are done.
+    each time it wakes, keeps reads in flight across all of them, and resolves each batch's future
+    as soon as its own reads are done. In flight at once: up to `depth` reads and `inflight` bytes
+    (at least one read). The rest wait in submission order, so concurrent parts get the disk in
+    turn; without the byte cap a virtio disk here served 26 parallel 1 MiB reads slower and
+    unevenly (one part of a backup ran a second ahead of the other; scale-800 backups 15 s against
+    preadv's 12-14 s, capped at 8 MiB 12.6-14 s).
     """
 
     name = "io_uring"
 
-    def __init__(self, depth: int = DEFAULT_DEPTH):
+    def __init__(self, depth: int = DEFAULT_DEPTH, inflight: int = DEFAULT_INFLIGHT):
         self._ring = Ring(depth)
+        self._inflight_cap = max(1, inflight)
         if not self._ring.supports(lib.IORING_OP_READ, lib.IORING_OP_READ_FIXED):
             self._ring.close()
             raise OSError(errno.ENOSYS, "this kernel's io_uring lacks IORING_OP_READ (needs Linux 5.6)")
@@ -110,7 +115,8 @@ class UringReader:
         self._broken: BaseException | None = None
         # the ring thread's own state
         self._pending: deque[tuple[_Batch, int]] = deque()  # (batch, request index) to (re)submit
-        self._in_flight: dict[int, tuple[_Batch, int]] = {}  # user_data -> (batch, request index)
+        self._in_flight: dict[int, tuple[_Batch, int, int]] = {}  # user_data -> (batch, request index, bytes)
+        self._inflight_bytes = 0  # sum of the bytes asked for by the reads in flight
         self._tokens = itertools.count()
         self._fixed: _FixedBuffers | None = None
         self._closed = False
@@ -235,18 +241,21 @@ class UringReader:
             batch.finish()
 
     def _issue(self) -> None:
-        while self._pending and len(self._in_flight) < self._ring.entries:
+        while self._pending and len(self._in_flight) < self._ring.entries and (
+                not self._in_flight or self._inflight_bytes < self._inflight_cap):
             batch, i = self._pending.popleft()
             r, got, index = batch.requests[i], batch.done[i], batch.index[i]
             token = next(self._tokens)
             nbytes = min(len(r.view) - got, MAX_IO)
             self._ring.prep_read(token, r.fd, batch.bufs[i] + got, nbytes, r.offset + got, index)
-            self._in_flight[token] = (batch, i)
+            self._in_flight[token] = (batch, i, nbytes)
+            self._inflight_bytes += nbytes
             if index >= 0:
                 self.fixed_reads += 1
 
     def _complete(self, user_data: int, res: int) -> None:
-        batch, i = self._in_flight.pop(user_data)
+        batch, i, nbytes = self._in_flight.pop(user_data)
+        self._inflight_bytes -= nbytes
         if res == -errno.EINVAL and batch.done[i] % 512:
             res = 0  # see walrus.stream.reader: O_DIRECT remainder after a short read is end of file
         if res < 0 and -res not in _RETRY and batch.error is None:
@@ -273,9 +282,10 @@ class UringReader:
             batches = set(self._queue)
             self._queue.clear()
         batches.update(b for b, _ in self._pending)
-        batches.update(b for b, _ in self._in_flight.values())
+        batches.update(b for b, _, _ in self._in_flight.values())
         self._pending.clear()
         self._in_flight.clear()
+        self._inflight_bytes = 0
         for batch in batches:
             batch.error = batch.error or error
             batch.finish()

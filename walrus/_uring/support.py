@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from walrus._uring.reader import UringReader
 
-DEFAULT_DEPTH = 64  # ring entries: reads in flight per batch
+DEFAULT_DEPTH = 64  # ring entries: the most reads in flight at once (small files)
+# Bytes of reads in flight at once (WALRUS_READ_INFLIGHT's default): large reads queue behind it.
+DEFAULT_INFLIGHT = 8 << 20
 
 
 class UringUnavailable(Exception):
@@ -74,14 +76,15 @@ def probe() -> str | None:
     return None
 
 
-def open_uring_reader(depth: int = DEFAULT_DEPTH) -> "UringReader":
-    """A UringReader with a ring of `depth` entries; raises UringUnavailable when io_uring cannot work."""
+def open_uring_reader(depth: int = DEFAULT_DEPTH, inflight: int = DEFAULT_INFLIGHT) -> "UringReader":
+    """A UringReader with a ring of `depth` entries and at most `inflight` bytes of reads in flight;
+    raises UringUnavailable when io_uring cannot work."""
     reason = probe()
     if reason is not None:
         raise UringUnavailable(reason)
     from walrus._uring.reader import UringReader
 
     try:
-        return UringReader(depth)
+        return UringReader(depth, inflight)
     except OSError as e:
         raise UringUnavailable(_explain(e.errno)) from e

@@ -145,7 +145,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
         # each part's buffers are compressed on every core, so the last part is not left to one
         plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
         pool = BufferPool(plan.count, plan.buffer_size)
-        reader = open_reader(settings.io_method)
+        reader = open_reader(settings.io_method, settings.read_inflight)
         register = getattr(reader, "register", None)
         if register is not None:
             register(pool)

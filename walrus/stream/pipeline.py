@@ -14,7 +14,7 @@ from walrus.config import Settings
 from walrus.storage.base import Storage
 from walrus.stream.buffers import Buffer, BufferPool
 from walrus.stream.reader import FileReader, ReadRequest
-from walrus.stream.stages import Counter, compressed, encrypted, piped
+from walrus.stream.stages import Counter, blocks_in_flight, compressed, encrypted, piped
 
 # Compressed chunks queued between the compressor thread and the storage writer.
 UPLOAD_QUEUE_DEPTH = 4
@@ -23,7 +23,7 @@ UPLOAD_QUEUE_DEPTH = 4
 @dataclass(frozen=True)
 class PoolPlan:
     """How the memory budget splits: `lanes` parts in flight, each with `depth` buffers read ahead
-    and `parallel` buffers compressed at once."""
+    and blocks_in_flight(parallel) buffers in compression jobs, keeping `parallel` cores busy."""
 
     buffer_size: int
     count: int
@@ -34,9 +34,10 @@ class PoolPlan:
     def for_settings(cls, settings: Settings, lanes: int, parallel: int = 1) -> "PoolPlan":
         size = max(4096, settings.buffer_size - settings.buffer_size % 4096)
         parallel = max(1, parallel)
-        per_lane = max(parallel + 2, settings.memory_budget // size // max(1, lanes))
+        compressing = blocks_in_flight(parallel)
+        per_lane = max(compressing + 2, settings.memory_budget // size // max(1, lanes))
         # a lane holds its read-ahead queue, the buffer being filled and the ones being compressed
-        depth = per_lane - 1 - parallel
+        depth = per_lane - 1 - compressing
         return cls(size, lanes * per_lane, depth, parallel)
 
 

@@ -69,9 +69,11 @@ class PreadReader:
         self._pool.shutdown(wait=True)
 
 
-def open_reader(mode: str = "auto") -> FileReader:
-    """The reader for `mode`: "io_uring", "preadv", or "auto" (io_uring when this process may use it)."""
-    from walrus._uring import UringUnavailable, open_uring_reader
+def open_reader(mode: str = "auto", inflight: int | None = None) -> FileReader:
+    """The reader for `mode`: "io_uring", "preadv", or "auto" (io_uring when this process may use it).
+
+    `inflight`: bytes of reads io_uring keeps in flight at once (WALRUS_READ_INFLIGHT)."""
+    from walrus._uring import DEFAULT_INFLIGHT, UringUnavailable, open_uring_reader
     from walrus.errors import ConfigError
     from walrus.log import log
 
@@ -81,7 +83,7 @@ def open_reader(mode: str = "auto") -> FileReader:
     if mode == "preadv":
         return PreadReader()
     try:
-        return open_uring_reader()
+        return open_uring_reader(inflight=DEFAULT_INFLIGHT if inflight is None else inflight)
     except UringUnavailable as e:
         if mode == "io_uring":
             raise ConfigError("the io_uring file reader is unavailable", detail=e.reason,

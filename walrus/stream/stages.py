@@ -18,8 +18,9 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
     """Compress pool buffers on worker threads (the codecs release the GIL) and release each one.
 
     A codec with independent blocks (lz4 and zstd: start/checksum/encode, see walrus.codec.lz4) gets
-    up to `parallel` buffers encoded at once, so one object uses every core; its output still comes
-    out in input order and its running checksum is fed in input order. Any other codec is a stream
+    up to blocks_in_flight(parallel) buffers in encode jobs at once, so one object keeps `parallel`
+    cores busy; its output still comes out in input order and its running checksum is fed in input
+    order. Any other codec is a stream
     and runs one buffer at a time. With compression 'none' the compressor returns its input as
     bytes: the stage is then a copy out of the pool, which is what lets the buffer go back.
     """
@@ -40,12 +41,23 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
         yield tail
 
 
+def blocks_in_flight(parallel: int) -> int:
+    """Buffers of one object handed to compression jobs at once (the buffers it holds there).
+
+    Twice `parallel` for block codecs: each core has a job running and one queued, so it never
+    waits for the event loop to collect the oldest block and hand it the next buffer (a lone zstd
+    part of 428 MiB on 2 cores: 1.28 s with one job per core, 1.01 s with two).
+    """
+    return 2 * parallel if parallel > 1 else 1
+
+
 async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executor: Executor,
                              parallel: int) -> AsyncIterator[bytes]:
     loop = asyncio.get_running_loop()
     # (buffer, the job reading it) in input order. Invariant: a buffer goes back to the pool only
     # once no job reads it any more, even when the stream is abandoned half way.
     jobs: deque[tuple[Buffer, concurrent.futures.Future]] = deque()
+    in_flight = blocks_in_flight(parallel)
     summed = threading.Event()  # the previous chunk is in the checksum (none yet: go)
     summed.set()
 
@@ -66,7 +78,7 @@ async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executo
             job.add_done_callback(lambda _job, event=mine: event.set())
             jobs.append((buf, job))
             summed = mine
-            if len(jobs) >= parallel:
+            if len(jobs) >= in_flight:
                 yield await next_block()
         while jobs:
             yield await next_block()

@@ -18,14 +18,14 @@ from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
 from walrus.stream.pipeline import file_buffers, upload_buffers, upload_threads
 from walrus.stream.reader import open_reader
-from walrus.stream.stages import Counter
+from walrus.stream.stages import Counter, blocks_in_flight
 from walrus.wal.archive import consume_decompressed, open_archived
 
-PUSH_BUFFERS = 4
-# Cores a lone push compresses on (lz4 blocks or zstd frames at once); its reads run
-# PUSH_BUFFERS - PUSH_PARALLEL buffers ahead, so a push never holds more than PUSH_BUFFERS.
-# Concurrent pushes (the daemon) use the cores by running side by side, one core each.
+# Cores a lone push compresses on (lz4 blocks or zstd frames at once). Concurrent pushes (the
+# daemon) use the cores by running side by side, one core each.
 PUSH_PARALLEL = 2
+# Buffers a push reads ahead of its compression jobs.
+PUSH_READ_AHEAD = 3
 
 
 @dataclass
@@ -63,20 +63,21 @@ class WalPusher:
     so each segment pays for its bytes only (no ring, mapping or thread set up per segment).
 
     Invariant: at most `slots` pushes read and compress at once (WALG_UPLOAD_CONCURRENCY), each holding
-    at most PUSH_BUFFERS buffers, so the shared pool of slots * PUSH_BUFFERS never runs dry under one of
-    them. A push gives its slot back once its last buffer is consumed, so the next segment is read and
+    at most `per_push` buffers (its read-ahead and its compression jobs), so the shared pool of
+    slots * per_push never runs dry under one of them. A push gives its slot back once its last buffer is consumed, so the next segment is read and
     compressed while the previous one is made durable (fsync, rename), which holds no buffer.
     """
 
     def __init__(self, settings: Settings, slots: int = 1):
         self.settings = settings
         self._slots = asyncio.Semaphore(slots)
-        self.pool = BufferPool(PUSH_BUFFERS * slots, settings.buffer_size)
         self.parallel = PUSH_PARALLEL if slots == 1 else 1
+        self.per_push = self.buffers_per_push(self.parallel)
+        self.pool = BufferPool(self.per_push * slots, settings.buffer_size)
         self.executor = ThreadPoolExecutor(max_workers=slots * upload_threads(self.parallel),
                                            thread_name_prefix="walrus-wal")
         try:
-            self.reader = open_reader(settings.io_method)
+            self.reader = open_reader(settings.io_method, settings.read_inflight)
         except BaseException:
             self.close()
             raise
@@ -85,9 +86,13 @@ class WalPusher:
             register(self.pool)
 
     @staticmethod
-    def slots_for(settings: Settings) -> int:
+    def buffers_per_push(parallel: int) -> int:
+        return blocks_in_flight(parallel) + PUSH_READ_AHEAD
+
+    @classmethod
+    def slots_for(cls, settings: Settings) -> int:
         """WALG_UPLOAD_CONCURRENCY pushes at once (WAL-G's default is 16), as many as the memory budget holds."""
-        per_push = PUSH_BUFFERS * settings.buffer_size
+        per_push = cls.buffers_per_push(1) * settings.buffer_size  # side by side, one core each
         return max(1, min(settings.upload_concurrency, settings.memory_budget // per_push))
 
     def close(self) -> None:
@@ -143,7 +148,7 @@ class WalPusher:
             async def counted():
                 nonlocal read_total
                 source = direct_fd if direct_fd is not None else fd
-                async for buf in file_buffers(source, size, self.pool, self.reader, PUSH_BUFFERS - self.parallel,
+                async for buf in file_buffers(source, size, self.pool, self.reader, PUSH_READ_AHEAD,
                                               direct_fd is not None):
                     read_total += buf.length
                     yield buf
