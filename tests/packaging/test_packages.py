@@ -214,7 +214,9 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
                               check=False)
         assert missing.returncode == 74, missing.stderr
 
-        # the daemon and /usr/bin/walg-daemon-client (an sh prelude that runs the system python -IS)
+        # the daemon and /usr/bin/walg-daemon-client, which runs the package's python -IS without a shell
+        with open("/usr/bin/walg-daemon-client", "rb") as f:
+            assert f.readline() == b"#!/opt/walrus/bin/python3 -IS\n"
         sock = os.path.join(pgroot, "walrus.sock")
         daemon = subprocess.Popen(["runuser", "-u", "postgres", "--", "env", f"PGDATA={cluster.data}", WALRUS,
                                    "--config", CONFIG, "daemon", sock], stderr=subprocess.PIPE)
