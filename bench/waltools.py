@@ -13,8 +13,10 @@ from bench.tools import (PGBACKREST, STANZA, first_line, pgbackrest_argv, pgback
                          user_dir)
 from tests.pgcluster import WALRUS, Cluster, chown_to_user
 
-# walrus's daemon client as users point archive_command/restore_command at it (the packages' /usr/bin one)
-WALRUS_CLIENT = os.path.join(os.path.dirname(WALRUS), "walg-daemon-client")
+# walrus's daemon client as the packages run it: /usr/bin/walg-daemon-client's shebang is
+# `/opt/walrus/bin/python3 -IS`, one exec; the venv's copy keeps the sh prelude a wheel needs
+WALRUS_CLIENT = [os.path.join(os.path.dirname(WALRUS), "python3"), "-IS",
+                 os.path.join(os.path.dirname(WALRUS), "walg-daemon-client")]
 # WALG_DOWNLOAD_CONCURRENCY's default in WAL-G and walrus: the prefetch window every tool gets in replay
 PREFETCH_WINDOW = 10
 
@@ -78,11 +80,11 @@ class WalgFamily(WalTool):
                  ops: tuple[str, ...], client: list[str] | None = None, download_concurrency: int | None = None):
         self.name, self.label, self.replay_label, self.family = name, label, replay_label, family
         self.binary, self.ops, self.uses_daemon = binary, ops, daemon
-        self.client = client or [WALRUS_CLIENT]
+        self.client = client or WALRUS_CLIENT
         self.download_concurrency = download_concurrency
 
     def missing(self) -> str | None:
-        for exe in (self.binary, self.client[0]):
+        for exe in (self.binary, self.client[0], self.client[-1]):
             if not os.access(exe, os.X_OK):
                 return f"{exe} is not an executable file"
         return None
@@ -143,7 +145,7 @@ def walrus_tools() -> list[WalgFamily]:
 
 def walg_tools(binary: str, client: str | None) -> list[WalgFamily]:
     """WAL-G's daemon is driven by walg-daemon-client when given, else by walrus's client (same protocol)."""
-    argv = [client] if client else [WALRUS_CLIENT]
+    argv = [client] if client else WALRUS_CLIENT
     return [
         WalgFamily("wal-g-daemon", "WAL-G daemon", "WAL-G daemon", "wal-g", binary, daemon=True,
                    ops=("archive", "drain", "replay"), client=argv),
