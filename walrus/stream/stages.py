@@ -20,9 +20,9 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
     A codec with independent blocks (lz4 and zstd: start/checksum/encode, see walrus.codec.lz4) gets
     up to blocks_in_flight(parallel) buffers in encode jobs at once, so one object keeps `parallel`
     cores busy; its output still comes out in input order and its running checksum is fed in input
-    order. Any other codec is a stream
-    and runs one buffer at a time. With compression 'none' the compressor returns its input as
-    bytes: the stage is then a copy out of the pool, which is what lets the buffer go back.
+    order. Any other codec is a stream and runs one buffer at a time. With compression 'none' the
+    compressor returns its input as bytes: the stage is then a copy out of the pool, which is what
+    lets the buffer go back.
     """
     if parallel > 1 and hasattr(compressor, "encode"):
         async for out in _compressed_blocks(buffers, compressor, executor, parallel):

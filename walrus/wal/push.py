@@ -64,8 +64,9 @@ class WalPusher:
 
     Invariant: at most `slots` pushes read and compress at once (WALG_UPLOAD_CONCURRENCY), each holding
     at most `per_push` buffers (its read-ahead and its compression jobs), so the shared pool of
-    slots * per_push never runs dry under one of them. A push gives its slot back once its last buffer is consumed, so the next segment is read and
-    compressed while the previous one is made durable (fsync, rename), which holds no buffer.
+    slots * per_push never runs dry under one of them. A push gives its slot back once its last
+    buffer is consumed, so the next segment is read and compressed while the previous one is made
+    durable (fsync, rename), which holds no buffer.
     """
 
     def __init__(self, settings: Settings, slots: int = 1):
