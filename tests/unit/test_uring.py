@@ -546,6 +546,14 @@ def test_forced_io_uring_unavailable_is_a_config_error(monkeypatch):
     assert caught.value.detail == "ENOSYS: the kernel is built without io_uring"
 
 
+def test_the_readers_default_in_flight_cap_is_the_settings_default():
+    # two copies on purpose: the settings table must not import walrus._uring (0.8 ms on every command)
+    from walrus._uring import DEFAULT_INFLIGHT
+    from walrus.config import load_settings
+
+    assert load_settings({}, None).read_inflight == DEFAULT_INFLIGHT
+
+
 def test_unknown_mode_is_a_config_error():
     with pytest.raises(ConfigError):
         open_reader("mmap")

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
 
 DEFAULT_DEPTH = 64  # ring entries: the most reads in flight at once (small files)
 # Bytes of reads in flight at once (WALRUS_READ_INFLIGHT's default): large reads queue behind it.
-DEFAULT_INFLIGHT = 8 << 20
+DEFAULT_INFLIGHT = 8 << 20  # also in walrus.config (a test keeps them equal)
 
 
 class UringUnavailable(Exception):

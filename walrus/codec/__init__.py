@@ -38,8 +38,12 @@ _CODECS: dict[str, _Codec] = {
 }
 
 
+def _module(method: str):
+    return importlib.import_module(f"walrus.codec.{_CODECS[method].module}")
+
+
 def _load(method: str, attr: str):
-    return getattr(importlib.import_module(f"walrus.codec.{_CODECS[method].module}"), attr)
+    return getattr(_module(method), attr)
 
 
 # WALG_COMPRESSION_METHOD values walrus writes (gzip and lzo are read only, as in WAL-G).
@@ -93,7 +97,7 @@ def preload(method: str) -> None:
     takes the import at start-up, not inside the first request PostgreSQL waits on."""
     if method not in _CODECS:
         raise _unknown_method(method)
-    importlib.import_module(f"walrus.codec.{_CODECS[method].module}")
+    _module(method)
 
 
 def open_reader(ext: str, raw: RawSource, *, name: str = "") -> Reader:

@@ -63,8 +63,8 @@ class WalPusher:
     so each segment pays for its bytes only (no ring, mapping or thread set up per segment).
 
     Invariant: at most `slots` pushes read and compress at once (WALG_UPLOAD_CONCURRENCY), each holding
-    at most `per_push` buffers (its read-ahead and its compression jobs), so the shared pool of
-    slots * per_push never runs dry under one of them. A push gives its slot back once its last
+    at most buffers_per_push() buffers (its read-ahead and its compression jobs), so the shared pool
+    of slots times that never runs dry under one of them. A push gives its slot back once its last
     buffer is consumed, so the next segment is read and compressed while the previous one is made
     durable (fsync, rename), which holds no buffer.
     """
@@ -73,8 +73,7 @@ class WalPusher:
         self.settings = settings
         self._slots = asyncio.Semaphore(slots)
         self.parallel = PUSH_PARALLEL if slots == 1 else 1
-        self.per_push = self.buffers_per_push(self.parallel)
-        self.pool = BufferPool(self.per_push * slots, settings.buffer_size)
+        self.pool = BufferPool(self.buffers_per_push(self.parallel) * slots, settings.buffer_size)
         self.executor = ThreadPoolExecutor(max_workers=slots * upload_threads(self.parallel),
                                            thread_name_prefix="walrus-wal")
         try:
