@@ -166,3 +166,48 @@ def test_help_lists_commands():
     assert "WALG_COMPRESSION_METHOD" in proc.stdout
     assert walrus(["wal-fetch", "--help"], {}, check=True).stdout.count("74") == 1
     assert walrus(["--version"], {}, check=True).stdout.startswith("walrus")
+
+
+def _lz4_block_sizes(raw: bytes) -> list[int]:
+    """Uncompressed sizes of an lz4 frame's blocks (frame header as WAL-G writes it: 7 bytes)."""
+    import lz4.block
+    sizes, at = [], 7
+    while True:
+        word = int.from_bytes(raw[at:at + 4], "little")
+        at += 4
+        if word == 0:
+            return sizes
+        n, stored = word & 0x7FFFFFFF, word & 0x80000000
+        block = raw[at:at + n]
+        at += n
+        sizes.append(n if stored else len(lz4.block.decompress(block, uncompressed_size=4 << 20)))
+
+
+def test_segment_is_compressed_in_4mib_blocks(tmp_path):
+    data = os.urandom(3 << 20) + bytes(13 << 20)  # a whole 16 MiB segment
+    path = tmp_path / "pg_wal" / SEGMENT
+    path.parent.mkdir()
+    path.write_bytes(data)
+    walrus(["wal-push", str(path)], {"WALG_FILE_PREFIX": str(tmp_path / "s")}, check=True)
+    raw = (tmp_path / "s" / "wal_005" / (SEGMENT + ".lz4")).read_bytes()
+    assert _lz4_block_sizes(raw) == [4 << 20] * 4
+    assert lz4.frame.decompress(raw) == data
+
+
+def test_push_memory_is_at_most_a_segment_per_push():
+    from walrus.config import load_settings
+    from walrus.wal.push import WAL_BLOCK, WalPusher, wal_block
+
+    def settings(**env):
+        return load_settings(env={"HOME": "/nonexistent", "WALG_FILE_PREFIX": "/x", **env})
+
+    s = settings()
+    assert wal_block(s) == WAL_BLOCK == 4 << 20  # WALRUS_BUFFER_SIZE (1 MiB) is raised to a block
+    assert WalPusher.buffers_per_push(s, 1) == 3  # one compressing, two read ahead
+    assert WalPusher.buffers_per_push(s, 2) == 4  # a lone push: four jobs, capped at the segment's 4 blocks
+    assert WalPusher.slots_for(s) == 2  # 32 MiB budget / 12 MiB a push, under WALG_UPLOAD_CONCURRENCY 16
+    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB")) == 10
+    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB", WALG_UPLOAD_CONCURRENCY="3")) == 3
+    small = settings(WALG_PG_WAL_SIZE="1")  # 1 MiB segments: one block is the whole segment
+    assert WalPusher.buffers_per_push(small, 1) == WalPusher.buffers_per_push(small, 2) == 1
+    assert wal_block(settings(WALRUS_BUFFER_SIZE="8MiB")) == 8 << 20
