@@ -32,13 +32,18 @@ class PoolPlan:
 
     @classmethod
     def for_settings(cls, settings: Settings, lanes: int, parallel: int = 1) -> "PoolPlan":
-        size = max(4096, settings.buffer_size - settings.buffer_size % 4096)
+        size = buffer_size(settings)
         parallel = max(1, parallel)
         compressing = blocks_in_flight(parallel)
         per_lane = max(compressing + 2, settings.memory_budget // size // max(1, lanes))
         # a lane holds its read-ahead queue, the buffer being filled and the ones being compressed
         depth = per_lane - 1 - compressing
         return cls(size, lanes * per_lane, depth, parallel)
+
+
+def buffer_size(settings: Settings) -> int:
+    """WALRUS_BUFFER_SIZE as a pool can hold it: whole pages (O_DIRECT and fixed buffers need that)."""
+    return max(4096, settings.buffer_size - settings.buffer_size % 4096)
 
 
 def upload_threads(parallel: int) -> int:

@@ -16,7 +16,7 @@ from walrus.errors import WalOverwriteError, WalrusError
 from walrus.log import log
 from walrus.storage.base import Storage
 from walrus.stream.buffers import BufferPool
-from walrus.stream.pipeline import file_buffers, upload_buffers, upload_threads
+from walrus.stream.pipeline import buffer_size, file_buffers, upload_buffers, upload_threads
 from walrus.stream.reader import open_reader
 from walrus.stream.stages import Counter, blocks_in_flight
 from walrus.wal.archive import consume_decompressed, open_archived
@@ -179,7 +179,8 @@ class WalPusher:
 
 
 def wal_block(settings: Settings) -> int:
-    return max(WAL_BLOCK, settings.buffer_size - settings.buffer_size % 4096)
+    """Bytes of WAL read and compressed as one block: WAL_BLOCK, or the pool buffer size if larger."""
+    return max(WAL_BLOCK, buffer_size(settings))
 
 
 async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushResult:
