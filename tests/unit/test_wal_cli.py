@@ -212,3 +212,93 @@ def test_push_memory_is_at_most_a_segment_per_push():
     small = settings(WALG_PG_WAL_SIZE="1")  # 1 MiB segments: one block is the whole segment
     assert WalPusher.buffers_per_push(small, 1) == WalPusher.buffers_per_push(small, 2) == 1
     assert wal_block(settings(WALRUS_BUFFER_SIZE="8MiB")) == 8 << 20
+
+
+def _push_concurrently(tmp_path, monkeypatch, count, slots, encode_delay):
+    """Pushes `count` 16 MiB segments through one WalPusher with `slots`; returns (events, settings).
+
+    Events are (seconds, what, segment): "read" when a block's read is issued, "encoded" when a
+    block's compression ends (slowed by encode_delay, so the order of events is the pusher's, not
+    the machine's).
+    """
+    import asyncio
+    import contextvars
+    import threading
+    import time
+
+    import walrus.stream.pipeline as pipeline
+    from walrus.codec import lz4 as lz4_codec
+    from walrus.config import load_settings
+    from walrus.storage import open_storage
+    from walrus.wal.push import WalPusher
+
+    events, lock = [], threading.Lock()
+    current = contextvars.ContextVar("segment")  # set in each push's task
+    plain_compress, plain_new = lz4_codec.Lz4Compressor.compress, pipeline.new_compressor
+
+    def slow_compress(self, data):
+        out = plain_compress(self, data)
+        time.sleep(encode_delay)
+        with lock:
+            events.append((time.monotonic(), "encoded", self.segment))
+        return out
+
+    def tagged(*args, **kwargs):  # made inside a push's task: remember which segment it compresses
+        compressor = plain_new(*args, **kwargs)
+        compressor.segment = current.get()
+        return compressor
+
+    monkeypatch.setattr(lz4_codec.Lz4Compressor, "compress", slow_compress)
+    monkeypatch.setattr(pipeline, "new_compressor", tagged)
+    settings = load_settings(env={"HOME": "/nonexistent", "WALG_FILE_PREFIX": str(tmp_path / "s"),
+                                  "WALG_COMPRESSION_METHOD": "lz4"})
+    wal = tmp_path / "pg_wal"
+    wal.mkdir()
+    names = [f"0000000100000000000000{i:02X}" for i in range(1, count + 1)]
+    for i, name in enumerate(names):
+        (wal / name).write_bytes(bytes([i]) * (16 << 20))
+
+    async def main():
+        pusher = WalPusher(settings, slots=slots)
+        plain_read = pusher.reader.read_batch
+
+        async def read_batch(requests):
+            for r in requests:
+                events.append((time.monotonic(), "read", os.path.basename(os.readlink(f"/proc/self/fd/{r.fd}"))))
+            return await plain_read(requests)
+
+        pusher.reader.read_batch = read_batch
+        storage = open_storage(settings)
+
+        async def one(name):
+            current.set(name)
+            return await pusher.push(storage, str(wal / name))
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(n) for n in names)), 60)
+        finally:
+            pusher.close()
+
+    results = asyncio.run(main())
+    for name, result in zip(names, results):
+        assert result.status == "uploaded"
+        stored = (tmp_path / "s" / "wal_005" / (name + ".lz4")).read_bytes()
+        assert lz4.frame.decompress(stored) == (wal / name).read_bytes()
+    return sorted(events), names
+
+
+def test_next_push_reads_while_the_previous_ones_still_compress(tmp_path, monkeypatch):
+    # the daemon's arrangement: two slots, one core a push; a third segment waits for a slot
+    events, names = _push_concurrently(tmp_path, monkeypatch, count=3, slots=2, encode_delay=0.05)
+    reads = {name: [t for t, what, seg in events if what == "read" and seg == name] for name in names}
+    encoded = {name: [t for t, what, seg in events if what == "encoded" and seg == name] for name in names}
+    early, late = sorted(names, key=lambda n: reads[n][0])[:2], sorted(names, key=lambda n: reads[n][0])[2]
+    # it waited for a slot, which came back once a push's reads were all issued, not its compression
+    assert reads[late][0] > min(reads[n][-1] for n in early)
+    assert reads[late][0] < min(encoded[n][-1] for n in early)
+
+
+def test_more_pushes_than_slots_share_the_pool_without_stalling(tmp_path, monkeypatch):
+    events, names = _push_concurrently(tmp_path, monkeypatch, count=7, slots=2, encode_delay=0.005)
+    assert {seg for _, what, seg in events if what == "encoded"} == set(names)
+    assert sum(1 for _, what, _ in events if what == "read") == 4 * len(names)  # four 4 MiB blocks each

@@ -6,7 +6,7 @@ import os
 import resource
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import AsyncIterable
+from typing import AsyncIterable, Callable
 
 from walrus.archive.tar_write import dio_length
 from walrus.codec import new_compressor
@@ -69,11 +69,12 @@ async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buff
 
 
 async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader, depth: int,
-                       direct: bool = False):
+                       direct: bool = False, all_issued: Callable[[], None] | None = None):
     """A file's first `size` bytes as filled pool buffers, with up to `depth` reads in flight.
 
     A short read (EOF before `size`) ends the stream early; the caller checks the total. With
     `direct` (fd opened O_DIRECT) reads ask for whole blocks and keep only the file's bytes.
+    `all_issued` is called once the last read is in flight (the stream may still yield buffers).
     """
     pending: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
 
@@ -89,6 +90,8 @@ async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader,
             n = min(pool.size, size - offset)
             await pending.put(asyncio.ensure_future(read_one(buf, offset, n)))
             offset += n
+        if all_issued is not None:
+            all_issued()
         await pending.put(None)
 
     producer = asyncio.create_task(produce())
