@@ -616,11 +616,13 @@ class WalBench:
             "(PostgreSQL's own writes are not synced; every tool's stored objects are, see below); VACUUM and "
             f"CHECKPOINT before every timed step. Compression {a.compression} for every tool but WAL-E (lzop, its "
             f"only method); {a.workers} workers: WALG_UPLOAD_CONCURRENCY (the daemons' look-ahead and WAL-G's "
-            "parallel wal-push), pgBackRest process-max, WAL-E --pool-size.",
+            "parallel wal-push), pgBackRest process-max, WAL-E --pool-size. Each tool runs in its fast mode: "
+            "pgBackRest --archive-async; the walrus and WAL-G daemons with PG_READY_RENAME=true (a segment stored "
+            "ahead of the archiver is marked .done, so one archive_command call covers several, as WAL-E does).",
             f"archive: pgbench -n -c {a.burst_clients} -T {a.burst_seconds} (TPC-B-like) with the tool as "
             "archive_command. WAL MiB/segs: written during the burst (pg_current_wal_lsn); archived = segments "
-            "completed minus those still .ready when pgbench exits (WAL-E marks the segments it pushes ahead .done "
-            "itself, so pg_stat_archiver undercounts it); backlog end counts a segment being pushed at that "
+            "completed minus those still .ready when pgbench exits (WAL-E and the daemons mark the segments they "
+            "push ahead .done themselves, so pg_stat_archiver undercounts them); backlog end counts a segment being pushed at that "
             "instant; catch-up s = from then until no .ready is left; CPU s covers burst and catch-up.",
             f"drain: {a.drain_segments} whole segments written with archiving paused (archive_command = ''), by "
             "range UPDATEs of pgbench_accounts after a CHECKPOINT; then the tool's archive_command is set, the page "

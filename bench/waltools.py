@@ -80,6 +80,9 @@ class WalgFamily(WalTool):
                  ops: tuple[str, ...], client: list[str] | None = None, download_concurrency: int | None = None):
         self.name, self.label, self.replay_label, self.family = name, label, replay_label, family
         self.binary, self.ops, self.uses_daemon = binary, ops, daemon
+        # A daemon marks the segments it stored ahead of the archiver .done (WAL-G's PG_READY_RENAME,
+        # off by default in both), as WAL-E does and as pgBackRest's async mode is likewise opted into.
+        self.settings = {"PG_READY_RENAME": "true"} if daemon else {}
         self.client = client or WALRUS_CLIENT
         self.download_concurrency = download_concurrency
 
@@ -102,7 +105,8 @@ class WalgFamily(WalTool):
         path = self.config(repo)
         with open(path, "w") as f:
             json.dump({"WALG_FILE_PREFIX": repo, "WALG_COMPRESSION_METHOD": s.compression,
-                       "WALG_UPLOAD_CONCURRENCY": str(s.workers), "WALG_PG_WAL_SIZE": str(s.segment_mib)}, f)
+                       "WALG_UPLOAD_CONCURRENCY": str(s.workers), "WALG_PG_WAL_SIZE": str(s.segment_mib),
+                       **self.settings}, f)
         chown_to_user(path)
 
     def _cli(self, repo: str, *args: str, env: dict[str, str] | None = None) -> str:

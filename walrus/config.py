@@ -160,6 +160,10 @@ SETTINGS: tuple[Setting, ...] = (
       "Directory under which wal-fetch keeps .wal-g/prefetch (default: beside DEST, i.e. pg_wal)."),
     S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
       "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
+    S("PG_READY_RENAME", "pg_ready_rename", parse_bool, False,
+      "The daemon marks segments it stored ahead of the archiver as archived (renames archive_status "
+      ".ready to .done), so one archive_command call covers several segments; pg_stat_archiver then "
+      "counts only the calls."),
     # encryption (WAL-G's precedence: PGP, then libsodium; keys are never logged or put in argv)
     S("WALG_PGP_KEY", "pgp_key", _verbatim, None,
       "Armored OpenPGP key ring (literal \\n allowed): public to push, secret to fetch too.", secret=True),

@@ -27,11 +27,13 @@ def _start_daemon(config: str, sock: str, pgdata: str, log: str) -> subprocess.P
     raise AssertionError("daemon did not start: " + open(log).read())
 
 
-def test_archive_through_daemon_survives_a_kill_and_restores() -> None:
+@pytest.mark.parametrize("ready_rename", ["false", "true"])
+def test_archive_through_daemon_survives_a_kill_and_restores(ready_rename: str) -> None:
     root = make_workdir("walrus-daemon-e2e-")
     storage = os.path.join(root, "storage")
     config = write_config(os.path.join(root, "walg.json"), {
-        "WALG_FILE_PREFIX": storage, "WALG_PG_WAL_SIZE": "1", "WALG_UPLOAD_CONCURRENCY": "4"})
+        "WALG_FILE_PREFIX": storage, "WALG_PG_WAL_SIZE": "1", "WALG_UPLOAD_CONCURRENCY": "4",
+        "PG_READY_RENAME": ready_rename})
     sock = os.path.join(root, "walrus.sock")
     daemon_log = os.path.join(root, "daemon.log")
     clusters: list[Cluster] = []
@@ -57,11 +59,14 @@ def test_archive_through_daemon_survives_a_kill_and_restores() -> None:
         assert burst.wait(timeout=120) == 0
         expected = primary.digest()
         last = primary.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        primary.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last, timeout=180)
+        # archive_status, not pg_stat_archiver: with PG_READY_RENAME the daemon marks segments .done that
+        # the archiver then never asks for (background writes may complete one more segment meanwhile)
         status = os.path.join(primary.data, "pg_wal", "archive_status")
-        deadline = time.monotonic() + 180  # background writes may complete one more segment meanwhile
-        while [f for f in os.listdir(status) if f.endswith(".ready")] and time.monotonic() < deadline:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (not os.path.exists(os.path.join(status, last + ".done"))
+                                                or [f for f in os.listdir(status) if f.endswith(".ready")]):
             time.sleep(0.2)
+        assert os.path.exists(os.path.join(status, last + ".done"))
         assert [f for f in os.listdir(status) if f.endswith(".ready")] == []  # the backlog drains to 0
 
         # every segment from the backup on is in the archive, none missing (the killed daemon may have left

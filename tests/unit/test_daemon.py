@@ -1,6 +1,7 @@
 """The daemon over its real Unix socket: WAL-G's bytes, look-ahead uploads, errors, clients and systemd."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import lz4.frame
 import pytest
 
 from walrus.daemon import protocol
@@ -20,8 +22,8 @@ def seg_name(n: int) -> str:
     return f"0000000100000000000000{n:02X}"
 
 
-@pytest.fixture
-def daemon(tmp_path):
+@contextlib.contextmanager
+def running_daemon(tmp_path, **settings):
     pgdata = tmp_path / "pgdata"
     (pgdata / "pg_wal" / "archive_status").mkdir(parents=True)
     store = tmp_path / "store"
@@ -31,7 +33,7 @@ def daemon(tmp_path):
     notify.settimeout(10)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "PG"))}
     env.update(WALG_FILE_PREFIX=str(store), PGDATA=str(pgdata), NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
-               WALG_UPLOAD_CONCURRENCY="4")
+               WALG_UPLOAD_CONCURRENCY="4", **settings)
     proc = subprocess.Popen([f"{BIN}/walrus", "daemon", sock], env=env, stderr=subprocess.PIPE)
     try:
         assert notify.recv(100) == b"READY=1"  # sent once the socket listens
@@ -40,6 +42,12 @@ def daemon(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
         notify.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    with running_daemon(tmp_path) as running:
+        yield running
 
 
 def request(sock: str, raw: bytes) -> bytes:
@@ -109,6 +117,51 @@ def test_look_ahead_uploads_ready_segments(daemon):
         assert (store / "wal_005" / f"{n}.lz4").exists()
     os.unlink(pgdata / "pg_wal" / names[1])  # already durable: answered without reading the file again
     assert request(sock, protocol.encode(protocol.WAL_PUSH, names[1])) == b"O"
+    # without PG_READY_RENAME the archive status is PostgreSQL's alone
+    assert not [f for f in os.listdir(pgdata / "pg_wal" / "archive_status") if f.endswith(".done")]
+
+
+def wait_stored(store, names, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all((store / "wal_005" / f"{n}.lz4").exists() for n in names):
+        time.sleep(0.02)
+    assert all((store / "wal_005" / f"{n}.lz4").exists() for n in names)
+
+
+def test_pg_ready_rename_marks_stored_look_ahead_done_while_asked(tmp_path):
+    """An archiver that asks for the oldest .ready segment, as PostgreSQL's does, and marks it .done after O."""
+    names = [seg_name(n) for n in range(0x10, 0x20)]
+    with running_daemon(tmp_path, PG_READY_RENAME="true") as (proc, sock, pgdata, store):
+        status = pgdata / "pg_wal" / "archive_status"
+        data = {n: write_segment(pgdata, n) for n in names}
+
+        def done():
+            return sorted(f[:-5] for f in os.listdir(status) if f.endswith(".done"))
+
+        def archive(name):  # one archive_command call
+            assert request(sock, protocol.encode(protocol.WAL_PUSH, name)) == b"O"
+            assert (status / f"{name}.ready").exists()  # the daemon leaves the asked one to PostgreSQL
+            os.rename(status / f"{name}.ready", status / f"{name}.done")
+
+        def lowest_ready():
+            return min((f[:-6] for f in os.listdir(status) if f.endswith(".ready")), default=None)
+
+        archive(names[0])  # starts names[1..8] ahead (4 uploads x 2); those stored meanwhile are marked
+        marked = done()
+        wait_stored(store, names[1:9])
+        time.sleep(0.2)
+        assert done() == marked  # between requests nothing is renamed: the archiver may be picking one
+        archive(lowest_ready())  # marks all that is stored, then looks ahead past the .done ones
+        assert set(names[:9]) <= set(done())
+        wait_stored(store, names[9:])
+        archive(lowest_ready())
+        assert done() == names and lowest_ready() is None  # 16 segments, 3 archive_command calls
+        for n in names:  # everything marked is stored, byte for byte
+            assert lz4.frame.decompress((store / "wal_005" / f"{n}.lz4").read_bytes()) == data[n]
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=30)[1].decode()
+    for n in names:  # each segment archived once
+        assert log.count(f"archived {n} ") == 1
 
 
 def test_daemon_client_imports_almost_nothing():

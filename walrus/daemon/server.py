@@ -25,6 +25,9 @@ SHUTDOWN_GRACE = 30.0  # seconds requests in progress get to finish after SIGTER
 # .ready segments queued ahead of the archiver, per upload slot: uploads run WALG_UPLOAD_CONCURRENCY at a
 # time, and a queue twice that deep keeps every slot busy while the archiver collects finished ones
 LOOK_AHEAD_PER_UPLOAD = 2
+# How far past the asked segment the look-ahead walks, in windows: segments already .done (marked by
+# PG_READY_RENAME) are passed over without counting, so the walk is bounded separately.
+LOOK_AHEAD_REACH = 4
 
 
 def sd_notify(message: str) -> None:
@@ -39,9 +42,13 @@ def sd_notify(message: str) -> None:
 
 @dataclass
 class _Pushes:
-    """Uploads under way or finished, by WAL file name; a finished one stays until PostgreSQL asks."""
+    """Uploads under way or finished, by WAL file name; a finished one stays until PostgreSQL asks
+    (or, with PG_READY_RENAME, until the daemon marks it .done itself)."""
 
     tasks: dict[str, asyncio.Task] = field(default_factory=dict)
+    asked: dict[str, int] = field(default_factory=dict)  # names with a wal-push request being answered
+    stored_ahead: set[str] = field(default_factory=set)  # look-ahead segments stored, not yet marked .done
+    last_asked: str | None = None  # the segment PostgreSQL asked for last: the look-ahead starts after it
 
 
 class Daemon:
@@ -171,7 +178,21 @@ class Daemon:
 
     async def _push(self, name: str) -> bytes:
         wal_name = os.path.basename(name)
+        pushes = self._pushes
+        pushes.asked[wal_name] = pushes.asked.get(wal_name, 0) + 1
+        try:
+            return await self._answer_push(wal_name, name)
+        finally:  # before the reply is written: no .ready is renamed once the archiver may move on
+            pushes.asked[wal_name] -= 1
+            if not pushes.asked[wal_name]:
+                del pushes.asked[wal_name]
+
+    async def _answer_push(self, wal_name: str, name: str) -> bytes:
         path = self._in_pgdata(name if "/" in name else os.path.join("pg_wal", name))
+        self._pushes.stored_ahead.discard(wal_name)  # PostgreSQL asked: it marks this one itself
+        if classify_wal_name(wal_name) == "segment":
+            self._pushes.last_asked = wal_name
+        self._mark_stored_ahead()
         task = self._pushes.tasks.get(wal_name)
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = self._start_push(wal_name, path)
@@ -192,9 +213,14 @@ class Daemon:
         self._pushes.tasks.pop(wal_name, None)  # answered: PostgreSQL marks it .done
         return protocol.OK
 
-    def _start_push(self, wal_name: str, path: str) -> asyncio.Task:
+    def _start_push(self, wal_name: str, path: str, ahead: bool = False) -> asyncio.Task:
         async def upload() -> None:
             await self._pusher.push(self.storage, path)  # WALG_UPLOAD_CONCURRENCY at once
+            if ahead and self.settings.pg_ready_rename and wal_name not in self._pushes.asked:
+                self._pushes.stored_ahead.add(wal_name)
+                self._mark_stored_ahead()
+                if self._pushes.last_asked is not None:  # a marked one leaves the window: refill it
+                    self._look_ahead(self._pushes.last_asked)
 
         task = asyncio.create_task(upload())
         task.add_done_callback(_consume_exception)
@@ -205,17 +231,50 @@ class Daemon:
         """Start uploading the segments after wal_name that PostgreSQL has marked .ready, so they are
         durable (and answered at once) by the time the archiver asks for them. WALG_UPLOAD_CONCURRENCY
         uploads run at once, from a queue LOOK_AHEAD_PER_UPLOAD times as deep; each is reported only when
-        PostgreSQL asks, and a queued one holds no memory until its turn."""
+        PostgreSQL asks (or marked .done, see _mark_stored_ahead), and a queued one holds no memory until
+        its turn. Segments already .done are passed over; the first with neither status ends the walk."""
         if classify_wal_name(wal_name) != "segment":
             return
-        name = wal_name
-        for _ in range(self.settings.upload_concurrency * LOOK_AHEAD_PER_UPLOAD):
+        window = self.settings.upload_concurrency * LOOK_AHEAD_PER_UPLOAD
+        name, queued = wal_name, 0
+        for _ in range(LOOK_AHEAD_REACH * window):
+            if queued >= window:
+                break
             name = next_wal_file_name(name, self.settings.segment_size)
             if name in self._pushes.tasks:
+                queued += 1
                 continue
-            if not os.path.exists(os.path.join(self.status_dir, name + ".ready")):
+            status = os.path.join(self.status_dir, name)
+            if os.path.exists(status + ".ready"):
+                self._start_push(name, os.path.join(self.pgdata, "pg_wal", name), ahead=True)
+                queued += 1
+            elif not os.path.exists(status + ".done"):
                 break
-            self._start_push(name, os.path.join(self.pgdata, "pg_wal", name))
+
+    def _mark_stored_ahead(self) -> None:
+        """PG_READY_RENAME: mark look-ahead segments that are durably stored as archived, renaming their
+        archive_status .ready to .done as PostgreSQL would, so the archiver skips them instead of
+        starting archive_command for each (PostgreSQL 15+ checks each .ready before it archives it).
+
+        Invariant: this runs only while a wal-push request is being answered. The archiver then waits
+        in archive_command, so it cannot have picked the segment being renamed; between requests it
+        may have, and a rename then would make PostgreSQL warn that its own rename failed. The
+        segment asked for is left to PostgreSQL. Nothing is marked that is not stored."""
+        pushes = self._pushes
+        if not pushes.asked or not pushes.stored_ahead:
+            return
+        for name in sorted(pushes.stored_ahead - pushes.asked.keys()):
+            pushes.stored_ahead.discard(name)
+            pushes.tasks.pop(name, None)  # PostgreSQL will not ask for it now
+            status = os.path.join(self.status_dir, name)
+            try:
+                os.rename(status + ".ready", status + ".done")
+            except FileNotFoundError:
+                pass  # PostgreSQL archived it meanwhile (a retry), or it is gone
+            except OSError as e:  # it stays .ready: the archiver asks and is answered at once
+                log.warning(f"daemon: cannot mark {name} archived in {self.status_dir}: {e.strerror or e}")
+                continue
+            log.debug(f"daemon: marked {name} archived (.done)")
 
     async def _fetch(self, name: str, destination: str) -> bytes:
         destination = self._in_pgdata(destination)
