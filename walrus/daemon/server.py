@@ -254,7 +254,7 @@ class Daemon:
     def _mark_stored_ahead(self) -> None:
         """PG_READY_RENAME: mark look-ahead segments that are durably stored as archived, renaming their
         archive_status .ready to .done as PostgreSQL would, so the archiver skips them instead of
-        starting archive_command for each (PostgreSQL 15+ checks each .ready before it archives it).
+        starting archive_command for each (it checks that a .ready file is still there first).
 
         Invariant: this runs only while a wal-push request is being answered. The archiver then waits
         in archive_command, so it cannot have picked the segment being renamed; between requests it
@@ -265,16 +265,17 @@ class Daemon:
             return
         for name in sorted(pushes.stored_ahead - pushes.asked.keys()):
             pushes.stored_ahead.discard(name)
-            pushes.tasks.pop(name, None)  # PostgreSQL will not ask for it now
             status = os.path.join(self.status_dir, name)
             try:
                 os.rename(status + ".ready", status + ".done")
             except FileNotFoundError:
                 pass  # PostgreSQL archived it meanwhile (a retry), or it is gone
-            except OSError as e:  # it stays .ready: the archiver asks and is answered at once
+            except OSError as e:  # it stays .ready, and its finished task answers the archiver at once
                 log.warning(f"daemon: cannot mark {name} archived in {self.status_dir}: {e.strerror or e}")
                 continue
-            log.debug(f"daemon: marked {name} archived (.done)")
+            else:
+                log.debug(f"daemon: marked {name} archived (.done)")
+            pushes.tasks.pop(name, None)  # PostgreSQL will not ask for it now
 
     async def _fetch(self, name: str, destination: str) -> bytes:
         destination = self._in_pgdata(destination)
