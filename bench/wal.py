@@ -622,8 +622,9 @@ class WalBench:
             f"archive: pgbench -n -c {a.burst_clients} -T {a.burst_seconds} (TPC-B-like) with the tool as "
             "archive_command. WAL MiB/segs: written during the burst (pg_current_wal_lsn); archived = segments "
             "completed minus those still .ready when pgbench exits (WAL-E and the daemons mark the segments they "
-            "push ahead .done themselves, so pg_stat_archiver undercounts them); backlog end counts a segment being pushed at that "
-            "instant; catch-up s = from then until no .ready is left; CPU s covers burst and catch-up.",
+            "push ahead .done themselves, so pg_stat_archiver undercounts them); backlog end counts a segment "
+            "being pushed at that instant; catch-up s = from then until no .ready is left; CPU s covers burst and "
+            "catch-up.",
             f"drain: {a.drain_segments} whole segments written with archiving paused (archive_command = ''), by "
             "range UPDATEs of pgbench_accounts after a CHECKPOINT; then the tool's archive_command is set, the page "
             "cache dropped, and wall s runs from pg_reload_conf() until no .ready file is left, plus `sync -f` of "

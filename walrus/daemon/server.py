@@ -218,9 +218,8 @@ class Daemon:
             await self._pusher.push(self.storage, path)  # WALG_UPLOAD_CONCURRENCY at once
             if ahead and self.settings.pg_ready_rename and wal_name not in self._pushes.asked:
                 self._pushes.stored_ahead.add(wal_name)
-                self._mark_stored_ahead()
-                if self._pushes.last_asked is not None:  # a marked one leaves the window: refill it
-                    self._look_ahead(self._pushes.last_asked)
+                if self._mark_stored_ahead() and self._pushes.last_asked is not None:
+                    self._look_ahead(self._pushes.last_asked)  # the marked ones left the window: refill it
 
         task = asyncio.create_task(upload())
         task.add_done_callback(_consume_exception)
@@ -251,7 +250,7 @@ class Daemon:
             elif not os.path.exists(status + ".done"):
                 break
 
-    def _mark_stored_ahead(self) -> None:
+    def _mark_stored_ahead(self) -> int:
         """PG_READY_RENAME: mark look-ahead segments that are durably stored as archived, renaming their
         archive_status .ready to .done as PostgreSQL would, so the archiver skips them instead of
         starting archive_command for each (it checks that a .ready file is still there first).
@@ -259,10 +258,12 @@ class Daemon:
         Invariant: this runs only while a wal-push request is being answered. The archiver then waits
         in archive_command, so it cannot have picked the segment being renamed; between requests it
         may have, and a rename then would make PostgreSQL warn that its own rename failed. The
-        segment asked for is left to PostgreSQL. Nothing is marked that is not stored."""
+        segment asked for is left to PostgreSQL. Nothing is marked that is not stored.
+        Returns how many segments left the look-ahead window."""
         pushes = self._pushes
         if not pushes.asked or not pushes.stored_ahead:
-            return
+            return 0
+        marked = 0
         for name in sorted(pushes.stored_ahead - pushes.asked.keys()):
             pushes.stored_ahead.discard(name)
             status = os.path.join(self.status_dir, name)
@@ -276,6 +277,8 @@ class Daemon:
             else:
                 log.debug(f"daemon: marked {name} archived (.done)")
             pushes.tasks.pop(name, None)  # PostgreSQL will not ask for it now
+            marked += 1
+        return marked
 
     async def _fetch(self, name: str, destination: str) -> bytes:
         destination = self._in_pgdata(destination)

@@ -162,7 +162,7 @@ class WalPusher:
                                               direct_fd is not None, all_issued=free_slot):
                     read_total += buf.length
                     yield buf
-                free_slot()  # every buffer is read; the last ones return to the pool once compressed
+                free_slot()  # already freed once the last read was issued, unless the file ended early
                 if read_total != size:  # raising here aborts the put: nothing lands under the key
                     raise WalrusError(f"{path} shrank while it was being archived",
                                       detail=f"read {read_total} of {size} bytes")
