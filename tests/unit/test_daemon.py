@@ -164,6 +164,32 @@ def test_pg_ready_rename_marks_stored_look_ahead_done_while_asked(tmp_path):
         assert log.count(f"archived {n} ") == 1
 
 
+def test_pg_ready_rename_failure_leaves_ready_and_still_answers_at_once(tmp_path):
+    """A .ready that cannot be renamed stays .ready (PostgreSQL will ask), and the stored segment's finished
+    upload answers that request without reading the file again."""
+    names = [seg_name(n) for n in range(0x10, 0x16)]
+    with running_daemon(tmp_path, PG_READY_RENAME="true") as (proc, sock, pgdata, store):
+        status = pgdata / "pg_wal" / "archive_status"
+        data = {n: write_segment(pgdata, n) for n in names}
+        blocker = status / f"{names[2]}.done"  # rename(2) onto a non-empty directory fails, even for root
+        blocker.mkdir()
+        (blocker / "keep").write_bytes(b"")
+        assert request(sock, protocol.encode(protocol.WAL_PUSH, names[0])) == b"O"
+        wait_stored(store, names[1:])
+        time.sleep(0.2)  # each upload task ends just after its object lands
+        assert request(sock, protocol.encode(protocol.WAL_PUSH, names[1])) == b"O"  # marks what is stored
+        assert all((status / f"{n}.done").is_file() for n in names[3:])
+        assert (status / f"{names[2]}.ready").exists()
+        os.unlink(pgdata / "pg_wal" / names[2])  # a re-read would fail: the answer must come from the task
+        assert request(sock, protocol.encode(protocol.WAL_PUSH, names[2])) == b"O"
+        assert lz4.frame.decompress((store / "wal_005" / f"{names[2]}.lz4").read_bytes()) == data[names[2]]
+        proc.send_signal(signal.SIGTERM)
+        log = proc.communicate(timeout=30)[1].decode()
+    assert log.count(f"cannot mark {names[2]} archived") == 1
+    for n in names:
+        assert log.count(f"archived {n} ") == 1
+
+
 def test_daemon_client_imports_almost_nothing():
     code = ("import sys; from walrus.daemon.client import run; "
             "print(sorted(m for m in ('click', 'asyncio', 'walrus.config', 'lz4', 'psycopg', 'socket') "
