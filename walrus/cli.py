@@ -5,6 +5,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any, Awaitable, Callable
 
@@ -202,29 +204,47 @@ def main(argv: list[str] | None = None) -> None:
     tune_process()
     try:
         rc = cli.main(args=argv, prog_name="walrus", standalone_mode=False)
-        if isinstance(rc, int):
-            sys.exit(rc)
+        code = rc if isinstance(rc, int) else 0
     except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        code = e.exit_code
     except click.ClickException as e:
         e.show()
-        sys.exit(e.exit_code if e.exit_code != 1 else 2)
-    except click.exceptions.Abort:
-        sys.exit(130)
+        code = e.exit_code if e.exit_code != 1 else 2
     except WalrusError as e:
         print(e.render(), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("ERROR: interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = e.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns a Ctrl-C inside a command into Abort
+        print("ERROR: interrupted\nDETAIL: what was in progress was abandoned; nothing partial is left in storage",
+              file=sys.stderr)
+        code = 130
     except OSError as e:
         print(f"ERROR: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         print("HINT: check permissions and free space, and that walrus runs as the server's OS user",
               file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        code = EXIT_FAILURE
     except Exception as e:  # a bug: say so, with the traceback when asked for
         print(f"ERROR: internal error: {type(e).__name__}: {e}", file=sys.stderr)
         if os.environ.get("WALG_LOG_LEVEL", "").upper() == "DEVEL":
             traceback.print_exc()
         print("HINT: set WALG_LOG_LEVEL=DEVEL for a traceback and report it", file=sys.stderr)
-        sys.exit(EXIT_FAILURE)
+        code = EXIT_FAILURE
+    _exit(code)
+
+
+# Seconds the process waits at exit for worker threads still running. A thread stops at its next
+# read once its command is cancelled; one stuck in a system call (a hung disk or mount) would
+# otherwise keep the process alive forever after its error was reported.
+EXIT_GRACE = 5.0
+
+
+def _exit(code: int) -> None:
+    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    deadline = time.monotonic() + EXIT_GRACE
+    for thread in lingering:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() for t in lingering):
+        log.warning("a worker thread did not stop; exiting without it")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

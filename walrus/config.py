@@ -46,6 +46,24 @@ def parse_size(text: str) -> int:
     return int(digits) * units[unit]
 
 
+def _size_between(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = parse_size(text)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low >> 10} KiB and {high >> 20} MiB")
+        return value
+
+    return parse
+
+
+def parse_wal_size(text: str) -> int:
+    """WAL segment size in MiB: PostgreSQL allows powers of two from 1 to 1024."""
+    value = parse_int(text)
+    if not 1 <= value <= 1024 or value & (value - 1):
+        raise ValueError("PostgreSQL's WAL segment sizes are powers of two from 1 to 1024 (MiB)")
+    return value
+
+
 def parse_duration(text: str) -> float:
     """Seconds from a Go-style duration (WAL-G's): 1h30m, 60s, 500ms, or a plain number of seconds."""
     import re
@@ -125,6 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
       "Seconds an S3 request may make no progress before it is abandoned (and retried)."),
     S("WALRUS_S3_CONNECT_TIMEOUT", "s3_connect_timeout", parse_positive_int, 10,
       "Seconds to wait for a connection to the S3 endpoint."),
+    S("WALRUS_S3_CONDITIONAL_PUT", "s3_conditional_put", parse_bool, True,
+      "Store WAL with If-None-Match: * so that no writer can replace an archived segment; set false for "
+      "S3-compatible servers that ignore the header (each push is then checked before and verified after)."),
     S("WALRUS_S3_RANGE_SIZE", "s3_range_size", parse_size, 8 << 20,
       "Bytes per ranged GET; WALG_DOWNLOAD_CONCURRENCY ranges are buffered ahead at most."),
     # data path
@@ -143,10 +164,12 @@ SETTINGS: tuple[Setting, ...] = (
       "Do not fsync restored files (faster, unsafe on power loss)."),
     S("WALG_PREVENT_WAL_OVERWRITE", "prevent_wal_overwrite", parse_bool, False,
       "Compare with the archived copy before pushing WAL (walrus never overwrites with different bytes)."),
-    S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_positive_int, 16, "WAL segment size in MiB."),
-    S("WALRUS_BUFFER_SIZE", "buffer_size", parse_size, 1 << 20, "Size of one data-path buffer."),
+    S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_wal_size, 16, "WAL segment size in MiB (the server's wal_segment_size)."),
+    S("WALRUS_BUFFER_SIZE", "buffer_size", _size_between(64 << 10, 64 << 20), 1 << 20,
+      "Size of one data-path buffer (64 KiB to 64 MiB, rounded down to whole 4 KiB pages)."),
     S("WALRUS_MEMORY_BUDGET", "memory_budget", parse_size, 32 << 20,
-      "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once."),
+      "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once; at least six "
+      "WAL blocks (6 x the larger of 4 MiB and WALRUS_BUFFER_SIZE: 24 MiB by default)."),
     S("WALRUS_IO_METHOD", "io_method", _choice("auto", "io_uring", "preadv"), "auto",
       "File I/O of the data path: io_uring, preadv/pwrite, or auto (io_uring where the kernel allows it)."),
     S("WALRUS_READ_INFLIGHT", "read_inflight", parse_size, 8 << 20,
@@ -216,6 +239,18 @@ class Settings:
     @property
     def segment_size(self) -> int:
         return self.pg_wal_size << 20
+
+
+# WAL is read and compressed in blocks of the larger of this and WALRUS_BUFFER_SIZE (lz4's largest
+# frame block), and a lone push holds at most six at once: two compression jobs on each of two
+# cores and two reads ahead (walrus.wal.push; a test ties the two together).
+WAL_BLOCK_MIN = 4 << 20
+WAL_BLOCKS_PER_PUSH = 6
+
+
+def minimum_memory_budget(buffer_size: int) -> int:
+    """The least WALRUS_MEMORY_BUDGET the data path can keep to: one WAL push's blocks."""
+    return WAL_BLOCKS_PER_PUSH * max(WAL_BLOCK_MIN, buffer_size - buffer_size % 4096)
 
 
 def default_config_path(env: Mapping[str, str]) -> str | None:
@@ -290,6 +325,13 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
                 raise ConfigError(f"invalid value {shown} for {s.name}", detail=f"{e}; set in {source}",
                                   hint=f"{s.name}: {s.doc}") from None
         sources[s.attr] = source
+    floor = minimum_memory_budget(values["buffer_size"])
+    if values["memory_budget"] < floor:
+        raise ConfigError(f"WALRUS_MEMORY_BUDGET is {values['memory_budget']} bytes, below the {floor >> 20} MiB "
+                          "the data path needs at least",
+                          detail=f"a WAL push holds up to {WAL_BLOCKS_PER_PUSH} blocks of "
+                                 f"{floor // WAL_BLOCKS_PER_PUSH >> 20} MiB; set in {sources['memory_budget']}",
+                          hint=f"set WALRUS_MEMORY_BUDGET to {floor >> 20}MiB or more (the default is 32MiB)")
     if values["zstd_level"] is not None and values["compression_method"] != "zstd":
         raise ConfigError("WALG_ZSTD_LEVEL is set but the compression method is not zstd",
                           detail=f"WALG_COMPRESSION_METHOD is {values['compression_method']}",

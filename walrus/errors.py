@@ -37,10 +37,24 @@ class StorageError(WalrusError):
 
 
 class ObjectNotFound(StorageError):
-    """The storage has no object under the requested key."""
+    """The storage answered that it has no object under the requested key (never a guess: a storage
+    that cannot be reached or read raises a plain StorageError)."""
 
     def __init__(self, key: str):
         super().__init__(f"object {key!r} not found in storage")
+        self.key = key
+
+
+class StorageMissing(StorageError):
+    """The storage itself is not there (a file storage's root folder): nothing can be read from it,
+    and the first write creates it."""
+
+
+class ObjectExists(StorageError):
+    """An exclusive put found an object already under its key; nothing was replaced."""
+
+    def __init__(self, key: str):
+        super().__init__(f"object {key!r} already exists in storage")
         self.key = key
 
 

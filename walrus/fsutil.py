@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (ctypes.util.find_library runs ldconfig)
@@ -26,6 +27,31 @@ def syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1  # <linux/fs.h>
+_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28 and later
+if _renameat2 is not None:
+    _renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """Rename src to dst only if dst does not exist, atomically; FileExistsError if it does.
+
+    renameat2(RENAME_NOREPLACE) where the filesystem supports it; elsewhere (NFS, some FUSE
+    filesystems) a hard link, which is just as exclusive, then the unlink of src.
+    """
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise FileExistsError(err, os.strerror(err), dst)
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), dst)
+    os.link(src, dst)
+    os.unlink(src)
 
 
 def discard(fd: int, tmp: str) -> None:

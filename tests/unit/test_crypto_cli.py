@@ -33,6 +33,7 @@ OTHER_KEYS = {
 def walrus(args, env):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "WALE_", "PG", "AWS_", "YC_"))}
     base["HOME"] = "/nonexistent"
+    base["WALG_PG_WAL_SIZE"] = "1"  # the segments here: wal-fetch restores only whole segments
     base.update(env)
     return subprocess.run([WALRUS, *args], env=base, capture_output=True, text=True, timeout=120)
 
@@ -41,7 +42,7 @@ def walrus(args, env):
 def segment(tmp_path):
     path = tmp_path / "pg_wal" / SEGMENT
     path.parent.mkdir()
-    path.write_bytes(os.urandom(300_000) + bytes(700_000))
+    path.write_bytes(os.urandom(300_000) + bytes((1 << 20) - 300_000))
     return path
 
 
@@ -106,7 +107,8 @@ def test_wale_pgp_lzo_segment_is_fetched(tmp_path):
     (wal / f"{name}.lzo").write_bytes((FIXTURES / f"{name}.lzo").read_bytes())
     dest = tmp_path / "RECOVERYXLOG"
     proc = walrus(["wal-fetch", name, str(dest)],
-                  {"WALG_FILE_PREFIX": str(tmp_path / "store"), "WALG_PGP_KEY_PATH": str(FIXTURES / "waleGpgKey")})
+                  {"WALG_FILE_PREFIX": str(tmp_path / "store"), "WALG_PGP_KEY_PATH": str(FIXTURES / "waleGpgKey"),
+                   "WALG_PG_WAL_SIZE": "16"})
     assert proc.returncode == 0, proc.stderr
     data = dest.read_bytes()
     assert len(data) == 16 << 20 and int.from_bytes(data[8:16], "little") == 0x24 << 24

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import lz4.frame
 import pytest
 
 from walrus.daemon import protocol
+from walrus.daemon.server import FIRST_REQUEST_TIMEOUT, MAX_CONNECTIONS
 
 BIN = os.path.dirname(sys.executable)
 SEG = "000000010000000000000001"
@@ -23,7 +25,8 @@ def seg_name(n: int) -> str:
 
 
 @contextlib.contextmanager
-def running_daemon(tmp_path, **settings):
+def running_daemon(tmp_path, nofile=None, **settings):
+    """A daemon for a fresh PGDATA and file storage, optionally started under RLIMIT_NOFILE (soft, hard)."""
     pgdata = tmp_path / "pgdata"
     (pgdata / "pg_wal" / "archive_status").mkdir(parents=True)
     store = tmp_path / "store"
@@ -33,8 +36,9 @@ def running_daemon(tmp_path, **settings):
     notify.settimeout(10)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "PG"))}
     env.update(WALG_FILE_PREFIX=str(store), PGDATA=str(pgdata), NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
-               WALG_UPLOAD_CONCURRENCY="4", **settings)
-    proc = subprocess.Popen([f"{BIN}/walrus", "daemon", sock], env=env, stderr=subprocess.PIPE)
+               WALG_UPLOAD_CONCURRENCY="4", WALG_PG_WAL_SIZE="1", **settings)  # write_segment: 1 MiB
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None
+    proc = subprocess.Popen([f"{BIN}/walrus", "daemon", sock], env=env, stderr=subprocess.PIPE, preexec_fn=limit)
     try:
         assert notify.recv(100) == b"READY=1"  # sent once the socket listens
         yield proc, sock, pgdata, store
@@ -58,6 +62,25 @@ def request(sock: str, raw: bytes) -> bytes:
         return s.recv(16)
 
 
+def counted(*args: str | bytes) -> bytes:
+    """A counted-argument body, whatever the number of arguments or their bytes."""
+    raws = [a.encode() if isinstance(a, str) else a for a in args]
+    return bytes([len(raws)]) + b"".join(len(r).to_bytes(2, "big") + r for r in raws)
+
+
+def frame(kind: bytes, body: bytes) -> bytes:
+    return kind + (len(body) + 3).to_bytes(2, "big") + body
+
+
+def stop(proc) -> str:
+    """SIGTERM, then the daemon's whole log, which must hold no exception escaped to asyncio."""
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=30)[1].decode()
+    for escaped in ("Task exception was never retrieved", "Unhandled exception", "Traceback"):
+        assert escaped not in log
+    return log
+
+
 def write_segment(pgdata, name, ready=True, size=1 << 20) -> bytes:
     data = os.urandom(size)
     (pgdata / "pg_wal" / name).write_bytes(data)
@@ -76,6 +99,12 @@ def test_walg_request_bytes():
         protocol.parse_header(b"F\x00\x02")
     with pytest.raises(protocol.ProtocolError):
         protocol.split_args(fetch[3:-1])
+    assert protocol.request_args(protocol.CHECK, b"CHECK") == []  # the walg_archive module's check
+    assert protocol.request_args(protocol.WAL_FETCH, fetch[3:]) == [SEG, "pg_wal/RECOVERYXLOG"]
+    for kind, body in [(protocol.WAL_FETCH, counted(SEG)), (protocol.WAL_PUSH, b""), (ord("X"), b""),
+                       (protocol.WAL_PUSH, b"\xff\xfe")]:
+        with pytest.raises(protocol.ProtocolError):
+            protocol.request_args(kind, body)
 
 
 def test_check_push_fetch_and_errors(daemon, tmp_path):
@@ -158,8 +187,7 @@ def test_pg_ready_rename_marks_stored_look_ahead_done_while_asked(tmp_path):
         assert done() == names and lowest_ready() is None  # 16 segments, 3 archive_command calls
         for n in names:  # everything marked is stored, byte for byte
             assert lz4.frame.decompress((store / "wal_005" / f"{n}.lz4").read_bytes()) == data[n]
-        proc.send_signal(signal.SIGTERM)
-        log = proc.communicate(timeout=30)[1].decode()
+        log = stop(proc)
     for n in names:  # each segment archived once
         assert log.count(f"archived {n} ") == 1
 
@@ -183,8 +211,7 @@ def test_pg_ready_rename_failure_leaves_ready_and_still_answers_at_once(tmp_path
         os.unlink(pgdata / "pg_wal" / names[2])  # a re-read would fail: the answer must come from the task
         assert request(sock, protocol.encode(protocol.WAL_PUSH, names[2])) == b"O"
         assert lz4.frame.decompress((store / "wal_005" / f"{names[2]}.lz4").read_bytes()) == data[names[2]]
-        proc.send_signal(signal.SIGTERM)
-        log = proc.communicate(timeout=30)[1].decode()
+        log = stop(proc)
     assert log.count(f"cannot mark {names[2]} archived") == 1
     for n in names:
         assert log.count(f"archived {n} ") == 1
@@ -253,3 +280,131 @@ def test_daemon_needs_pgdata(tmp_path):
     proc = subprocess.run([f"{BIN}/walrus", "daemon", str(tmp_path / "x.sock")], env=env, capture_output=True,
                           timeout=30)
     assert proc.returncode == 1 and b"PGDATA" in proc.stderr
+
+
+FLOOD = 1200
+
+
+def closed_by_peer(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_flood_of_idle_connections_leaves_room_for_requests(tmp_path):
+    """1,200 connections that send nothing, to a daemon started with a soft limit of 1,024 open files (a
+    common default): it raises the limit, closes the connections waiting longest at its bound, says so
+    once, and a wal-push through the client is answered as fast as ever."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = FLOOD + 256  # this process holds the flood's sockets
+    if soft < need and hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"this process may open only {hard} files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    flood = []
+    try:
+        with running_daemon(tmp_path, nofile=(1024, 2048)) as (proc, sock, pgdata, store):
+            try:
+                deadline = time.monotonic() + 20
+                while len(flood) < FLOOD:
+                    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    s.setblocking(False)  # a full backlog fails at once (EAGAIN) instead of hanging the test
+                    try:
+                        s.connect(sock)
+                        flood.append(s)
+                    except BlockingIOError:
+                        s.close()
+                        assert time.monotonic() < deadline, f"the daemon stopped accepting after {len(flood)}"
+                        time.sleep(0.01)
+                data = write_segment(pgdata, SEG)
+                start = time.monotonic()
+                client = subprocess.run([f"{BIN}/walg-daemon-client", sock, "wal-push", SEG], capture_output=True,
+                                        timeout=30)
+                elapsed = time.monotonic() - start
+                assert client.returncode == 0, client.stderr
+                assert elapsed < 3.0  # made room at once, not after the idle connections' own timeout
+                assert lz4.frame.decompress((store / "wal_005" / f"{SEG}.lz4").read_bytes()) == data
+                assert sum(closed_by_peer(s) for s in flood) >= FLOOD - MAX_CONNECTIONS
+                assert request(sock, protocol.encode(protocol.CHECK)) == b"O"
+                with open(f"/proc/{proc.pid}/limits") as f:  # the soft limit raised to the hard one
+                    assert [line.split()[3:5] for line in f if line.startswith("Max open files")] == [["2048", "2048"]]
+            finally:
+                for s in flood:  # before SIGTERM: shutdown gives those still open their FIRST_REQUEST_TIMEOUT
+                    s.close()
+            log = stop(proc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    # the first closure, then one summary (at shutdown): not a line per connection
+    assert 1 <= log.count("connection limit reached") <= 3
+    assert f"connection limit reached ({MAX_CONNECTIONS} open)" in log
+
+
+def test_malformed_frames_get_E_and_nothing_escapes(daemon):
+    proc, sock, pgdata, store = daemon
+    malformed = {
+        "unknown type": frame(b"X", b""),
+        "length 0": b"C\x00\x00",
+        "length 2": b"F\x00\x02",
+        "wal-fetch, 1 argument": frame(b"f", counted(SEG)),
+        "wal-fetch, 3 arguments": frame(b"f", counted(SEG, "pg_wal/RECOVERYXLOG", "x")),
+        "wal-fetch, 0 arguments": frame(b"f", counted()),
+        "wal-fetch, empty body": frame(b"f", b""),
+        "wal-push, empty body": frame(b"F", b""),
+        "wal-push, not UTF-8": frame(b"F", b"\xff\xfe" + SEG.encode()),
+        "wal-fetch, not UTF-8": frame(b"f", counted(SEG, b"pg_wal/\xc3")),
+        "bytes left over": frame(b"f", counted(SEG, "pg_wal/RECOVERYXLOG") + b"x"),
+        "count past the body": frame(b"f", bytes([2]) + (24).to_bytes(2, "big") + SEG.encode()),
+    }
+    for what, raw in malformed.items():
+        assert request(sock, raw) == b"E", what
+    # the client half-closes: the rest of the frame cannot come, and the reply still goes out
+    for what, raw in {"body short of its length": b"F\x00\x40" + SEG.encode(), "header cut short": b"F\x00"}.items():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(sock)
+            s.sendall(raw)
+            s.shutdown(socket.SHUT_WR)
+            assert s.recv(16) == b"E", what
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # ... and one gone before its reply
+        s.connect(sock)
+        s.sendall(b"F\x00\x40" + SEG.encode())
+    # well framed, but the push fails: a name whose look-ahead has no next segment, and an impossible path
+    beyond = "0000000100000000FFFFFFFF"
+    assert request(sock, protocol.encode(protocol.WAL_PUSH, beyond)) == b"E"
+    assert request(sock, protocol.encode(protocol.WAL_PUSH, SEG[:-1] + "\0")) == b"E"
+    assert request(sock, protocol.encode(protocol.WAL_FETCH, SEG, "pg_wal/a\0b")) == b"E"
+    # and the daemon serves on
+    data = write_segment(pgdata, SEG)
+    assert request(sock, protocol.encode(protocol.WAL_PUSH, SEG)) == b"O"
+    assert lz4.frame.decompress((store / "wal_005" / f"{SEG}.lz4").read_bytes()) == data
+    log = stop(proc)
+    assert log.count("malformed request") == len(malformed) + 3
+    for failed in (f"wal-push {beyond}", f"wal-push {SEG[:-1]}\0", "wal-fetch "):  # each logged once
+        assert log.count(f"daemon: {failed}") == 1, failed
+
+
+def test_idle_connections_are_closed_after_the_bound(daemon):
+    """A new connection has FIRST_REQUEST_TIMEOUT to send its request; one kept open after a check
+    waits longer; SIGTERM closes the kept-open one at once instead of waiting out the grace."""
+    proc, sock, pgdata, store = daemon
+    start = time.monotonic()
+    silent, partial, checked = (socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3))
+    with silent, partial, checked:
+        for s in (silent, partial, checked):
+            s.settimeout(FIRST_REQUEST_TIMEOUT + 10)
+            s.connect(sock)
+        partial.sendall(b"F\x00\x1b" + SEG.encode()[:10])  # a request that never ends
+        checked.sendall(b"C\x00\x08CHECK")  # as the walg_archive module checks
+        assert checked.recv(1) == b"O"
+        assert silent.recv(1) == b"" and partial.recv(1) == b""
+        assert FIRST_REQUEST_TIMEOUT - 0.5 <= time.monotonic() - start <= FIRST_REQUEST_TIMEOUT + 3
+        time.sleep(1)
+        checked.sendall(b"C\x00\x03")
+        assert checked.recv(1) == b"O"  # past the first bound, still open
+        stopping = time.monotonic()
+        stop(proc)
+        assert time.monotonic() - stopping < 3.0  # not SHUTDOWN_GRACE: nothing was asked on it
+        assert checked.recv(1) == b""

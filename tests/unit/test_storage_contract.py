@@ -9,7 +9,7 @@ import pytest
 
 from tests.s3server import s3_settings
 from walrus.config import load_settings
-from walrus.errors import ObjectNotFound, StorageError
+from walrus.errors import ObjectExists, ObjectNotFound, StorageError
 from walrus.storage import open_storage
 from walrus.storage.fs import FsStorage
 
@@ -42,6 +42,7 @@ class Backend:
 @pytest.fixture(params=["fs", "s3"])
 def backend(request, tmp_path) -> Backend:
     if request.param == "fs":
+        (tmp_path / "root").mkdir()  # as a bucket exists before its first object
         return Backend(FsStorage(str(tmp_path / "root")))
     moto, bucket = request.getfixturevalue("moto_server"), request.getfixturevalue("s3_bucket")
     env = {**s3_settings(moto.endpoint, bucket), "HOME": str(tmp_path)}
@@ -226,3 +227,54 @@ def test_failed_large_upload_leaves_nothing(backend):
     assert run(storage.stat("basebackups_005/b/tar_partitions/part_002.tar.lz4")) is None
     assert run(keys(storage, "", True)) == []
     assert backend.pending_uploads() == []  # the multipart upload was aborted, its parts dropped
+
+
+# -- exclusive puts: of writers racing for one key exactly one publishes, and nothing is replaced
+
+def test_exclusive_put_never_replaces(backend):
+    storage, run = backend.storage, backend.run
+    run(storage.put_bytes("wal_005/x.lz4", b"first", exclusive=True))
+    with pytest.raises(ObjectExists):
+        run(storage.put_bytes("wal_005/x.lz4", b"second", exclusive=True))
+    with pytest.raises(ObjectExists):  # a multipart upload too: refused at its completion, and aborted
+        run(storage.put("wal_005/x.lz4", chunks(_large(5, 3 * PART)), exclusive=True))
+    assert run(storage.get_bytes("wal_005/x.lz4")) == b"first"
+    assert run(keys(storage, "", True)) == ["wal_005/x.lz4"]  # no temporary object left visible
+    assert backend.pending_uploads() == []
+
+
+@pytest.mark.parametrize("size", [1000, 3 * PART], ids=["single", "multipart"])
+def test_racing_exclusive_puts_publish_exactly_one(backend, size):
+    storage, run = backend.storage, backend.run
+    versions = [_large(seed, size) for seed in range(6)]
+
+    async def race():
+        async def one(data: bytes):
+            await asyncio.sleep(0)
+            return await storage.put("wal_005/y.lz4", chunks(data), exclusive=True)
+
+        return await asyncio.gather(*(one(v) for v in versions), return_exceptions=True)
+
+    outcomes = run(race())
+    won = [v for v, outcome in zip(versions, outcomes) if not isinstance(outcome, BaseException)]
+    assert len(won) == 1, outcomes
+    assert all(isinstance(o, ObjectExists) for o in outcomes if isinstance(o, BaseException)), outcomes
+    assert run(storage.get_bytes("wal_005/y.lz4")) == won[0]
+    assert backend.pending_uploads() == []
+
+
+def test_missing_root_is_not_an_absent_object(tmp_path):
+    """Only a storage that answered may say "absent": a root that is missing, or a file, is an error."""
+    (tmp_path / "a-file").write_bytes(b"x")
+    for root in (tmp_path / "missing", tmp_path / "a-file"):
+        storage = Backend(FsStorage(str(root)))
+        for call in (lambda s: s.get("wal_005/x.lz4"), lambda s: s.stat("wal_005/x.lz4"),
+                     lambda s: keys(s, "wal_005", False)):
+            with pytest.raises(StorageError) as caught:
+                storage.run(call(storage.storage))
+            assert not isinstance(caught.value, ObjectNotFound)
+            assert "WALG_FILE_PREFIX" in caught.value.hint
+    empty = Backend(FsStorage(str(tmp_path)))  # a root with nothing in it yet: absent is absent
+    with pytest.raises(ObjectNotFound):
+        empty.run(empty.storage.get("wal_005/x.lz4"))
+    assert empty.run(keys(empty.storage, "wal_005", False)) == []

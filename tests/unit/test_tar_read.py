@@ -286,8 +286,11 @@ def mode_of(path) -> int:
 def test_extracts_files_dirs_and_modes(dest, fmt):
     stats = extract_tar(Trickle(python_tar(pgdata_entries(), fmt), 4096), str(dest),
                         name="part_001.tar", buffer_size=1000)
+    restored = stats.restored
+    stats.restored = set()
     assert stats == ExtractStats(files=5, dirs=5, bytes=8000 + 3 + 8192 + 15, skipped=0,
                                  root_mode=0o700)
+    assert {"base/1/1259", "global/pg_control", "PG_VERSION", "base", "pg_tblspc"} <= restored
     assert mode_of(dest) == 0o755  # the caller applies root_mode at the end
     assert (dest / "base/1/1259").read_bytes() == b"relation" * 1000
     assert (dest / "PG_VERSION").read_bytes() == b"16\n"

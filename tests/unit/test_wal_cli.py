@@ -16,6 +16,7 @@ SEGMENT = "000000010000000000000003"
 def walrus(args, env, check=False):
     base = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "WALE_", "PG", "AWS_"))}
     base["HOME"] = env.pop("HOME", "/nonexistent")
+    base["WALG_PG_WAL_SIZE"] = "4"  # the segments here: wal-fetch restores only whole segments
     base.update(env)
     proc = subprocess.run([WALRUS, *args], env=base, capture_output=True, text=True)
     if check:
@@ -25,7 +26,7 @@ def walrus(args, env, check=False):
 
 @pytest.fixture
 def segment(tmp_path):
-    data = os.urandom(1 << 20) + bytes(3 << 20) + os.urandom(5000)  # some incompressible, mostly zeros
+    data = os.urandom(1 << 20) + bytes((3 << 20) - 5000) + os.urandom(5000)  # some incompressible, mostly zeros
     path = tmp_path / "pg_wal" / SEGMENT
     path.parent.mkdir()
     path.write_bytes(data)
@@ -84,6 +85,7 @@ def test_push_identical_again_succeeds_and_different_fails(tmp_path, segment):
 
 
 def test_fetch_missing_exits_74_quietly(tmp_path):
+    (tmp_path / "s").mkdir()
     proc = walrus(["wal-fetch", SEGMENT, str(tmp_path / "x")], {"WALG_FILE_PREFIX": str(tmp_path / "s")})
     assert proc.returncode == 74
     assert proc.stderr.strip().count("\n") == 0
@@ -91,16 +93,74 @@ def test_fetch_missing_exits_74_quietly(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("prefix", ["missing", "a-file", "a-file/below"])
+def test_fetch_from_storage_that_cannot_be_read_is_not_74(tmp_path, prefix):
+    """74 ends a recovery ("not archived"): only a storage that answered may say it. A mistyped or
+    unmounted WALG_FILE_PREFIX is a failure, exit 1, with the setting named; so for every reader."""
+    (tmp_path / "a-file").write_bytes(b"not a folder")
+    env = {"WALG_FILE_PREFIX": str(tmp_path / prefix)}
+    proc = walrus(["wal-fetch", SEGMENT, str(tmp_path / "x")], dict(env))
+    assert proc.returncode == 1, proc.stderr
+    assert "WALG_FILE_PREFIX" in proc.stderr and "HINT:" in proc.stderr
+    assert not (tmp_path / "x").exists()
+    for args in (["backup-list"], ["backup-list", "--json"], ["backup-fetch", str(tmp_path / "r"), "LATEST"]):
+        listed = walrus(args, dict(env))
+        assert listed.returncode == 1 and "WALG_FILE_PREFIX" in listed.stderr, (args, listed.stderr)
+    if prefix != "missing":  # a writer creates a missing prefix (the first archive_command does)
+        pushed = walrus(["wal-push", str(tmp_path / "pg_wal" / SEGMENT)], dict(env))
+        assert pushed.returncode == 1 and "ERROR:" in pushed.stderr
+
+
+def test_push_accepts_only_wal_file_names(tmp_path):
+    env = {"WALG_FILE_PREFIX": str(tmp_path / "s")}
+    for name in ("hostname", "00000001000000000000000G", "000000010000000000000003.tmp", "backup_label"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+        proc = walrus(["wal-push", str(tmp_path / name)], dict(env))
+        assert proc.returncode == 1 and "is not a WAL file" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()  # nothing stored, not even the prefix
+
+
+def test_push_of_a_file_larger_than_a_segment_does_not_hang(tmp_path):
+    """The pool is sized for a segment of WALG_PG_WAL_SIZE; a larger file must still go through it."""
+    path = tmp_path / "pg_wal" / SEGMENT
+    path.parent.mkdir()
+    data = os.urandom(1 << 20) + bytes(15 << 20)
+    path.write_bytes(data)
+    for size in ("1", "4", "8"):
+        env = {"WALG_FILE_PREFIX": str(tmp_path / f"s{size}"), "WALG_PG_WAL_SIZE": size}
+        proc = subprocess.run([WALRUS, "wal-push", str(path)], capture_output=True, text=True, timeout=60,
+                              env={**{k: v for k, v in os.environ.items() if not k.startswith("WALG_")}, **env})
+        assert proc.returncode == 0, proc.stderr
+        stored = tmp_path / f"s{size}" / "wal_005" / (SEGMENT + ".lz4")
+        assert lz4.frame.decompress(stored.read_bytes()) == data
+
+
 def test_fetch_walg_308_trailing_dot_and_bare_objects(tmp_path):
     wal = tmp_path / "s" / "wal_005"
     wal.mkdir(parents=True)
-    (wal / (SEGMENT + ".")).write_bytes(b"trailing dot none")
-    (wal / "000000010000000000000004").write_bytes(b"bare")
+    dot, bare = b"trailing dot none".ljust(4 << 20, b"\0"), b"bare".ljust(4 << 20, b"\0")
+    (wal / (SEGMENT + ".")).write_bytes(dot)
+    (wal / "000000010000000000000004").write_bytes(bare)
     env = {"WALG_FILE_PREFIX": str(tmp_path / "s")}
     walrus(["wal-fetch", SEGMENT, str(tmp_path / "a")], dict(env), check=True)
     walrus(["wal-fetch", "000000010000000000000004", str(tmp_path / "b")], dict(env), check=True)
-    assert (tmp_path / "a").read_bytes() == b"trailing dot none"
-    assert (tmp_path / "b").read_bytes() == b"bare"
+    assert (tmp_path / "a").read_bytes() == dot
+    assert (tmp_path / "b").read_bytes() == bare
+
+
+def test_fetch_of_a_cut_segment_fails_whatever_the_codec(tmp_path):
+    """Uncompressed objects, and zstd objects cut at a frame boundary, decode without complaint: only
+    the size says a segment is not whole. Exit 1 (damaged), never 0 or 74, and nothing at DEST."""
+    wal = tmp_path / "s" / "wal_005"
+    wal.mkdir(parents=True)
+    import zstandard
+    (wal / SEGMENT).write_bytes(bytes(3 << 20))
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(1 << 20))
+    (wal / "000000010000000000000004.zst").write_bytes(frame * 3)
+    for name in (SEGMENT, "000000010000000000000004"):
+        proc = walrus(["wal-fetch", name, str(tmp_path / "dest")], {"WALG_FILE_PREFIX": str(tmp_path / "s")})
+        assert proc.returncode == 1 and "not a whole WAL segment" in proc.stderr, proc.stderr
+        assert not (tmp_path / "dest").exists()
 
 
 def test_fetch_corrupt_object_fails_without_leaving_dest(tmp_path):
@@ -156,6 +216,7 @@ def test_config_file_json_and_yaml_env_wins(tmp_path, segment):
 
 
 def test_backup_list_empty_json(tmp_path):
+    (tmp_path / "s").mkdir()
     proc = walrus(["backup-list", "--json"], {"WALG_FILE_PREFIX": str(tmp_path / "s")}, check=True)
     assert json.loads(proc.stdout) == []
 
@@ -189,7 +250,7 @@ def test_segment_is_compressed_in_4mib_blocks(tmp_path):
     path = tmp_path / "pg_wal" / SEGMENT
     path.parent.mkdir()
     path.write_bytes(data)
-    walrus(["wal-push", str(path)], {"WALG_FILE_PREFIX": str(tmp_path / "s")}, check=True)
+    walrus(["wal-push", str(path)], {"WALG_FILE_PREFIX": str(tmp_path / "s"), "WALG_PG_WAL_SIZE": "16"}, check=True)
     raw = (tmp_path / "s" / "wal_005" / (SEGMENT + ".lz4")).read_bytes()
     assert _lz4_block_sizes(raw) == [4 << 20] * 4
     assert lz4.frame.decompress(raw) == data
@@ -211,7 +272,37 @@ def test_push_memory_is_at_most_a_segment_per_push():
     assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB", WALG_UPLOAD_CONCURRENCY="3")) == 3
     small = settings(WALG_PG_WAL_SIZE="1")  # 1 MiB segments: one block is the whole segment
     assert WalPusher.buffers_per_push(small, 1) == WalPusher.buffers_per_push(small, 2) == 1
-    assert wal_block(settings(WALRUS_BUFFER_SIZE="8MiB")) == 8 << 20
+    assert wal_block(settings(WALRUS_BUFFER_SIZE="8MiB", WALRUS_MEMORY_BUDGET="48MiB")) == 8 << 20
+
+
+def test_memory_settings_that_cannot_be_kept_are_refused():
+    from walrus.config import WAL_BLOCKS_PER_PUSH, load_settings, minimum_memory_budget
+    from walrus.errors import ConfigError
+    from walrus.wal.push import PUSH_PARALLEL, WalPusher
+
+    def settings(**env):
+        return load_settings(env={"HOME": "/nonexistent", "WALG_FILE_PREFIX": "/x", **env})
+
+    # the floor is what a lone push of the largest segment holds
+    assert WalPusher.buffers_per_push(settings(WALG_PG_WAL_SIZE="1024"), PUSH_PARALLEL) == WAL_BLOCKS_PER_PUSH
+    assert minimum_memory_budget(1 << 20) == 24 << 20
+    for env, named in ((dict(WALRUS_MEMORY_BUDGET="1"), "WALRUS_MEMORY_BUDGET"),
+                       (dict(WALRUS_MEMORY_BUDGET="16MiB"), "WALRUS_MEMORY_BUDGET"),
+                       (dict(WALRUS_BUFFER_SIZE="8MiB"), "WALRUS_MEMORY_BUDGET"),
+                       (dict(WALRUS_BUFFER_SIZE="0"), "WALRUS_BUFFER_SIZE"),
+                       (dict(WALRUS_BUFFER_SIZE="1GiB"), "WALRUS_BUFFER_SIZE"),
+                       (dict(WALG_PG_WAL_SIZE="3"), "WALG_PG_WAL_SIZE"),
+                       (dict(WALG_PG_WAL_SIZE="2048"), "WALG_PG_WAL_SIZE"),
+                       (dict(WALG_PG_WAL_SIZE="0"), "WALG_PG_WAL_SIZE")):
+        with pytest.raises(ConfigError) as caught:
+            settings(**env)
+        assert named in caught.value.message + (caught.value.hint or ""), caught.value.render()
+    assert settings(WALRUS_MEMORY_BUDGET="24MiB").memory_budget == 24 << 20
+    assert settings(WALG_PG_WAL_SIZE="64").segment_size == 64 << 20
+    # the command line refuses them at start-up, before touching anything
+    proc = walrus(["wal-push", "/nonexistent/000000010000000000000001"],
+                  {"WALG_FILE_PREFIX": "/nonexistent/store", "WALRUS_MEMORY_BUDGET": "1"})
+    assert proc.returncode == 1 and "WALRUS_MEMORY_BUDGET" in proc.stderr and "HINT:" in proc.stderr
 
 
 def _push_concurrently(tmp_path, monkeypatch, count, slots, encode_delay):
@@ -302,3 +393,40 @@ def test_more_pushes_than_slots_share_the_pool_without_stalling(tmp_path, monkey
     events, names = _push_concurrently(tmp_path, monkeypatch, count=7, slots=2, encode_delay=0.005)
     assert {seg for _, what, seg in events if what == "encoded"} == set(names)
     assert sum(1 for _, what, _ in events if what == "read") == 4 * len(names)  # four 4 MiB blocks each
+
+
+@pytest.mark.parametrize("same", [False, True], ids=["different bytes", "identical bytes"])
+def test_concurrent_pushes_of_one_name_never_lose_a_version(tmp_path, same):
+    """Two archivers (two clusters on one prefix, or a retry racing a slow first try) push the same name
+    at once. Different bytes: exactly one succeeds and its bytes are the archived ones, the other fails
+    and says why (both used to exit 0, one version silently gone). Identical bytes: both succeed."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("WALG_", "WALE_", "PG", "AWS_"))}
+    sources = []
+    for side in ("a", "b"):
+        path = tmp_path / side / SEGMENT
+        path.parent.mkdir()
+        sources.append(path)
+    for trial in range(20):
+        store = tmp_path / f"store{trial}"
+        datas = [os.urandom(1 << 20) + bytes(3 << 20) for _ in sources]
+        if same:
+            datas[1] = datas[0]
+        for path, data in zip(sources, datas):
+            path.write_bytes(data)
+        env = {**base, "HOME": "/nonexistent", "WALG_FILE_PREFIX": str(store), "WALG_PG_WAL_SIZE": "4"}
+        procs = [subprocess.Popen([WALRUS, "wal-push", str(p)], env=env, stderr=subprocess.PIPE, text=True)
+                 for p in sources]
+        results = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+        for p in procs:
+            p.stderr.close()
+        stored = lz4.frame.decompress((store / "wal_005" / (SEGMENT + ".lz4")).read_bytes())
+        if same:
+            assert [rc for rc, _ in results] == [0, 0], results
+            assert stored == datas[0]
+            continue
+        winners = [i for i, (rc, _) in enumerate(results) if rc == 0]
+        assert len(winners) == 1, (trial, results)
+        assert stored == datas[winners[0]]
+        rc, err = results[1 - winners[0]]
+        assert rc == 1 and "already archived with different contents" in err, err
+        assert [p.name for p in (store / "wal_005").iterdir()] == [SEGMENT + ".lz4"]

@@ -5,7 +5,7 @@ import errno
 import os
 import stat
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol
 
 from walrus.errors import BackupError, CorruptArchive
@@ -55,6 +55,7 @@ class ExtractStats:
     bytes: int = 0
     skipped: int = 0
     root_mode: int | None = None
+    restored: set[str] = field(default_factory=set)  # relpaths now in place: files, links, directories
 
 
 def _label(name: str) -> str:
@@ -411,8 +412,8 @@ class _Extractor:
             elif member.kind == "file":
                 if wanted is not None and not wanted(rel):
                     self.stats.skipped += 1
-                else:
-                    self._file(member, rel, data, target)
+                    return
+                self._file(member, rel, data, target)
             elif member.kind == "symlink":
                 self._symlink(member, rel, target)
             elif member.kind == "hardlink":
@@ -422,6 +423,8 @@ class _Extractor:
                     f"tar member {member.name!r} in {self.archive} has an unsupported type",
                     detail="a backup holds only regular files, directories and links",
                 )
+            if rel:
+                self.stats.restored.add(rel)
         except OSError as exc:
             reason = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc.strerror or exc)
             raise BackupError(

@@ -3,30 +3,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from walrus import codec
-from walrus.archive.tar_read import ExtractStats, extract_tar
+from walrus.archive.tar_read import ExtractStats, extract_tar, member_relpath
 from walrus.backup import layout
 from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
 from walrus.config import Settings
 from walrus.crypto import decrypting
 from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
-from walrus.fsutil import syncfs
+from walrus.fsutil import fsync_dir, syncfs
 from walrus.log import log
-from walrus.storage.base import Storage
+from walrus.storage.base import ObjectInfo, Storage
 from walrus._uring.writer import open_sink
 from walrus.stream.pipeline import raise_nofile_limit
-from walrus.stream.stages import SyncReader, gather_all
+from walrus.stream.stages import SyncReader, consume_in_thread, gather_all
 
 # Restored whatever files_metadata.json lists (WAL-G's UtilityFilePaths).
 UTILITY_RELPATHS = frozenset({"global/pg_control", "backup_label", "tablespace_map"})
+# pg_control.tar is extracted here, inside the target, and its files renamed into place last: a
+# restore stopped at any instant (a failure, SIGTERM, kill -9, power loss) leaves no
+# global/pg_control, which PostgreSQL needs to start, so a partial restore can never be started.
+STAGING = ".walrus-pg_control"
+MISSING_SHOWN = 5  # missing parts or files named in an error; the count says how many in all
 
 
 @dataclass
@@ -43,6 +50,170 @@ class BackupFetchResult:
                 "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 3)}
 
 
+@dataclass
+class _Parts:
+    """A backup's tar parts in restore order: data, then backup_label, then pg_control."""
+
+    data: list[ObjectInfo]
+    label: list[ObjectInfo]
+    control: list[ObjectInfo]
+
+    @property
+    def count(self) -> int:
+        return len(self.data) + len(self.label) + len(self.control)
+
+
+async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,
+                       restore_spec: str | None = None) -> BackupFetchResult:
+    began = time.monotonic()
+    # init: the backup's documents, and the set of its parts checked before anything is written
+    name = await resolve_backup(storage, name)
+    sentinel = Sentinel.from_json(await storage.get_bytes(layout.sentinel_key(name)))
+    if sentinel.is_delta:
+        raise BackupError(f"{name} is a delta backup, which walrus cannot restore yet",
+                          hint="restore it with WAL-G, or fetch a full backup")
+    files_metadata = await _files_metadata(storage, name, sentinel)
+    parts = await _list_parts(storage, name, files_metadata)
+    spec = _load_restore_spec(restore_spec) if restore_spec else sentinel.spec
+
+    # prepare: an empty target, its tablespace links
+    directory = os.path.abspath(directory)
+    _prepare_target(directory)
+    _warn_if_short_of_space(directory, sentinel.uncompressed_size)
+    extraction = _Extraction(settings, storage, directory, files_metadata, restore_spec is not None)
+    try:
+        extraction.allowed_links = _link_tablespaces(directory, spec) if spec else frozenset()
+        # copy: data parts side by side, then backup_label, then pg_control into the staging folder
+        await gather_all([extraction.part(info, directory) for info in parts.data])
+        await gather_all([extraction.part(info, directory) for info in parts.label])
+        extraction.check_complete(name)
+        staging = os.path.join(directory, STAGING)
+        os.mkdir(staging, 0o700)
+        await gather_all([extraction.part(info, staging) for info in parts.control])
+
+        # stop: everything durable, then pg_control in place, which makes the directory startable
+        if not settings.tar_disable_fsync:
+            await asyncio.to_thread(_sync_filesystems, [directory, *(spec.locations.values() if spec else [])])
+        await asyncio.to_thread(_publish_staged, staging, directory, not settings.tar_disable_fsync)
+    except BaseException:
+        extraction.close()
+        with contextlib.suppress(OSError):
+            shutil.rmtree(os.path.join(directory, STAGING))
+        log.warning(f"backup-fetch stopped: {directory} holds a partial restore, which PostgreSQL will not "
+                    "start (it has no global/pg_control); empty it before running backup-fetch again")
+        raise
+    extraction.close()
+    # PostgreSQL refuses a data directory readable by others; WAL-G's root member is 0700 (or 0750).
+    root_mode = extraction.totals.root_mode
+    os.chmod(directory, root_mode if root_mode in (0o700, 0o750) else 0o700)
+    return BackupFetchResult(name=name, directory=directory, parts=parts.count, files=extraction.totals.files,
+                             bytes=extraction.totals.bytes, seconds=time.monotonic() - began)
+
+
+class _Extraction:
+    """Extracts parts, WALG_DOWNLOAD_CONCURRENCY at a time, each on its own thread, and tallies them.
+
+    A part that fails ends the others (gather_all cancels them; consume_in_thread stops their
+    threads at their next read), so the command ends within seconds with the first error.
+    """
+
+    def __init__(self, settings: Settings, storage: Storage, directory: str, files_metadata: FilesMetadata | None,
+                 relocated: bool):
+        self.settings = settings
+        self.storage = storage
+        self.directory = directory
+        self.files_metadata = files_metadata
+        self.relocated = relocated  # --restore-spec: tablespace links were made from it, not from tablespace_map
+        self.allowed_links: frozenset[str] = frozenset()
+        self.totals = ExtractStats()
+        concurrency = settings.download_concurrency
+        # each extraction thread owns a sink; together they keep to the memory budget
+        self._sink_buffers = max(2, settings.memory_budget // settings.buffer_size // concurrency)
+        self._direct_min = settings.direct_io_min if settings.direct_io else 0
+        raise_nofile_limit()
+        self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="walrus-extract")
+        self._slots = asyncio.Semaphore(concurrency)
+
+    def wanted(self, relpath: str) -> bool:
+        if relpath in UTILITY_RELPATHS:
+            return not (relpath == "tablespace_map" and self.relocated)  # links were relocated
+        return self.files_metadata is None or self.files_metadata.lookup("/" + relpath) is not None
+
+    async def part(self, info: ObjectInfo, dest: str) -> None:
+        ext = layout.tar_extension(info.name)
+        if ext is None:
+            log.warning(f"{info.key} is not a tar part; ignored")
+            return
+        settings = self.settings
+
+        def work(raw: SyncReader) -> ExtractStats:
+            source = codec.open_reader(ext, decrypting(raw, settings.crypter, info.key), name=info.key)
+            with contextlib.closing(open_sink(settings.io_method, direct_threshold=self._direct_min,
+                                              buffer_size=settings.buffer_size, buffers=self._sink_buffers)) as sink:
+                try:
+                    return extract_tar(source, dest, name=info.key, wanted=self.wanted,
+                                       allowed_links=self.allowed_links if dest == self.directory else frozenset(),
+                                       sink=sink)
+                except OSError as e:  # a write that failed after its member was handed over
+                    raise _write_failed(info.name, dest, e) from None
+
+        async with self._slots:
+            stats = await consume_in_thread(await self.storage.get(info.key), work, self._executor)
+        self.totals.files += stats.files
+        self.totals.bytes += stats.bytes
+        self.totals.restored |= stats.restored
+        if stats.root_mode is not None:
+            self.totals.root_mode = stats.root_mode
+        log.info(f"restored {info.name}: {stats.files} files, {stats.bytes} bytes")
+
+    def check_complete(self, name: str) -> None:
+        """Every file files_metadata.json lists is in place (a part can be whole and still not the
+        one the backup wrote: replaced, or cut at a member boundary and closed again)."""
+        if self.files_metadata is None:
+            return
+        expected = (member_relpath(member) for member, desc in self.files_metadata.files.items()
+                    if not desc.is_skipped)
+        missing = sorted(rel for rel in expected if rel and rel not in self.totals.restored and self.wanted(rel))
+        if missing:
+            raise CorruptArchive(f"backup {name} is incomplete: {len(missing)} of the files its "
+                                 f"{layout.FILES_METADATA} lists are in none of its parts",
+                                 detail="missing: " + ", ".join(missing[:MISSING_SHOWN]),
+                                 hint="the backup is damaged; restore another one (backup-list shows them)")
+
+    def close(self) -> None:
+        # never wait here: a thread that did not stop in time is abandoned (see consume_in_thread)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _write_failed(part: str, dest: str, e: OSError) -> BackupError:
+    where = f"{e.filename}: " if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"the filesystem holding {dest} is full: free space (the backup holds its uncompressed size)"
+    else:
+        hint = "check free space and permissions of the target"
+    return BackupError(f"restoring {part} into {dest} failed", detail=f"{where}{e.strerror or e}", hint=hint)
+
+
+async def _list_parts(storage: Storage, name: str, files_metadata: FilesMetadata | None) -> _Parts:
+    """The parts in storage, checked against the ones files_metadata.json names (TarFileSets)."""
+    found = [o async for o in storage.list(layout.backup_key(name, layout.TAR_FOLDER))]
+    present = {o.name for o in found}
+    named = files_metadata.tar_file_sets if files_metadata is not None else {}
+    missing = sorted(part for part in named if part not in present)
+    if missing:
+        raise CorruptArchive(f"backup {name} is incomplete: {len(missing)} of its {len(named)} tar parts are "
+                             "missing from storage", detail="missing: " + ", ".join(missing[:MISSING_SHOWN]),
+                             hint="restore another backup (backup-list shows them); this one cannot be restored whole")
+    if not found:
+        raise CorruptArchive(f"backup {name} has no tar parts", hint="the backup is damaged; fetch another one")
+    data = [p for p in found if not layout.LAST_PARTS_RE.search(p.name)]
+    label = [p for p in found if p.name.startswith(layout.BACKUP_LABEL_TAR)]
+    control = [p for p in found if p.name.startswith(layout.PG_CONTROL_TAR)]
+    if not control:
+        raise CorruptArchive(f"backup {name} has no pg_control part", hint="the backup is incomplete; fetch another one")
+    return _Parts(data, label, control)
+
+
 def _prepare_target(directory: str) -> None:
     if os.path.lexists(directory):
         if not os.path.isdir(directory):
@@ -54,6 +225,15 @@ def _prepare_target(directory: str) -> None:
     else:
         os.makedirs(directory, 0o700)
     os.chmod(directory, 0o700)
+
+
+def _warn_if_short_of_space(directory: str, needed: int) -> None:
+    """A warning, not an error: a compressing filesystem (ZFS, btrfs) may hold more than it has free."""
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    if needed > free:
+        log.warning(f"{directory} has {free >> 20} MiB free, and the backup holds {needed >> 20} MiB of files; "
+                    "the restore will fail when the filesystem is full unless it compresses")
 
 
 def _link_tablespaces(directory: str, spec: TablespaceSpec) -> frozenset[str]:
@@ -96,87 +276,23 @@ def _sync_filesystems(paths: list[str]) -> None:
             syncfs(path)
 
 
-async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,
-                       restore_spec: str | None = None) -> BackupFetchResult:
-    began = time.monotonic()
-    name = await resolve_backup(storage, name)
-    sentinel = Sentinel.from_json(await storage.get_bytes(layout.sentinel_key(name)))
-    if sentinel.is_delta:
-        raise BackupError(f"{name} is a delta backup, which walrus cannot restore yet",
-                          hint="restore it with WAL-G, or fetch a full backup")
-    files_metadata = await _files_metadata(storage, name, sentinel)
-
-    spec = _load_restore_spec(restore_spec) if restore_spec else sentinel.spec
-    directory = os.path.abspath(directory)
-    _prepare_target(directory)
-    allowed_links = _link_tablespaces(directory, spec) if spec else frozenset()
-
-    parts = [o async for o in storage.list(layout.backup_key(name, layout.TAR_FOLDER))]
-    if not parts:
-        raise CorruptArchive(f"backup {name} has no tar parts", hint="the backup is damaged; fetch another one")
-    first = [p for p in parts if not layout.LAST_PARTS_RE.search(p.name)]
-    last = [p for p in parts if layout.LAST_PARTS_RE.search(p.name)]
-    if not any(p.name.startswith(layout.PG_CONTROL_TAR) for p in last):
-        raise CorruptArchive(f"backup {name} has no pg_control part", hint="the backup is incomplete; fetch another one")
-
-    def wanted(relpath: str) -> bool:
-        if relpath in UTILITY_RELPATHS:
-            return not (relpath == "tablespace_map" and restore_spec)  # links were relocated
-        return files_metadata is None or files_metadata.lookup("/" + relpath) is not None
-
-    loop = asyncio.get_running_loop()
-    concurrency = settings.download_concurrency
-    # each extraction thread owns a sink; together they keep to the memory budget
-    sink_buffers = max(2, settings.memory_budget // settings.buffer_size // concurrency)
-    direct_min = settings.direct_io_min if settings.direct_io else 0
-    raise_nofile_limit()
-    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="walrus-extract")
-    semaphore = asyncio.Semaphore(concurrency)
-    totals = ExtractStats()
-
-    async def restore_part(info) -> None:
-        ext = layout.tar_extension(info.name)
-        if ext is None:
-            log.warning(f"{info.key} is not a tar part; ignored")
-            return
-        async with semaphore:
-            stream = await storage.get(info.key)
-            try:
-                def work() -> ExtractStats:
-                    raw = decrypting(SyncReader(stream, loop), settings.crypter, info.key)
-                    with contextlib.closing(open_sink(settings.io_method, direct_threshold=direct_min,
-                                                      buffer_size=settings.buffer_size,
-                                                      buffers=sink_buffers)) as sink:
-                        try:
-                            return extract_tar(codec.open_reader(ext, raw, name=info.key), directory,
-                                               name=info.key, wanted=wanted, allowed_links=allowed_links,
-                                               sink=sink)
-                        except OSError as e:  # a write that failed after its member was handed over
-                            raise BackupError(f"restoring {info.name} into {directory} failed",
-                                              detail=f"{e.filename or ''}: {e.strerror or e}",
-                                              hint="check free space and permissions of the target") from None
-
-                stats = await loop.run_in_executor(executor, work)
-            finally:
-                await stream.aclose()
-        totals.files += stats.files
-        totals.bytes += stats.bytes
-        if stats.root_mode is not None:
-            totals.root_mode = stats.root_mode
-        log.info(f"restored {info.name}: {stats.files} files, {stats.bytes} bytes")
-
-    try:
-        await gather_all([restore_part(p) for p in first])
-        await gather_all([restore_part(p) for p in last])  # pg_control and backup_label after all data
-    finally:
-        executor.shutdown(wait=True)
-
-    # PostgreSQL refuses a data directory readable by others; WAL-G's root member is 0700 (or 0750).
-    os.chmod(directory, totals.root_mode if totals.root_mode in (0o700, 0o750) else 0o700)
-    if not settings.tar_disable_fsync:
-        await asyncio.to_thread(_sync_filesystems, [directory, *(spec.locations.values() if spec else [])])
-    return BackupFetchResult(name=name, directory=directory, parts=len(parts), files=totals.files,
-                             bytes=totals.bytes, seconds=time.monotonic() - began)
+def _publish_staged(staging: str, directory: str, durable: bool) -> None:
+    """Rename every file extracted under `staging` to the same place under `directory`, then remove
+    `staging`. Runs after everything, the staged files included, is durable (syncfs): these renames
+    are what make the restore startable."""
+    parents: set[str] = set()
+    for root, _dirs, files in os.walk(staging):
+        for file in files:
+            source = os.path.join(root, file)
+            target = os.path.join(directory, os.path.relpath(source, staging))
+            parent = os.path.dirname(target)
+            os.makedirs(parent, 0o700, exist_ok=True)
+            os.replace(source, target)
+            parents.add(parent)
+    if durable:
+        for parent in parents:
+            fsync_dir(parent)
+    shutil.rmtree(staging)
 
 
 async def _files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> FilesMetadata | None:
@@ -190,4 +306,3 @@ async def _files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> Fi
             raise CorruptArchive(f"backup {name} has no {layout.FILES_METADATA}",
                                  hint="a version-2 backup needs it; the backup may be incomplete") from None
         return None
-

@@ -22,6 +22,23 @@ def parse_header(header: bytes) -> tuple[int, int]:
     return kind, total - HEADER
 
 
+def request_args(kind: int, body: bytes) -> list[str]:
+    """A request's arguments, checked against its type: a check ignores its body (the walg_archive
+    module sends "CHECK"), a wal-push has one raw argument, a wal-fetch two counted ones."""
+    if kind == CHECK:
+        return []
+    if kind == WAL_PUSH:
+        if not body:
+            raise ProtocolError("wal-push without a WAL file name")
+        return [_text(body)]
+    if kind == WAL_FETCH:
+        args = split_args(body)
+        if len(args) != 2:
+            raise ProtocolError(f"wal-fetch takes 2 arguments, not {len(args)}")
+        return args
+    raise ProtocolError(f"unknown message type {chr(kind)!r}")
+
+
 def split_args(body: bytes) -> list[str]:
     """Counted arguments: a count byte, then per argument a u16 length and its bytes; all consumed."""
     if not body:
@@ -34,8 +51,15 @@ def split_args(body: bytes) -> list[str]:
         pos += 2
         if pos + n > len(body):
             raise ProtocolError("argument runs past the message")
-        out.append(body[pos:pos + n].decode())
+        out.append(_text(body[pos:pos + n]))
         pos += n
     if pos != len(body):
         raise ProtocolError("bytes left after the arguments")
     return out
+
+
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"argument is not UTF-8 ({e.reason} at byte {e.start})") from None

@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 
 from walrus import codec
@@ -16,12 +18,26 @@ from walrus.errors import ArchiveNotFound, ConfigError, WalrusError
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name, next_wal_file_name
 from walrus.storage.base import Storage
+from walrus.stream.pipeline import raise_nofile_limit
 from walrus.wal import prefetch, prefetcher
 from walrus.wal.fetch import wal_fetch
 from walrus.wal.push import WalPusher
 
 
 SHUTDOWN_GRACE = 30.0  # seconds requests in progress get to finish after SIGTERM
+# A new connection must bring its whole request within this: WAL-G's client and the walg_archive module
+# write it right after connect(), so 5 s allows for a stalled machine, and a connection silent that
+# long is idle and holds a descriptor for nothing.
+FIRST_REQUEST_TIMEOUT = 5.0
+# After a check (C) the connection stays open for the next request. The walg_archive module sends its
+# wal-push at once, but a client that checks now and then may pause: a minute, then it reconnects.
+NEXT_REQUEST_TIMEOUT = 60.0
+# The most connections held at once, or a quarter of RLIMIT_NOFILE if less (WAL files, storage
+# connections and the prefetch need descriptors too). PostgreSQL sends one request at a time from
+# its archiver and one from recovery, so a legitimate load is a handful; at the bound the connection
+# waiting longest for its request is closed, so a flood of idle ones cannot lock clients out.
+MAX_CONNECTIONS = 256
+LIMIT_LOG_INTERVAL = 60.0  # seconds between reports of connections closed or refused at the bound
 # .ready segments queued ahead of the archiver, per upload slot: uploads run WALG_UPLOAD_CONCURRENCY at a
 # time, and a queue twice that deep keeps every slot busy while the archiver collects finished ones
 LOOK_AHEAD_PER_UPLOAD = 2
@@ -61,12 +77,18 @@ class Daemon:
         self._pusher: WalPusher | None = None  # made in run(): it needs the loop
         self._pushes = _Pushes()
         self._stopping = asyncio.Event()
-        self._connections: set[asyncio.Task] = set()
+        self._connections: set[asyncio.Task] = set()  # counted against the bound
+        # connections waiting for a request, longest first; True once one was answered (kept open after C)
+        self._waiting: dict[asyncio.Task, bool] = {}
+        self._max_connections = MAX_CONNECTIONS  # set in run(), from RLIMIT_NOFILE
+        self._over_limit = [0, 0]  # connections closed idle, refused busy, since the last report
+        self._limit_logged: float | None = None
         self._window = prefetcher.Window(settings, storage)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
         self._claim_socket()
+        self._max_connections = _connection_bound()
         codec.preload(self.settings.compression_method)  # the first segment should not wait on imports
         self._pusher = WalPusher(self.settings, slots=WalPusher.slots_for(self.settings))
         try:
@@ -91,8 +113,10 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             server.close()
-            await server.wait_closed()
             watchdog.cancel()
+            for task, answered in list(self._waiting.items()):
+                if answered:  # kept open after a check: nothing asked; a new one still gets its request read
+                    task.cancel()
             # finish what was asked (bounded), so no client waits on a reply that never comes
             if self._connections:
                 await asyncio.wait(set(self._connections), timeout=SHUTDOWN_GRACE)
@@ -101,6 +125,9 @@ class Daemon:
                 task.cancel()
             leftovers += self._window.cancel()
             await asyncio.gather(*leftovers, return_exceptions=True)
+            await server.wait_closed()
+            if any(self._over_limit):
+                self._report_limit()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
             log.info("walrus daemon stopped")
@@ -136,41 +163,94 @@ class Daemon:
 
     # -- requests --------------------------------------------------------------------------
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One client: its requests until a wal-push, a wal-fetch, an error or silence. Every failure
+        ends here, logged: none is left to asyncio's handler."""
         task = asyncio.current_task()
-        self._connections.add(task)
         try:
-            while True:
+            if not self._admit(task):
+                with contextlib.suppress(ConnectionError):
+                    await _send(writer, protocol.ERROR)
+                return
+            answered = False
+            while not (answered and self._stopping.is_set()):
                 try:
-                    header = await reader.readexactly(protocol.HEADER)
-                except asyncio.IncompleteReadError:
-                    return  # the client is done
-                try:
-                    kind, length = protocol.parse_header(header)
-                    body = await reader.readexactly(length)
-                    reply = await self._dispatch(kind, body)
-                except (protocol.ProtocolError, UnicodeDecodeError, asyncio.IncompleteReadError) as e:
+                    request = await self._next_request(reader, answered)
+                except protocol.ProtocolError as e:
                     log.warning(f"daemon: malformed request ({e}); answered E")
-                    writer.write(protocol.ERROR)
+                    with contextlib.suppress(ConnectionError):
+                        await _send(writer, protocol.ERROR)
                     return
-                writer.write(reply)
-                await writer.drain()
+                if request is None:
+                    return  # the client is done, or silent too long
+                kind, args = request
+                await _send(writer, await self._answer(kind, args))
                 if kind != protocol.CHECK:
                     return  # WAL-G closes after a push or a fetch
+                answered = True
+        except ConnectionError as e:
+            log.warning(f"daemon: client left before its reply ({e.strerror or e})")
+        except Exception as e:
+            log.error(f"daemon: connection failed: {type(e).__name__}: {e}")
         finally:
+            self._connections.discard(task)
             with contextlib.suppress(OSError):
                 writer.close()
                 await writer.wait_closed()
-            self._connections.discard(task)
 
-    async def _dispatch(self, kind: int, body: bytes) -> bytes:
-        if kind == protocol.CHECK:
-            return protocol.OK
-        if kind == protocol.WAL_PUSH:
-            return await self._push(body.decode())
-        if kind == protocol.WAL_FETCH:
-            name, destination = protocol.split_args(body)
-            return await self._fetch(name, destination)
-        raise protocol.ProtocolError(f"unknown message type {kind!r}")
+    async def _next_request(self, reader: asyncio.StreamReader, answered: bool) -> tuple[int, list[str]] | None:
+        """The next request, or None at EOF or after the idle bound; meanwhile the connection is
+        listed as waiting, so the connection bound may close it."""
+        task = asyncio.current_task()
+        self._waiting[task] = answered
+        try:
+            async with asyncio.timeout(NEXT_REQUEST_TIMEOUT if answered else FIRST_REQUEST_TIMEOUT):
+                return await _read_request(reader)
+        except TimeoutError:
+            log.debug("daemon: closed a connection that sent no request in time")
+            return None
+        finally:
+            self._waiting.pop(task, None)
+
+    def _admit(self, task: asyncio.Task) -> bool:
+        """Count a new connection against the bound. At the bound the connection waiting longest for its
+        request is closed to make room; if every one is busy with a request, the new one is refused."""
+        if len(self._connections) >= self._max_connections:
+            refused = not self._waiting
+            if not refused:
+                oldest = next(iter(self._waiting))
+                del self._waiting[oldest]
+                self._connections.discard(oldest)
+                oldest.cancel()
+            self._over_limit[refused] += 1
+            now = time.monotonic()
+            if self._limit_logged is None or now - self._limit_logged >= LIMIT_LOG_INTERVAL:
+                self._report_limit()
+            if refused:
+                return False
+        self._connections.add(task)
+        return True
+
+    def _report_limit(self) -> None:
+        """One line for the connections closed or refused at the bound since the last one (a flood is
+        thousands of connections, so they are counted, not logged one by one)."""
+        now = time.monotonic()
+        since = "" if self._limit_logged is None else f", in the last {now - self._limit_logged:.0f} s"
+        (closed, refused), self._over_limit, self._limit_logged = self._over_limit, [0, 0], now
+        log.warning(f"daemon: connection limit reached ({self._max_connections} open): {closed} closed while waiting "
+                    f"for a request, {refused} refused with every one busy{since}")
+
+    async def _answer(self, kind: int, args: list[str]) -> bytes:
+        """The reply to a well-formed request; a failure nothing below caught is logged here, once."""
+        try:
+            if kind == protocol.CHECK:
+                return protocol.OK
+            if kind == protocol.WAL_PUSH:
+                return await self._push(*args)
+            return await self._fetch(*args)
+        except Exception as e:
+            what = "wal-push" if kind == protocol.WAL_PUSH else "wal-fetch"
+            log.error(f"daemon: {what} {' '.join(args)}: {type(e).__name__}: {e}")
+            return protocol.ERROR
 
     def _in_pgdata(self, path: str) -> str:
         """WAL-G's rule: a path that already names PGDATA is used as is, else it is under PGDATA."""
@@ -239,7 +319,10 @@ class Daemon:
         for _ in range(LOOK_AHEAD_REACH * window):
             if queued >= window:
                 break
-            name = next_wal_file_name(name, self.settings.segment_size)
+            try:
+                name = next_wal_file_name(name, self.settings.segment_size)
+            except ValueError:  # no segment follows (the timeline's last), or not one of this size
+                break
             if name in self._pushes.tasks:
                 queued += 1
                 continue
@@ -303,6 +386,41 @@ class Daemon:
             self._window.fill(name, prefetch.location(self.settings, destination))
         except OSError as e:  # no room for the prefetch directory: fetches still work, only slower
             log.warning(f"daemon: cannot prefetch after {name}: {e.strerror or e}")
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[int, list[str]] | None:
+    """The next request as (kind, arguments), or None if the client closed before sending one."""
+    try:
+        header = await reader.readexactly(protocol.HEADER)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise protocol.ProtocolError("message ends inside its header") from None
+    except ConnectionError:
+        return None  # reset by the client: nobody to answer
+    kind, length = protocol.parse_header(header)
+    try:
+        body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as e:
+        raise protocol.ProtocolError(f"message ends after {len(e.partial)} of its {length} body bytes") from None
+    except ConnectionError:
+        return None
+    return kind, protocol.request_args(kind, body)
+
+
+async def _send(writer: asyncio.StreamWriter, reply: bytes) -> None:
+    writer.write(reply)
+    await writer.drain()
+
+
+def _connection_bound() -> int:
+    """MAX_CONNECTIONS, or a quarter of RLIMIT_NOFILE if that is less, once the soft limit is raised to
+    the hard one (the soft default, often 1024, is set for programs that serve no connections)."""
+    raise_nofile_limit()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft // 4))
 
 
 def _consume_exception(task: asyncio.Task) -> None:

@@ -29,15 +29,20 @@ class Storage(abc.ABC):
     """put a stream, get a stream, stat, list, delete. Keys are relative to the backend's root.
 
     Invariants every backend keeps: `put` makes the object visible only once it is complete and
-    durable (no partial object under a final key, ever); `get` raises ObjectNotFound before the
-    first byte when the key is absent.
+    durable (no partial object under a final key, ever); an exclusive `put` never replaces an
+    object, however many writers race for the key (one wins, the others get ObjectExists); `get`
+    raises ObjectNotFound before the first byte when the storage answers that the key is absent,
+    and a plain StorageError when it cannot tell (unreachable, unreadable, misconfigured root).
     """
 
     name = "default"
 
     @abc.abstractmethod
-    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
-        """Store the stream under key atomically; return the bytes stored."""
+    async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:
+        """Store the stream under key atomically; return the bytes stored.
+
+        exclusive: publish only if no object is under key at that instant, else raise ObjectExists
+        (the stream's bytes are then discarded). Atomic with respect to other writers."""
 
     @abc.abstractmethod
     async def get(self, key: str) -> ByteStream:
@@ -63,11 +68,11 @@ class Storage(abc.ABC):
         chunks = [c async for c in await self.get(key)]
         return b"".join(chunks)
 
-    async def put_bytes(self, key: str, data: bytes) -> int:
+    async def put_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> int:
         async def one():
             yield data
 
-        return await self.put(key, one())
+        return await self.put(key, one(), exclusive=exclusive)
 
     async def close(self) -> None:
         return None

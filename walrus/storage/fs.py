@@ -6,12 +6,13 @@ import errno
 import os
 import re
 import secrets
+import stat
 import time
 from datetime import datetime, timezone
 from typing import AsyncIterable, AsyncIterator, Iterable
 
-from walrus.errors import ObjectNotFound, StorageError
-from walrus.fsutil import discard, fsync_dir, start_writeback, writev_all
+from walrus.errors import ObjectExists, ObjectNotFound, StorageError, StorageMissing
+from walrus.fsutil import discard, fsync_dir, rename_noreplace, start_writeback, writev_all
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
@@ -54,10 +55,37 @@ class FsStorage(Storage):
         return os.path.join(self.root, key)
 
     def _fail(self, what: str, key: str, e: OSError) -> StorageError:
-        return StorageError(f"could not {what} {key!r} in {self.describe()}", detail=e.strerror or str(e),
-                            hint="check that the directory exists and this user may write to it")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = (f"the filesystem holding {self.root} is full (or this user's quota is): free space there "
+                    "or give WALG_FILE_PREFIX a larger one; nothing partial was left under the key")
+        elif e.errno == errno.EROFS:
+            hint = f"the filesystem holding {self.root} is mounted read-only"
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            hint = (f"this user may not {what} there: {self.root} must be readable and writable by the "
+                    "user walrus runs as (the server's OS user, for archive_command and restore_command)")
+        elif e.errno == errno.ENOTDIR:
+            hint = f"a file is where a folder should be under {self.root}: check WALG_FILE_PREFIX"
+        else:
+            hint = "check that the directory exists and this user may write to it"
+        return StorageError(f"could not {what} {key!r} in {self.describe()}", detail=e.strerror or str(e), hint=hint)
 
-    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
+    def _absent(self, key: str) -> StorageError:
+        """What a missing path means: an absent object only when the storage root itself is a
+        readable directory. A mistyped or unmounted WALG_FILE_PREFIX must never read as "not
+        archived": wal-fetch's exit 74 would end a recovery early."""
+        try:
+            st = os.stat(self.root)
+        except OSError as e:
+            kind = StorageMissing if e.errno == errno.ENOENT else StorageError
+            return kind(f"{self.describe()} cannot be read", detail=f"{self.root}: {e.strerror or e}",
+                        hint="check WALG_FILE_PREFIX (a typo, or a filesystem that is not mounted); "
+                             "the first wal-push or backup-push creates it")
+        if not stat.S_ISDIR(st.st_mode):
+            return StorageError(f"{self.describe()} cannot be read", detail=f"{self.root} is not a directory",
+                                hint="WALG_FILE_PREFIX must name a directory")
+        return ObjectNotFound(key)
+
+    async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:
         path = self._path(key)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         tmp = f"{path}.tmp.{stamp}-{secrets.token_hex(4)}"
@@ -84,7 +112,13 @@ class FsStorage(Storage):
             await asyncio.to_thread(os.fsync, fd)
             os.close(fd)
             fd = -1
-            os.rename(tmp, path)
+            if exclusive:
+                try:
+                    rename_noreplace(tmp, path)  # atomic: of racing writers exactly one publishes
+                except FileExistsError:
+                    raise ObjectExists(key) from None
+            else:
+                os.rename(tmp, path)
             await asyncio.to_thread(fsync_dir, os.path.dirname(path))
         except BaseException as e:
             discard(fd, tmp)
@@ -98,12 +132,15 @@ class FsStorage(Storage):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise ObjectNotFound(key) from None
+            raise self._absent(key) from None
         except OSError as e:
-            if e.errno in (errno.ENOTDIR, errno.EISDIR):
-                raise ObjectNotFound(key) from None
-            raise self._fail("open", key, e) from None
+            raise self._absent_or(self._fail("open", key, e)) from None
         return self._read(fd, key)
+
+    def _absent_or(self, error: StorageError) -> StorageError:
+        """A bad root explains any failure below it best; otherwise `error` stands."""
+        absent = self._absent("")
+        return error if isinstance(absent, ObjectNotFound) else absent
 
     async def _read(self, fd: int, key: str) -> AsyncIterator[bytes]:
         try:
@@ -121,11 +158,14 @@ class FsStorage(Storage):
     async def stat(self, key: str) -> ObjectInfo | None:
         try:
             st = os.stat(self._path(key))
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        except FileNotFoundError:
+            absent = self._absent(key)
+            if isinstance(absent, ObjectNotFound):
+                return None
+            raise absent from None
         except OSError as e:
-            raise self._fail("stat", key, e) from None
-        if not os.path.isfile(self._path(key)):
+            raise self._absent_or(self._fail("stat", key, e)) from None
+        if not stat.S_ISREG(st.st_mode):
             return None
         return ObjectInfo(join_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
@@ -134,8 +174,13 @@ class FsStorage(Storage):
         base = os.path.join(self.root, folder) if folder else self.root
         try:
             found = await asyncio.to_thread(_scan, base, recursive)
+        except FileNotFoundError:  # the folder: empty if the root is there
+            absent = self._absent(folder)
+            if not isinstance(absent, ObjectNotFound):
+                raise absent from None
+            found = []
         except OSError as e:
-            raise self._fail("list", folder, e) from None
+            raise self._absent_or(self._fail("list", folder, e)) from None
         for rel, size, mtime in found:
             yield ObjectInfo(join_key(folder, rel), size, datetime.fromtimestamp(mtime, timezone.utc))
 
@@ -155,12 +200,15 @@ class FsStorage(Storage):
 
 
 def _scan(base: str, recursive: bool) -> list[tuple[str, int, float]]:
+    """Files under base (FileNotFoundError if base is absent); sub-folders removed meanwhile are skipped."""
     out: list[tuple[str, int, float]] = []
 
     def walk(d: str, prefix: str) -> None:
         try:
             entries = sorted(os.scandir(d), key=lambda e: e.name)
         except FileNotFoundError:
+            if d == base:
+                raise
             return
         for e in entries:
             if e.is_dir(follow_symlinks=False):

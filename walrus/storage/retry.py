@@ -134,11 +134,12 @@ class RetryingStorage(Storage):
     def describe(self) -> str:
         return self.inner.describe()
 
-    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
-        return await self.inner.put(key, stream)
+    async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:
+        return await self.inner.put(key, stream, exclusive=exclusive)
 
-    async def put_bytes(self, key: str, data: bytes) -> int:
-        return await self.policy.run(f"upload of {key}", lambda _: self.inner.put_bytes(key, data), bounded=False)
+    async def put_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> int:
+        return await self.policy.run(f"upload of {key}", lambda _: self.inner.put_bytes(key, data, exclusive=exclusive),
+                                     bounded=False)
 
     async def get(self, key: str) -> ByteStream:
         return await self.policy.run(f"download of {key}", lambda _: self.inner.get(key))

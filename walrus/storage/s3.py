@@ -17,7 +17,7 @@ import aiohttp
 import botocore.exceptions as bce
 
 from walrus.config import Settings
-from walrus.errors import ConfigError, ObjectNotFound, StorageError
+from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
 from walrus.storage.retry import (Progress, RetryingStorage, RetryPolicy, TransientError, describe, gave_up,
@@ -41,6 +41,8 @@ _CREDENTIAL_CODES = frozenset({
     "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
     "TokenRefreshRequired", "AllAccessDisabled", "AccountProblem", "403"})
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+# S3-compatible servers out of disk or quota (MinIO, Ceph RGW); AWS itself never fills up.
+_FULL_CODES = frozenset({"XMinioStorageFull", "QuotaExceeded", "InsufficientStorage", "StorageFull"})
 _REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException",
                            "301", "400"})
 _CREDENTIALS_HINT = ("check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), AWS_PROFILE, "
@@ -74,6 +76,7 @@ class S3Config:
     connect_timeout: float = 10
     timeout: float = 60
     max_retries: int = 15
+    conditional_put: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "S3Config":
@@ -111,7 +114,8 @@ class S3Config:
                    download_concurrency=_within_budget(settings.download_concurrency, settings.memory_budget,
                                                        settings.s3_range_size),
                    upload_lanes=settings.upload_disk_concurrency, connect_timeout=settings.s3_connect_timeout,
-                   timeout=settings.s3_timeout, max_retries=settings.s3_max_retries)
+                   timeout=settings.s3_timeout, max_retries=settings.s3_max_retries,
+                   conditional_put=settings.s3_conditional_put)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(attempts=self.max_retries + 1, timeout=self.timeout)
@@ -152,6 +156,9 @@ class S3Storage(Storage):
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock: asyncio.Lock | None = None
         self._prefetch_slots: asyncio.Semaphore | None = None
+        # Exclusive puts send If-None-Match: * until the endpoint answers that it cannot (501); from
+        # then on they check before and verify after instead (see put).
+        self.conditional = config.conditional_put
 
     def describe(self) -> str:
         where = f" at {self.config.endpoint}" if self.config.endpoint else ""
@@ -252,6 +259,9 @@ class S3Storage(Storage):
         code = _code(e)
         status = int((e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
         detail = f"S3 error {code or status}: {error.get('Message') or 'no message'}"
+        if status == 507 or code in _FULL_CODES:  # retrying cannot help, and the hint must say why
+            return StorageError(f"{what} failed: the storage is full", detail=detail,
+                                hint="free space in the bucket's storage (or raise its quota), then run the command again")
         if status >= 500 or code in _TRANSIENT_CODES:
             return TransientError(f"{what} failed", detail=detail,
                                   hint="S3 was unavailable or throttling; raise WALG_S3_MAX_RETRIES to wait longer")
@@ -479,13 +489,23 @@ class S3Storage(Storage):
             args["SSEKMSKeyId"] = c.sse_kms_id
         return args
 
-    async def put(self, key: str, stream: AsyncIterable[bytes]) -> int:
+    async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:
         """A stream shorter than one part is one PUT; a longer one a multipart upload, completed last.
 
         The object is visible only once S3 has it whole: after the single PUT, or after
         CompleteMultipartUpload. Any failure before that aborts the multipart upload.
+
+        exclusive: the PUT or the Complete carries If-None-Match: *, so S3 itself refuses to
+        replace an object (412), atomically. A 412 whose object carries our own ETag is our own
+        earlier try, whose answer was lost: success. Where the endpoint does not implement
+        conditional writes (501, or WALRUS_S3_CONDITIONAL_PUT=false), the key is checked before the
+        upload and the object's ETag verified after it: a writer that raced us and lost its bytes
+        to ours then fails its own verification, so no writer ever reports success for bytes that
+        are not stored (but the object may briefly hold the loser's bytes).
         """
         full = self._key(key)
+        if exclusive and not self.conditional and await self.stat(key) is not None:
+            raise ObjectExists(key)
         size = self.config.part_size
         part = bytearray()
         upload: _Multipart | None = None
@@ -504,21 +524,59 @@ class S3Storage(Storage):
                     part += view[:take]
                     view = view[take:]
             if upload is None:
-                await self._put_single(full, part)
-                return total
-            if part:
-                await upload.add(part)
-            await upload.complete()
-            return total
+                etag = await self._put_single(full, part, exclusive)
+            else:
+                if part:
+                    await upload.add(part)
+                etag = await upload.complete(exclusive)
         except BaseException:
             if upload is not None:
                 await upload.abort()
             raise
+        if exclusive and not self.conditional and not await self._holds(full, etag):
+            raise ObjectExists(key)  # another writer replaced our bytes (or we theirs, and they find out)
+        return total
 
-    async def _put_single(self, full: str, data: bytearray) -> None:
+    async def _put_single(self, full: str, data: bytearray, exclusive: bool) -> str:
+        """One PutObject; returns the ETag S3 gives these bytes."""
         md5 = await _md5(data)
-        await self._call(f"upload of {self._rel(full)}", "put_object", Key=full, ContentMD5=_b64(md5),
-                         ContentLength=len(data), body=lambda p: {"Body": _Body(data, p)}, **self._object_args())
+        etag = f'"{md5.hex()}"'
+        what = f"upload of {self._rel(full)}"
+        s3 = await self._s3()
+
+        async def attempt(progress: Progress) -> str | None:
+            conditional = {"IfNoneMatch": "*"} if exclusive and self.conditional else {}
+            with self._errors(what):
+                try:
+                    await s3.put_object(Bucket=self.config.bucket, Key=full, ContentMD5=_b64(md5),
+                                        ContentLength=len(data), Body=_Body(data, progress), **conditional,
+                                        **self._object_args())
+                except bce.ClientError as e:
+                    if conditional and (outcome := _conditional_outcome(e)) is not None:
+                        return outcome
+                    raise
+            return None
+
+        outcome = await self.policy.run(what, attempt)
+        if outcome == _UNSUPPORTED:
+            self._no_conditional_writes()
+            if await self.stat(self._rel(full)) is not None:
+                raise ObjectExists(self._rel(full))
+            return await self._put_single(full, data, exclusive)
+        if outcome == _EXISTS and not await self._holds(full, etag):
+            raise ObjectExists(self._rel(full))
+        return etag
+
+    def _no_conditional_writes(self) -> None:
+        if self.conditional:
+            self.conditional = False
+            log.warning(f"{self.describe()} does not implement conditional writes (If-None-Match); WAL is "
+                        "checked before and verified after each upload instead")
+
+    async def _holds(self, full: str, etag: str) -> bool:
+        """Whether the object under `full` is the one with `etag` (ours, or bytes identical to ours)."""
+        info = await self._call(f"stat of {self._rel(full)}", "head_object", Key=full)
+        return info.get("ETag") == etag
 
     async def _start_multipart(self, full: str) -> "_Multipart":
         what = f"upload of {self._rel(full)}"
@@ -649,29 +707,49 @@ class _Multipart:
         finally:
             self.slots.release()
 
-    async def complete(self) -> None:
+    async def complete(self, exclusive: bool = False) -> str:
+        """CompleteMultipartUpload (with If-None-Match: * when exclusive); returns the object's ETag."""
         parts = await gather_all(self.tasks)
         listing = {"Parts": [{"ETag": etag, "PartNumber": n} for n, (etag, _) in enumerate(parts, 1)]}
-        # A retried Complete whose first try succeeded unseen meets NoSuchUpload: the object's
-        # multipart ETag (MD5 of the parts' MD5s, dash, part count) tells whether it is ours.
+        # A retried Complete whose first try succeeded unseen meets NoSuchUpload (or, exclusive, a
+        # 412): the object's multipart ETag (MD5 of the parts' MD5s, dash, part count) tells
+        # whether it is ours.
         expected = f'"{hashlib.md5(b"".join(md5 for _, md5 in parts)).hexdigest()}-{len(parts)}"'
         tries = 0
+        storage = self.storage
 
-        async def attempt(progress: Progress) -> None:
+        async def attempt(progress: Progress) -> str | None:
             nonlocal tries
             tries += 1
-            s3 = await self.storage._s3()
+            s3 = await storage._s3()
+            conditional = {"IfNoneMatch": "*"} if exclusive and storage.conditional else {}
             try:
-                with self.storage._errors(self.what):
-                    await s3.complete_multipart_upload(Bucket=self.storage.config.bucket, Key=self.full,
-                                                       UploadId=self.upload_id, MultipartUpload=listing)
+                with storage._errors(self.what):
+                    try:
+                        await s3.complete_multipart_upload(Bucket=storage.config.bucket, Key=self.full,
+                                                           UploadId=self.upload_id, MultipartUpload=listing,
+                                                           **conditional)
+                    except bce.ClientError as e:
+                        if conditional and (outcome := _conditional_outcome(e)) is not None:
+                            return outcome
+                        raise
             except StorageError as e:
                 if tries > 1 and "NoSuchUpload" in (e.detail or "") and await self._landed(expected):
-                    return
+                    return None
                 raise
+            return None
 
-        await self.storage.policy.run(self.what, attempt,
-                                      timeout=self.storage.policy.timeout * COMPLETE_TIMEOUT_FACTOR)
+        while True:
+            outcome = await storage.policy.run(self.what, attempt,
+                                               timeout=storage.policy.timeout * COMPLETE_TIMEOUT_FACTOR)
+            if outcome == _UNSUPPORTED:
+                storage._no_conditional_writes()
+                if await storage.stat(storage._rel(self.full)) is not None:
+                    raise ObjectExists(storage._rel(self.full))
+                continue
+            if outcome == _EXISTS and not await self._landed(expected):
+                raise ObjectExists(storage._rel(self.full))  # put() aborts the upload
+            return expected
 
     async def _landed(self, etag: str) -> bool:
         s3 = await self.storage._s3()
@@ -736,6 +814,21 @@ class _Body(io.RawIOBase):
 
 def _code(e: bce.ClientError) -> str:
     return str((e.response.get("Error") or {}).get("Code") or "")
+
+
+_EXISTS = "exists"  # a conditional write found an object under its key (412)
+_UNSUPPORTED = "unsupported"  # the endpoint does not implement conditional writes (501)
+
+
+def _conditional_outcome(e: bce.ClientError) -> str | None:
+    """What a failed conditional write means, or None if it failed for another reason."""
+    status = int((e.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    code = _code(e)
+    if code == "PreconditionFailed" or status == 412:
+        return _EXISTS
+    if code == "NotImplemented" or status == 501:
+        return _UNSUPPORTED
+    return None
 
 
 async def _md5(data: bytearray) -> bytes:

@@ -33,9 +33,12 @@ class PoolPlan:
     @classmethod
     def for_settings(cls, settings: Settings, lanes: int, parallel: int = 1) -> "PoolPlan":
         size = buffer_size(settings)
-        parallel = max(1, parallel)
+        affordable = settings.memory_budget // size // max(1, lanes)
+        # a lane needs its compression jobs plus two buffers; fewer cores compress a part than the
+        # machine has when the budget cannot hold two jobs for each
+        parallel = max(1, min(parallel, (affordable - 2) // 2))
         compressing = blocks_in_flight(parallel)
-        per_lane = max(compressing + 2, settings.memory_budget // size // max(1, lanes))
+        per_lane = max(compressing + 2, affordable)
         # a lane holds its read-ahead queue, the buffer being filled and the ones being compressed
         depth = per_lane - 1 - compressing
         return cls(size, lanes * per_lane, depth, parallel)
@@ -52,11 +55,13 @@ def upload_threads(parallel: int) -> int:
 
 
 async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buffer], settings: Settings,
-                         executor: Executor, counter: Counter | None = None, parallel: int = 1) -> int:
+                         executor: Executor, counter: Counter | None = None, parallel: int = 1, *,
+                         exclusive: bool = False) -> int:
     """Compress pool buffers into one object, encrypted if a key is configured; returns bytes stored.
 
     `parallel`: buffers of this object compressed at once by codecs with independent blocks (lz4,
-    zstd); the executor needs upload_threads(parallel) threads for this object.
+    zstd); the executor needs upload_threads(parallel) threads for this object. `exclusive`: see
+    Storage.put.
     """
     compressor = new_compressor(settings.compression_method, zstd_level=settings.zstd_level)
     stream = compressed(buffers, compressor, executor, parallel)
@@ -65,7 +70,7 @@ async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buff
     stream = piped(stream, UPLOAD_QUEUE_DEPTH)
     if counter is not None:
         stream = counter.count(stream)
-    return await storage.put(key, stream)
+    return await storage.put(key, stream, exclusive=exclusive)
 
 
 async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader, depth: int,

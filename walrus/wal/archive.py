@@ -1,8 +1,6 @@
 """Archived WAL objects: found under any compression extension (WAL-G's probe order), decompressed, downloaded."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import secrets
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -12,10 +10,11 @@ from walrus import codec
 from walrus.backup import layout
 from walrus.config import Settings
 from walrus.crypto import Crypter, decrypting
-from walrus.errors import ArchiveNotFound, ObjectNotFound, WalrusError
+from walrus.errors import ArchiveNotFound, CorruptArchive, ObjectNotFound, WalrusError
 from walrus.fsutil import discard, write_all
+from walrus.pg.xlog import classify_wal_name
 from walrus.storage.base import ByteStream, Storage
-from walrus.stream.stages import SyncReader
+from walrus.stream.stages import SyncReader, consume_in_thread
 
 COPY_CHUNK = 1 << 20
 
@@ -52,10 +51,9 @@ async def open_archived(storage: Storage, name: str, settings: Settings) -> tupl
 async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor: Executor | None,
                                sink: Callable[[bytes], None], crypter: Crypter | None) -> None:
     """Decrypt and decompress an object on a worker thread, handing each chunk to `sink` (also on that thread)."""
-    loop = asyncio.get_running_loop()
 
-    def work() -> None:
-        reader = codec.open_reader(ext, decrypting(SyncReader(stream, loop), crypter, key), name=key)
+    def work(raw: SyncReader) -> None:
+        reader = codec.open_reader(ext, decrypting(raw, crypter, key), name=key)
         while chunk := reader.read(COPY_CHUNK):
             sink(chunk)
 
@@ -67,10 +65,8 @@ async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor:
     if executor is None:
         own = executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-decompress")
     try:
-        await loop.run_in_executor(executor, work)
+        await consume_in_thread(stream, work, executor)
     finally:
-        with contextlib.suppress(RuntimeError):  # still running in the worker when cancelled
-            await stream.aclose()
         if own is not None:
             own.shutdown(wait=False)
 
@@ -105,6 +101,13 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
 
     try:
         await consume_decompressed(stream, ext, key, None, sink, settings.crypter)
+        if size != settings.segment_size and classify_wal_name(name) == "segment":
+            # what a truncation the format cannot see looks like: uncompressed objects, and zstd
+            # frames cut at a frame boundary
+            raise CorruptArchive(f"the archived copy of {name} is not a whole WAL segment",
+                                 detail=f"{key} decompresses to {size} bytes, a segment is {settings.segment_size}",
+                                 hint="the object is truncated or damaged; or WALG_PG_WAL_SIZE is not the "
+                                      "server's wal_segment_size in MiB")
         os.close(fd)
         fd = -1
         os.rename(tmp, destination)

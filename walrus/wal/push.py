@@ -11,10 +11,12 @@ from typing import Any
 from walrus import codec
 from walrus.archive.tar_write import open_for_backup
 from walrus.backup import layout
-from walrus.config import Settings
-from walrus.errors import WalOverwriteError, WalrusError
+from walrus.config import WAL_BLOCK_MIN, Settings
+from walrus.errors import (CorruptArchive, ObjectExists, StorageError, StorageMissing, WalOverwriteError,
+                           WalrusError)
 from walrus.log import log
-from walrus.storage.base import Storage
+from walrus.pg.xlog import classify_wal_name
+from walrus.storage.base import ByteStream, Storage
 from walrus.stream.buffers import BufferPool
 from walrus.stream.pipeline import buffer_size, file_buffers, upload_buffers, upload_threads
 from walrus.stream.reader import open_reader
@@ -28,7 +30,7 @@ PUSH_PARALLEL = 2
 # frame block. A 16 MiB segment is then 4 reads, 4 compression jobs and 4 writes: per block, the
 # thread hand-offs and event-loop steps cost about what the codec does, and at 1 MiB a segment took
 # the daemon 36-41 ms of CPU instead of 32-34.
-WAL_BLOCK = 4 << 20
+WAL_BLOCK = WAL_BLOCK_MIN
 # Blocks a push reads ahead of its compression jobs.
 PUSH_READ_AHEAD = 2
 
@@ -80,6 +82,10 @@ class WalPusher:
         self.settings = settings
         self._slots = asyncio.Semaphore(slots)
         self.parallel = PUSH_PARALLEL if slots == 1 else 1
+        if blocks_in_flight(self.parallel) > self.buffers_per_push(settings, self.parallel):
+            # segments of fewer blocks than the parallel jobs hold: one job at a time, which needs one
+            # buffer whatever the file's size (a file larger than a segment must not wait forever)
+            self.parallel = 1
         self.pool = BufferPool(self.buffers_per_push(settings, self.parallel) * slots, wal_block(settings))
         self.executor = ThreadPoolExecutor(max_workers=slots * upload_threads(self.parallel),
                                            thread_name_prefix="walrus-wal")
@@ -115,6 +121,10 @@ class WalPusher:
         settings = self.settings
         began = time.monotonic()
         name = os.path.basename(path)
+        if classify_wal_name(name) == "other":
+            raise WalrusError(f"{path} is not a WAL file",
+                              detail="wal-push archives WAL segments and .history, .backup and .partial files",
+                              hint="archive_command must pass %p, the file PostgreSQL asks to archive")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -123,20 +133,14 @@ class WalPusher:
         direct_fd = None
         try:
             size = os.fstat(fd).st_size
-            existing = await open_archived(storage, name, settings)
+            try:
+                existing = await open_archived(storage, name, settings)
+            except StorageMissing:  # nothing is archived in a storage not made yet; the put makes it
+                existing = None
             if existing is not None:
                 # Archived already (a retry after a crash, or a second cluster on the same prefix):
                 # identical bytes are success, different bytes are never overwritten.
-                key, ext, stream = existing
-                comparer = _Comparer(fd)
-                await consume_decompressed(stream, ext, key, self.executor, comparer.feed, settings.crypter)
-                if comparer.same and comparer.offset == size:
-                    log.info(f"{name} is already archived with identical contents ({key}); not uploaded again")
-                    return WalPushResult(name, key, size, 0, "already archived", time.monotonic() - began)
-                raise WalOverwriteError(f"{name} is already archived with different contents",
-                                        detail=f"{key} in {storage.describe()} differs from {path}",
-                                        hint="two clusters may be archiving into the same prefix; give each its "
-                                             "own WALG_*_PREFIX, and keep the archived copy")
+                return await self._compare(existing, fd, size, path, storage, began)
             key = layout.wal_key(layout.with_extension(name, codec.extension(settings.compression_method)))
             read_total = 0
             await self._slots.acquire()
@@ -168,8 +172,17 @@ class WalPusher:
                                       detail=f"read {read_total} of {size} bytes")
 
             try:
+                # exclusive: the probe above and this publish are not one step, so another writer may
+                # have stored the name in between; the storage then refuses to replace its object
                 stored = await upload_buffers(storage, key, counted(), settings, self.executor, Counter(),
-                                              self.parallel)
+                                              self.parallel, exclusive=True)
+            except ObjectExists:
+                existing = await open_archived(storage, name, settings)
+                if existing is None:
+                    raise StorageError(f"{key} appeared and vanished while {name} was being archived",
+                                       detail=f"another process is writing and deleting in {storage.describe()}",
+                                       hint="run wal-push again (PostgreSQL retries archive_command by itself)") from None
+                return await self._compare(existing, fd, size, path, storage, began)
             finally:
                 free_slot()
             log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
@@ -178,6 +191,29 @@ class WalPusher:
             os.close(fd)
             if direct_fd is not None:
                 os.close(direct_fd)
+
+    async def _compare(self, existing: tuple[str, str, ByteStream], fd: int, size: int, path: str,
+                       storage: Storage, began: float) -> WalPushResult:
+        """The archived copy decides: the same bytes are success, anything else an error that keeps it."""
+        name = os.path.basename(path)
+        key, ext, stream = existing
+        comparer = _Comparer(fd)
+        try:
+            await consume_decompressed(stream, ext, key, self.executor, comparer.feed, self.settings.crypter)
+        except CorruptArchive as e:
+            raise WalOverwriteError(
+                f"{name} is already archived, but the archived copy cannot be read",
+                detail=f"{key} in {storage.describe()}: {e.message}" + (f" ({e.detail})" if e.detail else ""),
+                hint=f"the archived copy is damaged or was written with another key; walrus never replaces it. "
+                     f"If {key} is damaged, move it aside in the storage: PostgreSQL's next try then archives "
+                     f"{name} again") from None
+        if comparer.same and comparer.offset == size:
+            log.info(f"{name} is already archived with identical contents ({key}); not uploaded again")
+            return WalPushResult(name, key, size, 0, "already archived", time.monotonic() - began)
+        raise WalOverwriteError(f"{name} is already archived with different contents",
+                                detail=f"{key} in {storage.describe()} differs from {path}",
+                                hint="two clusters may be archiving into the same prefix; give each its "
+                                     "own WALG_*_PREFIX, and keep the archived copy")
 
 
 def wal_block(settings: Settings) -> int:
