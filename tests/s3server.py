@@ -138,7 +138,7 @@ class Request:
 @dataclass
 class _Rule:
     action: str
-    count: int  # requests left to fail
+    count: int  # faults left to apply (a fault handed out and given back counts again)
     when: Callable[[Request], bool]
 
 
@@ -147,7 +147,17 @@ class _Schedule:
     actions: tuple[str, ...]
     every: int  # fail every n-th request
     limit: int  # then stop
-    seen: int = 0
+    seen: int = 0  # requests counted towards the next slot
+    taken: int = 0  # faults applied or handed out and not yet given back; never above limit
+    owed: list[str] = field(default_factory=list)  # given back: the next requests take them first
+
+
+@dataclass
+class _Fault:
+    """A fault handed to one request: recorded in `applied` when it takes effect, else given back."""
+    action: str
+    source: _Rule | _Schedule
+    settled: bool = False
 
 
 @dataclass
@@ -157,6 +167,8 @@ class FaultProxy:
     Actions: "500" / "503" (S3's InternalError / SlowDown), "drop" (close without a response),
     "drop-body" (send the headers and half the body, then close), "stall" (stop reading and
     answering for `stall_seconds`, then close). A request body is read before an error is sent.
+    `applied` lists only faults that took effect: a "drop-body" meets answers with no body to cut
+    (HEAD, an empty 200), and then its rule or schedule slot stays armed for the next request.
     `latency` delays every forwarded request, so that concurrent ones overlap visibly in `peak`.
     """
 
@@ -189,13 +201,14 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
     def fail(self, action: str, count: int = 1, when: Callable[[Request], bool] = lambda r: True) -> None:
-        """Apply `action` to the next `count` requests that match `when`."""
+        """Apply `action` to the next `count` requests that match `when` (on which it can take effect)."""
         assert action in ACTIONS
         with self._lock:
             self._rules.append(_Rule(action, count, when))
 
     def fail_every(self, every: int, actions: tuple[str, ...], limit: int) -> None:
-        """Fail every `every`-th request, cycling through `actions`, `limit` times in all."""
+        """Fail every `every`-th request, cycling through `actions`, `limit` times in all; a slot whose
+        fault cannot take effect passes to the next request."""
         with self._lock:
             self._schedule = _Schedule(actions, every, limit)
 
@@ -204,23 +217,40 @@ class FaultProxy:
             self._rules.clear()
             self._schedule = None
 
-    def _decide(self, request: Request) -> str | None:
+    def _decide(self, request: Request) -> _Fault | None:
         with self._lock:
             self.log.append(request)
-            action = None
             for rule in self._rules:
                 if rule.count > 0 and rule.when(request):
                     rule.count -= 1
-                    action = rule.action
-                    break
+                    return _Fault(rule.action, rule)
             s = self._schedule
-            if action is None and s is not None and len(self.applied) < s.limit:
+            if s is None or s.taken >= s.limit:
+                return None
+            if s.owed:
+                action = s.owed.pop(0)
+            else:
                 s.seen += 1
-                if s.seen % s.every == 0:
-                    action = s.actions[(s.seen // s.every) % len(s.actions)]
-            if action is not None:
-                self.applied.append((action, request))
-            return action
+                if s.seen % s.every:
+                    return None
+                action = s.actions[(s.seen // s.every) % len(s.actions)]
+            s.taken += 1
+            return _Fault(action, s)
+
+    def _settle(self, fault: _Fault, request: Request, took_effect: bool) -> None:
+        """Records a fault that took effect; gives one that did not back to its rule or schedule.
+        Only the first call for a fault counts."""
+        with self._lock:
+            if fault.settled:
+                return
+            fault.settled = True
+            if took_effect:
+                self.applied.append((fault.action, request))
+            elif isinstance(fault.source, _Rule):
+                fault.source.count += 1
+            else:
+                fault.source.taken -= 1
+                fault.source.owed.append(fault.action)
 
     def stall(self) -> None:
         self.stall_for(self.stall_seconds)
@@ -273,22 +303,29 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self) -> None:
         request = Request(self.command, self.path)
         self.owner.entered(request, +1)
+        fault = None
         try:
-            self._serve(request)
+            fault = self.owner._decide(request)
+            self._serve(request, fault)
         finally:
+            if fault is not None:  # not settled by now (the client hung up first, say): it had no effect
+                self.owner._settle(fault, request, took_effect=False)
             self.owner.entered(request, -1)
 
-    def _serve(self, request: Request) -> None:
-        action = self.owner._decide(request)
+    def _serve(self, request: Request, fault: _Fault | None) -> None:
+        action = fault.action if fault is not None else None
         if action == "stall":
+            self.owner._settle(fault, request, took_effect=True)  # recorded now: the stall outlasts the client
             self.owner.stall()
             self._drop()
             return
         body = self._body()
         if action == "drop":
+            self.owner._settle(fault, request, took_effect=True)
             self._drop()
             return
         if action in ("500", "503"):
+            self.owner._settle(fault, request, took_effect=True)
             code, message = S3_ERRORS[int(action)]
             xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                    f"<Message>{message}</Message></Error>").encode()
@@ -302,6 +339,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.owner.latency:
             self.owner.stall_for(self.owner.latency)
         status, headers, payload = self._forward(body)
+        cut = action == "drop-body" and len(payload) > 1
+        if action == "drop-body":
+            # a body of one byte or none (HEAD, an empty 200 or 204) cannot be cut short: the fault
+            # goes back before this answer does, so it is armed for the client's next request
+            self.owner._settle(fault, request, took_effect=cut)
         self.send_response(status)
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
@@ -309,7 +351,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         length = next((v for n, v in headers if n.lower() == "content-length"), None)
         self.send_header("Content-Length", length if self.command == "HEAD" and length else str(len(payload)))
         self.end_headers()
-        if action == "drop-body" and len(payload) > 1:
+        if cut:
             self.wfile.write(payload[:len(payload) // 2])
             self.wfile.flush()
             self._drop()

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import stat
 import subprocess
+import sys
 import time
 from typing import Callable, ContextManager
 
@@ -18,6 +20,26 @@ def _pgbench(cluster: Cluster, *args: str, background: bool = False):
     if background:
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **as_user())
     return run(cmd)
+
+
+@functools.cache
+def uring_refused() -> str | None:
+    """Why walrus's io_uring probe refuses io_uring to the user walrus runs as, or None if it allows it.
+
+    Run as that user, not in this (root) process: kernel.io_uring_disabled=1 lets root alone through.
+    The compiled module is imported first, so that a broken build fails here rather than pass for
+    the kernel refusing (ENOSYS, EPERM, ENOMEM, no IORING_OP_READ: what "auto" may fall back on).
+    """
+    code = "import walrus._uring._liburing\nfrom walrus._uring import probe\nprint(probe() or '')"
+    return run([sys.executable, "-c", code]).stdout.decode().strip() or None
+
+
+def expected_reader(io_method: str) -> str:
+    """The file reader backup-push must report for WALRUS_IO_METHOD=io_method: "auto" falls back to
+    preadv only where io_uring is refused, so a fallback anywhere else fails the test."""
+    if io_method == "auto":
+        return "preadv" if uring_refused() else "io_uring"
+    return io_method
 
 
 def source_method(config: str) -> str:
@@ -57,8 +79,9 @@ def backup_and_point_in_time_restore(method: str, segsize: int, storage: Callabl
     entered around backup-push (a fault injector, say).
     """
     root = make_workdir(f"walrus-e2e-{method}-")
+    settings = storage(root)
     config = write_config(os.path.join(root, "walg.json"), {
-        **storage(root), "WALG_COMPRESSION_METHOD": method, "WALG_PG_WAL_SIZE": str(segsize),
+        **settings, "WALG_COMPRESSION_METHOD": method, "WALG_PG_WAL_SIZE": str(segsize),
         "WALG_TAR_SIZE_THRESHOLD": str(8 << 20),  # several parts even for a small cluster
         "WALG_DOWNLOAD_CONCURRENCY": "3", "WALG_UPLOAD_DISK_CONCURRENCY": "2"})
     clusters: list[Cluster] = []
@@ -91,6 +114,10 @@ def backup_and_point_in_time_restore(method: str, segsize: int, storage: Callabl
         assert load.wait(timeout=120) == 0, load.stderr.read().decode()
         churn.wait(timeout=120)
         assert result["backup_name"].startswith("base_")
+        # the runner's WALRUS_* variables reach walrus, which takes the environment over its config file
+        reader = expected_reader(os.environ.get("WALRUS_IO_METHOD") or settings.get("WALRUS_IO_METHOD", "auto"))
+        assert result["reader"] == reader, (f"expected the {reader} reader (io_uring refused: {uring_refused()})\n"
+                                            f"{pushed.stderr.decode()[-2000:]}")
         assert len([p for p in result["parts"] if p.startswith("part_")]) >= 2
 
         occupied = os.path.join(root, "occupied")

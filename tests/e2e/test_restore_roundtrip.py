@@ -10,8 +10,9 @@ from tests.e2e.roundtrip import backup_and_point_in_time_restore
 pytestmark = pytest.mark.e2e
 
 # (compression method, WAL segment size in MiB, file I/O): 16 MiB is PostgreSQL's default; 1 MiB
-# segments make the WAL span many segments quickly and exercise WALG_PG_WAL_SIZE. "auto" is io_uring
-# here; one case runs the whole round trip on the preadv/pwrite fallback.
+# segments make the WAL span many segments quickly and exercise WALG_PG_WAL_SIZE. "auto" must read
+# with io_uring wherever the kernel lets the walrus user set up a ring (the round trip checks the
+# reader backup-push reports); one case runs the whole round trip on the preadv/pwrite fallback.
 CASES = [("lz4", 16, "auto"), ("lz4", 16, "preadv"), ("zstd", 1, "auto"), ("brotli", 1, "auto"),
          ("lzma", 1, "auto"), ("none", 1, "auto")]
 
