@@ -113,7 +113,11 @@ def s3_settings(endpoint: str, bucket: str, prefix: str = "walrus", **extra: str
 
 S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
              503: ("SlowDown", "Please reduce your request rate.")}
-ACTIONS = ("500", "503", "drop", "drop-body", "stall")
+ACTIONS = ("500", "503", "drop", "drop-body", "lose", "stall")
+# How the proxy treats S3's conditional writes (If-None-Match on PutObject, CompleteMultipartUpload):
+# pass them on, answer 501 NotImplemented as servers without them do, or drop the header as servers
+# that ignore it do.
+CONDITIONAL_MODES = ("pass", "refuse", "ignore")
 
 
 @dataclass
@@ -165,8 +169,9 @@ class FaultProxy:
     """A reverse proxy to `upstream` that fails chosen requests, bounded in count and time.
 
     Actions: "500" / "503" (S3's InternalError / SlowDown), "drop" (close without a response),
-    "drop-body" (send the headers and half the body, then close), "stall" (stop reading and
-    answering for `stall_seconds`, then close). A request body is read before an error is sent.
+    "drop-body" (send the headers and half the body, then close), "lose" (forward, then close
+    without a response: done, but the client never hears), "stall" (stop reading and answering
+    for `stall_seconds`, then close). A request body is read before an error is sent.
     `applied` lists only faults that took effect: a "drop-body" meets answers with no body to cut
     (HEAD, an empty 200), and then its rule or schedule slot stays armed for the next request.
     `latency` delays every forwarded request, so that concurrent ones overlap visibly in `peak`.
@@ -175,6 +180,8 @@ class FaultProxy:
     upstream_port: int
     stall_seconds: float = 30.0
     latency: float = 0.0
+    conditional: str = "pass"  # one of CONDITIONAL_MODES
+    on_forwarded: Callable[[Request], None] | None = None  # called once S3 answered, before the client hears
     log: list[Request] = field(default_factory=list)
     applied: list[tuple[str, Request]] = field(default_factory=list)
     peak: dict[str, int] = field(default_factory=dict)  # most requests of each kind in flight at once
@@ -326,19 +333,24 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         if action in ("500", "503"):
             self.owner._settle(fault, request, took_effect=True)
-            code, message = S3_ERRORS[int(action)]
-            xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-                   f"<Message>{message}</Message></Error>").encode()
-            self.send_response(int(action))
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(xml)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(xml)
+            self._answer_error(int(action), *S3_ERRORS[int(action)])
             return
         if self.owner.latency:
             self.owner.stall_for(self.owner.latency)
+        if self.headers.get("If-None-Match") and self.command in ("PUT", "POST"):
+            if self.owner.conditional == "refuse":
+                self._answer_error(501, "NotImplemented", "A header you provided implies functionality "
+                                                          "that is not implemented.")
+                return
+            if self.owner.conditional == "ignore":
+                del self.headers["If-None-Match"]
         status, headers, payload = self._forward(body)
+        if self.owner.on_forwarded is not None:
+            self.owner.on_forwarded(request)
+        if action == "lose":  # S3 did it, the client never hears: what a retry then finds
+            self.owner._settle(fault, request, took_effect=True)
+            self._drop()
+            return
         cut = action == "drop-body" and len(payload) > 1
         if action == "drop-body":
             # a body of one byte or none (HEAD, an empty 200 or 204) cannot be cut short: the fault
@@ -358,6 +370,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         if self.command != "HEAD":
             self.wfile.write(payload)
+
+    def _answer_error(self, status: int, code: str, message: str) -> None:
+        xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+               f"<Message>{message}</Message></Error>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(xml)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(xml)
 
     def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
         conn = http.client.HTTPConnection("127.0.0.1", self.owner.upstream_port, timeout=60)

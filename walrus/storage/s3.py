@@ -29,7 +29,10 @@ MAX_PARTS = 10_000  # S3's limit per multipart upload
 DELETE_BATCH = 1000  # S3's limit per DeleteObjects request
 READ_CHUNK = 1 << 20
 COMPLETE_TIMEOUT_FACTOR = 5  # CompleteMultipartUpload may legitimately take minutes on large uploads
-ABORT_ATTEMPTS = 3  # the upload has already failed: try to clean up, but do not wait out a full retry cycle
+# Tries of an abort, whatever WALG_S3_MAX_RETRIES says: the upload has already failed, so clean up
+# without waiting out a full retry cycle, but do not give up on the first fault either (an upload
+# left pending keeps its parts stored until a lifecycle rule removes them).
+ABORT_ATTEMPTS = 4
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 # Error codes that say "try again": throttling, the server's own trouble, a body that arrived damaged.
@@ -762,7 +765,7 @@ class _Multipart:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        policy = replace(self.storage.policy, attempts=min(ABORT_ATTEMPTS, self.storage.policy.attempts))
+        policy = replace(self.storage.policy, attempts=ABORT_ATTEMPTS)
         try:
             await asyncio.shield(self.storage._call(f"{self.what} (abort)", "abort_multipart_upload", policy=policy,
                                                     Key=self.full, UploadId=self.upload_id))
