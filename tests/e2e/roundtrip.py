@@ -42,9 +42,13 @@ def expected_reader(io_method: str) -> str:
     return io_method
 
 
-def source_method(config: str) -> str:
+def _configured(config: str, name: str) -> str | None:
     with open(config) as f:
-        return json.load(f)["WALG_COMPRESSION_METHOD"]
+        return json.load(f).get(name)
+
+
+def source_method(config: str) -> str:
+    return _configured(config, "WALG_COMPRESSION_METHOD")
 
 
 def _restore(root: str, name: str, config: str, source: Cluster, ts_oid: str, **recovery) -> Cluster:
@@ -56,7 +60,10 @@ def _restore(root: str, name: str, config: str, source: Cluster, ts_oid: str, **
                          ts_oid: {"loc": ts_new, "link": f"pg_tblspc/{ts_oid}"}})
     # the restore reads every method whatever is configured: configure another one
     other = {"WALG_COMPRESSION_METHOD": "zstd" if source_method(config) != "zstd" else "lz4"}
-    walrus(["backup-fetch", data, "LATEST", "--restore-spec", spec], config=config, env=other)
+    fetched = json.loads(walrus(["backup-fetch", data, "LATEST", "--restore-spec", spec, "--json"], config=config,
+                                env=other).stdout)
+    io_method = os.environ.get("WALRUS_IO_METHOD") or _configured(config, "WALRUS_IO_METHOD") or "auto"
+    assert fetched["writer"] == {"preadv": "pwrite"}.get(expected_reader(io_method), "io_uring"), fetched
     assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
     assert os.readlink(os.path.join(data, "pg_tblspc", ts_oid)) == ts_new
     assert os.path.exists(os.path.join(data, "backup_label"))

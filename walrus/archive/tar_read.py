@@ -344,6 +344,7 @@ class FileSink(Protocol):
     the caller's: backup-fetch syncs each restored filesystem once at the end.
     """
 
+    name: str  # what backup-fetch reports it wrote with
     direct_threshold: int  # payloads this large are opened with O_DIRECT (0: never)
 
     def write(self, fd: int, data: MemberData, size: int, direct: bool) -> None: ...
@@ -356,6 +357,7 @@ class FileSink(Protocol):
 class PlainSink:
     """os.write through one reused buffer: memory does not grow with file size."""
 
+    name = "pwrite"
     direct_threshold = 0
 
     def __init__(self, buffer_size: int = 1 << 20):

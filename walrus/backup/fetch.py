@@ -44,10 +44,12 @@ class BackupFetchResult:
     files: int
     bytes: int
     seconds: float
+    writer: str  # "io_uring", or "pwrite" where io_uring is refused or not chosen
 
     def as_json(self) -> dict[str, Any]:
         return {"backup_name": self.name, "directory": self.directory, "parts": self.parts,
-                "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 3)}
+                "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 3),
+                "writer": self.writer}
 
 
 @dataclass
@@ -107,7 +109,8 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
     root_mode = extraction.totals.root_mode
     os.chmod(directory, root_mode if root_mode in (0o700, 0o750) else 0o700)
     return BackupFetchResult(name=name, directory=directory, parts=parts.count, files=extraction.totals.files,
-                             bytes=extraction.totals.bytes, seconds=time.monotonic() - began)
+                             bytes=extraction.totals.bytes, seconds=time.monotonic() - began,
+                             writer=extraction.writer)
 
 
 class _Extraction:
@@ -126,6 +129,7 @@ class _Extraction:
         self.relocated = relocated  # --restore-spec: tablespace links were made from it, not from tablespace_map
         self.allowed_links: frozenset[str] = frozenset()
         self.totals = ExtractStats()
+        self.writer = ""  # the sinks' kind, once one is open
         concurrency = settings.download_concurrency
         # each extraction thread owns a sink; together they keep to the memory budget
         self._sink_buffers = max(2, settings.memory_budget // settings.buffer_size // concurrency)
@@ -150,6 +154,7 @@ class _Extraction:
             source = codec.open_reader(ext, decrypting(raw, settings.crypter, info.key), name=info.key)
             with contextlib.closing(open_sink(settings.io_method, direct_threshold=self._direct_min,
                                               buffer_size=settings.buffer_size, buffers=self._sink_buffers)) as sink:
+                self.writer = sink.name
                 try:
                     return extract_tar(source, dest, name=info.key, wanted=self.wanted,
                                        allowed_links=self.allowed_links if dest == self.directory else frozenset(),
