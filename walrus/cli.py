@@ -8,13 +8,14 @@ import sys
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable
 
 import click
 
-from walrus import __version__
+from walrus import __version__, interrupts
 from walrus.config import Settings, load_settings, settings_help
-from walrus.errors import EXIT_FAILURE, WalrusError
+from walrus.errors import EXIT_FAILURE, Stopped, WalrusError
 from walrus.log import log, setup_logging
 from walrus.runtime import tune_process
 
@@ -55,20 +56,38 @@ def _run(ctx: click.Context, engine: Callable[[Settings, Any], Awaitable[Any]],
     storage = open_storage(settings)
 
     async def main():
-        # SIGTERM cancels the work like Ctrl-C does, so uploads in progress are aborted cleanly
-        # (no multipart upload left behind, no temporary file under a final key).
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
-        try:
-            return await engine(settings, storage)
-        finally:
-            await storage.close()
+        asyncio.get_running_loop().set_default_executor(_BoundedExecutor(thread_name_prefix="walrus-io"))
+        # SIGTERM and SIGINT cancel the work, so uploads in progress are aborted cleanly (no multipart
+        # upload left behind, no temporary file under a final key); once it is done they change nothing
+        with interrupts.cancelling(asyncio.current_task()):
+            try:
+                result = await engine(settings, storage)
+                interrupts.finished()
+            finally:
+                await storage.close()
+        return result
 
     try:
         return asyncio.run(main())
     except asyncio.CancelledError:
-        raise WalrusError("stopped by a signal before finishing",
-                          detail="what was in progress was abandoned; nothing partial is left in storage",
-                          hint="run the command again") from None
+        signum = interrupts.received or signal.SIGTERM
+        raise Stopped(signum, signal.Signals(signum).name) from None
+    finally:
+        interrupts.install()  # asyncio resets the handlers a daemon took when its loop closes
+        interrupts.release()  # before anything starts a child, which would inherit a held signal
+
+
+class _BoundedExecutor(ThreadPoolExecutor):
+    """The loop's default executor (asyncio.to_thread: file writes, fsyncs, libpq calls), whose
+    shutdown at the end of asyncio.run waits EXIT_GRACE for its threads instead of forever: a
+    thread stuck in a system call (a hung mount) must not keep a failed command from ending."""
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=cancel_futures)
+        if wait:
+            deadline = time.monotonic() + EXIT_GRACE
+            for thread in list(self._threads):
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _emit(result: Any, as_json: bool, text: str | None) -> None:
@@ -201,8 +220,10 @@ def daemon_client_cmd(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure ends here, printed PostgreSQL-style, mapped to its exit code."""
-    tune_process()
+    signum = None  # a signal stopped the command: the process ends by it, once all is said
     try:
+        interrupts.hold()  # until _run's engine task can be cancelled by them
+        tune_process()
         rc = cli.main(args=argv, prog_name="walrus", standalone_mode=False)
         code = rc if isinstance(rc, int) else 0
     except click.exceptions.Exit as e:
@@ -210,12 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         code = e.exit_code if e.exit_code != 1 else 2
+    except Stopped as e:
+        print(e.render(), file=sys.stderr)
+        code, signum = e.exit_code, e.signum
     except WalrusError as e:
         print(e.render(), file=sys.stderr)
         code = e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):  # click turns a Ctrl-C inside a command into Abort
-        print("ERROR: interrupted\nDETAIL: what was in progress was abandoned; nothing partial is left in storage",
-              file=sys.stderr)
+    except (KeyboardInterrupt, click.exceptions.Abort):  # only before interrupts.hold()
+        print("ERROR: interrupted", file=sys.stderr)
         code = 130
     except OSError as e:
         print(f"ERROR: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
@@ -228,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print("HINT: set WALG_LOG_LEVEL=DEVEL for a traceback and report it", file=sys.stderr)
         code = EXIT_FAILURE
-    _exit(code)
+    _exit(code, signum or interrupts.pending_stop())
 
 
 # Seconds the process waits at exit for worker threads still running. A thread stops at its next
@@ -237,14 +260,21 @@ def main(argv: list[str] | None = None) -> None:
 EXIT_GRACE = 5.0
 
 
-def _exit(code: int) -> None:
+def _exit(code: int, signum: int | None = None) -> None:
+    interrupts.finished()  # exiting already: a signal now would only interrupt the exit itself
     lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     deadline = time.monotonic() + EXIT_GRACE
     for thread in lingering:
         thread.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() for t in lingering):
+    stuck = any(t.is_alive() for t in lingering)
+    if stuck:
         log.warning("a worker thread did not stop; exiting without it")
+    if signum is not None or stuck:
         sys.stdout.flush()
         sys.stderr.flush()
+    if signum is not None:
+        interrupts.die_by(signum)
+    interrupts.ignore_while_exiting()
+    if stuck:
         os._exit(code)
     sys.exit(code)

@@ -7,6 +7,18 @@ import sys
 
 
 def main() -> None:
+    try:
+        _main()
+    except KeyboardInterrupt:  # SIGINT before walrus took the signals (interrupts.hold)
+        import signal
+
+        from walrus import interrupts
+
+        print("ERROR: stopped by SIGINT before any work began", file=sys.stderr)
+        interrupts.die_by(signal.SIGINT)
+
+
+def _main() -> None:
     if os.path.basename(sys.argv[0]) == "walg-daemon-client":  # multicall name
         from walrus.daemon.client import run
 
@@ -15,7 +27,11 @@ def main() -> None:
         from walrus.daemon.client import run
 
         sys.exit(run(sys.argv[2:]))
+    from walrus import interrupts
+
+    interrupts.hold()  # a signal waits until the work can be cancelled cleanly (walrus.cli._run)
     if _prefetched_fetch(sys.argv[1:]):
+        interrupts.ignore_while_exiting()  # done: a signal held meanwhile changes nothing
         sys.exit(0)
     from walrus.cli import main as cli_main
 
@@ -35,6 +51,7 @@ def _prefetched_fetch(argv: list[str]) -> bool:
         config_path, argv = argv[0][len("--config="):], argv[1:]
     if len(argv) != 3 or argv[0] != "wal-fetch" or argv[1].startswith("-") or argv[2].startswith("-"):
         return False
+    from walrus import interrupts
     from walrus.config import load_settings
     from walrus.errors import WalrusError
     from walrus.wal.fetch import prefetch_after, take_prefetched
@@ -42,8 +59,9 @@ def _prefetched_fetch(argv: list[str]) -> bool:
     warnings: list[str] = []
     try:
         settings = load_settings(config_path=config_path, warn=warnings.append)
-        if take_prefetched(settings, argv[1], argv[2]) is None:
+        if take_prefetched(settings, argv[1], argv[2]) is None:  # signals are held (main): one step
             return False
+        interrupts.finished()
     except (WalrusError, OSError):
         return False
     from walrus.log import log, setup_logging

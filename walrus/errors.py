@@ -73,5 +73,15 @@ class BackupError(WalrusError):
     """backup-push or backup-fetch cannot proceed (PostgreSQL refused, target not empty, ...)."""
 
 
+class Stopped(WalrusError):
+    """SIGTERM or SIGINT stopped the command; what was in progress was abandoned and cleaned up."""
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(f"stopped by {name} before finishing",
+                         detail="what was in progress was abandoned; nothing partial is left in storage",
+                         hint="run the command again")
+        self.signum = signum
+
+
 class WalOverwriteError(WalrusError):
     """wal-push found different bytes already archived under the same name."""

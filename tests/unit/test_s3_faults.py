@@ -155,6 +155,21 @@ def test_a_lost_create_response_leaves_no_upload_behind(moto_server, s3_bucket, 
     assert moto_server.pending_uploads(s3_bucket) == []
 
 
+def test_a_lost_create_then_exhausted_retries_leave_no_upload_behind(moto_server, s3_bucket, fault_proxy, tmp_path):
+    """The first CreateMultipartUpload succeeded unseen and every later try failed: the upload fails,
+    and the one the lost try created is still found and aborted."""
+    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="1")
+    is_create = lambda r: r.method == "POST" and r.path.endswith("?uploads")  # noqa: E731
+    fault_proxy.fail("lose", 1, is_create)
+    fault_proxy.fail("503", 1, is_create)
+    with pytest.raises(StorageError) as caught:
+        run(storage, storage.put("obj", chunks(os.urandom(3 * PART))))
+    assert "after 2 attempts" in caught.value.message
+    assert [a for a, _ in fault_proxy.applied] == ["lose", "503"]
+    assert moto_server.pending_uploads(s3_bucket) == []
+    assert moto_server.keys(s3_bucket) == []
+
+
 def test_a_stalled_request_is_abandoned_and_retried(moto_server, s3_bucket, fault_proxy, tmp_path):
     storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_TIMEOUT="1")
     fault_proxy.fail("stall", 1, is_part)

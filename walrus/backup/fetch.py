@@ -212,6 +212,12 @@ async def _list_parts(storage: Storage, name: str, files_metadata: FilesMetadata
     if not found:
         raise CorruptArchive(f"backup {name} has no tar parts", hint="the backup is damaged; fetch another one")
     data = [p for p in found if not layout.LAST_PARTS_RE.search(p.name)]
+    unnamed = sorted(p.name for p in data if named and p.name not in named)
+    if unnamed:  # its files would be skipped as not in the backup: a restore short of them, silently
+        raise CorruptArchive(f"backup {name} has {len(unnamed)} stored parts its {layout.FILES_METADATA} does not name",
+                             detail="unnamed: " + ", ".join(unnamed[:MISSING_SHOWN]),
+                             hint=f"its {layout.FILES_METADATA} is damaged, or something else wrote into its folder; "
+                                  "restore another backup (backup-list shows them)")
     label = [p for p in found if p.name.startswith(layout.BACKUP_LABEL_TAR)]
     control = [p for p in found if p.name.startswith(layout.PG_CONTROL_TAR)]
     if not control:

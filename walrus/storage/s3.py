@@ -592,22 +592,32 @@ class S3Storage(Storage):
             with self._errors(what):
                 return await s3.create_multipart_upload(Bucket=self.config.bucket, Key=full, **self._object_args())
 
-        upload_id = (await self.policy.run(what, attempt))["UploadId"]
+        try:
+            upload_id = (await self.policy.run(what, attempt))["UploadId"]
+        except BaseException as e:
+            # a try whose answer never came (lost, or cancelled while S3 worked on it) may have
+            # created an upload: find and abort it, even while being cancelled
+            if tries > 1 or isinstance(e, asyncio.CancelledError):
+                await asyncio.shield(self._abort_lost_creates(full, None))
+            raise
         if tries > 1:
             await self._abort_lost_creates(full, upload_id)
         return _Multipart(self, full, upload_id)
 
-    async def _abort_lost_creates(self, full: str, keep: str) -> None:
+    async def _abort_lost_creates(self, full: str, keep: str | None) -> None:
         """A retried CreateMultipartUpload whose earlier try succeeded unseen (the answer was lost) left an
-        upload nobody will complete; abort every upload of this key but ours. One key has one writer
-        (a backup's part, a WAL file), so they are ours. Best effort: a lifecycle rule covers the rest."""
+        upload nobody will complete; abort every upload of this key but `keep` (ours). A key has one
+        writer but for two pushes of one WAL name racing, and an upload of theirs aborted here only
+        makes their push fail (and be retried): it never loses data. Best effort, ABORT_ATTEMPTS
+        tries a request: a lifecycle rule (AbortIncompleteMultipartUpload) covers the rest."""
+        policy = replace(self.policy, attempts=ABORT_ATTEMPTS)
         try:
             page = await self._call(f"listing of the uploads of {self._rel(full)}", "list_multipart_uploads",
-                                    Prefix=full)
+                                    policy=policy, Prefix=full)
             for upload in page.get("Uploads") or ():
                 if upload.get("Key") == full and upload.get("UploadId") != keep:
                     await self._call(f"upload of {self._rel(full)} (abort of a lost try)", "abort_multipart_upload",
-                                     Key=full, UploadId=upload["UploadId"])
+                                     policy=policy, Key=full, UploadId=upload["UploadId"])
         except Exception as e:
             log.warning(f"could not abort the lost multipart uploads of {self._rel(full)}: {describe(e)}")
 

@@ -287,17 +287,14 @@ async def consume_in_thread(stream: AsyncIterator[bytes], work: Callable[[SyncRe
             if not done.cancelled():
                 done.exception()  # retrieved: a cancelled caller's thread may also have failed
         else:
-            done.add_done_callback(_retrieve)
+            # abandoned: cancelled, this future never takes the thread's outcome, which might
+            # otherwise arrive once the loop is closing and be logged as never retrieved
+            done.cancel()
         pending = reader.pending
         if pending is not None and not pending.done():  # a refill the loop is still running
             await asyncio.wait({asyncio.wrap_future(pending)}, timeout=STOP_GRACE)
         with contextlib.suppress(RuntimeError):  # still being read after all: left to the loop's end
             await stream.aclose()
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 async def gather_all(coros) -> list:
