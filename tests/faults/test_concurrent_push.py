@@ -7,9 +7,8 @@ import threading
 import pytest
 
 from tests.faults import harness
-from tests.faults.s3atomic import AtomicConditionalProxy
 from tests.faults.figures import REGISTRY, Outcome, rng, scenario, trials
-from tests.s3server import s3_settings
+from tests.s3server import FaultProxy, s3_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -103,18 +102,15 @@ def test_racing_pushes_on_file_storage(workdir):
     store = harness.mkdir(os.path.join(workdir, "store"))
 
     def read(name: str) -> bytes | None:
-        try:
-            with open(os.path.join(store, "wal_005", name + ".lz4"), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        return harness.read_or_none(os.path.join(store, "wal_005", name + ".lz4"))
 
     race_scenario("race, file storage", workdir, {"WALG_FILE_PREFIX": store}, 8 << 20, read, RACES, SAME)
 
 
 def test_racing_pushes_on_s3(workdir, moto_server, s3_bucket):
-    """Through a proxy that makes moto's conditional writes atomic, as S3's are (see s3atomic.py)."""
-    proxy = AtomicConditionalProxy(moto_server.port)
+    """Through the fault proxy, which makes moto's conditional writes atomic, as S3's are (see
+    tests/s3server.py CONDITIONAL_MODES)."""
+    proxy = FaultProxy(moto_server.port)
     env = s3_settings(proxy.endpoint, s3_bucket)
 
     def read(name: str) -> bytes | None:
@@ -126,6 +122,6 @@ def test_racing_pushes_on_s3(workdir, moto_server, s3_bucket):
     try:
         # four 256 KiB parts: the Complete is the publish
         race_scenario("race, S3", workdir, env, 1 << 20, read, S3_RACES, S3_SAME)
-        REGISTRY["race, S3"].note("conditional writes serialized", proxy.serialized, add=False)
+        REGISTRY["race, S3"].note("conditional writes serialized", proxy.serialised, add=False)
     finally:
         proxy.stop()
