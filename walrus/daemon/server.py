@@ -97,14 +97,16 @@ class Daemon:
             self._pusher.close()
 
     async def _serve(self) -> None:
+        # a graceful stop from the moment the socket accepts a connection (before, a signal cancels
+        # the start-up like any command's work)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
         old_umask = os.umask(0o117)  # the socket is rw for the owner and its group only
         try:
             server = await asyncio.start_unix_server(self._connection, path=self.socket_path)
         finally:
             os.umask(old_umask)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopping.set)
         watchdog = asyncio.create_task(self._watchdog())
         log.info(f"walrus daemon listening on {self.socket_path} for {self.pgdata} ({self.storage.describe()})")
         sd_notify("READY=1")
