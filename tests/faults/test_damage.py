@@ -145,6 +145,8 @@ def test_damaged_backup_objects(pg_env, workdir):
                                          f"broken restore: {why}")
             detected = fetched.rc not in (0, None)  # refused to restore (clearly or not)
             s.tally(f"{kind} detected", detected)
+            if not detected:  # harmless only if the tree is the reference (checked above); say which
+                s.note(f"not detected: {label} of {os.path.basename(rel)}")
             harness.remove(store)
             harness.remove(target)
             return f"{kind} {label}", outcome
