@@ -117,7 +117,8 @@ _PACKAGE_FRAME = re.compile(r'File "[^"]*/walrus/[^"]*\.py"')
 def before_walrus(stderr: str) -> bool:
     """Output of an interpreter stopped while still starting, before any of walrus's code ran:
     nothing, or Python's own KeyboardInterrupt traceback through no file of the walrus package
-    (CPython reports a SIGINT during its own start-up as "Fatal Python error: init_import_site")."""
+    (CPython reports a SIGINT during its own start-up as "Fatal Python error: init_...", naming the
+    start-up step it stopped: init_import_site, init_sys_streams)."""
     if not stderr.strip():
         return True
     return stderr.rstrip().endswith("KeyboardInterrupt") and not _PACKAGE_FRAME.search(stderr)
@@ -142,7 +143,7 @@ def judge_exit(result: Result, outcome: Outcome, *, sig: int | None = None) -> b
     if sig == signal.SIGKILL and result.signalled is not None:
         return False  # killed: nothing to say
     why = unclean_reason(result.stderr)
-    if sig == signal.SIGINT and result.rc == 1 and "Fatal Python error: init_import_site" in result.stderr \
+    if sig == signal.SIGINT and result.rc == 1 and "Fatal Python error: init_" in result.stderr \
             and before_walrus(result.stderr):
         why = None  # see before_walrus
     elif result.rc is not None and result.rc < 0:
