@@ -197,6 +197,58 @@ def backup_list_cmd(ctx, detail: bool, as_json: bool) -> None:
         click.echo(render_table(backups, detail))
 
 
+@cli.command("delete", context_settings={**CONTEXT, "ignore_unknown_options": False})
+@click.argument("args", nargs=-1, metavar="MODE [ARGS]...")
+@click.option("--confirm", is_flag=True, help="Delete; without it the command only shows what it would delete.")
+@click.option("--use-sentinel-time", is_flag=True,
+              help="Order backups by their start time (metadata.json), not by the sentinels' modification time.")
+@click.option("-a", "--after", metavar="TIME|NAME", help="retain: also keep every backup since this time or backup.")
+@click.option("--target-user-data", metavar="JSON", help="target: the backup whose user data is this JSON.")
+@click.option("--grace", metavar="DURATION", default="24h", show_default=True,
+              help="Leftovers (backup folders without a sentinel, abandoned uploads) younger than this are left alone.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan (or what was deleted) as JSON.")
+@click.pass_context
+def delete_cmd(ctx, args: tuple[str, ...], confirm: bool, use_sentinel_time: bool, after: str | None,
+               target_user_data: str | None, grace: str, as_json: bool) -> None:
+    """Retention, WAL-G's way; a dry run unless --confirm.
+
+    \b
+    MODE is one of:
+      retain [FULL|FIND_FULL] N [--after TIME|NAME]   keep the N newest backups (FULL: full ones)
+      before [FIND_FULL] TIME|NAME                    delete the backups older than it
+      everything [FORCE]                              every backup and all WAL (FORCE: permanent ones too)
+      target [FIND_FULL] NAME | --target-user-data J  one backup and the deltas built on it
+      garbage [ARCHIVES|BACKUPS]                      WAL older than every backup, leftovers of crashes
+
+    WAL older than the oldest backup kept goes with the backups. Permanent backups (backup-mark)
+    and the newest backup are never deleted by retain or before; TIME is RFC 3339 with a zone."""
+    from walrus.backup.delete import delete, parse_user_data
+    from walrus.backup.retention import parse_request
+    from walrus.config import parse_duration
+
+    try:
+        grace_seconds = parse_duration(grace)
+    except ValueError as e:
+        raise WalrusError(f"--grace {grace!r} is not a duration", detail=str(e)) from None
+    request = parse_request(args, after=after, user_data=parse_user_data(target_user_data),
+                            use_sentinel_time=use_sentinel_time)
+    result = _run(ctx, lambda s, st: delete(s, st, request, confirm=confirm, grace=grace_seconds))
+    _emit(result, as_json, result.render())
+
+
+@cli.command("backup-mark", context_settings=CONTEXT)
+@click.argument("name")
+@click.option("-i", "--impermanent", is_flag=True, help="Make the backup impermanent again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def backup_mark_cmd(ctx, name: str, impermanent: bool, as_json: bool) -> None:
+    """Mark backup NAME permanent, so that retention never deletes it (a delta: with its chain)."""
+    from walrus.backup.mark import backup_mark
+
+    result = _run(ctx, lambda s, st: backup_mark(s, st, name, permanent=not impermanent))
+    _emit(result, as_json, None)
+
+
 @cli.command("daemon", context_settings=CONTEXT)
 @click.argument("socket_path", metavar="SOCKET")
 @click.pass_context

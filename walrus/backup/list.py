@@ -1,13 +1,16 @@
-"""backup-list and backup selection (LATEST by sentinel LastModified, as WAL-G picks it)."""
+"""backup-list, backup selection (LATEST by sentinel LastModified, as WAL-G picks it), and the backups retention plans over."""
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
 
 from walrus.backup import layout
-from walrus.backup.dto import ExtendedMetadata, format_go_time
-from walrus.errors import BackupError, ObjectNotFound
+from walrus.backup.dto import ExtendedMetadata, Sentinel, format_go_time
+from walrus.backup.retention import Backup, RetentionError, segment_range, wal_token
+from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
+from walrus.log import log
 from walrus.pg.xlog import BACKUP_NAME_RE, first_wal_name_in, format_lsn
 from walrus.storage.base import ObjectInfo, Storage
 
@@ -63,6 +66,57 @@ async def resolve_backup(storage: Storage, name: str) -> str:
         raise BackupError(f"backup {name} not found", detail=f"no {name}{layout.SENTINEL_SUFFIX}",
                           hint="backup-list shows the backups in this storage")
     return name
+
+
+LOADS_AT_ONCE = 16  # sentinels and metadata.json read concurrently
+
+
+async def load_backups(storage: Storage, segment_size: int, use_sentinel_time: bool = False) -> list[Backup]:
+    """Every complete backup, with what the planner needs from its sentinel and metadata.json.
+
+    Permanence is metadata.json's is_permanent (WAL-G's source of truth, which backup-mark
+    rewrites); the sentinel's IsPermanent stands in only where metadata.json is missing."""
+    listed = await list_backups(storage)
+    gate = asyncio.Semaphore(LOADS_AT_ONCE)
+
+    async def one(info) -> tuple[Backup, datetime | None]:
+        async with gate:
+            try:
+                sentinel = Sentinel.from_json(await storage.get_bytes(layout.sentinel_key(info.name)),
+                                              source=f"sentinel of {info.name}")
+            except ObjectNotFound:
+                return None  # deleted meanwhile (another delete): not a backup any more
+            except CorruptArchive as e:
+                raise RetentionError(f"backup {info.name} cannot be planned for: its sentinel is unreadable",
+                                     detail=e.detail or e.message,
+                                     hint=f"delete target {info.name} --confirm removes it, or move "
+                                          f"{layout.sentinel_key(info.name)} aside") from None
+            try:
+                meta = ExtendedMetadata.from_json(await storage.get_bytes(layout.backup_key(info.name, layout.METADATA)),
+                                                  source=f"metadata.json of {info.name}")
+            except ObjectNotFound:
+                meta = None
+            except CorruptArchive:
+                log.warning(f"metadata.json of {info.name} is unreadable: its sentinel's permanence and times are used")
+                meta = None
+        timeline, segno = wal_token(info.name, segment_size) or (1, 0)
+        start_lsn = meta.start_lsn if meta else sentinel.start_lsn
+        finish_lsn = meta.finish_lsn if meta else sentinel.finish_lsn
+        finish = segment_range(start_lsn or 0, finish_lsn, segment_size)[1] if finish_lsn else None
+        start_time = meta.start_time if meta and meta.start_time.year > 1 else sentinel.start_time
+        return Backup(
+            name=info.name, time=info.modified, timeline=timeline, start_segno=segno, finish_segno=finish,
+            permanent=meta.is_permanent if meta else sentinel.is_permanent,
+            delta_from=sentinel.delta_from, delta_full=sentinel.delta_full_name,
+            user_data=meta.user_data if meta and meta.user_data is not None else sentinel.user_data,
+        ), start_time
+
+    loaded = [r for r in await asyncio.gather(*(one(b) for b in listed)) if r is not None]
+    if use_sentinel_time:
+        if all(start is not None for _, start in loaded):
+            return [Backup(**{**b.__dict__, "time": start}) for b, start in loaded]
+        log.warning("--use-sentinel-time: some backups have no start time; ordering by the sentinels' modification time")
+    return [b for b, _ in loaded]
 
 
 def render_table(backups: list[BackupInfo], detail: bool) -> str:

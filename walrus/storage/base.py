@@ -20,6 +20,16 @@ class ObjectInfo:
         return self.key.rsplit("/", 1)[-1]
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An upload a writer began and never finished (optional capability `abandoned_uploads`): a
+    temporary file in file storage, an S3 multipart upload never completed or aborted."""
+
+    key: str  # the key it would have been published under (file storage: the temporary file's key)
+    started: datetime
+    upload_id: str | None = None  # S3's UploadId
+
+
 def join_key(*parts: str) -> str:
     """WAL-G's storage.JoinPath: pieces trimmed of slashes and joined with single '/'."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))

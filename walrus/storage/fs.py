@@ -13,7 +13,7 @@ from typing import AsyncIterable, AsyncIterator, Iterable
 
 from walrus.errors import ObjectExists, ObjectNotFound, StorageError, StorageMissing
 from walrus.fsutil import discard, fsync_dir, rename_noreplace, start_writeback, writev_all
-from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
 TMP_RE = re.compile(r"\.tmp\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -89,11 +89,16 @@ class FsStorage(Storage):
         path = self._path(key)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         tmp = f"{path}.tmp.{stamp}-{secrets.token_hex(4)}"
-        try:
-            await asyncio.to_thread(_makedirs, os.path.dirname(path))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-        except OSError as e:
-            raise self._fail("create", key, e) from None
+        for attempt in range(3):  # a delete may remove the emptied folder between the two calls
+            try:
+                await asyncio.to_thread(_makedirs, os.path.dirname(path))
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                break
+            except FileNotFoundError as e:
+                if attempt == 2:
+                    raise self._fail("create", key, e) from None
+            except OSError as e:
+                raise self._fail("create", key, e) from None
         total = flushed = 0
         batch: list = []  # chunks not yet written: one thread hop per WRITE_BATCH, not per chunk
         batched = 0
@@ -170,21 +175,50 @@ class FsStorage(Storage):
         return ObjectInfo(join_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
     async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+        """Streams in directory order, LIST_BATCH entries per thread hop: a folder of a million WAL
+        objects is listed in constant memory."""
         folder = join_key(folder)
         base = os.path.join(self.root, folder) if folder else self.root
-        try:
-            found = await asyncio.to_thread(_scan, base, recursive)
-        except FileNotFoundError:  # the folder: empty if the root is there
-            absent = self._absent(folder)
-            if not isinstance(absent, ObjectNotFound):
-                raise absent from None
-            found = []
-        except OSError as e:
-            raise self._absent_or(self._fail("list", folder, e)) from None
-        for rel, size, mtime in found:
-            yield ObjectInfo(join_key(folder, rel), size, datetime.fromtimestamp(mtime, timezone.utc))
+        pending = [(base, folder)]  # folders still to list (recursive); a stack, so memory is the tree's depth
+        while pending:
+            path, key = pending.pop()
+            try:
+                entries = await asyncio.to_thread(os.scandir, path)
+            except FileNotFoundError:
+                if path != base:
+                    continue  # a sub-folder removed meanwhile (a delete emptied it)
+                absent = self._absent(folder)
+                if not isinstance(absent, ObjectNotFound):
+                    raise absent from None
+                return  # the folder: empty if the root is there
+            except OSError as e:
+                raise self._absent_or(self._fail("list", folder, e)) from None
+            try:
+                while batch := await asyncio.to_thread(_next_entries, entries, recursive):
+                    for name, size, mtime in batch:
+                        if size < 0:
+                            pending.append((os.path.join(path, name), join_key(key, name)))
+                        else:
+                            yield ObjectInfo(join_key(key, name), size, datetime.fromtimestamp(mtime, timezone.utc))
+            except OSError as e:
+                raise self._absent_or(self._fail("list", folder, e)) from None
+            finally:
+                entries.close()
+
+    async def abandoned_uploads(self, folder: str, started_before: datetime) -> list[Upload]:
+        """Optional capability: temporary files a killed writer left under folder (WAL-G's temporary
+        names, which list() hides), last written before started_before; a writer still running
+        keeps writing its file, so it is never among them when started_before leaves a margin."""
+        base = os.path.join(self.root, join_key(folder)) if join_key(folder) else self.root
+        found = await asyncio.to_thread(_temporaries, base, join_key(folder), started_before.timestamp())
+        return [Upload(key, datetime.fromtimestamp(mtime, timezone.utc)) for key, mtime in found]
+
+    async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
+        """Optional capability: remove what abandoned_uploads found."""
+        await self.delete([u.key for u in uploads])
 
     async def delete(self, keys: Iterable[str]) -> None:
+        """Unlink each key, then remove the folders that emptied (never the root), deepest first."""
         dirs = set()
         for key in keys:
             path = self._path(key)
@@ -195,28 +229,64 @@ class FsStorage(Storage):
                 pass
             except OSError as e:
                 raise self._fail("delete", key, e) from None
-        for d in dirs:
-            await asyncio.to_thread(fsync_dir, d)
+        await asyncio.to_thread(self._prune, dirs)
+
+    def _prune(self, dirs: set[str]) -> None:
+        synced = set()
+        for d in sorted(dirs, key=len, reverse=True):
+            while d != self.root and d.startswith(self.root + os.sep):
+                try:
+                    os.rmdir(d)  # only succeeds on an empty folder: a concurrent put's folder stays
+                except OSError:
+                    break
+                d = os.path.dirname(d)
+            if d not in synced and os.path.isdir(d):
+                fsync_dir(d)
+                synced.add(d)
 
 
-def _scan(base: str, recursive: bool) -> list[tuple[str, int, float]]:
-    """Files under base (FileNotFoundError if base is absent); sub-folders removed meanwhile are skipped."""
-    out: list[tuple[str, int, float]] = []
+LIST_BATCH = 1000
 
-    def walk(d: str, prefix: str) -> None:
+
+def _temporaries(base: str, folder: str, before: float, limit: int = 100_000) -> list[tuple[str, float]]:
+    """(key, mtime) of the temporary files under base last written before `before` (at most limit),
+    one directory entry at a time: a folder of a million WAL objects costs no memory."""
+    out: list[tuple[str, float]] = []
+    pending = [(base, folder)]
+    while pending and len(out) < limit:
+        path, key = pending.pop()
         try:
-            entries = sorted(os.scandir(d), key=lambda e: e.name)
+            entries = os.scandir(path)
         except FileNotFoundError:
-            if d == base:
-                raise
-            return
-        for e in entries:
+            continue
+        with entries:
+            for e in entries:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        pending.append((e.path, join_key(key, e.name)))
+                    elif TMP_RE.search(e.name) and e.is_file(follow_symlinks=False):
+                        mtime = e.stat(follow_symlinks=False).st_mtime
+                        if mtime < before:
+                            out.append((join_key(key, e.name), mtime))
+                except FileNotFoundError:
+                    continue
+    return out[:limit]
+
+
+def _next_entries(entries, recursive: bool) -> list[tuple[str, int, float]]:
+    """The next LIST_BATCH files of an open scandir as (name, size, mtime), upload temporaries
+    excluded; folders (when recursive) as (name, -1, 0). Files removed meanwhile are skipped."""
+    out: list[tuple[str, int, float]] = []
+    for e in entries:
+        try:
             if e.is_dir(follow_symlinks=False):
                 if recursive:
-                    walk(e.path, prefix + e.name + "/")
+                    out.append((e.name, -1, 0.0))
             elif e.is_file(follow_symlinks=False) and not TMP_RE.search(e.name):
                 st = e.stat(follow_symlinks=False)
-                out.append((prefix + e.name, st.st_size, st.st_mtime))
-
-    walk(base, "")
+                out.append((e.name, st.st_size, st.st_mtime))
+        except FileNotFoundError:
+            continue
+        if len(out) >= LIST_BATCH:
+            break
     return out

@@ -113,7 +113,7 @@ def gave_up(what: str, last: BaseException, attempts: int) -> StorageError:
     return StorageError(f"{what} failed after {attempts} attempts", detail=describe(last), hint=hint)
 
 
-OPTIONAL_CAPABILITIES = frozenset({"keys_with_prefix"})
+OPTIONAL_CAPABILITIES = frozenset({"keys_with_prefix", "abandoned_uploads", "discard_uploads"})
 
 
 class RetryingStorage(Storage):

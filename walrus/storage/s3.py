@@ -19,7 +19,7 @@ import botocore.exceptions as bce
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
-from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
 from walrus.storage.retry import (Progress, RetryingStorage, RetryPolicy, TransientError, describe, gave_up,
                                   is_transient)
 from walrus.stream.stages import gather_all
@@ -620,6 +620,36 @@ class S3Storage(Storage):
                                      policy=policy, Key=full, UploadId=upload["UploadId"])
         except Exception as e:
             log.warning(f"could not abort the lost multipart uploads of {self._rel(full)}: {describe(e)}")
+
+    async def abandoned_uploads(self, folder: str, started_before: Any, limit: int = 100_000) -> list[Upload]:
+        """Optional capability: multipart uploads under folder begun before started_before and never
+        completed or aborted (a writer killed mid-upload leaves one; S3 bills its parts until a
+        lifecycle rule or this removes it). Every page of ListMultipartUploads, at most limit."""
+        base = join_key(self.config.root, folder)
+        params: dict[str, Any] = {"Prefix": base + "/" if base else ""}
+        out: list[Upload] = []
+        while len(out) < limit:
+            page = await self._call(f"listing of the multipart uploads under {join_key(folder) or '/'}",
+                                    "list_multipart_uploads", **params)
+            for upload in page.get("Uploads") or ():
+                if upload["Initiated"] < started_before:
+                    out.append(Upload(self._rel(upload["Key"]), upload["Initiated"], upload["UploadId"]))
+            if not page.get("IsTruncated"):
+                break
+            params["KeyMarker"] = page.get("NextKeyMarker")
+            params["UploadIdMarker"] = page.get("NextUploadIdMarker")
+        return out[:limit]
+
+    async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
+        """Optional capability: abort what abandoned_uploads found (an upload already gone is fine)."""
+        for upload in uploads:
+            try:
+                await self._call(f"abort of the multipart upload of {upload.key}", "abort_multipart_upload",
+                                 Key=self._key(upload.key), UploadId=upload.upload_id)
+            except StorageError as e:
+                if "NoSuchUpload" not in (e.detail or ""):
+                    raise
+                # completed or aborted meanwhile: gone is what was wanted
 
     async def delete(self, keys: Iterable[str]) -> None:
         batch: list[str] = []

@@ -1,0 +1,268 @@
+"""delete: retention (retain, before, everything, target, garbage), a dry run unless confirmed.
+
+Phases: load the complete backups, plan (walrus.backup.retention), then, confirmed, delete in the
+order that keeps every listed backup restorable if the command dies at any instant: sentinels
+first (a backup without one is no longer listed, nor restored), then the backups' folders, then
+the WAL below the cut, then garbage. A dry run walks the same listings and deletes nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from walrus.backup import layout
+from walrus.backup.dto import format_go_time
+from walrus.backup.list import load_backups
+from walrus.backup.retention import HISTORY_RE, Backup, Plan, Request, RetentionError, garbage_backup_folders, \
+    plan, wal_token
+from walrus.config import Settings
+from walrus.log import log
+from walrus.storage.base import Storage, Upload
+
+BATCH = 1000  # keys per delete request (S3's DeleteObjects limit)
+DEFAULT_GRACE = 24 * 3600.0
+
+
+@dataclass
+class WalSweep:
+    """The WAL a plan removes, counted while listing (a million objects cost no memory)."""
+
+    objects: int = 0
+    bytes: int = 0
+    timelines: dict[int, list] = field(default_factory=dict)  # timeline -> [count, first, last]
+    history: list[str] = field(default_factory=list)
+    other: int = 0  # objects with no WAL name: kept unless everything
+
+    def add(self, name: str, size: int, segment_size: int) -> None:
+        self.objects += 1
+        self.bytes += size
+        token = wal_token(name, segment_size)
+        if HISTORY_RE.match(name):
+            self.history.append(name)
+        elif token is None:
+            self.other += 1
+        else:
+            entry = self.timelines.setdefault(token[0], [0, name, name])
+            entry[0] += 1
+            entry[1] = min(entry[1], name)
+            entry[2] = max(entry[2], name)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"objects": self.objects, "bytes": self.bytes, "history": self.history,
+                "timelines": [{"timeline": tl, "objects": n, "first": first, "last": last}
+                              for tl, (n, first, last) in sorted(self.timelines.items())]}
+
+
+@dataclass
+class DeleteResult:
+    plan: Plan
+    confirmed: bool
+    segment_size: int
+    wal: WalSweep = field(default_factory=WalSweep)
+    folders: list[str] = field(default_factory=list)  # backup folders with no sentinel removed as garbage
+    in_progress: list[str] = field(default_factory=list)  # folders with no sentinel left alone: written recently
+    uploads: list[Upload] = field(default_factory=list)  # abandoned uploads removed
+    backup_objects: int = 0  # objects of deleted backups (sentinels, folders)
+
+    @property
+    def cut_name(self) -> str | None:
+        from walrus.pg.xlog import wal_file_name
+
+        if self.plan.wal_cut is None:
+            return None
+        kept = [b for b, _ in self.plan.keep]
+        timeline = min((b.timeline for b in kept), default=1)
+        return wal_file_name(timeline, self.plan.wal_cut, self.segment_size)
+
+    def as_json(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "command": "delete " + p.request.describe(),
+            "dry_run": not self.confirmed,
+            "delete": [_backup_json(b) for b in p.delete],
+            "backup_objects": self.backup_objects,
+            "keep": [{**_backup_json(b), "reason": why} for b, why in p.keep],
+            "wal": {"everything": p.wal_all, "below_segment": self.cut_name,
+                    "history_timelines_below": p.history_below,
+                    "permanent_ranges": [{"timeline": tl, "first": f, "last": last} for tl, f, last in p.protected],
+                    **self.wal.as_json()},
+            "garbage": {"backup_folders": self.folders, "in_progress_left_alone": self.in_progress,
+                        "abandoned_uploads": [{"key": u.key, "started": format_go_time(u.started)}
+                                              for u in self.uploads]},
+            "notes": p.notes,
+        }
+
+    def render(self) -> str:
+        p = self.plan
+        done = "deleted" if self.confirmed else "to delete"
+        lines = [f"delete {p.request.describe()}" + ("" if self.confirmed else ": dry run, nothing is deleted")]
+        lines += [f"note: {n}" for n in p.notes]
+        if p.request.mode != "garbage":
+            lines.append(f"backups {done}: {len(p.delete)} ({self.backup_objects} objects)")
+            lines += [f"  {b.name}  {_when(b)}" + ("  (permanent)" if b.permanent else "") for b in p.delete]
+        lines.append(f"backups kept: {len(p.keep)}")
+        lines += [f"  {b.name}  {_when(b)}  {why}" for b, why in p.keep]
+        if p.wal_all:
+            rule = "every object"
+        elif p.wal_cut is not None:
+            rule = f"segments before {self.cut_name} by segment number, on every timeline"
+            if p.history_below and p.history_below > 1:
+                rule += f", timeline history files below {p.history_below:08X}"
+        else:
+            rule = "none (delete target never deletes WAL)"
+        lines.append(f"WAL {done}: {self.wal.objects} objects, {_size(self.wal.bytes)} ({rule})")
+        for tl, (n, first, last) in sorted(self.wal.timelines.items()):
+            lines.append(f"  timeline {tl}: {n} objects, {first} .. {last}")
+        lines += [f"  {h}" for h in self.wal.history]
+        for tl, first, last in p.protected:
+            lines.append(f"  kept for a permanent backup: timeline {tl}, segments {first:X} .. {last:X}")
+        if self.folders or self.uploads:
+            lines.append(f"garbage {done}: {len(self.folders)} backup folders without a sentinel, "
+                         f"{len(self.uploads)} abandoned uploads")
+            lines += [f"  {layout.BASEBACKUPS}/{f}/" for f in self.folders]
+            lines += [f"  {u.key} (started {format_go_time(u.started)})" for u in self.uploads]
+        if self.in_progress:
+            lines.append("left alone, written to recently (a backup may be in progress): "
+                         + ", ".join(self.in_progress))
+        if not self.confirmed:
+            lines.append("run again with --confirm to delete")
+        return "\n".join(lines)
+
+
+def _backup_json(b: Backup) -> dict[str, Any]:
+    return {"backup_name": b.name, "time": format_go_time(b.time), "permanent": b.permanent,
+            "delta_from": b.delta_from}
+
+
+def _when(b: Backup) -> str:
+    return b.time.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+async def delete(settings: Settings, storage: Storage, request: Request, *, confirm: bool,
+                 grace: float = DEFAULT_GRACE) -> DeleteResult:
+    # init: what is in storage
+    backups = await load_backups(storage, settings.segment_size, request.use_sentinel_time)
+    # plan
+    result = DeleteResult(plan(request, backups, settings.segment_size), confirm, settings.segment_size)
+    quiet_since = datetime.now(timezone.utc) - timedelta(seconds=grace)
+    scope = request.modifier if request.mode == "garbage" else None
+    if request.mode != "target" and scope != "ARCHIVES":
+        await _find_orphan_folders(storage, result, backups, quiet_since)
+    if confirm:
+        log.info(f"deleting: {len(result.plan.delete)} backups" + (", WAL" if _touches_wal(request) else ""))
+    # delete: sentinels, folders, WAL, garbage (a dry run only counts)
+    await _delete_backups(storage, result, confirm)
+    if _touches_wal(request):
+        await _sweep_wal(storage, result, confirm)
+    if request.mode in ("garbage", "everything"):
+        await _abandoned_uploads(storage, result, scope, quiet_since, confirm)
+    return result
+
+
+def _touches_wal(request: Request) -> bool:
+    return request.mode != "target" and not (request.mode == "garbage" and request.modifier == "BACKUPS")
+
+
+async def _find_orphan_folders(storage: Storage, result: DeleteResult, backups: list[Backup],
+                               quiet_since: datetime) -> None:
+    """Backup folders with no sentinel: a crashed backup-push's, or a delete's that died after the
+    sentinels. Garbage once older than the reference backup and untouched for the grace period;
+    a folder written to recently may be a backup being taken right now, and is left alone."""
+    complete = {b.name for b in backups}
+    newest: dict[str, datetime] = {}
+    async for obj in storage.list(layout.BASEBACKUPS, recursive=True):
+        folder, sep, _ = obj.key[len(layout.BASEBACKUPS) + 1:].partition("/")
+        if sep and folder not in complete:
+            newest[folder] = max(newest.get(folder, obj.mtime), obj.mtime)
+    p = result.plan
+    if p.request.mode == "everything":
+        reference = []  # every folder goes, but for those written to recently
+        chosen = [f for f, t in newest.items() if t < quiet_since]
+    else:
+        if p.request.mode == "garbage":
+            reference = [b for b in backups]
+        else:
+            reference = [b for b, why in p.keep if why.startswith("target")]
+        chosen = garbage_backup_folders(newest.items(), reference, quiet_since, result.segment_size)
+    result.folders = sorted(chosen)
+    limit = max(reference, key=lambda b: (b.time, b.name)) if reference else None
+    result.in_progress = sorted(f for f, t in newest.items() if t >= quiet_since and f not in chosen
+                                and (limit is None or (wal_token(f, result.segment_size) or (0, 0))
+                                     < (limit.timeline, limit.start_segno)))
+
+
+async def _delete_backups(storage: Storage, result: DeleteResult, confirm: bool) -> None:
+    doomed = result.plan.delete
+    # sentinels first, dependants before their bases (newest first): from here on they are not listed
+    sentinels = [layout.sentinel_key(b.name) for b in sorted(doomed, key=lambda b: (b.time, b.name), reverse=True)]
+    result.backup_objects += len(sentinels)
+    if confirm:
+        for i in range(0, len(sentinels), BATCH):
+            await storage.delete(sentinels[i:i + BATCH])
+    for name in [b.name for b in doomed] + result.folders:
+        await _delete_folder(storage, result, layout.backup_key(name), confirm)
+
+
+async def _delete_folder(storage: Storage, result: DeleteResult, folder: str, confirm: bool) -> None:
+    batch: list[str] = []
+    async for obj in storage.list(folder, recursive=True):
+        result.backup_objects += 1
+        batch.append(obj.key)
+        if len(batch) >= BATCH:
+            if confirm:
+                await storage.delete(batch)
+            batch = []
+    if batch and confirm:
+        await storage.delete(batch)
+
+
+async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> None:
+    """WAL below the cut goes, streamed in batches: only names the plan judges, never a segment at
+    or after the cut, so a wal-push running meanwhile loses nothing."""
+    plan_, size, sweep = result.plan, result.segment_size, result.wal
+    batch: list[str] = []
+    async for obj in storage.list(layout.WAL, recursive=plan_.wal_all):
+        if not plan_.deletes_wal(obj.name, size):
+            continue
+        sweep.add(obj.name, obj.size, size)
+        if confirm:
+            batch.append(obj.key)
+            if len(batch) >= BATCH:
+                await storage.delete(batch)
+                batch = []
+    if batch:
+        await storage.delete(batch)
+
+
+async def _abandoned_uploads(storage: Storage, result: DeleteResult, scope: str | None,
+                             started_before: datetime, confirm: bool) -> None:
+    find = getattr(storage, "abandoned_uploads", None)
+    if find is None:
+        return  # the backend has no such thing
+    folders = {"ARCHIVES": [layout.WAL], "BACKUPS": [layout.BASEBACKUPS]}.get(scope or "", [""])
+    for folder in folders:
+        found = await find(folder, started_before)
+        result.uploads += found
+        if confirm and found:
+            await storage.discard_uploads(found)
+
+
+def parse_user_data(text: str | None) -> Any:
+    import json
+
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise RetentionError("--target-user-data is not valid JSON", detail=str(e)) from None
