@@ -19,6 +19,7 @@ from walrus.backup.retention import HISTORY_RE, Backup, Plan, Request, Retention
     plan, wal_token
 from walrus.config import Settings
 from walrus.log import log
+from walrus.pg.xlog import wal_file_name
 from walrus.storage.base import Storage, Upload
 
 BATCH = 1000  # keys per delete request (S3's DeleteObjects limit)
@@ -68,8 +69,6 @@ class DeleteResult:
 
     @property
     def cut_name(self) -> str | None:
-        from walrus.pg.xlog import wal_file_name
-
         if self.plan.wal_cut is None:
             return None
         kept = [b for b, _ in self.plan.keep]
@@ -110,15 +109,19 @@ class DeleteResult:
             rule = f"segments before {self.cut_name} by segment number, on every timeline"
             if p.history_below and p.history_below > 1:
                 rule += f", timeline history files below {p.history_below:08X}"
+        elif p.request.mode == "target":
+            rule = "none: delete target never deletes WAL"
         else:
-            rule = "none (delete target never deletes WAL)"
-        lines.append(f"WAL {done}: {self.wal.objects} objects, {_size(self.wal.bytes)} ({rule})")
+            rule = "none: no backup to measure it against"
+        lines.append(f"WAL {done}: {self.wal.objects} objects, {_size(self.wal.bytes)} ({rule})"
+                     if p.wal_all or p.wal_cut is not None else f"WAL {done}: {rule}")
         for tl, (n, first, last) in sorted(self.wal.timelines.items()):
             lines.append(f"  timeline {tl}: {n} objects, {first} .. {last}")
         lines += [f"  {h}" for h in self.wal.history]
         for tl, first, last in p.protected:
-            lines.append(f"  kept for a permanent backup: timeline {tl}, segments {first:X} .. {last:X}")
-        if self.folders or self.uploads:
+            lines.append(f"  kept for a permanent backup: {wal_file_name(tl, first, self.segment_size)} .. "
+                         f"{wal_file_name(tl, last, self.segment_size)}")
+        if self.folders or self.uploads or p.request.mode in ("garbage", "everything"):
             lines.append(f"garbage {done}: {len(self.folders)} backup folders without a sentinel, "
                          f"{len(self.uploads)} abandoned uploads")
             lines += [f"  {layout.BASEBACKUPS}/{f}/" for f in self.folders]

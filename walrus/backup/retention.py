@@ -223,7 +223,7 @@ def plan(request: Request, backups: Sequence[Backup], segment_size: int) -> Plan
         target = next((b for b in ordered if not b.permanent), None)
         result = Plan(request)
         if target is None:
-            result.notes.append("no backup that is not permanent: no WAL is garbage")
+            result.notes.append("no complete backup that is not permanent: no WAL is judged garbage")
             result.keep = [(b, "permanent") for b in ordered]
             return result
         return _plan_before_target(request, ordered, by_name, target, segment_size, deletes_backups=False)
@@ -325,6 +325,8 @@ def _plan_before_target(request: Request, ordered: list[Backup], by_name: dict[s
             result.keep.append((b, keep[b.name]))
         else:
             result.delete.append(b)
+    if deletes_backups and result.delete and result.delete[-1] is ordered[-1]:  # impossible by construction
+        raise RetentionError("refusing a plan that deletes the newest backup", hint="report this as a bug")
     kept = [b for b, _ in result.keep]
     regular = [b for b in kept if not b.permanent] or kept
     result.wal_cut = min(b.start_segno for b in regular)
