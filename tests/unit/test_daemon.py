@@ -150,11 +150,15 @@ def test_look_ahead_uploads_ready_segments(daemon):
     assert not [f for f in os.listdir(pgdata / "pg_wal" / "archive_status") if f.endswith(".done")]
 
 
-def wait_stored(store, names, timeout=20.0):
+def wait_stored(store, names, timeout=20.0, settle=1.0):
+    """Until the objects are in storage, and then `settle` seconds more: the daemon counts an upload
+    as stored only after its object appears (the folder's fsync, then the upload task's callback),
+    which on a loaded machine can lag the rename by a good part of a second."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not all((store / "wal_005" / f"{n}.lz4").exists() for n in names):
         time.sleep(0.02)
     assert all((store / "wal_005" / f"{n}.lz4").exists() for n in names)
+    time.sleep(settle)
 
 
 def test_pg_ready_rename_marks_stored_look_ahead_done_while_asked(tmp_path):
