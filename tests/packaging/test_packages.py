@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import grp
 import gzip
+import json
 import os
 import platform
 import pwd
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -25,6 +27,13 @@ DISTRO_PYTHON = "/usr/bin/python3"
 CONFIG = "/etc/walrus/walrus.yaml"
 WALRUS = "/usr/bin/walrus"
 ELFDEPS = "/usr/lib/rpm/elfdeps"
+BACKUP_UNIT = "/usr/lib/systemd/system/walrus-backup.service"
+RETAIN = "/usr/libexec/walrus/retain"
+# walrus-backup.service's retention step, after backup-push (ExecStartPost=)
+RETAIN_STEP = f"{RETAIN} {WALRUS} --config {CONFIG}"
+# [FULL|FIND_FULL] N is all WALRUS_RETAIN may be: these delete nothing, and fail the unit
+MALFORMED_RETAIN = ["full 7", "FULL", "FULL 0", "FULL 07", "FULL -1", "FULL 7 x", "FULL x7", "FULLL 7", "7 FULL",
+                    "FULL 7;rm -rf /", "FULL *", "* 7", "FULL --after 2020-01-01T00:00:00Z", "everything FORCE", "0"]
 
 
 def _python_version() -> str:
@@ -91,6 +100,7 @@ def test_deb_declares_its_dependencies_and_conffiles(packages):
                   "./usr/lib/systemd/system/walrus-daemon.service", "./usr/lib/systemd/system/walrus-backup.timer",
                   "./usr/share/man/man1/walrus.1.gz", "/site-packages/walrus/_uring/_liburing.abi3.so"):
         assert entry in listing, entry
+    assert re.search(rf"^-rwxr-xr-x root/root .* \.{RETAIN}$", listing, re.M), listing[-2000:]
     assert "./etc/systemd/" not in listing  # units ship disabled: no .wants symlinks
     assert "/bin/pip" not in listing
 
@@ -99,10 +109,11 @@ def test_rpm_declares_its_requirements_and_config(packages):
     rpm = _needs_rpm(packages)
     assert rpm.name == f"walrus-{__version__}-1.{platform.machine()}.rpm"
     files = _sh("rpm", "-qpl", str(rpm)).stdout.split()
-    for path in (WALRUS, "/opt/walrus/bin/walrus", CONFIG, "/usr/lib/systemd/system/walrus-backup.service",
+    for path in (WALRUS, "/opt/walrus/bin/walrus", CONFIG, BACKUP_UNIT, RETAIN, "/usr/libexec/walrus",
                  "/etc/logrotate.d/walrus", "/usr/share/man/man1/walrus.1.gz"):
         assert path in files, path
-    assert "/usr/bin" not in files and "/usr/lib/systemd/system" not in files  # the distribution's directories
+    # the distribution's directories
+    assert not {"/usr/bin", "/usr/lib/systemd/system", "/usr/libexec"} & set(files), files
     requires = _sh("rpm", "-qp", "--requires", str(rpm)).stdout.split("\n")
     assert "liburing.so.2()(64bit)" in requires and f"/usr/bin/python{_python_version()}" in requires, requires
     # the wheels' bundled libraries (auditwheel's libfoo-<hash>.so names) are the package's own
@@ -112,7 +123,118 @@ def test_rpm_declares_its_requirements_and_config(packages):
     attrs = {line.split()[-1]: line for line in _sh("rpm", "-qp", "--qf", query, str(rpm)).stdout.splitlines()}
     assert attrs[CONFIG].split()[:3] == ["cn", "-rw-r-----", "root:postgres"]
     assert attrs["/var/lib/walrus"].split()[:2] == ["drwxr-x---", "postgres:postgres"]
+    assert attrs[RETAIN].split() == ["-rwxr-xr-x", "root:root", RETAIN]  # no flags: not a config file
     assert "useradd" in _sh("rpm", "-qp", "--scripts", str(rpm)).stdout
+
+
+# -- walrus-backup.service's retention (WALRUS_RETAIN) -----------------------------------------
+
+def _unit_settings(text: str) -> dict[str, list[str]]:
+    """A unit file's KEY=value lines, comments and sections left out: each key's values in order."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def _fake_walrus(path: Path, *, status: int = 0) -> Path:
+    """A walrus that records its arguments, one a line, in ARGS beside it, and exits STATUS."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = path.parent / "ARGS"
+    path.write_text(f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {shlex.quote(str(record))}\nexit {status}\n")
+    path.chmod(0o755)
+    return record
+
+
+def _run_retain(script: Path, command: list[str], retain: str | None, shell: str | None = None
+                ) -> subprocess.CompletedProcess:
+    """The retention step as systemd starts it: the script, with the unit's walrus command, in a bare environment."""
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"}
+    if retain is not None:
+        env["WALRUS_RETAIN"] = retain
+    argv = [str(script), *command] if shell is None else [shell, str(script), *command]
+    return subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def deb_tree(packages, tmp_path_factory) -> Path:
+    """The .deb's files, unpacked without installing."""
+    tree = tmp_path_factory.mktemp("deb-tree")
+    _sh("dpkg-deb", "-x", str(packages["deb"]), str(tree))
+    return tree
+
+
+def test_backup_service_runs_the_retention_only_after_a_backup(deb_tree):
+    unit = _unit_settings((deb_tree / BACKUP_UNIT.lstrip("/")).read_text())
+    # a oneshot starts ExecStartPost= only once ExecStart= exited 0; a failed one fails the unit
+    assert unit["Type"] == ["oneshot"]
+    assert unit["ExecStart"] == [f"{WALRUS} --config {CONFIG} backup-push ${{PGDATA}}"]
+    # systemd itself never sees WALRUS_RETAIN: unset, $WALRUS_RETAIN on an Exec line would vanish
+    # and leave `delete retain --confirm`; the script reads it from its environment
+    assert unit["ExecStartPost"] == [RETAIN_STEP]
+    assert unit["EnvironmentFile"] == ["/etc/walrus/walrus.env"]
+    assert unit["User"] == ["postgres"]
+    script = deb_tree / RETAIN.lstrip("/")
+    assert stat.S_IMODE(script.stat().st_mode) == 0o755
+    assert script.read_text().startswith("#!/bin/sh\n")
+
+
+def test_env_files_document_the_retention_off_by_default(deb_tree):
+    shipped = {"deb": (deb_tree / "etc/walrus/walrus.env").read_text(),
+               "rpm": (ROOT / "packaging/walrus.env.rpm").read_text()}
+    for fmt, text in shipped.items():
+        assert '\n#WALRUS_RETAIN="FULL 7"\n' in text, fmt
+        assert not re.search(r"^\s*WALRUS_RETAIN", text, re.M), fmt  # off unless the admin sets it
+        assert "delete retain $WALRUS_RETAIN --confirm" in text, fmt
+
+
+@pytest.mark.parametrize("shell", [None, "bash"], ids=["shebang", "bash"])  # RPM distributions' sh is bash
+def test_retain_script_runs_walrus_delete_retain_with_the_configured_value(deb_tree, tmp_path, shell):
+    if shell is not None and shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed")
+    script = deb_tree / RETAIN.lstrip("/")
+    fake = tmp_path / "bin/walrus"
+    record = _fake_walrus(fake)
+    # the unit's own step, with the fake in place of /usr/bin/walrus
+    step = shlex.split(RETAIN_STEP)
+    assert step[:2] == [RETAIN, WALRUS]
+    command = [str(fake), *step[2:]]
+
+    for retain, words in [("FULL 7", ["FULL", "7"]), ("FIND_FULL 3", ["FIND_FULL", "3"]), ("7", ["7"]),
+                          ("  FULL \t 12 ", ["FULL", "12"])]:
+        record.unlink(missing_ok=True)
+        proc = _run_retain(script, command, retain, shell)
+        assert proc.returncode == 0, proc.stderr
+        assert record.read_text().splitlines() == ["--config", CONFIG, "delete", "retain", *words, "--confirm"]
+        assert f"backup-push succeeded; retention: delete retain {' '.join(words)} --confirm" in proc.stderr
+
+    # off: unset, empty or blank runs nothing and says nothing
+    for retain in (None, "", "   "):
+        record.unlink(missing_ok=True)
+        proc = _run_retain(script, command, retain, shell)
+        assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", ""), retain
+        assert not record.exists(), retain
+
+    # a malformed value deletes nothing and fails loudly (EX_CONFIG, which systemd shows as status=78/CONFIG)
+    for retain in MALFORMED_RETAIN:
+        proc = _run_retain(script, command, retain, shell)
+        assert proc.returncode == 78, (retain, proc.stderr)
+        assert f'WALRUS_RETAIN="{retain}"' in proc.stderr and "nothing deleted" in proc.stderr, proc.stderr
+        assert not record.exists(), retain
+
+    # walrus failing fails the step with its status, and the log says the backup itself succeeded
+    _fake_walrus(fake, status=3)
+    proc = _run_retain(script, command, "FULL 7", shell)
+    assert proc.returncode == 3
+    assert "the backup succeeded, but its retention (delete retain FULL 7 --confirm) failed with exit status 3" \
+        in proc.stderr
+    assert record.read_text().splitlines()[-3:] == ["FULL", "7", "--confirm"]
+
+    # without a walrus command to run, a usage error rather than running `delete` as a program
+    proc = _run_retain(script, [], "FULL 7", shell)
+    assert proc.returncode == 64 and "usage:" in proc.stderr
 
 
 # -- installed ---------------------------------------------------------------------------------
@@ -140,6 +262,9 @@ def test_rpm_installs_into_a_scratch_root_and_keeps_an_edited_config(packages, t
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, pg.pw_gid)
     st = (root / "var/lib/walrus").stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o750, pg.pw_uid)
+    assert stat.S_IMODE((root / RETAIN.lstrip("/")).stat().st_mode) == 0o755
+    env = (root / "etc/walrus/walrus.env").read_text()
+    assert "\nPGDATA=/var/lib/pgsql/data\n" in env and '\n#WALRUS_RETAIN="FULL 7"\n' in env
 
     with open(root / "etc/walrus/walrus.yaml", "a") as f:
         f.write("WALG_COMPRESSION_METHOD: zstd\n")
@@ -247,6 +372,27 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
             daemon.wait(30)
         assert not os.path.exists(sock), daemon.stderr.read().decode()[-2000:]  # the daemon stopped cleanly
 
+        # walrus-backup.service's steps, as systemd runs them with WALRUS_RETAIN="FULL 1" in its
+        # EnvironmentFile=: ExecStart=, then ExecStartPost= once that exited 0. Twice: the second
+        # retention deletes the first backup, with the installed walrus and the admin's config.
+        unit = _unit_settings(Path(BACKUP_UNIT).read_text())
+        service_env = [f"PGDATA={cluster.data}", f"PGHOST={pgroot}", f"PGPORT={cluster.port}"]
+        (backup_step,) = unit["ExecStart"]
+        (retain_step,) = unit["ExecStartPost"]
+        backup_step = backup_step.replace("${PGDATA}", cluster.data)
+        for _ in range(2):
+            as_postgres("env", *service_env, *shlex.split(backup_step))
+            retained = as_postgres("env", *service_env, "WALRUS_RETAIN=FULL 1", *shlex.split(retain_step))
+        assert "delete retain FULL 1 --confirm" in retained.stderr
+        assert "backups deleted: 1 " in retained.stdout, retained.stdout
+        kept = json.loads(as_postgres(WALRUS, "--config", CONFIG, "backup-list", "--json").stdout)
+        assert len(kept) == 1, kept
+        # a malformed value deletes nothing; unset, the step is a no-op
+        refused = as_postgres("env", *service_env, "WALRUS_RETAIN=FULL 0", *shlex.split(retain_step), check=False)
+        assert refused.returncode == 78, refused.stderr
+        assert as_postgres("env", *service_env, *shlex.split(retain_step)).stderr == ""
+        assert json.loads(as_postgres(WALRUS, "--config", CONFIG, "backup-list", "--json").stdout) == kept
+
         # upgrade under a running archiver: the edited config and its ownership stay
         _sh("dpkg", "-i", str(upgrade))
         assert _sh("dpkg-query", "-W", "-f", "${Version}", "walrus").stdout == f"{__version__}-2"
@@ -263,6 +409,7 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
         _sh("dpkg", "-r", "walrus")
         assert _dpkg_status() == "deinstall ok config-files"
         assert not os.path.lexists(WALRUS) and not os.path.exists("/opt/walrus")
+        assert not os.path.exists("/usr/libexec/walrus")
         assert Path(CONFIG).read_text().startswith("# edited by the test")
         _assert_config_owned_by_postgres()
 
