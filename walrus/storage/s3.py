@@ -662,15 +662,29 @@ class S3Storage(Storage):
             await self._delete_batch(batch)
 
     async def _delete_batch(self, batch: list[str]) -> None:
-        result = await self._call(f"delete of {len(batch)} objects", "delete_objects",
-                                  Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
-        errors = result.get("Errors") or []
-        if errors:
+        """One DeleteObjects request of up to DELETE_BATCH keys, retried under the policy; S3 may
+        fail some keys of a request that succeeded (SlowDown, InternalError per key): those are
+        sent again, as a failed request would be, and any other per-key error is a failure."""
+        s3 = await self._s3()
+        left = list(batch)
+
+        async def attempt(progress: Progress) -> None:
+            nonlocal left
+            with self._errors(f"delete of {len(left)} objects"):
+                result = await s3.delete_objects(Bucket=self.config.bucket,
+                                                 Delete={"Objects": [{"Key": k} for k in left], "Quiet": True})
+            errors = result.get("Errors") or []
+            if not errors:
+                return
+            left = [e.get("Key", "") for e in errors]
             first = errors[0]
-            raise StorageError(f"could not delete {len(errors)} of {len(batch)} objects",
-                               detail=f"{self._rel(first.get('Key', ''))}: S3 error {first.get('Code')}: "
-                                      f"{first.get('Message')}",
+            detail = f"{self._rel(first.get('Key', ''))}: S3 error {first.get('Code')}: {first.get('Message')}"
+            if all(e.get("Code") in _TRANSIENT_CODES for e in errors):
+                raise TransientError(f"could not delete {len(errors)} of {len(batch)} objects", detail=detail)
+            raise StorageError(f"could not delete {len(errors)} of {len(batch)} objects", detail=detail,
                                hint=_CREDENTIALS_HINT if first.get("Code") == "AccessDenied" else None)
+
+        await self.policy.run(f"delete of {len(batch)} objects", attempt)
 
 
 @dataclass
