@@ -201,7 +201,7 @@ def _write_failed(part: str, dest: str, e: OSError) -> BackupError:
 
 async def _list_parts(storage: Storage, name: str, files_metadata: FilesMetadata | None) -> _Parts:
     """The parts in storage, checked against the ones files_metadata.json names (TarFileSets)."""
-    found = [o async for o in storage.list(layout.backup_key(name, layout.TAR_FOLDER))]
+    found = sorted([o async for o in storage.list(layout.backup_key(name, layout.TAR_FOLDER))], key=lambda o: o.key)
     present = {o.name for o in found}
     named = files_metadata.tar_file_sets if files_metadata is not None else {}
     missing = sorted(part for part in named if part not in present)
