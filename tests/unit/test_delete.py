@@ -307,3 +307,28 @@ def test_bad_command_lines_fail_clearly_and_touch_nothing(tmp_path, args, messag
     assert out.returncode == 1, out.stderr
     assert f"ERROR: " in out.stderr and message in out.stderr and "HINT:" in out.stderr or "DETAIL" in out.stderr
     assert (root / "wal_005" / wal(1, 1)).exists()
+
+
+def test_a_backup_whose_only_part_is_still_uploading_keeps_its_wal(tmp_path):
+    """Two backups overlapping: one started before the newest finished, and nothing of it is stored
+    yet but the temporary file of its first part. Its WAL, from its start on, must stay."""
+    root = tmp_path / "store"
+    b = Bucket({**_base_env(tmp_path), "WALG_FILE_PREFIX": str(root)},
+               lambda key, data: ((root / key).parent.mkdir(parents=True, exist_ok=True), (root / key).write_bytes(data)),
+               lambda: {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}, lambda key: b"")
+    for segno in range(1, 40):
+        b.write(f"wal_005/{wal(1, segno)}", b"wal")
+    b.backup(10)
+    b.backup(30)
+    part = root / BASE_IN_PROGRESS / "tar_partitions" / "part_001.tar.lz4.tmp.20261204T000000Z-0123abcd"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"being written")
+    plan = b.plan("retain", "1", "--confirm")
+    assert plan["wal"]["below_segment"] == wal(1, 20, "") and plan["garbage"]["in_progress_left_alone"] == [
+        BASE_IN_PROGRESS.rsplit("/", 1)[1]]
+    assert any("a backup in progress" in note for note in plan["notes"])
+    assert {k for k in b.keys() if k.startswith("wal_005/")} == {f"wal_005/{wal(1, s)}" for s in range(20, 40)}
+    assert part.exists()
+
+
+BASE_IN_PROGRESS = "basebackups_005/" + name_at(20)

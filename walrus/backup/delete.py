@@ -159,8 +159,11 @@ async def delete(settings: Settings, storage: Storage, request: Request, *, conf
     result = DeleteResult(plan(request, backups, settings.segment_size), confirm, settings.segment_size)
     quiet_since = datetime.now(timezone.utc) - timedelta(seconds=grace)
     scope = request.modifier if request.mode == "garbage" else None
-    if request.mode != "target" and scope != "ARCHIVES":
+    if request.mode != "target":
         await _find_orphan_folders(storage, result, backups, quiet_since)
+        if scope == "ARCHIVES":
+            result.folders = []  # WAL only; but a backup in progress still holds its WAL back (below)
+        _hold_wal_for_backups_in_progress(result)
     if confirm:
         log.info(f"deleting: {len(result.plan.delete)} backups" + (", WAL" if _touches_wal(request) else ""))
     # delete: sentinels, folders, WAL, garbage (a dry run only counts)
@@ -183,10 +186,20 @@ async def _find_orphan_folders(storage: Storage, result: DeleteResult, backups: 
     a folder written to recently may be a backup being taken right now, and is left alone."""
     complete = {b.name for b in backups}
     newest: dict[str, datetime] = {}
-    async for obj in storage.list(layout.BASEBACKUPS, recursive=True):
-        folder, sep, _ = obj.key[len(layout.BASEBACKUPS) + 1:].partition("/")
+
+    def seen(key: str, when: datetime) -> None:
+        folder, sep, _ = key[len(layout.BASEBACKUPS) + 1:].partition("/")
         if sep and folder not in complete:
-            newest[folder] = max(newest.get(folder, obj.mtime), obj.mtime)
+            newest[folder] = max(newest.get(folder, when), when)
+
+    async for obj in storage.list(layout.BASEBACKUPS, recursive=True):
+        seen(obj.key, obj.mtime)
+    # a part being uploaded (a temporary file, a multipart upload) is a backup at work too, perhaps
+    # one whose folder holds nothing yet
+    uploads = getattr(storage, "abandoned_uploads", None)
+    if uploads is not None:
+        for upload in await uploads(layout.BASEBACKUPS, datetime.now(timezone.utc) + timedelta(days=1)):
+            seen(upload.key, upload.started)
     p = result.plan
     if p.request.mode == "everything":
         reference = []  # every folder goes, but for those written to recently
@@ -198,10 +211,21 @@ async def _find_orphan_folders(storage: Storage, result: DeleteResult, backups: 
             reference = [b for b, why in p.keep if why.startswith("target")]
         chosen = garbage_backup_folders(newest.items(), reference, quiet_since, result.segment_size)
     result.folders = sorted(chosen)
-    limit = max(reference, key=lambda b: (b.time, b.name)) if reference else None
-    result.in_progress = sorted(f for f, t in newest.items() if t >= quiet_since and f not in chosen
-                                and (limit is None or (wal_token(f, result.segment_size) or (0, 0))
-                                     < (limit.timeline, limit.start_segno)))
+    result.in_progress = sorted(f for f, t in newest.items() if t >= quiet_since and f not in chosen)
+
+
+def _hold_wal_for_backups_in_progress(result: DeleteResult) -> None:
+    """A backup being taken needs the WAL from its start on, though it has no sentinel yet: one that
+    started before the newest backup finished (two pushes overlapping) starts below the cut."""
+    p = result.plan
+    if p.wal_all or p.wal_cut is None:
+        return
+    held = sorted((token[1], f) for f in result.in_progress
+                  if (token := wal_token(f, result.segment_size)) is not None)
+    if held and held[0][0] < p.wal_cut:
+        p.wal_cut = held[0][0]
+        p.notes.append(f"WAL is kept from the start of {held[0][1]} on: a backup in progress (no sentinel yet, "
+                       "written to recently) needs it")
 
 
 async def _delete_backups(storage: Storage, result: DeleteResult, confirm: bool) -> None:
