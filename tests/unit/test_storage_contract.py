@@ -117,6 +117,24 @@ def test_list_direct_children_and_recursive(backend):
     assert run(keys(storage, "nothing-here", True)) == []
 
 
+def test_list_start_after(backend):
+    """Only keys greater than start_after; a backend that lists in key order says so."""
+    storage, run = backend.storage, backend.run
+    names = [f"wal_005/{n}" for n in ("000000010000000000000001", "000000010000000000000002", "00000002.history",
+                                      "000000020000000000000001")]
+    for key in names:
+        run(storage.put_bytes(key, b"x"))
+
+    async def listed(after):
+        return [o.key async for o in storage.list("wal_005", start_after=after)]
+
+    assert sorted(run(listed(names[1]))) == names[2:]
+    assert sorted(run(listed("wal_005/00000001G"))) == names[2:]  # past every name of timeline 1
+    assert run(listed("wal_005/Z")) == []
+    in_order = run(listed(None))
+    assert (in_order == names) if storage.lists_in_key_order else sorted(in_order) == names
+
+
 def test_delete_is_idempotent(backend):
     storage, run = backend.storage, backend.run
     run(storage.put_bytes("a/b", b"1"))

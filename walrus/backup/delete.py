@@ -7,7 +7,7 @@ the WAL below the cut, then garbage. A dry run walks the same listings and delet
 """
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -255,20 +255,43 @@ async def _delete_folder(storage: Storage, result: DeleteResult, folder: str, co
 
 async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> None:
     """WAL below the cut goes, streamed in batches: only names the plan judges, never a segment at
-    or after the cut, so a wal-push running meanwhile loses nothing."""
+    or after the cut, so a wal-push running meanwhile loses nothing.
+
+    Where the storage lists in key order (S3), a timeline's segments come in segment order, so the
+    first one at or above the cut ends that timeline: the listing restarts after it, at the next
+    timeline. The requests then grow with what is deleted, not with the WAL kept (most of an
+    archive, in a daily retention)."""
     plan_, size, sweep = result.plan, result.segment_size, result.wal
+    skip = storage.lists_in_key_order and not plan_.wal_all and plan_.wal_cut is not None
     batch: list[str] = []
-    async for obj in storage.list(layout.WAL, recursive=plan_.wal_all):
-        if not plan_.deletes_wal(obj.name, size):
-            continue
-        sweep.add(obj.name, obj.size, size)
-        if confirm:
-            batch.append(obj.key)
-            if len(batch) >= BATCH:
-                await storage.delete(batch)
-                batch = []
+    start_after = None
+    while True:
+        restart = None
+        async with contextlib.aclosing(storage.list(layout.WAL, recursive=plan_.wal_all,
+                                                    start_after=start_after)) as listing:
+            async for obj in listing:
+                if skip and (token := _segment_token(obj.name, size)) is not None and token[1] >= plan_.wal_cut:
+                    restart = layout.wal_key(f"{token[0]:08X}G")  # past every WAL name of this timeline
+                    break
+                if not plan_.deletes_wal(obj.name, size):
+                    continue
+                sweep.add(obj.name, obj.size, size)
+                if confirm:
+                    batch.append(obj.key)
+                    if len(batch) >= BATCH:
+                        await storage.delete(batch)
+                        batch = []
+        if restart is None:
+            break
+        start_after = restart
     if batch:
         await storage.delete(batch)
+
+
+def _segment_token(name: str, segment_size: int) -> tuple[int, int] | None:
+    """(timeline, segno) of a name that starts with a WAL file name."""
+    token = wal_token(name[:24], segment_size)
+    return token if token is not None and len(name) >= 24 else None
 
 
 async def _abandoned_uploads(storage: Storage, result: DeleteResult, scope: str | None,

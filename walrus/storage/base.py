@@ -62,9 +62,14 @@ class Storage(abc.ABC):
     async def stat(self, key: str) -> ObjectInfo | None:
         """Size and mtime of key, or None when absent."""
 
+    # Whether list() yields keys in ascending order (S3 does; a file system lists in directory order).
+    # A caller that may skip ahead restarts a listing with start_after only when this is true.
+    lists_in_key_order = False
+
     @abc.abstractmethod
-    def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
-        """Objects under folder (direct children only unless recursive)."""
+    def list(self, folder: str, *, recursive: bool = False, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
+        """Objects under folder (direct children only unless recursive), only keys greater than
+        start_after when it is given (a full key, relative to the root)."""
 
     @abc.abstractmethod
     async def delete(self, keys: Iterable[str]) -> None:

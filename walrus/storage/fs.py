@@ -174,7 +174,7 @@ class FsStorage(Storage):
             return None
         return ObjectInfo(join_key(key), st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc))
 
-    async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+    async def list(self, folder: str, *, recursive: bool = False, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         """Streams in directory order, LIST_BATCH entries per thread hop: a folder of a million WAL
         objects is listed in constant memory."""
         folder = join_key(folder)
@@ -198,7 +198,7 @@ class FsStorage(Storage):
                     for name, size, mtime in batch:
                         if size < 0:
                             pending.append((os.path.join(path, name), join_key(key, name)))
-                        else:
+                        elif start_after is None or join_key(key, name) > start_after:
                             yield ObjectInfo(join_key(key, name), size, datetime.fromtimestamp(mtime, timezone.utc))
             except OSError as e:
                 raise self._absent_or(self._fail("list", folder, e)) from None

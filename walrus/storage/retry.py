@@ -158,11 +158,15 @@ class RetryingStorage(Storage):
 
         return retried
 
-    async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+    @property
+    def lists_in_key_order(self) -> bool:
+        return self.inner.lists_in_key_order
+
+    async def list(self, folder: str, *, recursive: bool = False, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         opened: list[AsyncIterator[ObjectInfo]] = []
 
         async def first(_: Progress) -> ObjectInfo | None:
-            entries = self.inner.list(folder, recursive=recursive)
+            entries = self.inner.list(folder, recursive=recursive, start_after=start_after)
             try:
                 entry = await anext(entries)
             except StopAsyncIteration:

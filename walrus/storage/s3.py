@@ -312,11 +312,15 @@ class S3Storage(Storage):
             return None
         return ObjectInfo(self._rel(full), int(head["ContentLength"]), head["LastModified"])
 
-    async def list(self, folder: str, *, recursive: bool = False) -> AsyncIterator[ObjectInfo]:
+    lists_in_key_order = True
+
+    async def list(self, folder: str, *, recursive: bool = False, start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         base = join_key(self.config.root, folder)
         params: dict[str, Any] = {"Prefix": base + "/" if base else ""}
         if not recursive:
             params["Delimiter"] = "/"
+        if start_after is not None:
+            params["StartAfter"] = self._key(start_after)
         token = None
         while True:
             if token:
