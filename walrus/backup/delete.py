@@ -18,6 +18,7 @@ from walrus.backup.list import load_backups
 from walrus.backup.retention import HISTORY_RE, Backup, Plan, Request, RetentionError, garbage_backup_folders, \
     plan, wal_token
 from walrus.config import Settings
+from walrus.errors import StorageError
 from walrus.log import log
 from walrus.pg.xlog import wal_file_name
 from walrus.storage.base import Storage, Upload
@@ -198,7 +199,12 @@ async def _find_orphan_folders(storage: Storage, result: DeleteResult, backups: 
     # one whose folder holds nothing yet
     uploads = getattr(storage, "abandoned_uploads", None)
     if uploads is not None:
-        for upload in await uploads(layout.BASEBACKUPS, datetime.now(timezone.utc) + timedelta(days=1)):
+        try:
+            found = await uploads(layout.BASEBACKUPS, datetime.now(timezone.utc) + timedelta(days=1))
+        except StorageError as e:  # an endpoint without ListMultipartUploads: the folders still tell
+            log.warning(f"could not list the uploads in progress: {e.detail or e.message}; going by folders alone")
+            found = []
+        for upload in found:
             seen(upload.key, upload.started)
     p = result.plan
     if p.request.mode == "everything":
@@ -301,7 +307,11 @@ async def _abandoned_uploads(storage: Storage, result: DeleteResult, scope: str 
         return  # the backend has no such thing
     folders = {"ARCHIVES": [layout.WAL], "BACKUPS": [layout.BASEBACKUPS]}.get(scope or "", [""])
     for folder in folders:
-        found = await find(folder, started_before)
+        try:
+            found = await find(folder, started_before)
+        except StorageError as e:
+            log.warning(f"could not list abandoned uploads: {e.detail or e.message}; none removed")
+            return
         result.uploads += found
         if confirm and found:
             await storage.discard_uploads(found)

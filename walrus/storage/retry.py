@@ -154,7 +154,9 @@ class RetryingStorage(Storage):
         method = getattr(self.inner, capability)
 
         async def retried(*args, **kwargs):
-            return await self.policy.run(capability, lambda _: method(*args, **kwargs))
+            # unbounded here: the backend bounds and retries each of its own requests, and a watchdog
+            # here would cancel its back-off sleeps as "no progress" and multiply its retries
+            return await self.policy.run(capability, lambda _: method(*args, **kwargs), bounded=False)
 
         return retried
 
