@@ -240,8 +240,7 @@ async def _delete_backups(storage: Storage, result: DeleteResult, confirm: bool)
     sentinels = [layout.sentinel_key(b.name) for b in sorted(doomed, key=lambda b: (b.time, b.name), reverse=True)]
     result.backup_objects += len(sentinels)
     if confirm:
-        for i in range(0, len(sentinels), BATCH):
-            await storage.delete(sentinels[i:i + BATCH])
+        await storage.delete(sentinels)  # the backend batches (S3: DELETE_BATCH keys a request)
     for name in [b.name for b in doomed] + result.folders:
         await _delete_folder(storage, result, layout.backup_key(name), confirm)
 
@@ -290,7 +289,7 @@ async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> N
         if restart is None:
             break
         start_after = restart
-    if batch:
+    if batch and confirm:
         await storage.delete(batch)
 
 

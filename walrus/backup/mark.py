@@ -13,7 +13,7 @@ from typing import Any
 from walrus.backup import layout
 from walrus.backup.dto import ExtendedMetadata, Sentinel
 from walrus.backup.list import load_backups, resolve_backup
-from walrus.backup.retention import RetentionError
+from walrus.backup.retention import RetentionError, with_dependants
 from walrus.config import Settings
 from walrus.errors import ObjectNotFound
 from walrus.log import log
@@ -85,13 +85,7 @@ async def _chain(storage: Storage, name: str) -> list[str]:
 async def _refuse_permanent_dependants(storage: Storage, name: str, segment_size: int) -> None:
     """A permanent delta needs its bases: none built on name, however indirectly, may be permanent."""
     backups = await load_backups(storage, segment_size)
-    dependants, grew = {name}, True
-    while grew:
-        grew = False
-        for b in backups:
-            if b.delta_from in dependants and b.name not in dependants:
-                dependants.add(b.name)
-                grew = True
+    dependants = with_dependants({name}, backups)
     permanent = sorted(b.name for b in backups if b.name in dependants - {name} and b.permanent)
     if permanent:
         raise RetentionError(f"cannot make {name} impermanent: permanent delta backups are built on it",

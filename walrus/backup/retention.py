@@ -369,19 +369,25 @@ def _plan_target(request: Request, ordered: list[Backup], by_name: dict[str, Bac
         root = _full_of(target, by_name) or target
         doomed = {root.name} | {b.name for b in ordered if b.delta_full == root.name or
                                 _full_of(b, by_name) is root}
-    changed = True
-    while changed:  # every delta built on a doomed backup, however deep
-        changed = False
-        for b in ordered:
-            if b.delta_from in doomed and b.name not in doomed:
-                doomed.add(b.name)
-                changed = True
+    doomed = with_dependants(doomed, ordered)
     permanent = [b.name for b in ordered if b.name in doomed and b.permanent]
     if permanent:
         raise RetentionError(f"cannot delete permanent backup {', '.join(permanent)}",
                              hint="backup-mark -i NAME makes it impermanent first")
     return Plan(request, delete=[b for b in ordered if b.name in doomed],
                 keep=[(b, "not the target") for b in ordered if b.name not in doomed])
+
+
+def with_dependants(names: set[str], backups: Sequence[Backup]) -> set[str]:
+    """names and every delta built on one of them, however deep."""
+    found, grew = set(names), True
+    while grew:
+        grew = False
+        for b in backups:
+            if b.delta_from in found and b.name not in found:
+                found.add(b.name)
+                grew = True
+    return found
 
 
 def garbage_backup_folders(folders: Iterable[tuple[str, datetime]], complete: Sequence[Backup],
