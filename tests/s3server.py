@@ -112,8 +112,10 @@ def s3_settings(endpoint: str, bucket: str, prefix: str = "walrus", **extra: str
 # -- the fault-injecting proxy
 
 S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
-             503: ("SlowDown", "Please reduce your request rate.")}
-ACTIONS = ("500", "503", "drop", "drop-body", "lose", "stall")
+             503: ("SlowDown", "Please reduce your request rate."),
+             501: ("NotImplemented", "A header you provided implies functionality that is not implemented.")}
+ACTIONS = ("500", "503", "drop", "drop-body", "lose", "stall")  # transient: a retry may succeed
+PERMANENT_ACTIONS = ("501",)  # an endpoint that lacks a request: retrying cannot help
 # How the proxy treats S3's conditional writes (If-None-Match on PutObject, CompleteMultipartUpload):
 # pass them on one at a time, answer 501 NotImplemented as servers without them do, or drop the
 # header as servers that ignore it do. One at a time because moto checks the key and then writes
@@ -213,7 +215,7 @@ class FaultProxy:
 
     def fail(self, action: str, count: int = 1, when: Callable[[Request], bool] = lambda r: True) -> None:
         """Apply `action` to the next `count` requests that match `when` (on which it can take effect)."""
-        assert action in ACTIONS
+        assert action in ACTIONS + PERMANENT_ACTIONS
         with self._lock:
             self._rules.append(_Rule(action, count, when))
 
@@ -335,7 +337,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.owner._settle(fault, request, took_effect=True)
             self._drop()
             return
-        if action in ("500", "503"):
+        if action in ("500", "503", "501"):
             self.owner._settle(fault, request, took_effect=True)
             self._answer_error(int(action), *S3_ERRORS[int(action)])
             return

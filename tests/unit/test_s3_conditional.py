@@ -104,3 +104,4 @@ def test_a_plain_put_still_replaces(moto_server, s3_bucket, tmp_path):
     run(storage, storage.put_bytes("k", b"one"))
     run(storage, storage.put_bytes("k", b"two"))
     assert moto_server.read(s3_bucket, "walrus/k") == b"two"
+

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 
 import lz4.frame
 import pytest
@@ -453,3 +454,26 @@ def test_file_storage_never_imports_the_s3_stack(tmp_path, segment):
     loaded = set(proc.stdout.split())
     assert "walrus.storage.fs" in loaded
     assert not loaded & {"walrus.storage.s3", "walrus.storage.retry", "aiobotocore", "botocore", "aiohttp"}
+
+
+def test_a_request_the_endpoint_does_not_implement_fails_at_once(moto_server, s3_bucket, tmp_path):
+    """501 outside a conditional write is no transient trouble: one request, no retries, and an
+    error that says the endpoint lacks it (delete then goes by folders alone, tests/unit/test_delete.py)."""
+    proxy = FaultProxy(moto_server.port)
+    proxy.fail("501", count=100, when=lambda r: "uploads" in r.path and r.method == "GET")
+    try:
+        storage = open_storage(load_settings({**s3_settings(proxy.endpoint, s3_bucket), "HOME": str(tmp_path)}))
+        with pytest.raises(StorageError) as failure:
+            asyncio.run(_closing(storage, storage.abandoned_uploads("basebackups_005", datetime.now(timezone.utc))))
+        assert not isinstance(failure.value, TransientError)
+        assert "does not implement" in failure.value.message and "NotImplemented" in failure.value.detail
+        assert sum("uploads" in r.path for r in proxy.log) == 1
+    finally:
+        proxy.stop()
+
+
+async def _closing(storage, coro):
+    try:
+        return await coro
+    finally:
+        await storage.close()

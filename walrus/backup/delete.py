@@ -7,6 +7,7 @@ the WAL below the cut, then garbage. A dry run walks the same listings and delet
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -22,8 +23,10 @@ from walrus.errors import StorageError
 from walrus.log import log
 from walrus.pg.xlog import wal_file_name
 from walrus.storage.base import Storage, Upload
+from walrus.stream.stages import gather_all
 
 BATCH = 1000  # keys per delete request (S3's DeleteObjects limit)
+IN_FLIGHT = 4  # delete requests at once beside the listing that feeds them: at most 4 x BATCH keys held
 DEFAULT_GRACE = 24 * 3600.0
 
 
@@ -246,16 +249,56 @@ async def _delete_backups(storage: Storage, result: DeleteResult, confirm: bool)
 
 
 async def _delete_folder(storage: Storage, result: DeleteResult, folder: str, confirm: bool) -> None:
-    batch: list[str] = []
-    async for obj in storage.list(folder, recursive=True):
-        result.backup_objects += 1
-        batch.append(obj.key)
-        if len(batch) >= BATCH:
-            if confirm:
-                await storage.delete(batch)
-            batch = []
-    if batch and confirm:
-        await storage.delete(batch)
+    async with _Deleter(storage, confirm) as deleter:
+        async for obj in storage.list(folder, recursive=True):
+            result.backup_objects += 1
+            await deleter.add(obj.key)
+
+
+class _Deleter:
+    """Deletes keys in batches of BATCH, up to IN_FLIGHT requests at once while the caller goes on
+    listing (a dry run deletes nothing). The first failed request fails the block; leaving it by an
+    error or a cancellation cancels every request still running and waits for them."""
+
+    def __init__(self, storage: Storage, confirm: bool) -> None:
+        self._storage, self._confirm = storage, confirm
+        self._batch: list[str] = []
+        self._slots = asyncio.Semaphore(IN_FLIGHT)
+        self._running: list[asyncio.Task] = []
+
+    async def __aenter__(self) -> "_Deleter":
+        return self
+
+    async def add(self, key: str) -> None:
+        if self._confirm:
+            self._batch.append(key)
+            if len(self._batch) >= BATCH:
+                await self._send()
+
+    async def _send(self) -> None:
+        batch, self._batch = self._batch, []
+        await self._slots.acquire()
+        for task in [t for t in self._running if t.done()]:
+            self._running.remove(task)
+            task.result()  # a failed request fails the sweep here, before another is sent
+        self._running.append(asyncio.create_task(self._delete(batch)))
+
+    async def _delete(self, batch: list[str]) -> None:
+        try:
+            await self._storage.delete(batch)
+        finally:
+            self._slots.release()
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                if self._batch:
+                    await self._send()
+                await gather_all(self._running)
+        finally:
+            for task in self._running:
+                task.cancel()
+            await asyncio.gather(*self._running, return_exceptions=True)
 
 
 async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> None:
@@ -268,29 +311,23 @@ async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> N
     archive, in a daily retention)."""
     plan_, size, sweep = result.plan, result.segment_size, result.wal
     skip = storage.lists_in_key_order and not plan_.wal_all and plan_.wal_cut is not None
-    batch: list[str] = []
     start_after = None
-    while True:
-        restart = None
-        async with contextlib.aclosing(storage.list(layout.WAL, recursive=plan_.wal_all,
-                                                    start_after=start_after)) as listing:
-            async for obj in listing:
-                if skip and (token := _segment_token(obj.name, size)) is not None and token[1] >= plan_.wal_cut:
-                    restart = layout.wal_key(f"{token[0]:08X}G")  # past every WAL name of this timeline
-                    break
-                if not plan_.deletes_wal(obj.name, size):
-                    continue
-                sweep.add(obj.name, obj.size, size)
-                if confirm:
-                    batch.append(obj.key)
-                    if len(batch) >= BATCH:
-                        await storage.delete(batch)
-                        batch = []
-        if restart is None:
-            break
-        start_after = restart
-    if batch and confirm:
-        await storage.delete(batch)
+    async with _Deleter(storage, confirm) as deleter:
+        while True:
+            restart = None
+            async with contextlib.aclosing(storage.list(layout.WAL, recursive=plan_.wal_all,
+                                                        start_after=start_after)) as listing:
+                async for obj in listing:
+                    if skip and (token := _segment_token(obj.name, size)) is not None and token[1] >= plan_.wal_cut:
+                        restart = layout.wal_key(f"{token[0]:08X}G")  # past every WAL name of this timeline
+                        break
+                    if not plan_.deletes_wal(obj.name, size):
+                        continue
+                    sweep.add(obj.name, obj.size, size)
+                    await deleter.add(obj.key)
+            if restart is None:
+                break
+            start_after = restart
 
 
 def _segment_token(name: str, segment_size: int) -> tuple[int, int] | None:

@@ -10,6 +10,7 @@ import io
 import os
 import re
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
@@ -184,6 +185,7 @@ class S3Storage(Storage):
 
         c = self.config
         session = get_session()
+        session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_parse_timestamp)
         try:
             if c.profile:
                 session.set_config_variable("profile", c.profile)
@@ -265,6 +267,9 @@ class S3Storage(Storage):
         if status == 507 or code in _FULL_CODES:  # retrying cannot help, and the hint must say why
             return StorageError(f"{what} failed: the storage is full", detail=detail,
                                 hint="free space in the bucket's storage (or raise its quota), then run the command again")
+        if status == 501 or code == "NotImplemented":  # the endpoint lacks the request: no retry can help
+            return StorageError(f"{what} failed: the S3 endpoint does not implement it", detail=detail,
+                                hint="this S3-compatible storage lacks part of the S3 API that the command needs")
         if status >= 500 or code in _TRANSIENT_CODES:
             return TransientError(f"{what} failed", detail=detail,
                                   hint="S3 was unavailable or throttling; raise WALG_S3_MAX_RETRIES to wait longer")
@@ -871,6 +876,18 @@ class _Body(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
+
+
+def _parse_timestamp(value: Any) -> Any:
+    """S3's ISO 8601 times (each listed object's LastModified) by Python's own parser: botocore's
+    default (dateutil) takes most of the CPU of a listing page. Anything else goes to botocore's."""
+    if isinstance(value, str) and value.endswith("Z"):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
+    return DEFAULT_TIMESTAMP_PARSER(value)
 
 
 def _code(e: bce.ClientError) -> str:
