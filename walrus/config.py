@@ -109,6 +109,11 @@ class Setting:
 
 
 S = Setting
+# Defined here for the settings table and walrus.fileio alike (fileio sits above config).
+IO_METHODS = ("auto", "io_uring", "preadv")  # "preadv": plain preadv reads and write(2) sinks
+DEFAULT_READ_INFLIGHT = 8 << 20  # bytes of io_uring reads in flight: later reads queue behind them
+
+
 SETTINGS: tuple[Setting, ...] = (
     # storage
     S("WALG_FILE_PREFIX", "file_prefix", _text, None,
@@ -170,9 +175,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("WALRUS_MEMORY_BUDGET", "memory_budget", parse_size, 32 << 20,
       "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once; at least six "
       "WAL blocks (6 x the larger of 4 MiB and WALRUS_BUFFER_SIZE: 24 MiB by default)."),
-    S("WALRUS_IO_METHOD", "io_method", _choice("auto", "io_uring", "preadv"), "auto",
+    S("WALRUS_IO_METHOD", "io_method", _choice(*IO_METHODS), "auto",
       "File I/O of the data path: io_uring, preadv/pwrite, or auto (io_uring where the kernel allows it)."),
-    S("WALRUS_READ_INFLIGHT", "read_inflight", parse_size, 8 << 20,
+    S("WALRUS_READ_INFLIGHT", "read_inflight", parse_size, DEFAULT_READ_INFLIGHT,
       "Bytes of file reads io_uring keeps in flight at once (the queue the disk sees); later reads "
       "wait their turn, so parts read side by side share the disk evenly."),
     S("WALRUS_DIRECT_IO", "direct_io", parse_bool, True,
@@ -336,11 +341,11 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
         raise ConfigError("WALG_ZSTD_LEVEL is set but the compression method is not zstd",
                           detail=f"WALG_COMPRESSION_METHOD is {values['compression_method']}",
                           hint="unset WALG_ZSTD_LEVEL or set WALG_COMPRESSION_METHOD=zstd")
-    settings = Settings(values=values, sources=sources, config_path=path)
     # a configured key is checked here, before any work: unusable is an error, never plaintext
     from walrus.crypto import crypter_from_settings
 
-    return dataclasses.replace(settings, crypter=crypter_from_settings(settings, warn))
+    return Settings(values=values, sources=sources, config_path=path,
+                    crypter=crypter_from_settings(values, sources, warn))
 
 
 def settings_help() -> str:

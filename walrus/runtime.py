@@ -1,7 +1,10 @@
-"""Process-wide tuning applied once at start-up, before any thread exists: it keeps VmPeak bounded."""
+"""The process's limits: tuning applied once at start-up (before any thread exists, it keeps VmPeak
+bounded), the descriptor limit, the cores this process may use."""
 from __future__ import annotations
 
 import ctypes
+import os
+import resource
 import threading
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -16,3 +19,18 @@ def tune_process() -> None:
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
     threading.stack_size(THREAD_STACK)
+
+
+def raise_nofile_limit() -> None:
+    """Parts keep the files of their in-flight buffers open; lift the soft fd limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0))

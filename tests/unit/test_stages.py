@@ -12,7 +12,7 @@ import pytest
 
 from walrus.codec import new_compressor
 from walrus.codec.lz4 import Lz4Compressor
-from walrus.stream.buffers import BufferPool
+from walrus.fileio import BufferPool
 from walrus.stream.stages import blocks_in_flight, compressed
 
 SIZE = 64 << 10

@@ -12,8 +12,8 @@ import pytest
 from walrus.archive.tar_read import iter_members
 from walrus.archive.tar_write import Entry, TarPartStream, header_bytes
 from walrus.backup.walk import WalkResult, walk_data_directory
-from walrus.stream.buffers import BufferPool
-from walrus.stream.reader import open_reader
+from walrus.fileio import BufferPool
+from walrus.fileio import open_reader
 
 
 def file_entry(path, name=None) -> Entry:

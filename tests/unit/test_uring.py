@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import random
 import sys
@@ -13,10 +12,8 @@ import pytest
 
 from walrus._uring import probe
 from walrus._uring import support as probe_module
-from walrus.errors import ConfigError
-from walrus.log import log
-from walrus.stream.buffers import BufferPool
-from walrus.stream.reader import PreadReader, ReadRequest, open_reader
+from walrus.config import DEFAULT_READ_INFLIGHT
+from walrus.fileio import BufferPool, PreadReader, ReadRequest
 
 UNAVAILABLE = probe()
 needs_uring = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring unavailable: {UNAVAILABLE}")
@@ -45,7 +42,7 @@ def pool():
 def _uring_reader():
     from walrus._uring.reader import UringReader
 
-    return UringReader(DEPTH)
+    return UringReader(DEPTH, DEFAULT_READ_INFLIGHT)
 
 
 @pytest.fixture(params=["preadv", "io_uring", "io_uring+fixed"])
@@ -493,70 +490,6 @@ def test_a_pool_over_the_memlock_limit_registers_the_buffers_that_fit(pool, tmp_
         assert bytes(pool.buffers[2].view) == data and bytes(last.view) == data
     finally:
         r.close()
-
-
-# --- open_reader: the choice between the two ---
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(logging.INFO)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(old_level)
-
-
-def test_preadv_mode_never_touches_io_uring(monkeypatch):
-    monkeypatch.setattr(probe_module, "probe", lambda: pytest.fail("probed"))
-    r = open_reader("preadv")
-    assert isinstance(r, PreadReader)
-    r.close()
-
-
-@needs_uring
-def test_auto_and_forced_modes_pick_io_uring_when_it_works(log_lines):
-    for mode in ("auto", "io_uring"):
-        r = open_reader(mode)
-        assert r.name == "io_uring"
-        r.close()
-    assert log_lines == []
-
-
-def test_auto_falls_back_to_preadv_with_one_line(monkeypatch, log_lines):
-    monkeypatch.setattr(probe_module, "probe", lambda: "EPERM: kernel.io_uring_disabled=2")
-    r = open_reader("auto")
-    assert isinstance(r, PreadReader)
-    r.close()
-    assert log_lines == ["io_uring unavailable (EPERM: kernel.io_uring_disabled=2); using preadv"]
-
-
-def test_forced_io_uring_unavailable_is_a_config_error(monkeypatch):
-    monkeypatch.setattr(probe_module, "probe", lambda: "ENOSYS: the kernel is built without io_uring")
-    with pytest.raises(ConfigError) as caught:
-        open_reader("io_uring")
-    assert caught.value.detail == "ENOSYS: the kernel is built without io_uring"
-
-
-def test_the_readers_default_in_flight_cap_is_the_settings_default():
-    # two copies on purpose: the settings table must not import walrus._uring (0.8 ms on every command)
-    from walrus._uring import DEFAULT_INFLIGHT
-    from walrus.config import load_settings
-
-    assert load_settings({}, None).read_inflight == DEFAULT_INFLIGHT
-
-
-def test_unknown_mode_is_a_config_error():
-    with pytest.raises(ConfigError):
-        open_reader("mmap")
 
 
 def test_probe_explains_permission_refusals(monkeypatch):

@@ -5,7 +5,6 @@ import ctypes
 import errno
 import fcntl
 import io
-import logging
 import os
 import random
 import tarfile
@@ -15,10 +14,10 @@ import pytest
 from walrus._uring import probe
 from walrus._uring import writer as writer_module
 from walrus._uring.ring import Ring
-from walrus._uring.writer import ALIGN, UringSink, open_sink
-from walrus.archive.tar_read import PlainSink, extract_tar
-from walrus.errors import ConfigError, CorruptArchive
-from walrus.log import log
+from walrus._uring.writer import ALIGN, UringSink
+from walrus.archive.tar_read import extract_tar
+from walrus.errors import CorruptArchive
+from walrus.fileio import PlainSink
 
 UNAVAILABLE = probe()
 needs_uring = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring unavailable: {UNAVAILABLE}")
@@ -57,23 +56,6 @@ def assert_released(sink) -> None:
 @pytest.fixture(autouse=True)
 def fresh_log_once(monkeypatch):
     monkeypatch.setattr(writer_module, "_logged", set())
-
-
-@pytest.fixture
-def log_lines():
-    lines: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Collect(logging.INFO)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    yield lines
-    log.removeHandler(handler)
-    log.setLevel(old_level)
 
 
 def _uring_sink(buffers: int = BUFFERS, depth: int = DEPTH) -> UringSink:
@@ -482,41 +464,3 @@ def test_extraction_failing_outside_the_sink_leaks_nothing_once_closed(tmp_path)
     assert open_fds() == before
     assert_released(sink)
     assert (tmp_path / "out" / "base" / "1" / "target").read_bytes() == b"abc"
-
-
-# --- open_sink: the choice between the two ---
-
-
-def test_preadv_mode_never_touches_io_uring(monkeypatch):
-    monkeypatch.setattr(writer_module, "probe", lambda: pytest.fail("probed"))
-    assert isinstance(open_sink("preadv", direct_threshold=1 << 20), PlainSink)
-
-
-@needs_uring
-def test_auto_and_forced_modes_pick_io_uring_when_it_works(log_lines):
-    for mode in ("auto", "io_uring"):
-        s = open_sink(mode, direct_threshold=1 << 20, buffer_size=BUF, buffers=2)
-        assert isinstance(s, UringSink) and s.direct_threshold == 1 << 20
-        s.close()
-    assert log_lines == []
-
-
-def test_auto_falls_back_to_plain_writes_with_one_line_per_process(monkeypatch, log_lines):
-    monkeypatch.setattr(writer_module, "probe", lambda: "EPERM: kernel.io_uring_disabled=2")
-    for _ in range(3):
-        s = open_sink("auto", direct_threshold=1 << 20)
-        assert isinstance(s, PlainSink) and s.direct_threshold == 0
-    assert log_lines == ["io_uring unavailable (EPERM: kernel.io_uring_disabled=2); using plain writes"]
-
-
-def test_forced_io_uring_unavailable_is_a_config_error(monkeypatch):
-    monkeypatch.setattr(writer_module, "probe", lambda: "ENOSYS: the kernel is built without io_uring")
-    with pytest.raises(ConfigError) as caught:
-        open_sink("io_uring", direct_threshold=1 << 20)
-    assert caught.value.detail == "ENOSYS: the kernel is built without io_uring"
-
-
-def test_unknown_mode_is_a_config_error():
-    with pytest.raises(ConfigError):
-        open_sink("mmap", direct_threshold=0)
-

@@ -317,7 +317,7 @@ def _push_concurrently(tmp_path, monkeypatch, count, slots, encode_delay):
     import threading
     import time
 
-    import walrus.stream.pipeline as pipeline
+    import walrus.stream.upload as upload
     from walrus.codec import lz4 as lz4_codec
     from walrus.config import load_settings
     from walrus.storage import open_storage
@@ -325,7 +325,7 @@ def _push_concurrently(tmp_path, monkeypatch, count, slots, encode_delay):
 
     events, lock = [], threading.Lock()
     current = contextvars.ContextVar("segment")  # set in each push's task
-    plain_compress, plain_new = lz4_codec.Lz4Compressor.compress, pipeline.new_compressor
+    plain_compress, plain_new = lz4_codec.Lz4Compressor.compress, upload.new_compressor
 
     def slow_compress(self, data):
         out = plain_compress(self, data)
@@ -340,7 +340,7 @@ def _push_concurrently(tmp_path, monkeypatch, count, slots, encode_delay):
         return compressor
 
     monkeypatch.setattr(lz4_codec.Lz4Compressor, "compress", slow_compress)
-    monkeypatch.setattr(pipeline, "new_compressor", tagged)
+    monkeypatch.setattr(upload, "new_compressor", tagged)
     settings = load_settings(env={"HOME": "/nonexistent", "WALG_FILE_PREFIX": str(tmp_path / "s"),
                                   "WALG_COMPRESSION_METHOD": "lz4"})
     wal = tmp_path / "pg_wal"

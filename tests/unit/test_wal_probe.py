@@ -1,5 +1,5 @@
 """wal-fetch's probe order: configured extension first, then WAL-G's order, then the bare name."""
-from walrus.wal.archive import candidate_keys
+from walrus.wal.stored import candidate_keys
 
 SEG = "000000010000000000000003"
 

@@ -11,25 +11,35 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+import mmap
+from typing import Protocol, Sequence
 
 from walrus._uring._liburing import ffi, lib
 from walrus._uring.ring import MAX_IO, Ring
-from walrus._uring.support import DEFAULT_DEPTH, DEFAULT_INFLIGHT
 from walrus.log import log
 
-if TYPE_CHECKING:
-    from walrus.stream.buffers import BufferPool
-    from walrus.stream.reader import ReadRequest
-
 _RETRY = (errno.EINTR, errno.EAGAIN)
+
+
+# What the reader takes, by shape: walrus.fileio's ReadRequest and BufferPool (_uring imports
+# nothing above it).
+class _Request(Protocol):
+    fd: int
+    offset: int
+    view: memoryview  # filled from the file at `offset`
+
+
+class _Pool(Protocol):
+    mapping: mmap.mmap  # `count` buffers of `size` bytes, back to back
+    size: int
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
 class _FixedBuffers:
     """The pool registered with the ring: buffer i spans [base + i*size, base + (i+1)*size)."""
 
-    pool: "BufferPool"
+    pool: _Pool
     base: int
     size: int
     count: int
@@ -45,7 +55,7 @@ class _FixedBuffers:
         return index
 
 
-def _read_error(r: "ReadRequest", done: int, err: int) -> OSError:
+def _read_error(r: _Request, done: int, err: int) -> OSError:
     return OSError(err, f"read of fd {r.fd} at offset {r.offset + done}: {os.strerror(err)}")
 
 
@@ -54,7 +64,7 @@ class _Batch:
 
     __slots__ = ("requests", "loop", "future", "done", "bufs", "index", "left", "error")
 
-    def __init__(self, requests: list["ReadRequest"], loop: asyncio.AbstractEventLoop):
+    def __init__(self, requests: list[_Request], loop: asyncio.AbstractEventLoop):
         self.requests = requests
         self.loop = loop
         self.future: asyncio.Future[list[int]] = loop.create_future()
@@ -82,7 +92,7 @@ class _Batch:
 
 
 class UringReader:
-    """Reads batches through io_uring, with READ_FIXED into a registered BufferPool.
+    """Reads batches through io_uring, with READ_FIXED into a registered buffer pool.
 
     One dedicated thread owns the ring and calls io_uring_submit_and_wait, rather than the event
     loop submitting and reaping through a registered eventfd: reads that hit the page cache
@@ -101,7 +111,7 @@ class UringReader:
 
     name = "io_uring"
 
-    def __init__(self, depth: int = DEFAULT_DEPTH, inflight: int = DEFAULT_INFLIGHT):
+    def __init__(self, depth: int, inflight: int):
         self._ring = Ring(depth)
         self._inflight_cap = max(1, inflight)
         if not self._ring.supports(lib.IORING_OP_READ, lib.IORING_OP_READ_FIXED):
@@ -131,7 +141,7 @@ class UringReader:
     def registered(self) -> bool:
         return self._fixed is not None
 
-    def register(self, pool: "BufferPool") -> bool:
+    def register(self, pool: _Pool) -> bool:
         """Registers the pool's buffers as fixed buffers; returns False when reads stay unregistered.
 
         Optional: without it (or when the kernel refuses) every read is a plain IORING_OP_READ into
@@ -141,7 +151,7 @@ class UringReader:
         """
         return self._thread.submit(self._register, pool).result()
 
-    def _register(self, pool: "BufferPool") -> bool:
+    def _register(self, pool: _Pool) -> bool:
         self._unregister()
         with ffi.from_buffer(pool.mapping) as whole:
             base = int(ffi.cast("uintptr_t", whole))
@@ -182,7 +192,7 @@ class UringReader:
             self._unregister()
         return self._fixed
 
-    async def read_batch(self, requests: Sequence["ReadRequest"]) -> list[int]:
+    async def read_batch(self, requests: Sequence[_Request]) -> list[int]:
         if not requests:
             return []
         batch = _Batch(list(requests), asyncio.get_running_loop())
@@ -257,7 +267,7 @@ class UringReader:
         batch, i, nbytes = self._in_flight.pop(user_data)
         self._inflight_bytes -= nbytes
         if res == -errno.EINVAL and batch.done[i] % 512:
-            res = 0  # see walrus.stream.reader: O_DIRECT remainder after a short read is end of file
+            res = 0  # see walrus.fileio.reader: O_DIRECT remainder after a short read is end of file
         if res < 0 and -res not in _RETRY and batch.error is None:
             batch.error = _read_error(batch.requests[i], batch.done[i], -res)
             self._drop_pending(batch)  # let its reads in flight land, then fail it

@@ -9,8 +9,6 @@ if TYPE_CHECKING:
     from walrus._uring.reader import UringReader
 
 DEFAULT_DEPTH = 64  # ring entries: the most reads in flight at once (small files)
-# Bytes of reads in flight at once (WALRUS_READ_INFLIGHT's default): large reads queue behind it.
-DEFAULT_INFLIGHT = 8 << 20  # also in walrus.config (a test keeps them equal)
 
 
 class UringUnavailable(Exception):
@@ -76,7 +74,7 @@ def probe() -> str | None:
     return None
 
 
-def open_uring_reader(depth: int = DEFAULT_DEPTH, inflight: int = DEFAULT_INFLIGHT) -> "UringReader":
+def open_uring_reader(inflight: int, depth: int = DEFAULT_DEPTH) -> "UringReader":
     """A UringReader with a ring of `depth` entries and at most `inflight` bytes of reads in flight;
     raises UringUnavailable when io_uring cannot work."""
     reason = probe()

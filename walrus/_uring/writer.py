@@ -10,17 +10,13 @@ import os
 import resource
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Protocol
 
 from walrus._uring.support import UringUnavailable, _explain, probe
 from walrus.log import log
-
-if TYPE_CHECKING:
-    from walrus.archive.tar_read import FileSink
+from walrus.pull import Payload
 
 ALIGN = 4096  # O_DIRECT alignment of buffer address, file offset and length: safe on 512-byte and 4Kn disks
 DEFAULT_DEPTH = 64  # writes queued or in flight per sink; also bounds the descriptors a sink keeps open
-MODES = ("auto", "io_uring", "preadv")  # "preadv": the plain os.write sink (the setting is shared with reads)
 _MAX_BUFFER = 1 << 30  # one buffer is one write; the kernel moves at most ~2 GiB per request
 _RETRY = (errno.EINTR, errno.EAGAIN)
 _ZEROS = memoryview(bytes(ALIGN))
@@ -41,10 +37,6 @@ def _log_once(key: str, message: str, *args: object) -> None:
             return
         _logged.add(key)
     log.info(message, *args)
-
-
-class Payload(Protocol):
-    def readinto(self, view: memoryview) -> int: ...
 
 
 def _path_of(fd: int) -> str:
@@ -419,25 +411,3 @@ def open_uring_sink(direct_threshold: int, buffer_size: int = 1 << 20, buffers: 
     except OSError as e:
         raise UringUnavailable(_explain(e.errno)) from e
 
-
-def open_sink(mode: str = "auto", *, direct_threshold: int, buffer_size: int = 1 << 20,
-              buffers: int = 8) -> "FileSink":
-    """The sink for `mode`: "io_uring", "preadv" (plain writes), or "auto" (io_uring where it works).
-
-    The plain sink never uses O_DIRECT (its writes are unaligned); direct_threshold is io_uring's alone.
-    """
-    from walrus.archive.tar_read import PlainSink
-    from walrus.errors import ConfigError
-
-    if mode not in MODES:
-        raise ConfigError(f"unknown file writer {mode!r}", hint=f"use one of {', '.join(MODES)}")
-    if mode == "preadv":
-        return PlainSink(buffer_size)
-    try:
-        return open_uring_sink(direct_threshold, buffer_size, buffers)
-    except UringUnavailable as e:
-        if mode == "io_uring":
-            raise ConfigError("the io_uring file writer is unavailable", detail=e.reason,
-                              hint='choose "preadv" (plain writes), or allow io_uring on this host') from e
-        _log_once("fallback", "io_uring unavailable (%s); using plain writes", e.reason)
-        return PlainSink(buffer_size)

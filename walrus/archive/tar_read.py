@@ -6,9 +6,11 @@ import os
 import stat
 import tarfile
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 from walrus.errors import BackupError, CorruptArchive
+from walrus.fileio import FileSink, PlainSink
+from walrus.pull import Source
 
 _BLOCK = 512
 _ENCODING = "utf-8"
@@ -28,10 +30,6 @@ _HEADER_ONLY = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))
 _DIR_WALK = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_OPEN = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class Readable(Protocol):
-    def read(self, n: int) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def _label(name: str) -> str:
 class _Source:
     """Exact reads over a pull reader whose read(n) may return fewer bytes than asked."""
 
-    def __init__(self, stream: Readable):
+    def __init__(self, stream: Source):
         self._stream = stream
         self._readinto = getattr(stream, "readinto", None)
         self.offset = 0
@@ -278,7 +276,7 @@ def _read_header(source: _Source, archive: str, after: str | None) -> Member | N
                       linkname=linkname)
 
 
-def iter_members(stream: Readable, *, name: str = "") -> Iterator[tuple[Member, MemberData]]:
+def iter_members(stream: Source, *, name: str = "") -> Iterator[tuple[Member, MemberData]]:
     """Yields each member and its payload reader; whatever the caller leaves unread is skipped.
 
     After the end-of-archive block every remaining byte must be zero, as WAL-G requires.
@@ -332,51 +330,6 @@ def _links_outside(member: Member, archive: str, detail: str) -> CorruptArchive:
         f"tar member {member.name!r} in {archive} links outside the restore directory",
         detail=detail,
     )
-
-
-class FileSink(Protocol):
-    """Where regular-file payloads go: plain writes here, batched io_uring writes in walrus._uring.
-
-    `write` takes ownership of `fd` (opened for writing, empty) and closes it, at once or once its
-    writes complete; `finish` waits for everything and raises the first error. `close` releases
-    whatever the sink still holds without raising: its owner calls it once the extraction is over,
-    failed or not, since extract_tar calls `finish` only when every member was read. Durability is
-    the caller's: backup-fetch syncs each restored filesystem once at the end.
-    """
-
-    name: str  # what backup-fetch reports it wrote with
-    direct_threshold: int  # payloads this large are opened with O_DIRECT (0: never)
-
-    def write(self, fd: int, data: MemberData, size: int, direct: bool) -> None: ...
-
-    def finish(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
-class PlainSink:
-    """os.write through one reused buffer: memory does not grow with file size."""
-
-    name = "pwrite"
-    direct_threshold = 0
-
-    def __init__(self, buffer_size: int = 1 << 20):
-        self.buffer = memoryview(bytearray(buffer_size))
-
-    def write(self, fd: int, data: MemberData, size: int, direct: bool) -> None:
-        try:
-            while n := data.readinto(self.buffer):
-                view = self.buffer[:n]
-                while view:
-                    view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-
-    def finish(self) -> None:
-        return None
-
-    def close(self) -> None:
-        return None
 
 
 class _Extractor:
@@ -608,7 +561,7 @@ class _Extractor:
         self.stats.files += 1
 
 
-def extract_tar(stream: Readable, dest: str, *, name: str = "",
+def extract_tar(stream: Source, dest: str, *, name: str = "",
                 wanted: Callable[[str], bool] | None = None,
                 allowed_links: frozenset[str] = frozenset(),
                 sink: FileSink | None = None, buffer_size: int = 1 << 20) -> ExtractStats:

@@ -13,17 +13,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from walrus.backup import layout
+from walrus.aio import gather_all
 from walrus.backup.dto import format_go_time
 from walrus.backup.list import load_backups
-from walrus.backup.retention import HISTORY_RE, Backup, Plan, Request, RetentionError, garbage_backup_folders, \
-    plan, wal_token
+from walrus.backup.retention import (HISTORY_RE, Backup, Plan, Request, RetentionError, garbage_backup_folders, plan,
+                                     wal_token)
 from walrus.config import Settings
 from walrus.errors import StorageError
 from walrus.log import log
 from walrus.pg.xlog import wal_file_name
+from walrus.storage import layout
 from walrus.storage.base import Storage, Upload
-from walrus.stream.stages import gather_all
 
 BATCH = 1000  # keys per delete request (S3's DeleteObjects limit)
 IN_FLIGHT = 4  # delete requests at once beside the listing that feeds them: at most 4 x BATCH keys held

@@ -12,20 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from walrus import codec
+from walrus.aio import gather_all
 from walrus.archive.tar_read import ExtractStats, extract_tar, member_relpath
-from walrus.backup import layout
 from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
+from walrus.codec import Reader
 from walrus.config import Settings
-from walrus.crypto import decrypting
 from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
+from walrus.fileio import open_sink
 from walrus.fsutil import fsync_dir, syncfs
 from walrus.log import log
+from walrus.runtime import raise_nofile_limit
+from walrus.storage import layout
 from walrus.storage.base import ObjectInfo, Storage
-from walrus._uring.writer import open_sink
-from walrus.stream.pipeline import raise_nofile_limit
-from walrus.stream.stages import SyncReader, consume_in_thread, gather_all
+from walrus.stream.download import consume_decoded
 
 # Restored whatever files_metadata.json lists (WAL-G's UtilityFilePaths).
 UTILITY_RELPATHS = frozenset({"global/pg_control", "backup_label", "tablespace_map"})
@@ -116,7 +116,7 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
 class _Extraction:
     """Extracts parts, WALG_DOWNLOAD_CONCURRENCY at a time, each on its own thread, and tallies them.
 
-    A part that fails ends the others (gather_all cancels them; consume_in_thread stops their
+    A part that fails ends the others (gather_all cancels them; consume_decoded stops their
     threads at their next read), so the command ends within seconds with the first error.
     """
 
@@ -150,8 +150,7 @@ class _Extraction:
             return
         settings = self.settings
 
-        def work(raw: SyncReader) -> ExtractStats:
-            source = codec.open_reader(ext, decrypting(raw, settings.crypter, info.key), name=info.key)
+        def extract(source: Reader) -> ExtractStats:
             with contextlib.closing(open_sink(settings.io_method, direct_threshold=self._direct_min,
                                               buffer_size=settings.buffer_size, buffers=self._sink_buffers)) as sink:
                 self.writer = sink.name
@@ -163,7 +162,8 @@ class _Extraction:
                     raise _write_failed(info.name, dest, e) from None
 
         async with self._slots:
-            stats = await consume_in_thread(await self.storage.get(info.key), work, self._executor)
+            stats = await consume_decoded(await self.storage.get(info.key), ext, info.key, settings.crypter, extract,
+                                          self._executor)
         self.totals.files += stats.files
         self.totals.bytes += stats.bytes
         self.totals.restored |= stats.restored
@@ -186,7 +186,7 @@ class _Extraction:
                                  hint="the backup is damaged; restore another one (backup-list shows them)")
 
     def close(self) -> None:
-        # never wait here: a thread that did not stop in time is abandoned (see consume_in_thread)
+        # never wait here: a thread that did not stop in time is abandoned (see walrus.stream.download.consume_in_thread)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

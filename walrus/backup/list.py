@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from walrus.backup import layout
 from walrus.backup.dto import ExtendedMetadata, Sentinel, format_go_time
 from walrus.backup.retention import Backup, RetentionError, segment_range, wal_token
 from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
 from walrus.log import log
 from walrus.pg.xlog import BACKUP_NAME_RE, first_wal_name_in, format_lsn
+from walrus.storage import layout
 from walrus.storage.base import ObjectInfo, Storage
 
 

@@ -10,13 +10,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from walrus.backup import layout
 from walrus.backup.dto import ExtendedMetadata, Sentinel
 from walrus.backup.list import load_backups, resolve_backup
 from walrus.backup.retention import RetentionError, with_dependants
 from walrus.config import Settings
 from walrus.errors import ObjectNotFound
 from walrus.log import log
+from walrus.storage import layout
 from walrus.storage.base import Storage
 
 

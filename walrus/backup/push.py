@@ -11,21 +11,22 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from walrus import codec
+from walrus.aio import gather_all
 from walrus.archive.tar_write import Entry, TarPartStream
-from walrus.backup import layout
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError
+from walrus.fileio import BufferPool, open_reader
 from walrus.log import log
 from walrus.pg.client import PgSession
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
+from walrus.runtime import cpu_count, raise_nofile_limit
+from walrus.storage import layout
 from walrus.storage.base import Storage
-from walrus.stream.buffers import BufferPool
-from walrus.stream.pipeline import PoolPlan, cpu_count, raise_nofile_limit, upload_buffers, upload_threads
-from walrus.stream.reader import open_reader
-from walrus.stream.stages import Counter, gather_all
+from walrus.stream.upload import PoolPlan, upload_buffers, upload_threads
+from walrus.stream.stages import Counter
 
 UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import importlib
 from typing import NamedTuple
 
-from walrus.codec.base import Compressor, RawSource, Reader
+from walrus.codec.base import Compressor, Reader
 from walrus.errors import ConfigError, CorruptArchive
+from walrus.pull import Source
 
 __all__ = [
     "WRITABLE_METHODS",
@@ -100,7 +101,7 @@ def preload(method: str) -> None:
     _module(method)
 
 
-def open_reader(ext: str, raw: RawSource, *, name: str = "") -> Reader:
+def open_reader(ext: str, raw: Source, *, name: str = "") -> Reader:
     """A decompressing reader over `raw` for an object whose key ends in `ext`; name is for errors."""
     method = method_for_extension(ext)
     return _load(method, _CODECS[method].reader)(raw, name)

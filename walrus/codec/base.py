@@ -4,23 +4,14 @@ from __future__ import annotations
 from typing import ClassVar, Protocol, Union
 
 from walrus.errors import CorruptArchive
+from walrus.pull import READ_SIZE, Source
 
 BytesLike = Union[bytes, bytearray, memoryview]
-
-# Compressed bytes asked of the raw source per refill: big enough that per-call overhead is noise
-# on multi-GiB restores, small enough to be a negligible share of the memory budget.
-READ_SIZE = 1 << 20
 
 CORRUPT_HINT = (
     "the object may be truncated (an interrupted upload), damaged, or encrypted; check that the "
     "WALG_LIBSODIUM_KEY* / WALG_PGP_KEY* settings match the ones the object was written with"
 )
-
-
-class RawSource(Protocol):
-    """Where compressed bytes come from: read(n) returns at most n bytes, b"" at end of input."""
-
-    def read(self, n: int, /) -> bytes: ...
 
 
 class Compressor(Protocol):
@@ -63,7 +54,7 @@ class ChunkedReader:
     # Most input handed to the decoder per step; bounds what a decoder copies of its unconsumed input.
     feed_limit: ClassVar[int] = READ_SIZE
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         self._raw = raw
         self._name = name
         self._chunk = memoryview(b"")

@@ -5,7 +5,8 @@ from typing import ClassVar
 
 import brotli as _brotli
 
-from walrus.codec.base import BytesLike, ChunkedReader, RawSource
+from walrus.codec.base import BytesLike, ChunkedReader
+from walrus.pull import Source
 
 QUALITY = 3  # WAL-G: cbrotli.WriterOptions{Quality: 3}; window left at the default 22 bits
 
@@ -34,7 +35,7 @@ class BrotliReader(ChunkedReader):
     errors: ClassVar[tuple[type[BaseException], ...]] = (_brotli.error,)
     feed_limit: ClassVar[int] = 64 << 10
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         super().__init__(raw, name)
         self._decoder = _brotli.Decompressor()
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import zlib
 from typing import ClassVar
 
-from walrus.codec.base import ChunkedReader, RawSource
+from walrus.codec.base import ChunkedReader
+from walrus.pull import Source
 
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 
@@ -20,7 +21,7 @@ class GzipReader(ChunkedReader):
     errors: ClassVar[tuple[type[BaseException], ...]] = (zlib.error,)
     feed_limit: ClassVar[int] = 64 << 10
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         super().__init__(raw, name)
         self._decoder = zlib.decompressobj(_GZIP_WBITS)
         self._in_member = False

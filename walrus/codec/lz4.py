@@ -8,7 +8,8 @@ import lz4.block as _block
 import lz4.frame as _frame
 import xxhash
 
-from walrus.codec.base import BytesLike, ChunkedReader, RawSource
+from walrus.codec.base import BytesLike, ChunkedReader
+from walrus.pull import Source
 
 
 # The frame header WAL-G's pierrec/lz4 v4 writer produces: magic 184D2204, FLG 0x64 (version 1,
@@ -88,7 +89,7 @@ class Lz4Reader(ChunkedReader):
     method: ClassVar[str] = "lz4"
     errors: ClassVar[tuple[type[BaseException], ...]] = (RuntimeError,)
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         super().__init__(raw, name)
         self._context = _frame.create_decompression_context()
         self._in_frame = False  # bytes of a frame consumed and its end not yet seen

@@ -4,7 +4,8 @@ from __future__ import annotations
 import lzma as _lzma
 from typing import ClassVar
 
-from walrus.codec.base import BytesLike, ChunkedReader, RawSource
+from walrus.codec.base import BytesLike, ChunkedReader
+from walrus.pull import Source
 
 
 # The header names the dictionary size and liblzma allocates it up front; cap it where zstd's window
@@ -38,7 +39,7 @@ class LzmaReader(ChunkedReader):
     method: ClassVar[str] = "lzma"
     errors: ClassVar[tuple[type[BaseException], ...]] = (_lzma.LZMAError,)
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         super().__init__(raw, name)
         self._decoder = _lzma.LZMADecompressor(format=_lzma.FORMAT_ALONE, memlimit=_MEMLIMIT)
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import struct
 import zlib
 
-from walrus.codec.base import READ_SIZE, RawSource, corrupt
+from walrus.codec.base import corrupt
 from walrus.errors import WalrusError
+from walrus.pull import READ_SIZE, Source
 
 
 MAGIC = b"\x89LZO\x00\r\n\x1a\n"
@@ -30,7 +31,7 @@ class LzoReader:
 
     method = "lzo"
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         try:
             import lzallright
         except ImportError as e:

@@ -1,7 +1,8 @@
 """none: objects stored as is (WAL-G v3.0.8+); the key has no extension, or a trailing dot in v3.0.8."""
 from __future__ import annotations
 
-from walrus.codec.base import BytesLike, RawSource
+from walrus.codec.base import BytesLike
+from walrus.pull import Source
 
 
 class IdentityCompressor:
@@ -14,8 +15,8 @@ class IdentityCompressor:
 
 
 class IdentityReader:
-    def __init__(self, raw: RawSource, name: str = ""):
-        self._raw: RawSource | None = raw
+    def __init__(self, raw: Source, name: str = ""):
+        self._raw: Source | None = raw
 
     def read(self, n: int) -> bytes:
         if self._raw is None:

@@ -5,8 +5,9 @@ import threading
 
 import zstandard as _zstd
 
-from walrus.codec.base import READ_SIZE, BytesLike, RawSource, corrupt
+from walrus.codec.base import BytesLike, corrupt
 from walrus.errors import ConfigError
+from walrus.pull import READ_SIZE, Source
 
 METHOD = "zstd"
 
@@ -153,7 +154,7 @@ class _FrameWalker:
 class _WalkedSource:
     """The raw source as zstandard sees it, with every chunk shown to the frame walker first."""
 
-    def __init__(self, raw: RawSource):
+    def __init__(self, raw: Source):
         self._raw = raw
         self.walker = _FrameWalker()
         self.received = 0
@@ -177,7 +178,7 @@ class ZstdReader:
     The window is capped by libzstd's default limit (128 MiB), well above the 8 MiB klauspost uses.
     """
 
-    def __init__(self, raw: RawSource, name: str = ""):
+    def __init__(self, raw: Source, name: str = ""):
         self._name = name
         self._source = _WalkedSource(raw)
         self._stream = _zstd.ZstdDecompressor().stream_reader(

@@ -8,13 +8,11 @@ they are encrypted: the key must be configured for every command that reads them
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
-from walrus.codec.base import BytesLike, RawSource, Reader
+from walrus.codec.base import BytesLike, Reader
 from walrus.errors import ConfigError
-
-if TYPE_CHECKING:
-    from walrus.config import Settings
+from walrus.pull import Source
 
 __all__ = ["Crypter", "Encryptor", "crypter_from_settings", "decrypting"]
 
@@ -32,10 +30,10 @@ class Crypter(Protocol):
 
     def new_encryptor(self) -> Encryptor: ...
 
-    def open_reader(self, raw: RawSource, name: str) -> Reader: ...
+    def open_reader(self, raw: Source, name: str) -> Reader: ...
 
 
-def decrypting(raw: RawSource, crypter: Crypter | None, name: str) -> RawSource:
+def decrypting(raw: Source, crypter: Crypter | None, name: str) -> Source:
     """The stored bytes of object `name`, decrypted when a crypter is configured (before decompression)."""
     return raw if crypter is None else crypter.open_reader(raw, name)
 
@@ -53,32 +51,34 @@ _UNSUPPORTED = (
 )
 
 
-def crypter_from_settings(settings: "Settings", warn: Callable[[str], None] | None = None) -> Crypter | None:
-    """The crypter WAL-G would choose, ready to use; a key that is set but unusable is a ConfigError.
+def crypter_from_settings(values: Mapping[str, Any], sources: Mapping[str, str],
+                          warn: Callable[[str], None] | None = None) -> Crypter | None:
+    """The crypter WAL-G would choose from the resolved settings (walrus.config's table: value and
+    origin by attribute), ready to use; a key that is set but unusable is a ConfigError.
 
     WAL-G's precedence: OpenPGP (inline key, then key path), then the KMS modes, then libsodium
     (inline key, then key path).
     """
-    pgp = settings.pgp_key is not None or settings.pgp_key_path is not None
-    if pgp and settings.envelope_pgp_key is not None:
+    pgp = values["pgp_key"] is not None or values["pgp_key_path"] is not None
+    if pgp and values["envelope_pgp_key"] is not None:
         raise ConfigError("WALG_PGP_KEY* and WALG_ENVELOPE_PGP_KEY* are both set",
                           hint="set one of them (as WAL-G requires)")
     if pgp:
-        if warn is not None and (settings.libsodium_key is not None or settings.libsodium_key_path is not None):
+        if warn is not None and (values["libsodium_key"] is not None or values["libsodium_key_path"] is not None):
             warn("WALG_LIBSODIUM_KEY* is ignored: WALG_PGP_KEY* takes precedence, as in WAL-G")
-        return _openpgp(settings)
+        return _openpgp(values, sources)
     for attr, name, what, hint in _UNSUPPORTED:
-        if getattr(settings, attr) is not None:
+        if values[attr] is not None:
             raise ConfigError(f"{name} is set, but walrus does not implement {what}",
-                              detail=f"set in {settings.sources[attr]}; walrus refuses to store plaintext instead",
+                              detail=f"set in {sources[attr]}; walrus refuses to store plaintext instead",
                               hint=hint)
-    if settings.libsodium_key is not None or settings.libsodium_key_path is not None:
-        return _libsodium(settings)
+    if values["libsodium_key"] is not None or values["libsodium_key_path"] is not None:
+        return _libsodium(values, sources)
     return None
 
 
-def _key_file(settings: "Settings", attr: str, name: str) -> bytes:
-    path = getattr(settings, attr)
+def _key_file(values: Mapping[str, Any], attr: str, name: str) -> bytes:
+    path = values[attr]
     try:
         return Path(path).read_bytes()
     except OSError as e:
@@ -87,46 +87,46 @@ def _key_file(settings: "Settings", attr: str, name: str) -> bytes:
                                "(archive_command runs as the server's OS user)") from None
 
 
-def _libsodium(settings: "Settings") -> Crypter:
+def _libsodium(values: Mapping[str, Any], sources: Mapping[str, str]) -> Crypter:
     try:
         from walrus.crypto.libsodium import LibsodiumCrypter, derive_key
     except ImportError as e:
         raise ConfigError("WALG_LIBSODIUM_KEY* is set, but PyNaCl is not installed", detail=str(e),
                           hint="pip install 'walrus-pg[crypto]' (PyNaCl)") from None
-    transform = settings.libsodium_key_transform
-    if settings.libsodium_key is not None:
+    transform = values["libsodium_key_transform"]
+    if values["libsodium_key"] is not None:
         # the inline key is used as given; only a key file is trimmed (WAL-G's rules)
         attr, name = "libsodium_key", "WALG_LIBSODIUM_KEY"
-        material = settings.libsodium_key.encode("utf-8", "surrogateescape")
+        material = values["libsodium_key"].encode("utf-8", "surrogateescape")
     else:
         attr, name = "libsodium_key_path", "WALG_LIBSODIUM_KEY_PATH"
-        material = _key_file(settings, attr, name).strip()
+        material = _key_file(values, attr, name).strip()
     try:
         return LibsodiumCrypter(derive_key(material, transform))
     except ValueError as e:
         raise ConfigError(f"{name} is not a usable libsodium key",
-                          detail=f"{e} (WALG_LIBSODIUM_KEY_TRANSFORM={transform}; set in {settings.sources[attr]})",
+                          detail=f"{e} (WALG_LIBSODIUM_KEY_TRANSFORM={transform}; set in {sources[attr]})",
                           hint="with transform none the key is at least 25 bytes (WAL-G pads or truncates it to 32); "
                                "hex and base64 keys decode to exactly 32 bytes") from None
 
 
-def _openpgp(settings: "Settings") -> Crypter:
+def _openpgp(values: Mapping[str, Any], sources: Mapping[str, str]) -> Crypter:
     try:
         from walrus.crypto.openpgp import OpenPgpCrypter
         from walrus.crypto.pgp_keys import PgpKeyError
     except ImportError as e:
         raise ConfigError("WALG_PGP_KEY* is set, but the cryptography package is not installed", detail=str(e),
                           hint="pip install 'walrus-pg[crypto]' (cryptography)") from None
-    if settings.pgp_key is not None:
+    if values["pgp_key"] is not None:
         # WAL-G accepts the armored key on one line, with literal \n for the line breaks
-        name, attr, text = "WALG_PGP_KEY", "pgp_key", settings.pgp_key.replace("\\n", "\n")
+        name, attr, text = "WALG_PGP_KEY", "pgp_key", values["pgp_key"].replace("\\n", "\n")
     else:
         name, attr = "WALG_PGP_KEY_PATH", "pgp_key_path"
-        text = _key_file(settings, attr, name).decode("ascii", "replace")
-    passphrase = settings.pgp_key_passphrase
+        text = _key_file(values, attr, name).decode("ascii", "replace")
+    passphrase = values["pgp_key_passphrase"]
     try:
         return OpenPgpCrypter.from_armored(text, None if passphrase is None else passphrase.encode("utf-8"))
     except PgpKeyError as e:
-        raise ConfigError(f"{name} is not a usable OpenPGP key", detail=f"{e}; set in {settings.sources[attr]}",
+        raise ConfigError(f"{name} is not a usable OpenPGP key", detail=f"{e}; set in {sources[attr]}",
                           hint="give an armored key ring (gpg --armor --export KEY for pushing, "
                                "--export-secret-keys to fetch as well)") from None

@@ -17,9 +17,9 @@ import binascii
 from nacl import bindings as _nacl
 from nacl._sodium import ffi as _ffi, lib as _lib
 
-from walrus.codec.base import BytesLike, RawSource
-from walrus.crypto.pgp_packets import READ_SIZE
+from walrus.codec.base import BytesLike
 from walrus.errors import CorruptArchive
+from walrus.pull import READ_SIZE, Source
 
 CHUNK = 8192
 HEADER_BYTES = _nacl.crypto_secretstream_xchacha20poly1305_HEADERBYTES  # 24
@@ -74,7 +74,7 @@ class LibsodiumCrypter:
     def new_encryptor(self) -> "SecretStreamWriter":
         return SecretStreamWriter(self._key)
 
-    def open_reader(self, raw: RawSource, name: str) -> "SecretStreamReader":
+    def open_reader(self, raw: Source, name: str) -> "SecretStreamReader":
         return SecretStreamReader(raw, self._key, name)
 
 
@@ -136,7 +136,7 @@ class SecretStreamWriter:
 class SecretStreamReader:
     """Pull-style plaintext: read(n) returns 1..n bytes, b"" only after the FINAL chunk."""
 
-    def __init__(self, raw: RawSource, key: bytes, name: str):
+    def __init__(self, raw: Source, key: bytes, name: str):
         self._raw = raw
         self._key = key
         self._name = name

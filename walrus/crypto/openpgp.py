@@ -17,14 +17,14 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from walrus.codec.base import BytesLike, RawSource, Reader
+from walrus.codec.base import BytesLike, Reader
 from walrus.crypto import pgp_keys as keys
 from walrus.crypto.pgp_keys import Entity, Key, PgpKeyError
-from walrus.crypto.pgp_packets import (READ_SIZE, TAG_AEAD, TAG_COMPRESSED, TAG_LITERAL, TAG_MARKER,
-                                       TAG_ONE_PASS_SIGNATURE, TAG_PKESK, TAG_SED, TAG_SEIPD, TAG_SIGNATURE,
-                                       TAG_SKESK, PacketBody, PacketError, PartialWriter, PullReader, Source,
-                                       packet, read_exact, read_packet)
+from walrus.crypto.pgp_packets import (TAG_AEAD, TAG_COMPRESSED, TAG_LITERAL, TAG_MARKER, TAG_ONE_PASS_SIGNATURE,
+                                       TAG_PKESK, TAG_SED, TAG_SEIPD, TAG_SIGNATURE, TAG_SKESK, PacketBody, PacketError,
+                                       PartialWriter, PullReader, packet, read_exact, read_packet)
 from walrus.errors import CorruptArchive
+from walrus.pull import READ_SIZE, Source
 
 MDC_HEADER = b"\xd3\x14"  # new-format tag 19, length 20: the MDC packet's header, hashed with the data
 MDC_LENGTH = 22
@@ -66,7 +66,7 @@ class OpenPgpCrypter:
     def new_encryptor(self) -> "MessageWriter":
         return MessageWriter(self.recipients)
 
-    def open_reader(self, raw: RawSource, name: str) -> Reader:
+    def open_reader(self, raw: Source, name: str) -> Reader:
         return MessageReader(raw, self, name)
 
     def session_key(self, pkesks: list[tuple[bytes, int, bytes]], name: str) -> tuple[int, bytes]:
@@ -263,7 +263,7 @@ def _open_literal(stream: PullReader, name: str) -> _Literal:
 class MessageReader(PullReader):
     """The literal data of a binary OpenPGP message; read(n) returns 1..n bytes, b"" after the MDC checks."""
 
-    def __init__(self, raw: RawSource, crypter: OpenPgpCrypter, name: str):
+    def __init__(self, raw: Source, crypter: OpenPgpCrypter, name: str):
         super().__init__()
         self._raw = raw
         self._crypter = crypter

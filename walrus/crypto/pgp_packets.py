@@ -1,10 +1,7 @@
 """OpenPGP packet framing (RFC 4880 section 4.2): headers, bodies streamed through partial lengths, writers."""
 from __future__ import annotations
 
-from typing import Protocol
-
-# Largest piece any stage asks of the stage below it: per-read memory is O(this) at every layer.
-READ_SIZE = 1 << 20
+from walrus.pull import READ_SIZE, Source
 
 TAG_PKESK = 1
 TAG_SIGNATURE = 2
@@ -33,12 +30,6 @@ _PARTIAL_HEADERS = tuple(bytes([224 + exp]) for exp in range(MAX_PARTIAL_EXP + 1
 
 class PacketError(ValueError):
     """Bytes that are not the OpenPGP packets they should be."""
-
-
-class Source(Protocol):
-    """read(n) returns 1..n bytes, b"" only at the end."""
-
-    def read(self, n: int, /) -> bytes: ...
 
 
 def read_exact(src: Source, n: int) -> bytes:

@@ -17,8 +17,8 @@ from walrus.daemon import protocol
 from walrus.errors import ArchiveNotFound, ConfigError, WalrusError
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name, next_wal_file_name
+from walrus.runtime import raise_nofile_limit
 from walrus.storage.base import Storage
-from walrus.stream.pipeline import raise_nofile_limit
 from walrus.wal import prefetch, prefetcher
 from walrus.wal.fetch import wal_fetch
 from walrus.wal.push import WalPusher

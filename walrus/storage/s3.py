@@ -17,13 +17,12 @@ from urllib.parse import urlparse
 import aiohttp
 import botocore.exceptions as bce
 
+from walrus.aio import gather_all
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
-from walrus.storage.retry import (Progress, RetryingStorage, RetryPolicy, TransientError, describe, gave_up,
-                                  is_transient)
-from walrus.stream.stages import gather_all
+from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe, gave_up, is_transient
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts except the last one
 MAX_PARTS = 10_000  # S3's limit per multipart upload

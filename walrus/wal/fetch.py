@@ -37,7 +37,7 @@ def take_prefetched(settings: Settings, name: str, destination: str) -> WalFetch
 
 async def wal_fetch(settings: Settings, storage: Storage, name: str, destination: str) -> WalFetchResult:
     # here, not at the top: restore_command start-up when the segment was prefetched (take_prefetched)
-    from walrus.wal.archive import download
+    from walrus.wal.stored import download
 
     began = time.monotonic()
     _check_name(name)

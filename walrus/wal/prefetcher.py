@@ -10,7 +10,7 @@ from walrus.errors import ArchiveNotFound, WalrusError
 from walrus.log import log
 from walrus.pg.xlog import next_wal_file_name, parse_wal_file_name
 from walrus.storage.base import Storage
-from walrus.wal.archive import download
+from walrus.wal.stored import download
 from walrus.wal.prefetch import RUNNING, clean, cursor, present
 
 FOLLOW_POLL = 0.02  # seconds between looks at the cursor

@@ -9,19 +9,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from walrus import codec
-from walrus.archive.tar_write import open_for_backup
-from walrus.backup import layout
 from walrus.config import WAL_BLOCK_MIN, Settings
-from walrus.errors import (CorruptArchive, ObjectExists, StorageError, StorageMissing, WalOverwriteError,
-                           WalrusError)
+from walrus.errors import CorruptArchive, ObjectExists, StorageError, StorageMissing, WalOverwriteError, WalrusError
+from walrus.fileio import BufferPool, file_buffers, open_for_backup, open_reader
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name
+from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
-from walrus.stream.buffers import BufferPool
-from walrus.stream.pipeline import buffer_size, file_buffers, upload_buffers, upload_threads
-from walrus.stream.reader import open_reader
+from walrus.stream.download import copy_decoded
+from walrus.stream.upload import buffer_size, upload_buffers, upload_threads
 from walrus.stream.stages import Counter, blocks_in_flight
-from walrus.wal.archive import consume_decompressed, open_archived
+from walrus.wal.stored import open_archived
 
 # Cores a lone push compresses on (lz4 blocks or zstd frames at once). Concurrent pushes (the
 # daemon) use the cores by running side by side, one core each.
@@ -199,7 +197,7 @@ class WalPusher:
         key, ext, stream = existing
         comparer = _Comparer(fd)
         try:
-            await consume_decompressed(stream, ext, key, self.executor, comparer.feed, self.settings.crypter)
+            await copy_decoded(stream, ext, key, self.settings.crypter, comparer.feed, self.executor)
         except CorruptArchive as e:
             raise WalOverwriteError(
                 f"{name} is already archived, but the archived copy cannot be read",

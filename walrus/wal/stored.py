@@ -1,22 +1,17 @@
-"""Archived WAL objects: found under any compression extension (WAL-G's probe order), decompressed, downloaded."""
+"""Stored WAL objects: found under any compression extension (WAL-G's probe order), downloaded to a file."""
 from __future__ import annotations
 
 import os
 import secrets
-from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Callable
 
 from walrus import codec
-from walrus.backup import layout
 from walrus.config import Settings
-from walrus.crypto import Crypter, decrypting
 from walrus.errors import ArchiveNotFound, CorruptArchive, ObjectNotFound, WalrusError
 from walrus.fsutil import discard, write_all
 from walrus.pg.xlog import classify_wal_name
+from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
-from walrus.stream.stages import SyncReader, consume_in_thread
-
-COPY_CHUNK = 1 << 20
+from walrus.stream.download import copy_decoded
 
 
 def candidate_keys(name: str, configured_method: str) -> list[tuple[str, str]]:
@@ -48,29 +43,6 @@ async def open_archived(storage: Storage, name: str, settings: Settings) -> tupl
     return None
 
 
-async def consume_decompressed(stream: ByteStream, ext: str, key: str, executor: Executor | None,
-                               sink: Callable[[bytes], None], crypter: Crypter | None) -> None:
-    """Decrypt and decompress an object on a worker thread, handing each chunk to `sink` (also on that thread)."""
-
-    def work(raw: SyncReader) -> None:
-        reader = codec.open_reader(ext, decrypting(raw, crypter, key), name=key)
-        while chunk := reader.read(COPY_CHUNK):
-            sink(chunk)
-
-    # The work blocks on the event loop for every chunk (SyncReader), and the storage may need the
-    # loop's default executor to produce that chunk (file reads go through asyncio.to_thread). So it
-    # must never occupy a default-executor thread itself: ten of them waiting at once (a prefetch
-    # window) would starve the reads they wait for, and everything would hang.
-    own = None
-    if executor is None:
-        own = executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-decompress")
-    try:
-        await consume_in_thread(stream, work, executor)
-    finally:
-        if own is not None:
-            own.shutdown(wait=False)
-
-
 async def download(settings: Settings, storage: Storage, name: str, destination: str,
                    partial: str | None = None) -> tuple[str, int]:
     """Decompress archived `name` into `destination` via `partial` (a temporary file in the same
@@ -100,7 +72,7 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
         size += len(chunk)
 
     try:
-        await consume_decompressed(stream, ext, key, None, sink, settings.crypter)
+        await copy_decoded(stream, ext, key, settings.crypter, sink)
         if size != settings.segment_size and classify_wal_name(name) == "segment":
             # what a truncation the format cannot see looks like: uncompressed objects, and zstd
             # frames cut at a frame boundary

@@ -1,19 +1,14 @@
 """The upload chain shared by wal-push and backup-push: pool buffers -> compress -> encrypt -> count -> storage."""
 from __future__ import annotations
 
-import asyncio
-import os
-import resource
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import AsyncIterable, Callable
+from typing import AsyncIterable
 
-from walrus.archive.tar_write import dio_length
 from walrus.codec import new_compressor
 from walrus.config import Settings
+from walrus.fileio import Buffer
 from walrus.storage.base import Storage
-from walrus.stream.buffers import Buffer, BufferPool
-from walrus.stream.reader import FileReader, ReadRequest
 from walrus.stream.stages import Counter, blocks_in_flight, compressed, encrypted, piped
 
 # Compressed chunks queued between the compressor thread and the storage writer.
@@ -71,67 +66,3 @@ async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buff
     if counter is not None:
         stream = counter.count(stream)
     return await storage.put(key, stream, exclusive=exclusive)
-
-
-async def file_buffers(fd: int, size: int, pool: BufferPool, reader: FileReader, depth: int,
-                       direct: bool = False, all_issued: Callable[[], None] | None = None):
-    """A file's first `size` bytes as filled pool buffers, with up to `depth` reads in flight.
-
-    A short read (EOF before `size`) ends the stream early; the caller checks the total. With
-    `direct` (fd opened O_DIRECT) reads ask for whole blocks and keep only the file's bytes.
-    `all_issued` is called once the last read is in flight (the stream may still yield buffers).
-    """
-    pending: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
-
-    async def read_one(buf: Buffer, offset: int, n: int) -> Buffer:
-        (got,) = await reader.read_batch([ReadRequest(fd, offset, buf.view[:dio_length(n, direct)])])
-        buf.length = min(got, n)
-        return buf
-
-    async def produce() -> None:
-        offset = 0
-        while offset < size:
-            buf = await pool.acquire()
-            n = min(pool.size, size - offset)
-            await pending.put(asyncio.ensure_future(read_one(buf, offset, n)))
-            offset += n
-        if all_issued is not None:
-            all_issued()
-        await pending.put(None)
-
-    producer = asyncio.create_task(produce())
-    try:
-        while True:
-            item = await pending.get()
-            if item is None:
-                break
-            buf = await item
-            if buf.length == 0:
-                buf.release()
-                break
-            yield buf
-        await producer
-    finally:
-        producer.cancel()
-        while not pending.empty():
-            item = pending.get_nowait()
-            if item is not None:
-                try:
-                    (await item).release()
-                except BaseException:
-                    pass
-
-
-def raise_nofile_limit() -> None:
-    """Parts keep the files of their in-flight buffers open; lift the soft fd limit to the hard one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < want:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-        except (ValueError, OSError):
-            pass
-
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
