@@ -9,7 +9,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Protocol
 
 import click
 
@@ -90,10 +90,15 @@ class _BoundedExecutor(ThreadPoolExecutor):
                 thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def _emit(result: Any, as_json: bool, text: str | None) -> None:
+class _Result(Protocol):
+    """What an engine returns: `--json` prints as_json(), text commands print their own rendering."""
+
+    def as_json(self) -> dict[str, Any]: ...
+
+
+def _emit(result: _Result, as_json: bool, text: str | None) -> None:
     if as_json:
-        obj = result.as_json() if hasattr(result, "as_json") else result
-        click.echo(json.dumps(obj, indent=None))
+        click.echo(json.dumps(result.as_json(), indent=None))
     elif text:
         click.echo(text)
 

@@ -351,14 +351,14 @@ def _push_concurrently(tmp_path, monkeypatch, count, slots, encode_delay):
 
     async def main():
         pusher = WalPusher(settings, slots=slots)
-        plain_read = pusher.reader.read_batch
+        plain_read = pusher.uploader.reader.read_batch
 
         async def read_batch(requests):
             for r in requests:
                 events.append((time.monotonic(), "read", os.path.basename(os.readlink(f"/proc/self/fd/{r.fd}"))))
             return await plain_read(requests)
 
-        pusher.reader.read_batch = read_batch
+        pusher.uploader.reader.read_batch = read_batch
         storage = open_storage(settings)
 
         async def one(name):

@@ -200,15 +200,13 @@ async def _find_orphan_folders(storage: Storage, result: DeleteResult, backups: 
         seen(obj.key, obj.mtime)
     # a part being uploaded (a temporary file, a multipart upload) is a backup at work too, perhaps
     # one whose folder holds nothing yet
-    uploads = getattr(storage, "abandoned_uploads", None)
-    if uploads is not None:
-        try:
-            found = await uploads(layout.BASEBACKUPS, datetime.now(timezone.utc) + timedelta(days=1))
-        except StorageError as e:  # an endpoint without ListMultipartUploads: the folders still tell
-            log.warning(f"could not list the uploads in progress: {e.detail or e.message}; going by folders alone")
-            found = []
-        for upload in found:
-            seen(upload.key, upload.started)
+    try:
+        found = await storage.abandoned_uploads(layout.BASEBACKUPS, datetime.now(timezone.utc) + timedelta(days=1))
+    except StorageError as e:  # an endpoint without ListMultipartUploads: the folders still tell
+        log.warning(f"could not list the uploads in progress: {e.detail or e.message}; going by folders alone")
+        found = []
+    for upload in found:
+        seen(upload.key, upload.started)
     p = result.plan
     if p.request.mode == "everything":
         reference = []  # every folder goes, but for those written to recently
@@ -338,17 +336,14 @@ def _segment_token(name: str, segment_size: int) -> tuple[int, int] | None:
 
 async def _abandoned_uploads(storage: Storage, result: DeleteResult, scope: str | None,
                              started_before: datetime, confirm: bool) -> None:
-    find = getattr(storage, "abandoned_uploads", None)
-    if find is None:
-        return  # the backend has no such thing
     folders = {"ARCHIVES": [layout.WAL], "BACKUPS": [layout.BASEBACKUPS]}.get(scope or "", [""])
     for folder in folders:
         try:
-            found = await find(folder, started_before)
+            found = await storage.abandoned_uploads(folder, started_before)
         except StorageError as e:
             log.warning(f"could not list abandoned uploads: {e.detail or e.message}; none removed")
             return
-        result.uploads += found
+        result.uploads += list(found)
         if confirm and found:
             await storage.discard_uploads(found)
 

@@ -6,9 +6,9 @@ import itertools
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from datetime import datetime
+from typing import Any, Callable, Iterator, Protocol
 
 from walrus import codec
 from walrus.aio import gather_all
@@ -18,14 +18,13 @@ from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata,
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError
-from walrus.fileio import BufferPool, open_reader
 from walrus.log import log
-from walrus.pg.client import PgSession
+from walrus.pg.client import BackupStart, BackupStop, PgSession, ServerInfo
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
 from walrus.runtime import cpu_count, raise_nofile_limit
 from walrus.storage import layout
 from walrus.storage.base import Storage
-from walrus.stream.upload import PoolPlan, upload_buffers, upload_threads
+from walrus.stream.upload import PoolPlan, Uploader, upload_threads
 from walrus.stream.stages import Counter
 
 UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
@@ -124,102 +123,149 @@ def _check_server(info, pgdata: str, settings: Settings) -> None:
                     "without the WAL written during it")
 
 
+class PgBackupSession(Protocol):
+    """The PostgreSQL session the phases drive: walrus.pg.client.PgSession, or a test's own."""
+
+    def server_info(self) -> ServerInfo: ...
+
+    def backup_start(self, label: str, version_num: int) -> BackupStart: ...
+
+    def backup_stop(self, version_num: int, wait_for_archive: bool = True) -> BackupStop: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Push:
+    """One backup in the making: what each phase leaves for the next."""
+
+    settings: Settings
+    storage: Storage
+    pgdata: str
+    session: PgBackupSession
+    info: ServerInfo
+    start: BackupStart
+    start_time: datetime
+    name: str
+    ext: str  # the compression's file extension
+    plan: PoolPlan
+    lanes: int
+    walk: WalkResult = field(default_factory=WalkResult)
+    collected: _Collected = field(default_factory=_Collected)
+    counter: Counter = field(default_factory=Counter)
+    stop: BackupStop | None = None
+    reader: str = ""  # the file reader's name, for the result
+
+
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
-                      user_data: Any = None) -> BackupPushResult:
+                      user_data: Any = None,
+                      connect: Callable[[Settings], PgBackupSession] = PgSession) -> BackupPushResult:
+    """Phases: start (pg_backup_start), upload data (the walk's tar parts), upload control files
+    (pg_control.tar, pg_backup_stop, backup_label.tar, the archiver's wait), finish (the metadata,
+    then the sentinel, last: a backup exists if and only if its sentinel does)."""
     began = time.monotonic()
     if not os.path.isdir(pgdata):
         raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
-    session = await asyncio.to_thread(PgSession, settings)
+    session = await asyncio.to_thread(connect, settings)
     try:
-        info = await asyncio.to_thread(session.server_info)
-        _check_server(info, pgdata, settings)
-        start_time = now_utc_micro()
-        start = await asyncio.to_thread(session.backup_start, start_time.isoformat(), info.version_num)
-        name = backup_name_for(start.timeline, start.lsn, info.segment_size)
-        log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
-        ext = codec.extension(settings.compression_method)
-
-        walk = WalkResult()
-        collected = _Collected()
-        counter = Counter()
-        lanes = settings.upload_disk_concurrency
-        # each part's buffers are compressed on every core, so the last part is not left to one
-        plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
-        pool = BufferPool(plan.count, plan.buffer_size)
-        reader = open_reader(settings.io_method, settings.read_inflight)
-        register = getattr(reader, "register", None)
-        if register is not None:
-            register(pool)
-        executor = ThreadPoolExecutor(max_workers=lanes * upload_threads(plan.parallel),
-                                      thread_name_prefix="walrus-compress")
-        raise_nofile_limit()
-        part_numbers = itertools.count(1)
-        shared = _SharedEntries(walk_data_directory(pgdata, walk))
-
-        async def upload_part(entries: Iterator[Entry], object_name: str, threshold: int | None) -> TarPartStream:
-            stream = TarPartStream(entries, pool, reader, threshold=threshold, depth=plan.depth,
-                                   direct_min=settings.direct_io_min if settings.direct_io else None,
-                                   on_member=collected.record)
-            await upload_buffers(storage, layout.part_key(name, object_name), stream, settings, executor, counter,
-                                 plan.parallel)
-            collected.tar_file_sets[object_name] = stream.members
-            log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
-            return stream
-
-        async def lane() -> None:
-            while (first := shared.take_first()) is not None:
-                object_name = layout.part_object_name(next(part_numbers), ext)
-                await upload_part(itertools.chain([first], shared.rest()), object_name,
-                                  settings.tar_size_threshold)
-
-        try:
-            await gather_all([lane() for _ in range(lanes)])
-            if walk.pg_control is None:
-                raise BackupError(f"{pgdata} has no global/pg_control", hint="is this a PostgreSQL data directory?")
-            next(part_numbers)  # WAL-G's counter counts pg_control.tar too
-            await upload_part(iter([walk.pg_control]), layout.with_extension(layout.PG_CONTROL_TAR, ext), None)
-
-            # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it
-            # and waits for the same condition itself, polling the archive status every 20 ms.
-            stop = await asyncio.to_thread(session.backup_stop, info.version_num, False)
-            label_entries = [Entry("backup_label", "file", len(stop.label.encode()), 0o600, data=stop.label.encode()),
-                             Entry("tablespace_map", "file", len(stop.tablespace_map.encode()), 0o600,
-                                   data=stop.tablespace_map.encode())]
-            await upload_part(iter(label_entries), layout.with_extension(layout.BACKUP_LABEL_TAR, ext), None)
-            if _archiving_applies(info):
-                await wait_for_archiver(pgdata, _backup_wal_files(start.timeline, start.lsn, stop.lsn,
-                                                                  info.segment_size))
-        finally:
-            executor.shutdown(wait=False, cancel_futures=True)
-            reader.close()
-
-        finish_time = now_utc_micro()
-        spec = TablespaceSpec(base_prefix=os.path.realpath(pgdata).rstrip("/"),
-                              locations=dict(walk.tablespaces)) if walk.tablespaces else None
-        sentinel = Sentinel(
-            start_lsn=start.lsn, finish_lsn=stop.lsn, pg_version=info.version_num,
-            system_identifier=system_identifier_from_pg(info.system_identifier),
-            uncompressed_size=collected.uncompressed, compressed_size=counter.bytes,
-            data_catalog_size=walk.data_catalog_size, spec=spec, user_data=user_data,
-            files_metadata_disabled=False, delta_lsn=None, delta_from=None, delta_full_name=None,
-            delta_count=None, start_time=start_time, finish_time=finish_time, hostname=socket.gethostname(),
-            data_dir=os.path.realpath(info.data_directory), is_permanent=permanent, version=2,
-            legacy_files=None, legacy_tar_file_sets=None)
-        metadata = ExtendedMetadata(
-            start_time=start_time, finish_time=finish_time, hostname=sentinel.hostname, data_dir=sentinel.data_dir,
-            pg_version=info.version_num, start_lsn=start.lsn, finish_lsn=stop.lsn, is_permanent=permanent,
-            system_identifier=sentinel.system_identifier, uncompressed_size=collected.uncompressed,
-            compressed_size=counter.bytes, user_data=user_data)
-        files_metadata = FilesMetadata(files=collected.files, tar_file_sets=collected.tar_file_sets,
-                                       databases_by_names=None)
-        # The sentinel goes last: a backup exists if and only if its sentinel does.
-        await storage.put_bytes(layout.backup_key(name, layout.METADATA), metadata.to_json())
-        await storage.put_bytes(layout.backup_key(name, layout.FILES_METADATA), files_metadata.to_json())
-        await storage.put_bytes(layout.sentinel_key(name), sentinel.to_json())
-        pool.close()
+        push = await _start(settings, storage, pgdata, session)
+        raise_nofile_limit()  # parts keep the files of their in-flight buffers open
+        with Uploader(settings, push.plan.count, push.plan.buffer_size, push.lanes * upload_threads(push.plan.parallel),
+                      register=True, name="walrus-compress") as uploader:
+            push.reader = uploader.reader.name
+            await _upload_data(push, uploader)
+            await _upload_control_files(push, uploader)
+        await _finish(push, permanent, user_data)
     finally:
         await asyncio.to_thread(session.close)
-    return BackupPushResult(name=name, start_lsn=start.lsn, finish_lsn=stop.lsn,
-                            uncompressed_size=collected.uncompressed, compressed_size=counter.bytes,
-                            parts=sorted(collected.tar_file_sets), files=len(collected.files),
-                            seconds=time.monotonic() - began, reader=reader.name, storage=storage.describe())
+    return BackupPushResult(name=push.name, start_lsn=push.start.lsn, finish_lsn=push.stop.lsn,
+                            uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
+                            parts=sorted(push.collected.tar_file_sets), files=len(push.collected.files),
+                            seconds=time.monotonic() - began, reader=push.reader, storage=storage.describe())
+
+
+async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession) -> _Push:
+    info = await asyncio.to_thread(session.server_info)
+    _check_server(info, pgdata, settings)
+    start_time = now_utc_micro()
+    start = await asyncio.to_thread(session.backup_start, start_time.isoformat(), info.version_num)
+    name = backup_name_for(start.timeline, start.lsn, info.segment_size)
+    log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
+    lanes = settings.upload_disk_concurrency
+    # each part's buffers are compressed on every core, so the last part is not left to one
+    plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
+    return _Push(settings, storage, pgdata, session, info, start, start_time, name,
+                 codec.extension(settings.compression_method), plan, lanes)
+
+
+async def _upload_data(push: _Push, uploader: Uploader) -> None:
+    """The data directory's files as tar parts, `lanes` parts filled at once from the one walk."""
+    part_numbers = itertools.count(1)
+    shared = _SharedEntries(walk_data_directory(push.pgdata, push.walk))
+
+    async def lane() -> None:
+        while (first := shared.take_first()) is not None:
+            object_name = layout.part_object_name(next(part_numbers), push.ext)
+            await _upload_part(push, uploader, itertools.chain([first], shared.rest()), object_name,
+                               push.settings.tar_size_threshold)
+
+    await gather_all([lane() for _ in range(push.lanes)])
+
+
+async def _upload_control_files(push: _Push, uploader: Uploader) -> None:
+    """pg_control.tar, then pg_backup_stop and backup_label.tar, then the wait for the WAL the
+    backup needs to be archived."""
+    if push.walk.pg_control is None:
+        raise BackupError(f"{push.pgdata} has no global/pg_control", hint="is this a PostgreSQL data directory?")
+    await _upload_part(push, uploader, iter([push.walk.pg_control]),
+                       layout.with_extension(layout.PG_CONTROL_TAR, push.ext), None)
+    # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it and waits
+    # for the same condition itself, polling the archive status every 20 ms
+    info = push.info
+    push.stop = stop = await asyncio.to_thread(push.session.backup_stop, info.version_num, False)
+    label, spcmap = stop.label.encode(), stop.tablespace_map.encode()
+    label_entries = [Entry("backup_label", "file", len(label), 0o600, data=label),
+                     Entry("tablespace_map", "file", len(spcmap), 0o600, data=spcmap)]
+    await _upload_part(push, uploader, iter(label_entries), layout.with_extension(layout.BACKUP_LABEL_TAR, push.ext),
+                       None)
+    if _archiving_applies(info):
+        await wait_for_archiver(push.pgdata, _backup_wal_files(push.start.timeline, push.start.lsn, stop.lsn,
+                                                               info.segment_size))
+
+
+async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry], object_name: str,
+                       threshold: int | None) -> None:
+    s = push.settings
+    stream = TarPartStream(entries, uploader.pool, uploader.reader, threshold=threshold, depth=push.plan.depth,
+                           direct_min=s.direct_io_min if s.direct_io else None, on_member=push.collected.record)
+    await uploader.upload(push.storage, layout.part_key(push.name, object_name), stream, push.counter,
+                          push.plan.parallel)
+    push.collected.tar_file_sets[object_name] = stream.members
+    log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
+
+
+async def _finish(push: _Push, permanent: bool, user_data: Any) -> None:
+    """metadata.json and files_metadata.json, then the sentinel, last."""
+    info, start, stop, storage = push.info, push.start, push.stop, push.storage
+    finish_time = now_utc_micro()
+    spec = TablespaceSpec(base_prefix=os.path.realpath(push.pgdata).rstrip("/"),
+                          locations=dict(push.walk.tablespaces)) if push.walk.tablespaces else None
+    sentinel = Sentinel(
+        start_lsn=start.lsn, finish_lsn=stop.lsn, pg_version=info.version_num,
+        system_identifier=system_identifier_from_pg(info.system_identifier),
+        uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
+        data_catalog_size=push.walk.data_catalog_size, spec=spec, user_data=user_data,
+        files_metadata_disabled=False, delta_lsn=None, delta_from=None, delta_full_name=None,
+        delta_count=None, start_time=push.start_time, finish_time=finish_time, hostname=socket.gethostname(),
+        data_dir=os.path.realpath(info.data_directory), is_permanent=permanent, version=2,
+        legacy_files=None, legacy_tar_file_sets=None)
+    metadata = ExtendedMetadata(
+        start_time=push.start_time, finish_time=finish_time, hostname=sentinel.hostname, data_dir=sentinel.data_dir,
+        pg_version=info.version_num, start_lsn=start.lsn, finish_lsn=stop.lsn, is_permanent=permanent,
+        system_identifier=sentinel.system_identifier, uncompressed_size=push.collected.uncompressed,
+        compressed_size=push.counter.bytes, user_data=user_data)
+    files_metadata = FilesMetadata(files=push.collected.files, tar_file_sets=push.collected.tar_file_sets,
+                                   databases_by_names=None)
+    await storage.put_bytes(layout.backup_key(push.name, layout.METADATA), metadata.to_json())
+    await storage.put_bytes(layout.backup_key(push.name, layout.FILES_METADATA), files_metadata.to_json())
+    await storage.put_bytes(layout.sentinel_key(push.name), sentinel.to_json())

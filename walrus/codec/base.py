@@ -17,9 +17,24 @@ CORRUPT_HINT = (
 class Compressor(Protocol):
     """One compressed object in the making; data passed to compress() is not referenced afterwards."""
 
+    # True for a BlockCompressor: its chunks may be encoded on several cores at once
+    independent_blocks: ClassVar[bool]
+
     def compress(self, data: BytesLike) -> bytes: ...
 
     def finish(self) -> bytes: ...
+
+
+class BlockCompressor(Compressor, Protocol):
+    """A format of independent blocks (lz4, zstd): start() is the object's head; for each chunk in
+    order, checksum(chunk) feeds the running content checksum, and encode(chunk), from any thread
+    in any order, its block; finish() is the tail. compress(chunk) is checksum then encode."""
+
+    def start(self) -> bytes: ...
+
+    def checksum(self, data: BytesLike) -> None: ...
+
+    def encode(self, data: BytesLike) -> bytes: ...
 
 
 class Reader(Protocol):

@@ -12,6 +12,8 @@ QUALITY = 3  # WAL-G: cbrotli.WriterOptions{Quality: 3}; window left at the defa
 
 
 class BrotliCompressor:
+    independent_blocks = False
+
     def __init__(self) -> None:
         self._stream = _brotli.Compressor(quality=QUALITY)
 

@@ -53,6 +53,8 @@ class Lz4Compressor:
     and encode() in any order on any thread.
     """
 
+    independent_blocks = True
+
     def __init__(self) -> None:
         self._checksum = xxhash.xxh32()
         self._started = False

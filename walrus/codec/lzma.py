@@ -19,6 +19,8 @@ class LzmaCompressor:
     Preset 6 is what gives liblzma's alone encoder ulikunitz's defaults byte for byte in the header.
     """
 
+    independent_blocks = False
+
     def __init__(self) -> None:
         self._stream = _lzma.LZMACompressor(format=_lzma.FORMAT_ALONE, preset=6)
 

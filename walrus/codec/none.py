@@ -6,6 +6,8 @@ from walrus.pull import Source
 
 
 class IdentityCompressor:
+    independent_blocks = False
+
     def compress(self, data: BytesLike) -> bytes:
         # a copy when data is a view: the caller recycles the buffer behind it once this returns
         return bytes(data)

@@ -60,6 +60,8 @@ class ZstdCompressor:
     The block form: start() and checksum() have nothing to do; encode() runs on any thread.
     """
 
+    independent_blocks = True
+
     def __init__(self, level: str | None = None):
         self._level = zstd_level(level)
         self._encoded = False

@@ -32,6 +32,11 @@ class FileReader(Protocol):
 
     async def read_batch(self, requests: Sequence[ReadRequest]) -> list[int]: ...
 
+    def register(self, pool: BufferPool) -> bool:
+        """Pin the pool for faster reads into it (io_uring's fixed buffers); False where the reader
+        reads as fast without (preadv), or the kernel refused. Reads work either way."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -68,6 +73,9 @@ class PreadReader:
         if not requests:
             return []
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._run, requests)
+
+    def register(self, pool: BufferPool) -> bool:
+        return False  # preadv copies into any memory alike
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

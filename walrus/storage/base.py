@@ -4,7 +4,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from datetime import datetime
-from typing import AsyncIterable, AsyncIterator, Iterable
+from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 
 ByteStream = AsyncIterator[bytes]
 
@@ -22,8 +22,8 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class Upload:
-    """An upload a writer began and never finished (optional capability `abandoned_uploads`): a
-    temporary file in file storage, an S3 multipart upload never completed or aborted."""
+    """An upload a writer began and never finished (Storage.abandoned_uploads): a temporary file in
+    file storage, an S3 multipart upload never completed or aborted."""
 
     key: str  # the key it would have been published under (file storage: the temporary file's key)
     started: datetime
@@ -74,6 +74,22 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def delete(self, keys: Iterable[str]) -> None:
         """Delete keys; absent keys are not an error."""
+
+    # -- optional capabilities: each default is what a caller can rely on where a backend has nothing
+    # better, so callers never ask whether a backend has one
+
+    async def keys_with_prefix(self, prefix: str) -> set[str] | None:
+        """The keys that start with `prefix`, found in one request; None where the backend has no
+        cheaper way than asking for each candidate key (the caller then does)."""
+        return None
+
+    async def abandoned_uploads(self, folder: str, started_before: datetime) -> Sequence[Upload]:
+        """Uploads begun under `folder` before `started_before` and never finished (none where the
+        backend's writes leave nothing behind)."""
+        return []
+
+    async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
+        """Remove what abandoned_uploads found; an upload already gone is fine."""
 
     async def exists(self, key: str) -> bool:
         return await self.stat(key) is not None

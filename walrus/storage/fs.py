@@ -206,7 +206,7 @@ class FsStorage(Storage):
                 entries.close()
 
     async def abandoned_uploads(self, folder: str, started_before: datetime) -> list[Upload]:
-        """Optional capability: temporary files a killed writer left under folder (WAL-G's temporary
+        """Temporary files a killed writer left under folder (WAL-G's temporary
         names, which list() hides), last written before started_before; a writer still running
         keeps writing its file, so it is never among them when started_before leaves a margin."""
         base = os.path.join(self.root, join_key(folder)) if join_key(folder) else self.root
@@ -214,7 +214,7 @@ class FsStorage(Storage):
         return [Upload(key, datetime.fromtimestamp(mtime, timezone.utc)) for key, mtime in found]
 
     async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
-        """Optional capability: remove what abandoned_uploads found."""
+        """Remove what abandoned_uploads found."""
         await self.delete([u.key for u in uploads])
 
     async def delete(self, keys: Iterable[str]) -> None:

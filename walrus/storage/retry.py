@@ -6,11 +6,12 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from datetime import datetime
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence, TypeVar
 
 from walrus.errors import StorageError
 from walrus.log import log
-from walrus.storage.base import ByteStream, ObjectInfo, Storage
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload
 
 T = TypeVar("T")
 
@@ -113,9 +114,6 @@ def gave_up(what: str, last: BaseException, attempts: int) -> StorageError:
     return StorageError(f"{what} failed after {attempts} attempts", detail=describe(last), hint=hint)
 
 
-OPTIONAL_CAPABILITIES = frozenset({"keys_with_prefix", "abandoned_uploads", "discard_uploads"})
-
-
 class RetryingStorage(Storage):
     """Any backend with its whole calls retried under one policy.
 
@@ -147,18 +145,21 @@ class RetryingStorage(Storage):
     async def stat(self, key: str) -> ObjectInfo | None:
         return await self.policy.run(f"stat of {key}", lambda _: self.inner.stat(key))
 
-    def __getattr__(self, capability: str):
-        """Optional capabilities of the inner backend, retried like the rest; absent if it lacks them."""
-        if capability not in OPTIONAL_CAPABILITIES:
-            raise AttributeError(capability)
-        method = getattr(self.inner, capability)
+    # Optional capabilities, unbounded here: the backend bounds and retries each of its own requests,
+    # and a watchdog here would cancel its back-off sleeps as "no progress" and multiply its retries.
 
-        async def retried(*args, **kwargs):
-            # unbounded here: the backend bounds and retries each of its own requests, and a watchdog
-            # here would cancel its back-off sleeps as "no progress" and multiply its retries
-            return await self.policy.run(capability, lambda _: method(*args, **kwargs), bounded=False)
+    async def keys_with_prefix(self, prefix: str) -> set[str] | None:
+        return await self.policy.run(f"listing of {prefix}*", lambda _: self.inner.keys_with_prefix(prefix),
+                                     bounded=False)
 
-        return retried
+    async def abandoned_uploads(self, folder: str, started_before: datetime) -> Sequence[Upload]:
+        return await self.policy.run(f"listing of the uploads under {folder or '/'}",
+                                     lambda _: self.inner.abandoned_uploads(folder, started_before), bounded=False)
+
+    async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
+        uploads = list(uploads)
+        await self.policy.run(f"abort of {len(uploads)} uploads", lambda _: self.inner.discard_uploads(uploads),
+                              bounded=False)
 
     @property
     def lists_in_key_order(self) -> bool:

@@ -339,8 +339,8 @@ class S3Storage(Storage):
             if not token:
                 return
 
-    async def keys_with_prefix(self, prefix: str, limit: int = 100) -> set[str]:
-        """Optional capability: the keys starting with `prefix`, in one LIST request (at most `limit`).
+    async def keys_with_prefix(self, prefix: str, limit: int = 100) -> set[str] | None:
+        """The keys starting with `prefix`, in one LIST request (at most `limit`).
 
         wal-push and wal-fetch use it to find which extension a WAL file was archived under with one
         request instead of one GET per extension.
@@ -629,8 +629,8 @@ class S3Storage(Storage):
         except Exception as e:
             log.warning(f"could not abort the lost multipart uploads of {self._rel(full)}: {describe(e)}")
 
-    async def abandoned_uploads(self, folder: str, started_before: Any, limit: int = 100_000) -> list[Upload]:
-        """Optional capability: multipart uploads under folder begun before started_before and never
+    async def abandoned_uploads(self, folder: str, started_before: datetime, limit: int = 100_000) -> list[Upload]:
+        """Multipart uploads under folder begun before started_before and never
         completed or aborted (a writer killed mid-upload leaves one; S3 bills its parts until a
         lifecycle rule or this removes it). Every page of ListMultipartUploads, at most limit."""
         base = join_key(self.config.root, folder)
@@ -649,7 +649,7 @@ class S3Storage(Storage):
         return out[:limit]
 
     async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
-        """Optional capability: abort what abandoned_uploads found (an upload already gone is fine)."""
+        """Abort what abandoned_uploads found (an upload already gone is fine)."""
         for upload in uploads:
             try:
                 await self._call(f"abort of the multipart upload of {upload.key}", "abort_multipart_upload",

@@ -25,7 +25,7 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
     compressor returns its input as bytes: the stage is then a copy out of the pool, which is what
     lets the buffer go back.
     """
-    if parallel > 1 and hasattr(compressor, "encode"):
+    if parallel > 1 and compressor.independent_blocks:
         async for out in _compressed_blocks(buffers, compressor, executor, parallel):
             yield out
         return

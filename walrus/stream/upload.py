@@ -1,13 +1,13 @@
 """The upload chain shared by wal-push and backup-push: pool buffers -> compress -> encrypt -> count -> storage."""
 from __future__ import annotations
 
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterable
 
 from walrus.codec import new_compressor
 from walrus.config import Settings
-from walrus.fileio import Buffer
+from walrus.fileio import Buffer, BufferPool, FileReader, open_reader
 from walrus.storage.base import Storage
 from walrus.stream.stages import Counter, blocks_in_flight, compressed, encrypted, piped
 
@@ -66,3 +66,46 @@ async def upload_buffers(storage: Storage, key: str, buffers: AsyncIterable[Buff
     if counter is not None:
         stream = counter.count(stream)
     return await storage.put(key, stream, exclusive=exclusive)
+
+
+class Uploader:
+    """What uploading local files holds for a whole run: the buffer pool, the file reader that fills
+    it, and the threads that compress and encrypt. backup-push opens one per backup, wal-push one
+    per file, the daemon one for its lifetime (so a segment pays for its bytes only).
+
+    `threads`: upload_threads(parallel) for each object uploaded at once. `register` pins the pool
+    for the reader once (io_uring's fixed buffers), which pays off when the run is long.
+    """
+
+    def __init__(self, settings: Settings, buffers: int, buffer_size: int, threads: int, *, register: bool,
+                 name: str):
+        self.settings = settings
+        self.pool = BufferPool(buffers, buffer_size)
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        try:
+            self.reader: FileReader = open_reader(settings.io_method, settings.read_inflight)
+        except BaseException:
+            self.executor.shutdown(wait=False)
+            self.pool.close()
+            raise
+        if register:
+            self.reader.register(self.pool)
+
+    async def upload(self, storage: Storage, key: str, buffers: AsyncIterable[Buffer], counter: Counter | None = None,
+                     parallel: int = 1, *, exclusive: bool = False) -> int:
+        """upload_buffers on this run's threads."""
+        return await upload_buffers(storage, key, buffers, self.settings, self.executor, counter, parallel,
+                                    exclusive=exclusive)
+
+    def close(self) -> None:
+        """The reader first (its reads in flight land in the pool), then the threads (queued jobs are
+        dropped; a running one keeps its buffer mapped until it ends), then the pool."""
+        self.reader.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.close()
+
+    def __enter__(self) -> "Uploader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

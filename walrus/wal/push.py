@@ -4,20 +4,19 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from walrus import codec
 from walrus.config import WAL_BLOCK_MIN, Settings
 from walrus.errors import CorruptArchive, ObjectExists, StorageError, StorageMissing, WalOverwriteError, WalrusError
-from walrus.fileio import BufferPool, file_buffers, open_for_backup, open_reader
+from walrus.fileio import file_buffers, open_for_backup
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name
 from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
 from walrus.stream.download import copy_decoded
-from walrus.stream.upload import buffer_size, upload_buffers, upload_threads
+from walrus.stream.upload import Uploader, buffer_size, upload_threads
 from walrus.stream.stages import Counter, blocks_in_flight
 from walrus.wal.stored import open_archived
 
@@ -84,17 +83,9 @@ class WalPusher:
             # segments of fewer blocks than the parallel jobs hold: one job at a time, which needs one
             # buffer whatever the file's size (a file larger than a segment must not wait forever)
             self.parallel = 1
-        self.pool = BufferPool(self.buffers_per_push(settings, self.parallel) * slots, wal_block(settings))
-        self.executor = ThreadPoolExecutor(max_workers=slots * upload_threads(self.parallel),
-                                           thread_name_prefix="walrus-wal")
-        try:
-            self.reader = open_reader(settings.io_method, settings.read_inflight)
-        except BaseException:
-            self.close()
-            raise
-        register = getattr(self.reader, "register", None)
-        if register is not None and slots > 1:  # long-lived: pinning the pool once pays off
-            register(self.pool)
+        # long-lived when it serves several pushes at once (the daemon): pinning the pool pays off
+        self.uploader = Uploader(settings, self.buffers_per_push(settings, self.parallel) * slots, wal_block(settings),
+                                 slots * upload_threads(self.parallel), register=slots > 1, name="walrus-wal")
 
     @staticmethod
     def buffers_per_push(settings: Settings, parallel: int) -> int:
@@ -110,10 +101,7 @@ class WalPusher:
         return max(1, min(settings.upload_concurrency, settings.memory_budget // per_push))
 
     def close(self) -> None:
-        if getattr(self, "reader", None) is not None:
-            self.reader.close()
-        self.executor.shutdown(wait=False)
-        self.pool.close()
+        self.uploader.close()
 
     async def push(self, storage: Storage, path: str) -> WalPushResult:
         settings = self.settings
@@ -160,7 +148,7 @@ class WalPusher:
             async def counted():
                 nonlocal read_total
                 source = direct_fd if direct_fd is not None else fd
-                async for buf in file_buffers(source, size, self.pool, self.reader, PUSH_READ_AHEAD,
+                async for buf in file_buffers(source, size, self.uploader.pool, self.uploader.reader, PUSH_READ_AHEAD,
                                               direct_fd is not None, all_issued=free_slot):
                     read_total += buf.length
                     yield buf
@@ -172,8 +160,7 @@ class WalPusher:
             try:
                 # exclusive: the probe above and this publish are not one step, so another writer may
                 # have stored the name in between; the storage then refuses to replace its object
-                stored = await upload_buffers(storage, key, counted(), settings, self.executor, Counter(),
-                                              self.parallel, exclusive=True)
+                stored = await self.uploader.upload(storage, key, counted(), Counter(), self.parallel, exclusive=True)
             except ObjectExists:
                 existing = await open_archived(storage, name, settings)
                 if existing is None:
@@ -197,7 +184,7 @@ class WalPusher:
         key, ext, stream = existing
         comparer = _Comparer(fd)
         try:
-            await copy_decoded(stream, ext, key, self.settings.crypter, comparer.feed, self.executor)
+            await copy_decoded(stream, ext, key, self.settings.crypter, comparer.feed, self.uploader.executor)
         except CorruptArchive as e:
             raise WalOverwriteError(
                 f"{name} is already archived, but the archived copy cannot be read",

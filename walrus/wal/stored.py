@@ -31,9 +31,8 @@ def candidate_keys(name: str, configured_method: str) -> list[tuple[str, str]]:
 
 async def open_archived(storage: Storage, name: str, settings: Settings) -> tuple[str, str, ByteStream] | None:
     candidates = candidate_keys(name, settings.compression_method)
-    lister = getattr(storage, "keys_with_prefix", None)
-    if lister is not None:  # one LIST instead of a GET per extension (S3)
-        present = await lister(layout.wal_key(name))
+    present = await storage.keys_with_prefix(layout.wal_key(name))
+    if present is not None:  # one LIST instead of a GET per extension (S3)
         candidates = [(key, ext) for key, ext in candidates if key in present]
     for key, ext in candidates:
         try:

@@ -1,0 +1,132 @@
+"""backup-push's phases without a cluster: a scripted PostgreSQL session and a data directory of
+files, pushed to file storage and restored by backup-fetch."""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+
+import pytest
+
+from walrus.backup.fetch import backup_fetch
+from walrus.backup.push import backup_push
+from walrus.config import load_settings
+from walrus.errors import BackupError, StorageError
+from walrus.pg.client import BackupStart, BackupStop, ServerInfo
+from walrus.storage import layout
+from walrus.storage.fs import FsStorage
+
+SEGMENT = 16 << 20
+START_LSN = 3 * SEGMENT + 0x28
+STOP_LSN = 4 * SEGMENT + 0x100
+LABEL = "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n"
+
+
+class ScriptedSession:
+    """What PgSession answers, scripted; records the calls."""
+
+    def __init__(self, pgdata: str, data_directory: str | None = None):
+        self.data_directory = data_directory or pgdata
+        self.calls: list[str] = []
+
+    def server_info(self) -> ServerInfo:
+        self.calls.append("server_info")
+        return ServerInfo(self.data_directory, 150004, 7000000000000000001, SEGMENT, False, "off", "")
+
+    def backup_start(self, label: str, version_num: int) -> BackupStart:
+        self.calls.append("backup_start")
+        return BackupStart(START_LSN, 1)
+
+    def backup_stop(self, version_num: int, wait_for_archive: bool = True) -> BackupStop:
+        self.calls.append("backup_stop")
+        return BackupStop(STOP_LSN, LABEL, "")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+class RecordingFs(FsStorage):
+    """File storage that records the keys put, in order, and fails the put of `fail_key` if asked."""
+
+    def __init__(self, root: str, fail_key: str | None = None):
+        super().__init__(root)
+        self.puts: list[str] = []
+        self.fail_key = fail_key
+
+    async def put(self, key, stream, *, exclusive=False):
+        if self.fail_key is not None and key.endswith(self.fail_key):
+            async for _ in stream:  # the pipeline upstream ran; the storage then refuses
+                pass
+            raise StorageError(f"upload of {key} failed", detail="injected")
+        size = await super().put(key, stream, exclusive=exclusive)
+        self.puts.append(key)
+        return size
+
+
+def make_pgdata(root) -> dict[str, bytes]:
+    rnd = random.Random(5)
+    files = {"global/pg_control": rnd.randbytes(8192), "PG_VERSION": b"15\n",
+             "base/1/1259": rnd.randbytes(3 << 20), "base/1/2608": b"\0" * 40000 + rnd.randbytes(100),
+             "base/5/16384": rnd.randbytes(5 << 20), "postgresql.conf": b"# settings\n"}
+    for rel, data in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    os.makedirs(os.path.join(root, "pg_wal", "archive_status"))
+    with open(os.path.join(root, "pg_wal", "000000010000000000000003"), "wb") as f:
+        f.write(b"w" * 1000)  # never in a backup
+    return files
+
+
+@pytest.fixture
+def env(tmp_path):
+    pgdata = tmp_path / "pgdata"
+    files = make_pgdata(str(pgdata))
+    settings = load_settings({"WALG_FILE_PREFIX": str(tmp_path / "store"), "HOME": str(tmp_path),
+                              "WALG_TAR_SIZE_THRESHOLD": str(2 << 20), "WALG_UPLOAD_DISK_CONCURRENCY": "2"})
+    os.makedirs(tmp_path / "store")
+    return settings, str(pgdata), files, tmp_path
+
+
+def test_the_phases_make_a_backup_that_restores(env):
+    settings, pgdata, files, tmp_path = env
+    session = ScriptedSession(pgdata)
+    storage = RecordingFs(str(tmp_path / "store"))
+    result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session))
+    assert session.calls == ["server_info", "backup_start", "backup_stop", "close"]
+    assert result.name == "base_000000010000000000000003"
+    # data parts (at least two: the threshold splits them), pg_control.tar and backup_label.tar, then
+    # the metadata, and the sentinel last
+    parts = [k.rsplit("/", 1)[-1] for k in storage.puts if "/tar_partitions/" in k]
+    assert {"pg_control.tar.lz4", "backup_label.tar.lz4"} <= set(parts) and len(parts) >= 4
+    assert storage.puts[-1] == layout.sentinel_key(result.name)
+    assert storage.puts[-3:-1] == [layout.backup_key(result.name, layout.METADATA),
+                                   layout.backup_key(result.name, layout.FILES_METADATA)]
+
+    dest = tmp_path / "restored"
+    asyncio.run(backup_fetch(settings, FsStorage(str(tmp_path / "store")), str(dest), "LATEST"))
+    for rel, data in files.items():
+        assert (dest / rel).read_bytes() == data, rel
+    assert (dest / "backup_label").read_text() == LABEL
+    assert not (dest / "pg_wal" / "000000010000000000000003").exists()
+
+
+def test_a_failed_part_leaves_no_sentinel_and_never_stops_the_backup(env):
+    settings, pgdata, _, tmp_path = env
+    session = ScriptedSession(pgdata)
+    storage = RecordingFs(str(tmp_path / "store"), fail_key="part_002.tar.lz4")
+    with pytest.raises(StorageError, match="part_002"):
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session))
+    # closing the session without pg_backup_stop ends PostgreSQL's non-exclusive backup
+    assert session.calls == ["server_info", "backup_start", "close"]
+    assert not any(k.endswith(layout.SENTINEL_SUFFIX) or k.endswith(".json") for k in storage.puts)
+
+
+def test_the_wrong_server_is_refused_before_any_upload(env):
+    settings, pgdata, _, tmp_path = env
+    session = ScriptedSession(pgdata, data_directory="/var/lib/postgresql/15/other")
+    storage = RecordingFs(str(tmp_path / "store"))
+    with pytest.raises(BackupError, match="is not the data directory"):
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session))
+    assert session.calls == ["server_info", "close"] and storage.puts == []
