@@ -4,11 +4,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from walrus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from walrus.crypto import Crypter
 
 # Go's strconv.ParseBool, which WAL-G uses for every boolean setting.
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
@@ -228,22 +232,97 @@ _BY_ALIAS = {alias: s for s in SETTINGS for alias in s.aliases}
 
 @dataclass(frozen=True)
 class Settings:
-    """Resolved settings; attribute per table entry, plus where each value came from."""
+    """Resolved settings: one typed attribute per table entry, where each value came from, the
+    config file read, and the crypter the key settings chose (checked at start-up)."""
 
-    values: Mapping[str, Any]
-    sources: Mapping[str, str]
+    # BEGIN generated from SETTINGS by `python -m walrus.config` (tests/unit/test_config.py checks it)
+    file_prefix: str | None
+    s3_prefix: str | None
+    storage_prefix: str | None
+    aws_endpoint: str | None
+    aws_region: str | None
+    aws_s3_force_path_style: bool
+    aws_access_key_id: str | None = dataclasses.field(repr=False)
+    aws_secret_access_key: str | None = dataclasses.field(repr=False)
+    aws_session_token: str | None = dataclasses.field(repr=False)
+    aws_profile: str | None
+    s3_storage_class: str
+    s3_sse: str | None
+    s3_sse_kms_id: str | None
+    s3_ca_cert_file: str | None
+    s3_max_part_size: int
+    s3_max_retries: int
+    s3_timeout: int
+    s3_connect_timeout: int
+    s3_conditional_put: bool
+    s3_range_size: int
+    compression_method: str
+    zstd_level: str | None
+    tar_size_threshold: int
+    upload_concurrency: int
+    download_concurrency: int
+    upload_disk_concurrency: int
+    tar_disable_fsync: bool
+    prevent_wal_overwrite: bool
+    pg_wal_size: int
+    buffer_size: int
+    memory_budget: int
+    io_method: str
+    read_inflight: int
+    direct_io: bool
+    direct_io_min: int
+    prefetch_dir: str | None
+    daemon_wal_upload_timeout: float
+    pg_ready_rename: bool
+    pgp_key: str | None = dataclasses.field(repr=False)
+    pgp_key_path: str | None
+    pgp_key_passphrase: str | None = dataclasses.field(repr=False)
+    libsodium_key: str | None = dataclasses.field(repr=False)
+    libsodium_key_path: str | None
+    libsodium_key_transform: str
+    gpg_key_id: str | None
+    envelope_pgp_key: str | None = dataclasses.field(repr=False)
+    cse_kms_id: str | None
+    yc_cse_kms_key_id: str | None
+    log_level: str
+    pg_host: str | None
+    pg_port: int | None
+    pg_user: str | None
+    pg_database: str | None
+    pg_password: str | None = dataclasses.field(repr=False)
+    pgdata: str | None
+    # END generated
+    sources: Mapping[str, str] = dataclasses.field(repr=False, compare=False)
     config_path: str | None = None
-    crypter: Any = dataclasses.field(default=None, repr=False, compare=False)  # walrus.crypto.Crypter | None
-
-    def __getattr__(self, attr: str) -> Any:
-        try:
-            return self.values[attr]
-        except KeyError:
-            raise AttributeError(attr) from None
+    crypter: Crypter | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def segment_size(self) -> int:
         return self.pg_wal_size << 20
+
+
+def settings_fields() -> str:
+    """The Settings attributes the table defines, as source: `attr: type` with the parser's return
+    type (Optional where the default is None); secrets are left out of repr."""
+    lines = []
+    for s in SETTINGS:
+        kind = typing.get_type_hints(s.parse)["return"].__name__
+        kind += " | None" if s.default is None else ""
+        lines.append(f"    {s.attr}: {kind}" + (" = dataclasses.field(repr=False)" if s.secret else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _write_settings_fields() -> None:
+    """Regenerate the block above in this file (run after changing the table)."""
+    path = Path(__file__)
+    text = path.read_text()
+    head, rest = text.split(_BEGIN, 1)
+    _, tail = rest.split(_END, 1)
+    path.write_text(head + _BEGIN + "\n" + settings_fields() + _END + tail)
+
+
+_BEGIN = "    # BEGIN generated from SETTINGS by `python -m walrus.config` (tests/unit/test_config.py checks it)"
+_END = "    # END generated"
 
 
 # WAL is read and compressed in blocks of the larger of this and WALRUS_BUFFER_SIZE (lz4's largest
@@ -344,8 +423,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
     # a configured key is checked here, before any work: unusable is an error, never plaintext
     from walrus.crypto import crypter_from_settings
 
-    return Settings(values=values, sources=sources, config_path=path,
-                    crypter=crypter_from_settings(values, sources, warn))
+    return Settings(**values, sources=sources, config_path=path, crypter=crypter_from_settings(values, sources, warn))
 
 
 def settings_help() -> str:
@@ -355,3 +433,7 @@ def settings_help() -> str:
         default = "" if s.default is None else f" [default: {s.default}]"
         lines.append(f"  {s.name:<28} {s.doc}{default}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    _write_settings_fields()
