@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from walrus.codec import WRITABLE_METHODS
 from walrus.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     S("WALRUS_S3_RANGE_SIZE", "s3_range_size", parse_size, 8 << 20,
       "Bytes per ranged GET; WALG_DOWNLOAD_CONCURRENCY ranges are buffered ahead at most."),
     # data path
-    S("WALG_COMPRESSION_METHOD", "compression_method", _choice("lz4", "lzma", "zstd", "brotli", "none"), "lz4",
+    S("WALG_COMPRESSION_METHOD", "compression_method", _choice(*WRITABLE_METHODS), "lz4",
       "Compression of WAL and backup parts: lz4, zstd, brotli, lzma or none."),
     S("WALG_ZSTD_LEVEL", "zstd_level", _choice("fastest", "default", "better", "best"), None,
       "zstd effort: fastest, default, better or best."),

@@ -48,12 +48,14 @@ def _load(method: str, attr: str):
 
 
 # WALG_COMPRESSION_METHOD values walrus writes (gzip and lzo are read only, as in WAL-G).
-WRITABLE_METHODS: tuple[str, ...] = ("lz4", "lzma", "zstd", "brotli", "none")
+WRITABLE_METHODS: tuple[str, ...] = tuple(method for method, codec in _CODECS.items() if codec.compressor)
 
 # wal-fetch probes after the cached extension, in WAL-G's order (internal/fetch_helper.go); "." is
 # the v3.0.8 trailing-dot key of an uncompressed segment; "lzo" is where builds with lzo probe it
-# (WAL-E's segments). The caller probes the bare name last.
-WAL_PROBE_EXTENSIONS: tuple[str, ...] = ("lz4", "lzma", "gz", ".", "br", "lzo", "zst")
+# (WAL-E's segments); extensions WAL-G does not know come last. The caller probes the bare name last.
+_WALG_PROBE_ORDER = ("lz4", "lzma", "gz", ".", "br", "lzo", "zst")
+WAL_PROBE_EXTENSIONS: tuple[str, ...] = _WALG_PROBE_ORDER + tuple(
+    codec.extension for codec in _CODECS.values() if codec.extension and codec.extension not in _WALG_PROBE_ORDER)
 
 _METHOD_BY_EXTENSION: dict[str, str] = {codec.extension: method for method, codec in _CODECS.items()}
 _METHOD_BY_EXTENSION["tar"] = "none"  # tar parts of uncompressed backups: part_001.tar

@@ -1,41 +1,36 @@
-"""Storage backends and the one function that opens the configured one."""
+"""Storage backends, and the one function that opens the configured one."""
 from __future__ import annotations
 
-import os
-from urllib.parse import urlparse
+import importlib
+from typing import NamedTuple
 
 from walrus.config import Settings
 from walrus.errors import ConfigError
 from walrus.storage.base import ObjectInfo, Storage, join_key
 
-__all__ = ["ObjectInfo", "Storage", "join_key", "open_storage"]
-
-STORAGE_VARIABLES = "WALG_FILE_PREFIX or WALG_S3_PREFIX"
+__all__ = ["BACKENDS", "ObjectInfo", "Storage", "join_key", "open_storage"]
 
 
-def _file_root(prefix: str) -> str:
-    if prefix.startswith("file://"):
-        url = urlparse(prefix)
-        if url.netloc not in ("", "localhost"):
-            raise ConfigError(f"WALG_FILE_PREFIX {prefix!r} names a remote host",
-                              hint="use a local path or file://localhost/path")
-        return url.path
-    return prefix
+class Backend(NamedTuple):
+    setting: str  # the settings attribute (a WALG_*_PREFIX) whose value selects the backend
+    variable: str  # that setting's name, for messages
+    module: str  # walrus.storage.<module>, imported only when chosen (aiobotocore only for S3 users)
+    opener: str  # its open_<name>(settings) -> Storage
+
+
+# The first configured prefix wins, in WAL-G's order of precedence (S3 before FILE).
+BACKENDS: tuple[Backend, ...] = (
+    Backend("s3_prefix", "WALG_S3_PREFIX", "s3", "open_s3"),
+    Backend("file_prefix", "WALG_FILE_PREFIX", "fs", "open_fs"),
+)
 
 
 def open_storage(settings: Settings) -> Storage:
-    """The first configured prefix wins, in WAL-G's order (S3 before FILE)."""
-    sub = settings.storage_prefix or ""
-    if settings.s3_prefix:
-        from walrus.storage.s3 import open_s3  # aiobotocore is imported only by S3 users
-
-        return open_s3(settings)
-    if settings.file_prefix:
-        from walrus.storage.fs import FsStorage
-
-        root = _file_root(settings.file_prefix)
-        if not root.strip("/") and root != "/":
-            raise ConfigError("WALG_FILE_PREFIX is empty", hint="set it to a directory such as /var/lib/walrus/backups")
-        return FsStorage(os.path.join(root, join_key(sub)) if sub else root)
+    for backend in BACKENDS:
+        if getattr(settings, backend.setting):
+            module = importlib.import_module(f"walrus.storage.{backend.module}")
+            return getattr(module, backend.opener)(settings)
+    variables = " or ".join(b.variable for b in reversed(BACKENDS))
     raise ConfigError("no storage is configured",
-                      hint=f"set {STORAGE_VARIABLES} in the environment or the config file (--config, WALG_CONFIG_PATH, ~/.walg.json)")
+                      hint=f"set {variables} in the environment or the config file (--config, WALG_CONFIG_PATH, "
+                           "~/.walg.json)")

@@ -10,8 +10,10 @@ import stat
 import time
 from datetime import datetime, timezone
 from typing import AsyncIterable, AsyncIterator, Iterable
+from urllib.parse import urlparse
 
-from walrus.errors import ObjectExists, ObjectNotFound, StorageError, StorageMissing
+from walrus.config import Settings
+from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError, StorageMissing
 from walrus.fsutil import discard, fsync_dir, rename_noreplace, start_writeback, writev_all
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
 
@@ -290,3 +292,19 @@ def _next_entries(entries, recursive: bool) -> list[tuple[str, int, float]]:
         if len(out) >= LIST_BATCH:
             break
     return out
+
+
+def open_fs(settings: Settings) -> Storage:
+    """File storage under WALG_FILE_PREFIX (a path, or file://localhost/path), WALG_STORAGE_PREFIX below it."""
+    prefix = settings.file_prefix or ""
+    root = prefix
+    if prefix.startswith("file://"):
+        url = urlparse(prefix)
+        if url.netloc not in ("", "localhost"):
+            raise ConfigError(f"WALG_FILE_PREFIX {prefix!r} names a remote host",
+                              hint="use a local path or file://localhost/path")
+        root = url.path
+    if not root.strip("/") and root != "/":
+        raise ConfigError("WALG_FILE_PREFIX is empty", hint="set it to a directory such as /var/lib/walrus/backups")
+    sub = join_key(settings.storage_prefix or "")
+    return FsStorage(os.path.join(root, sub) if sub else root)
