@@ -11,23 +11,22 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
 import aiohttp
 import botocore.exceptions as bce
 
-from walrus.aio import gather_all
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
-from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe, gave_up, is_transient
+from walrus.storage.chunked import put_in_parts, read_ranges
+from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts except the last one
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 DELETE_BATCH = 1000  # S3's limit per DeleteObjects request
-READ_CHUNK = 1 << 20
 COMPLETE_TIMEOUT_FACTOR = 5  # CompleteMultipartUpload may legitimately take minutes on large uploads
 # Tries of an abort, whatever WALG_S3_MAX_RETRIES says: the upload has already failed, so clean up
 # without waiting out a full retry cycle, but do not give up on the first fault either (an upload
@@ -353,7 +352,9 @@ class S3Storage(Storage):
         """The first range is requested here, so an absent key raises before any byte is read."""
         full = self._key(key)
         head = await self._open_range(full, 0, self.config.range_size - 1, None, Progress(), initial=True)
-        return self._read(full, head)
+        return read_ranges(head, functools.partial(self._open_range, full), range_size=self.config.range_size,
+                           ahead=self.config.download_concurrency - 1, slots=self._prefetch_slots,
+                           policy=self.policy, what=f"download of {key}")
 
     async def _open_range(self, full: str, start: int, end: int | None, etag: str | None,
                           progress: Progress, *, initial: bool = False) -> "_Range":
@@ -388,106 +389,7 @@ class S3Storage(Storage):
         if first != start or last - first + 1 != length:
             resp["Body"].close()
             raise TransientError(f"{what} failed", detail=f"asked for bytes {start}-{end}, got {first}-{last}")
-        return _Range(resp["Body"], first, last, total, resp.get("ETag"))
-
-    async def _read(self, full: str, head: "_Range") -> AsyncIterator[bytes]:
-        """The object's bytes in order: the head range streamed, later ranges fetched ahead.
-
-        At most download_concurrency ranges of one object are in flight: the one being read plus
-        prefetched ones. A prefetched range is held in memory, so prefetching needs a slot from a
-        storage-wide pool of download_concurrency; the range being read needs none, so every reader
-        always progresses. A prefetch still waiting for its slot when the reader reaches it is
-        cancelled and the range is streamed directly instead.
-        """
-        size = self.config.range_size
-        ranges = [(s, min(s + size, head.total) - 1) for s in range(head.last + 1, head.total, size)]
-        ahead = self.config.download_concurrency - 1
-        fetches: dict[int, _Prefetch] = {}
-        scheduled = 0
-
-        def schedule(reading: int) -> None:
-            nonlocal scheduled
-            while scheduled < len(ranges) and scheduled < reading + ahead:
-                start, end = ranges[scheduled]
-                fetches[scheduled] = _Prefetch(self._prefetch_slots,
-                                               functools.partial(self._fetch_range, full, start, end, head.etag))
-                scheduled += 1
-
-        try:
-            schedule(0)
-            async for chunk in self._stream_range(full, head.first, head.last, head.etag, head):
-                yield chunk
-            for i, (start, end) in enumerate(ranges):
-                schedule(i + 1)
-                fetch = fetches.pop(i)
-                if fetch.holds_slot:
-                    try:
-                        for chunk in await fetch.task:
-                            yield chunk
-                    finally:
-                        fetch.release()
-                else:
-                    await fetch.cancel()
-                    async for chunk in self._stream_range(full, start, end, head.etag, None):
-                        yield chunk
-        finally:
-            head.body.close()
-            for fetch in fetches.values():
-                await fetch.cancel()
-
-    async def _stream_range(self, full: str, start: int, end: int, etag: str | None,
-                            opened: "_Range | None") -> AsyncIterator[bytes]:
-        """Bytes start..end as they arrive; a broken stream resumes from the last byte received."""
-        what = f"download of {self._rel(full)}"
-        offset, failures = start, 0
-        current = opened
-        try:
-            while offset <= end:
-                try:
-                    if current is None:
-                        current = await self.policy.run(
-                            what, lambda p: self._open_range(full, offset, end, etag, p))
-                    with self._errors(what):
-                        chunk = await current.body.read(min(READ_CHUNK, end - offset + 1))
-                    if not chunk:
-                        raise TransientError(f"{what} failed", detail=f"the stream ended at byte {offset} of {end + 1}")
-                except StorageError as e:
-                    if current is not None:
-                        current.body.close()
-                        current = None
-                    if not is_transient(e):
-                        raise
-                    failures += 1
-                    if failures >= self.policy.attempts:
-                        raise gave_up(what, e, failures) from None
-                    await asyncio.sleep(self.policy.delay(failures))
-                    continue
-                offset += len(chunk)
-                yield chunk
-        finally:
-            if current is not None:
-                current.body.close()
-
-    async def _fetch_range(self, full: str, start: int, end: int, etag: str | None) -> list[bytes]:
-        """A whole range into memory (a prefetch), each try reading it from its start."""
-
-        async def attempt(progress: Progress) -> list[bytes]:
-            got = await self._open_range(full, start, end, etag, progress)
-            chunks, n = [], 0
-            try:
-                with self._errors(f"download of {self._rel(full)}"):
-                    while chunk := await got.body.read(READ_CHUNK):
-                        progress.touch()
-                        chunks.append(chunk)
-                        n += len(chunk)
-            finally:
-                got.body.close()
-            if n != end - start + 1:
-                raise TransientError(f"download of {self._rel(full)} failed",
-                                     detail=f"range {start}-{end} returned {n} bytes")
-            return chunks
-
-        return await self.policy.run(f"download of {self._rel(full)}", attempt)
+        return _Range(resp["Body"], first, last, total, resp.get("ETag"), functools.partial(self._errors, what))
 
     # -- writes
 
@@ -517,33 +419,16 @@ class S3Storage(Storage):
         full = self._key(key)
         if exclusive and not self.conditional and await self.stat(key) is not None:
             raise ObjectExists(key)
-        size = self.config.part_size
-        part = bytearray()
-        upload: _Multipart | None = None
-        total = 0
-        try:
-            async for chunk in stream:
-                view = memoryview(chunk)
-                total += len(view)
-                while view:
-                    if len(part) == size:  # full, and more is coming: it is not the last part
-                        if upload is None:
-                            upload = await self._start_multipart(full)
-                        await upload.add(part)
-                        part = bytearray()
-                    take = min(len(view), size - len(part))
-                    part += view[:take]
-                    view = view[take:]
-            if upload is None:
-                etag = await self._put_single(full, part, exclusive)
-            else:
-                if part:
-                    await upload.add(part)
-                etag = await upload.complete(exclusive)
-        except BaseException:
-            if upload is not None:
-                await upload.abort()
-            raise
+
+        def too_many() -> StorageError:
+            return StorageError(f"upload of {key} failed: more than {MAX_PARTS} parts",
+                                detail=f"WALG_S3_MAX_PART_SIZE is {self.config.part_size} bytes",
+                                hint="raise WALG_S3_MAX_PART_SIZE (S3 allows 10000 parts per object)")
+
+        total, etag = await put_in_parts(
+            stream, self.config.part_size, max_parts=MAX_PARTS, concurrency=self.config.upload_concurrency,
+            put_whole=lambda data: self._put_single(full, data, exclusive),
+            start=lambda: self._start_multipart(full), too_many=too_many, exclusive=exclusive)
         if exclusive and not self.conditional and not await self._holds(full, etag):
             raise ObjectExists(key)  # another writer replaced our bytes (or we theirs, and they find out)
         return total
@@ -589,7 +474,7 @@ class S3Storage(Storage):
         info = await self._call(f"stat of {self._rel(full)}", "head_object", Key=full)
         return info.get("ETag") == etag
 
-    async def _start_multipart(self, full: str) -> "_Multipart":
+    async def _start_multipart(self, full: str) -> "_S3Upload":
         what = f"upload of {self._rel(full)}"
         s3 = await self._s3()
         tries = 0
@@ -610,7 +495,7 @@ class S3Storage(Storage):
             raise
         if tries > 1:
             await self._abort_lost_creates(full, upload_id)
-        return _Multipart(self, full, upload_id)
+        return _S3Upload(self, full, upload_id)
 
     async def _abort_lost_creates(self, full: str, keep: str | None) -> None:
         """A retried CreateMultipartUpload whose earlier try succeeded unseen (the answer was lost) left an
@@ -697,84 +582,42 @@ class S3Storage(Storage):
 
 @dataclass
 class _Range:
+    """A GetObject response for bytes first..last (storage.chunked.Range)."""
+
     body: Any  # aiobotocore StreamingBody
     first: int
     last: int
     total: int
     etag: str | None
+    errors: Callable[[], contextlib.AbstractContextManager]  # S3Storage._errors for this download
+
+    async def read(self, n: int) -> bytes:
+        with self.errors():
+            return await self.body.read(n)
+
+    def close(self) -> None:
+        self.body.close()
 
 
-class _Prefetch:
-    """A range fetched ahead into memory, holding one slot of the storage-wide pool while it does."""
-
-    def __init__(self, slots: asyncio.Semaphore, fetch: Callable[[], Awaitable[list[bytes]]]):
-        self._slots = slots
-        self.holds_slot = False
-        self.task = asyncio.ensure_future(self._run(fetch))
-
-    async def _run(self, fetch: Callable[[], Awaitable[list[bytes]]]) -> list[bytes]:
-        await self._slots.acquire()
-        self.holds_slot = True
-        return await fetch()
-
-    def release(self) -> None:
-        if self.holds_slot:
-            self.holds_slot = False
-            self._slots.release()
-
-    async def cancel(self) -> None:
-        self.task.cancel()
-        with contextlib.suppress(BaseException):
-            await self.task
-        self.release()
-
-
-class _Multipart:
-    """One multipart upload: at most upload_concurrency parts in flight, each retried from its buffer."""
+class _S3Upload:
+    """One multipart upload (storage.chunked.PartUpload): each part retried from its buffer."""
 
     def __init__(self, storage: S3Storage, full: str, upload_id: str):
         self.storage = storage
         self.full = full
         self.upload_id = upload_id
         self.what = f"upload of {storage._rel(full)}"
-        self.slots = asyncio.Semaphore(storage.config.upload_concurrency)
-        self.tasks: list[asyncio.Task] = []
 
-    def _raise_failed(self) -> None:
-        for task in self.tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+    async def send(self, number: int, data: bytearray) -> tuple[str, bytes]:
+        md5 = await _md5(data)
+        done = await self.storage._call(
+            f"{self.what} (part {number})", "upload_part", Key=self.full, UploadId=self.upload_id,
+            PartNumber=number, ContentMD5=_b64(md5), ContentLength=len(data),
+            body=lambda p: {"Body": _Body(data, p)})
+        return done["ETag"], md5
 
-    async def add(self, data: bytearray) -> None:
-        """Start uploading the next part once a slot frees; the caller then fills a new buffer."""
-        self._raise_failed()
-        number = len(self.tasks) + 1
-        if number > MAX_PARTS:
-            raise StorageError(f"{self.what} failed: more than {MAX_PARTS} parts",
-                               detail=f"WALG_S3_MAX_PART_SIZE is {self.storage.config.part_size} bytes",
-                               hint="raise WALG_S3_MAX_PART_SIZE (S3 allows 10000 parts per object)")
-        await self.slots.acquire()
-        try:
-            self._raise_failed()
-        except BaseException:
-            self.slots.release()
-            raise
-        self.tasks.append(asyncio.ensure_future(self._upload(number, data)))
-
-    async def _upload(self, number: int, data: bytearray) -> tuple[str, bytes]:
-        try:
-            md5 = await _md5(data)
-            done = await self.storage._call(
-                f"{self.what} (part {number})", "upload_part", Key=self.full, UploadId=self.upload_id,
-                PartNumber=number, ContentMD5=_b64(md5), ContentLength=len(data),
-                body=lambda p: {"Body": _Body(data, p)})
-            return done["ETag"], md5
-        finally:
-            self.slots.release()
-
-    async def complete(self, exclusive: bool = False) -> str:
+    async def complete(self, parts: list[tuple[str, bytes]], exclusive: bool) -> str:
         """CompleteMultipartUpload (with If-None-Match: * when exclusive); returns the object's ETag."""
-        parts = await gather_all(self.tasks)
         listing = {"Parts": [{"ETag": etag, "PartNumber": n} for n, (etag, _) in enumerate(parts, 1)]}
         # A retried Complete whose first try succeeded unseen meets NoSuchUpload (or, exclusive, a
         # 412): the object's multipart ETag (MD5 of the parts' MD5s, dash, part count) tells
@@ -823,14 +666,11 @@ class _Multipart:
         return head.get("ETag") == etag
 
     async def abort(self) -> None:
-        """Cancel the parts in flight and abort, so S3 keeps no parts; never raises."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        """AbortMultipartUpload, so S3 keeps no parts; never raises."""
         policy = replace(self.storage.policy, attempts=ABORT_ATTEMPTS)
         try:
-            await asyncio.shield(self.storage._call(f"{self.what} (abort)", "abort_multipart_upload", policy=policy,
-                                                    Key=self.full, UploadId=self.upload_id))
+            await self.storage._call(f"{self.what} (abort)", "abort_multipart_upload", policy=policy,
+                                     Key=self.full, UploadId=self.upload_id)
         except Exception as e:  # the upload stays invisible; only its stored parts remain
             log.warning(f"could not abort the multipart upload of {self.storage._rel(self.full)}: {describe(e)}; "
                         "its parts stay stored until a lifecycle rule (AbortIncompleteMultipartUpload) removes them")
