@@ -65,7 +65,7 @@ class ArchiveNotFound(WalrusError):
     quiet = True
 
 
-class CorruptArchive(WalrusError):
+class CorruptObject(WalrusError):
     """An object's bytes are not what its name promises (bad framing, bad tar, hostile member)."""
 
 

@@ -27,7 +27,7 @@ from walrus.codec import (
     open_reader,
     preload,
 )
-from walrus.errors import ConfigError, CorruptArchive
+from walrus.errors import ConfigError, CorruptObject
 
 MiB = 1 << 20
 COMPRESSED_METHODS = ("lz4", "lzma", "zstd", "brotli", "gzip")
@@ -181,7 +181,7 @@ def test_lz4_content_checksum_is_checked_on_read():
     data = _mixed(3 * MiB)
     blob = bytearray(compress("lz4", data))
     blob[-1] ^= 0x40
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         read_all("lz4", io.BytesIO(bytes(blob)))
 
 
@@ -313,13 +313,13 @@ def test_lzma_dictionary_beyond_the_memory_cap_is_refused():
     blob = bytearray(LZMA_UNKNOWN_SIZE_WITH_EOPM)
     assert decode("lzma", bytes(blob)) == b"Hello\nWorld!\n"
     blob[1:5] = (1 << 30).to_bytes(4, "little")  # header asks for a 1 GiB dictionary
-    with pytest.raises(CorruptArchive, match="not a valid lzma stream") as err:
+    with pytest.raises(CorruptObject, match="not a valid lzma stream") as err:
         decode("lzma", bytes(blob))
     assert "limit" in err.value.detail
 
 
 def test_lzma_with_unknown_size_and_no_end_marker_is_truncated():
-    with pytest.raises(CorruptArchive, match="truncated"):
+    with pytest.raises(CorruptObject, match="truncated"):
         decode("lzma", LZMA_UNKNOWN_SIZE_WITHOUT_EOPM)
 
 
@@ -378,7 +378,7 @@ def _sample(method: str) -> bytes:
 def test_truncated_stream_is_corrupt_archive(method):
     blob = _sample(method)
     for cut in (len(blob) - 1, len(blob) - 5, len(blob) // 2, 3):
-        with pytest.raises(CorruptArchive) as err:
+        with pytest.raises(CorruptObject) as err:
             read_all(method_ext(method), Trickle(blob[:cut]), name="wal_005/000000010000000000000003.x")
         assert "wal_005/000000010000000000000003.x" in err.value.message
         assert "truncated object" in err.value.message
@@ -388,7 +388,7 @@ def test_truncated_stream_is_corrupt_archive(method):
 
 @pytest.mark.parametrize("method", COMPRESSED_METHODS)
 def test_empty_object_is_corrupt_archive(method):
-    with pytest.raises(CorruptArchive, match="empty"):
+    with pytest.raises(CorruptObject, match="empty"):
         read_all(method_ext(method), Trickle(b""))
 
 
@@ -396,13 +396,13 @@ def test_empty_object_is_corrupt_archive(method):
 @pytest.mark.parametrize("seed", range(3))
 def test_random_garbage_is_corrupt_archive(method, seed):
     garbage = random.Random(seed).randbytes(50_000)
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         read_all(method_ext(method), Trickle(garbage))
 
 
 @pytest.mark.parametrize("method", COMPRESSED_METHODS)
 def test_bytes_after_the_end_are_corrupt_archive(method):
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         read_all(method_ext(method), Trickle(_sample(method) + b"\x00junk after the end"))
 
 
@@ -410,7 +410,7 @@ def test_bytes_after_the_end_are_corrupt_archive(method):
 def test_checksum_mismatch_is_corrupt_archive(method):
     blob = bytearray(_sample(method))
     blob[-6 if method == "gzip" else -2] ^= 0x01  # inside the content checksum / gzip CRC32
-    with pytest.raises(CorruptArchive, match="not a valid"):
+    with pytest.raises(CorruptObject, match="not a valid"):
         read_all(method_ext(method), Trickle(bytes(blob)))
 
 
@@ -441,9 +441,9 @@ def test_every_writable_method_reads_back_by_its_extension():
 
 @pytest.mark.parametrize("ext", ["xz", "rar", "zstd", "LZ4"])
 def test_unknown_extension_is_corrupt_archive(ext):
-    with pytest.raises(CorruptArchive, match="unknown compression extension"):
+    with pytest.raises(CorruptObject, match="unknown compression extension"):
         method_for_extension(ext)
-    with pytest.raises(CorruptArchive, match="unknown compression extension"):
+    with pytest.raises(CorruptObject, match="unknown compression extension"):
         open_reader(ext, io.BytesIO(b""), name="x")
 
 

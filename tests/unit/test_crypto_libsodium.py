@@ -15,7 +15,7 @@ from walrus import codec
 from walrus.config import load_settings
 from walrus.crypto import decrypting
 from walrus.crypto.libsodium import LibsodiumCrypter, derive_key
-from walrus.errors import ConfigError, CorruptArchive
+from walrus.errors import ConfigError, CorruptObject
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 WALG_TEST_KEY = "TEST_LIBSODIUM_KEY_______"  # WAL-G's own test key, transform none
@@ -124,7 +124,7 @@ def test_walg_framed_objects_decrypt(size):
 
 def test_final_tag_on_a_full_chunk_is_refused_as_walg_does():
     sealed = walg_framed(os.urandom(2 * CHUNK), final_on_full=True)
-    with pytest.raises(CorruptArchive, match="premature end"):
+    with pytest.raises(CorruptObject, match="premature end"):
         read_all(LibsodiumCrypter(KEY).open_reader(io.BytesIO(sealed), "wal_005/x.lz4"))
 
 
@@ -137,20 +137,20 @@ def test_final_tag_on_a_full_chunk_is_refused_as_walg_does():
 ])
 def test_truncated_streams_fail_naming_the_object(cut, problem):
     sealed = walg_framed(os.urandom(20_000))
-    with pytest.raises(CorruptArchive, match=problem) as e:
+    with pytest.raises(CorruptObject, match=problem) as e:
         read_all(LibsodiumCrypter(KEY).open_reader(io.BytesIO(sealed[:cut]), "basebackups_005/b/part_001.tar.lz4"))
     assert "basebackups_005/b/part_001.tar.lz4" in e.value.message
 
 
 def test_empty_object_is_an_error():
-    with pytest.raises(CorruptArchive, match="0 bytes is shorter than a libsodium header"):
+    with pytest.raises(CorruptObject, match="0 bytes is shorter than a libsodium header"):
         LibsodiumCrypter(KEY).open_reader(io.BytesIO(b""), "x").read(1)
 
 
 def test_wrong_key_is_a_clear_error_naming_the_object():
     sealed = walg_framed(b"segment bytes" * 1000)
     other = derive_key(b"another key of thirty-two bytes!", "none")
-    with pytest.raises(CorruptArchive, match="first chunk does not authenticate") as e:
+    with pytest.raises(CorruptObject, match="first chunk does not authenticate") as e:
         read_all(LibsodiumCrypter(other).open_reader(io.BytesIO(sealed), "wal_005/000000010000000000000003.lz4"))
     assert "wal_005/000000010000000000000003.lz4" in e.value.message
     assert "WALG_LIBSODIUM_KEY" in e.value.hint
@@ -159,7 +159,7 @@ def test_wrong_key_is_a_clear_error_naming_the_object():
 def test_damaged_byte_is_detected():
     sealed = bytearray(walg_framed(os.urandom(30_000)))
     sealed[HEADER + SEALED + 5] ^= 1
-    with pytest.raises(CorruptArchive, match="chunk 2 does not authenticate"):
+    with pytest.raises(CorruptObject, match="chunk 2 does not authenticate"):
         read_all(LibsodiumCrypter(KEY).open_reader(io.BytesIO(bytes(sealed)), "x"))
 
 

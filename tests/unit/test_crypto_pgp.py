@@ -23,7 +23,7 @@ from walrus.crypto import pgp_keys as keys
 from walrus.crypto.openpgp import OpenPgpCrypter
 from walrus.crypto.pgp_packets import (TAG_COMPRESSED, TAG_LITERAL, TAG_PKESK, TAG_SEIPD, PartialWriter, packet,
                                        read_packet)
-from walrus.errors import ConfigError, CorruptArchive
+from walrus.errors import ConfigError, CorruptObject
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 WALE_SEGMENT = FIXTURES / "000000010000000000000024.lzo"
@@ -90,7 +90,7 @@ def test_wale_segment_decrypts_and_lzop_decompresses_to_a_wal_segment():
 
 
 def test_wale_segment_with_another_key_names_the_object_and_the_keys():
-    with pytest.raises(CorruptArchive, match="none of the configured OpenPGP keys") as e:
+    with pytest.raises(CorruptObject, match="none of the configured OpenPGP keys") as e:
         read_all(crypter("cv25519").open_reader(io.BytesIO(WALE_SEGMENT.read_bytes()), "wal_005/x.lzo"))
     assert "wal_005/x.lzo" in e.value.message
     assert "64298C9964A0313C" in e.value.detail and "7E433667DFFA0E6C" in e.value.detail
@@ -193,7 +193,7 @@ def test_tampered_ciphertext_fails_the_integrity_check():
     c = crypter("cv25519")
     sealed = bytearray(encrypt(c, os.urandom(200_000)))
     sealed[len(sealed) // 2] ^= 0x40
-    with pytest.raises(CorruptArchive, match="integrity check"):
+    with pytest.raises(CorruptObject, match="integrity check"):
         read_all(c.open_reader(io.BytesIO(bytes(sealed)), "wal_005/x.lz4"))
 
 
@@ -201,12 +201,12 @@ def test_tampered_ciphertext_fails_the_integrity_check():
 def test_truncated_message_is_an_error(keep):
     c = crypter("cv25519")
     sealed = encrypt(c, os.urandom(200_000))
-    with pytest.raises(CorruptArchive, match="truncated|integrity"):
+    with pytest.raises(CorruptObject, match="truncated|integrity"):
         read_all(c.open_reader(io.BytesIO(sealed[:int(len(sealed) * keep)]), "x"))
 
 
 def test_plaintext_object_with_a_key_configured_is_a_clear_error():
-    with pytest.raises(CorruptArchive, match="not an OpenPGP encrypted message") as e:
+    with pytest.raises(CorruptObject, match="not an OpenPGP encrypted message") as e:
         read_all(crypter("cv25519").open_reader(io.BytesIO(bytes.fromhex("04224D186470B9") + b"x" * 100),
                                                 "wal_005/000000010000000000000003.lz4"))
     assert "000000010000000000000003.lz4" in e.value.message and "WALG_PGP_KEY" in e.value.hint
@@ -214,7 +214,7 @@ def test_plaintext_object_with_a_key_configured_is_a_clear_error():
 
 def test_encrypted_object_without_a_key_fails_in_the_decompressor_with_a_hint():
     sealed = encrypt(crypter("cv25519"), os.urandom(1000))
-    with pytest.raises(CorruptArchive) as e:
+    with pytest.raises(CorruptObject) as e:
         read_all(codec.open_reader("lz4", io.BytesIO(sealed), name="wal_005/x.lz4"))
     assert "wal_005/x.lz4" in e.value.message and "WALG_PGP_KEY" in e.value.hint
 
@@ -223,7 +223,7 @@ def test_public_key_pushes_but_cannot_fetch():
     public = OpenPgpCrypter.from_armored((FIXTURES / "walrus-cv25519.pub.asc").read_text(), None)
     sealed = encrypt(public, b"archived with the public key only")
     assert read_all(crypter("cv25519").open_reader(io.BytesIO(sealed), "x")) == b"archived with the public key only"
-    with pytest.raises(CorruptArchive, match="none of the configured") as e:
+    with pytest.raises(CorruptObject, match="none of the configured") as e:
         read_all(public.open_reader(io.BytesIO(sealed), "x"))
     assert "only the public part" in e.value.detail
 
@@ -234,7 +234,7 @@ def test_protected_secret_key_needs_the_right_passphrase(passphrase, problem):
     file = FIXTURES / KEYS["rsa2048"][0]
     locked = OpenPgpCrypter.from_armored(file.read_text(), passphrase)
     sealed = encrypt(locked, b"pushing needs only the public part")  # no passphrase needed to push
-    with pytest.raises(CorruptArchive, match=problem) as e:
+    with pytest.raises(CorruptObject, match=problem) as e:
         read_all(locked.open_reader(io.BytesIO(sealed), "x"))
     assert "WALG_PGP_KEY_PASSPHRASE" in e.value.render()
     assert read_all(crypter("rsa2048").open_reader(io.BytesIO(sealed), "x")) == b"pushing needs only the public part"

@@ -20,7 +20,7 @@ from walrus.backup.dto import (
     parse_go_time_ns,
     system_identifier_from_pg,
 )
-from walrus.errors import CorruptArchive
+from walrus.errors import CorruptObject
 
 UTC = timezone.utc
 MSK = timezone(timedelta(hours=3))
@@ -300,7 +300,7 @@ def test_delta_missing_delta_count_is_corrupt() -> None:
         b'{"LSN":67108904,"DeltaLSN":33554472,"DeltaFrom":"base_000000010000000000000002",'
         b'"DeltaFullName":"base_000000010000000000000002","PgVersion":160002,"FinishLSN":67109200}'
     )
-    with pytest.raises(CorruptArchive, match="inconsistent") as info:
+    with pytest.raises(CorruptObject, match="inconsistent") as info:
         Sentinel.from_json(data, source="base_000000010000000000000004_backup_stop_sentinel.json")
     assert "base_000000010000000000000004" in info.value.message
     assert info.value.detail and "DeltaCount" in info.value.detail
@@ -335,7 +335,7 @@ def test_sentinel_keys_are_case_insensitive_and_unknown_keys_ignored() -> None:
     ],
 )
 def test_unusable_sentinels_are_corrupt(data: bytes, message: str) -> None:
-    with pytest.raises(CorruptArchive, match=message):
+    with pytest.raises(CorruptObject, match=message):
         Sentinel.from_json(data)
 
 
@@ -376,7 +376,7 @@ def test_metadata_from_sentinel() -> None:
 
 
 def test_metadata_rejects_non_object() -> None:
-    with pytest.raises(CorruptArchive, match="metadata.json is not a JSON object"):
+    with pytest.raises(CorruptObject, match="metadata.json is not a JSON object"):
         ExtendedMetadata.from_json(b'"x"')
 
 
@@ -455,7 +455,7 @@ def test_files_metadata_tolerant_read() -> None:
     ],
 )
 def test_files_metadata_rejects_wrong_types(data: bytes) -> None:
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         FilesMetadata.from_json(data)
 
 

@@ -10,13 +10,13 @@ import tracemalloc
 
 import pytest
 
-from walrus.archive.tar_read import (
+from walrus.tar.read import (
     ExtractStats,
     extract_tar,
     iter_members,
     member_relpath,
 )
-from walrus.errors import CorruptArchive, WalrusError
+from walrus.errors import CorruptObject, WalrusError
 
 LONG_DIR = "/pg_tblspc/16385/PG_16_202307071/16384/" + "d" * 60
 LONG_FILE = LONG_DIR + "/" + "f" * 70  # > 100 bytes: ustar prefix, GNU 'L' or PAX 'x'
@@ -234,7 +234,7 @@ def corrupt_cases() -> dict[str, tuple[bytes, str]]:
 @pytest.mark.parametrize("case", sorted(corrupt_cases()))
 def test_corrupt_archives_are_rejected(case):
     data, phrase = corrupt_cases()[case]
-    with pytest.raises(CorruptArchive) as raised:
+    with pytest.raises(CorruptObject) as raised:
         for _member, payload in iter_members(io.BytesIO(data), name="part_007.tar.lz4"):
             payload.read()
     assert "part_007.tar.lz4" in raised.value.message
@@ -243,7 +243,7 @@ def test_corrupt_archives_are_rejected(case):
 
 def test_truncation_names_the_member():
     data = go_tar([(info("/base/1/1259"), b"p" * 1000)])[:700]
-    with pytest.raises(CorruptArchive) as raised:
+    with pytest.raises(CorruptObject) as raised:
         read_all(io.BytesIO(data))
     assert "/base/1/1259" in raised.value.detail and "188 of 1000" in raised.value.detail
 
@@ -265,7 +265,7 @@ def test_member_relpath(name, rel):
 
 @pytest.mark.parametrize("name", ["../x", "/../../etc/x", "a/../../b", "a/..", "a\x00b"])
 def test_member_relpath_rejects_escapes(name):
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         member_relpath(name)
 
 
@@ -351,7 +351,7 @@ def test_wanted_filters_regular_files_only(dest):
 
 def test_truncated_payload_is_corrupt(dest):
     data = python_tar([(info("/base/1/1259"), b"p" * 5000)])[:3000]
-    with pytest.raises(CorruptArchive) as raised:
+    with pytest.raises(CorruptObject) as raised:
         extract_tar(io.BytesIO(data), str(dest), name="part_002.tar.zst")
     assert "part_002.tar.zst" in raised.value.message and "/base/1/1259" in raised.value.detail
 
@@ -430,7 +430,7 @@ def hostile_cases() -> dict[str, list[tuple[tarfile.TarInfo, bytes]]]:
 def test_hostile_members_are_corrupt_and_write_nothing_outside(tmp_path, dest, case):
     outside = tmp_path / "outside"
     outside.write_bytes(b"precious")
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         extract_tar(io.BytesIO(python_tar(hostile_cases()[case])), str(dest), name="part_003.tar")
     assert sorted(os.listdir(tmp_path)) == ["dest", "outside"]
     assert outside.read_bytes() == b"precious" and os.stat(outside).st_nlink == 1
@@ -438,7 +438,7 @@ def test_hostile_members_are_corrupt_and_write_nothing_outside(tmp_path, dest, c
 
 
 def test_links_outside_message(dest):
-    with pytest.raises(CorruptArchive) as raised:
+    with pytest.raises(CorruptObject) as raised:
         extract_tar(io.BytesIO(python_tar(hostile_cases()["absolute symlink"])), str(dest),
                     name="part_003.tar")
     assert raised.value.message == (
@@ -501,7 +501,7 @@ def test_symlink_may_not_climb_out_of_a_tablespace(tmp_path, dest):
     # Lexically this lands on dest/pg_tblspc, but ".." from the link's directory moves in
     # the tablespace location, so it would point beside it.
     entry = (info("/pg_tblspc/16385/link", tarfile.SYMTYPE, linkname="../x"), b"")
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         extract_tar(io.BytesIO(python_tar([entry])), str(dest),
                     allowed_links=frozenset({"pg_tblspc/16385"}))
     assert os.listdir(location) == []
@@ -511,7 +511,7 @@ def test_tablespace_link_is_refused_unless_allowed(tmp_path, dest):
     location = tablespace_setup(tmp_path, dest)
     with pytest.raises(WalrusError) as raised:
         extract_tar(io.BytesIO(python_tar([(info(LONG_FILE), b"x")])), str(dest))
-    assert not isinstance(raised.value, CorruptArchive)
+    assert not isinstance(raised.value, CorruptObject)
     assert os.listdir(location) == []
 
 

@@ -9,8 +9,8 @@ import tarfile
 
 import pytest
 
-from walrus.archive.tar_read import iter_members
-from walrus.archive.tar_write import Entry, TarPartStream, header_bytes
+from walrus.tar.read import iter_members
+from walrus.tar.write import Entry, TarPartStream, header_bytes
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.fileio import BufferPool
 from walrus.fileio import open_reader

@@ -15,8 +15,8 @@ from walrus._uring import probe
 from walrus._uring import writer as writer_module
 from walrus._uring.ring import Ring
 from walrus._uring.writer import ALIGN, UringSink
-from walrus.archive.tar_read import extract_tar
-from walrus.errors import CorruptArchive
+from walrus.tar.read import extract_tar
+from walrus.errors import CorruptObject
 from walrus.fileio import PlainSink
 
 UNAVAILABLE = probe()
@@ -348,13 +348,13 @@ def test_injected_enospc_stops_the_sink_and_closes_every_fd(uring_sink, tmp_path
 def test_a_failing_payload_releases_everything(tmp_path):
     class Failing:
         def readinto(self, view):
-            raise CorruptArchive("tar archive 'x' is truncated")
+            raise CorruptObject("tar archive 'x' is truncated")
 
     before = open_fds()
     sink = _uring_sink()
     for i in range(5):
         sink.write(os.open(tmp_path / f"f{i}", FLAGS, 0o600), io.BytesIO(b"a" * BUF), BUF, False)
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         sink.write(os.open(tmp_path / "bad", FLAGS, 0o600), Failing(), 10, False)
     assert open_fds() == before
     assert all((tmp_path / f"f{i}").read_bytes() == b"a" * BUF for i in range(5))
@@ -458,7 +458,7 @@ def test_extraction_failing_outside_the_sink_leaks_nothing_once_closed(tmp_path)
     (tmp_path / "out").mkdir()
     before = open_fds()
     sink = _uring_sink()
-    with pytest.raises(CorruptArchive):
+    with pytest.raises(CorruptObject):
         extract_tar(io.BytesIO(blob), str(tmp_path / "out"), name="part.tar", sink=sink)
     sink.close()
     assert open_fds() == before

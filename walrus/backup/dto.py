@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
-from walrus.errors import CorruptArchive
+from walrus.errors import CorruptObject
 
 DATE_FMT = "%Y-%m-%dT%H:%M:%S.%fZ"
 TABLESPACE_FOLDER = "pg_tblspc"
@@ -200,7 +200,7 @@ def _load(data: bytes | str, what: str) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except ValueError as exc:
-        raise CorruptArchive(f"{what} is not valid JSON", detail=str(exc), hint=_CORRUPT_HINT) from exc
+        raise CorruptObject(f"{what} is not valid JSON", detail=str(exc), hint=_CORRUPT_HINT) from exc
 
 
 def _describe(value: Any) -> str:
@@ -217,14 +217,14 @@ class _Fields:
 
     def __init__(self, obj: Any, what: str):
         if not isinstance(obj, dict):
-            raise CorruptArchive(
+            raise CorruptObject(
                 f"{what} is not a JSON object", detail=f"found {_describe(obj)}", hint=_CORRUPT_HINT
             )
         self._members = {key.lower(): value for key, value in obj.items()}
         self.what = what
 
-    def bad(self, key: str, expected: str) -> CorruptArchive:
-        return CorruptArchive(
+    def bad(self, key: str, expected: str) -> CorruptObject:
+        return CorruptObject(
             f"{self.what} is not valid",
             detail=f'"{key}" must be {expected}, found {_describe(self._members.get(key.lower()))}',
             hint=_CORRUPT_HINT,
@@ -385,7 +385,7 @@ def _is_uint32(value: Any) -> bool:
 
 def _read_files(raw: Any, what: str) -> dict[str, FileDescription]:
     if not isinstance(raw, dict):
-        raise CorruptArchive(f"{what} is not valid", detail='"Files" must be an object', hint=_CORRUPT_HINT)
+        raise CorruptObject(f"{what} is not valid", detail='"Files" must be an object', hint=_CORRUPT_HINT)
     return {name: FileDescription.from_json_obj(desc, f"{what} entry {name!r}") for name, desc in raw.items()}
 
 
@@ -394,7 +394,7 @@ def _read_tar_file_sets(raw: Any, what: str) -> dict[str, list[str]]:
         members is None or (isinstance(members, list) and all(isinstance(m, str) for m in members))
         for members in raw.values()
     ):
-        raise CorruptArchive(
+        raise CorruptObject(
             f"{what} is not valid",
             detail='"TarFileSets" must map tar names to lists of member names',
             hint=_CORRUPT_HINT,
@@ -524,13 +524,13 @@ class Sentinel:
 
     @classmethod
     def from_json(cls, data: bytes | str, *, source: str = "backup sentinel") -> Sentinel:
-        """Read any sentinel WAL-G, WAL-E or walrus wrote; CorruptArchive if it is unusable."""
+        """Read any sentinel WAL-G, WAL-E or walrus wrote; CorruptObject if it is unusable."""
         fields = _Fields(_load(data, source), source)
         raw_spec = fields.raw("Spec")  # also matches WAL-E's lowercase "spec"
         try:
             spec = TablespaceSpec.from_json_obj(raw_spec) if raw_spec is not None else None
         except ValueError as exc:
-            raise CorruptArchive(f"{source} is not valid", detail=str(exc), hint=_CORRUPT_HINT) from exc
+            raise CorruptObject(f"{source} is not valid", detail=str(exc), hint=_CORRUPT_HINT) from exc
         legacy_files = fields.raw("Files")
         legacy_tar_sets = fields.raw("TarFileSets")
         sentinel = cls(
@@ -571,7 +571,7 @@ class Sentinel:
                 if value is None
             ]
             if missing:
-                raise CorruptArchive(
+                raise CorruptObject(
                     f"{source} is inconsistent",
                     detail=f"it names a delta base (DeltaFrom) but lacks {', '.join(missing)}",
                     hint="WAL-G refuses such a backup too; restore from another backup.",

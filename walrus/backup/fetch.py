@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from walrus.aio import gather_all
-from walrus.archive.tar_read import ExtractStats, extract_tar, member_relpath
+from walrus.tar.read import ExtractStats, extract_tar, member_relpath
 from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
 from walrus.codec import Reader
 from walrus.config import Settings
-from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
+from walrus.errors import BackupError, CorruptObject, ObjectNotFound
 from walrus.fileio import open_sink
 from walrus.fsutil import fsync_dir, syncfs
 from walrus.log import log
@@ -180,7 +180,7 @@ class _Extraction:
                     if not desc.is_skipped)
         missing = sorted(rel for rel in expected if rel and rel not in self.totals.restored and self.wanted(rel))
         if missing:
-            raise CorruptArchive(f"backup {name} is incomplete: {len(missing)} of the files its "
+            raise CorruptObject(f"backup {name} is incomplete: {len(missing)} of the files its "
                                  f"{layout.FILES_METADATA} lists are in none of its parts",
                                  detail="missing: " + ", ".join(missing[:MISSING_SHOWN]),
                                  hint="the backup is damaged; restore another one (backup-list shows them)")
@@ -206,22 +206,22 @@ async def _list_parts(storage: Storage, name: str, files_metadata: FilesMetadata
     named = files_metadata.tar_file_sets if files_metadata is not None else {}
     missing = sorted(part for part in named if part not in present)
     if missing:
-        raise CorruptArchive(f"backup {name} is incomplete: {len(missing)} of its {len(named)} tar parts are "
+        raise CorruptObject(f"backup {name} is incomplete: {len(missing)} of its {len(named)} tar parts are "
                              "missing from storage", detail="missing: " + ", ".join(missing[:MISSING_SHOWN]),
                              hint="restore another backup (backup-list shows them); this one cannot be restored whole")
     if not found:
-        raise CorruptArchive(f"backup {name} has no tar parts", hint="the backup is damaged; fetch another one")
+        raise CorruptObject(f"backup {name} has no tar parts", hint="the backup is damaged; fetch another one")
     data = [p for p in found if not layout.LAST_PARTS_RE.search(p.name)]
     unnamed = sorted(p.name for p in data if named and p.name not in named)
     if unnamed:  # its files would be skipped as not in the backup: a restore short of them, silently
-        raise CorruptArchive(f"backup {name} has {len(unnamed)} stored parts its {layout.FILES_METADATA} does not name",
+        raise CorruptObject(f"backup {name} has {len(unnamed)} stored parts its {layout.FILES_METADATA} does not name",
                              detail="unnamed: " + ", ".join(unnamed[:MISSING_SHOWN]),
                              hint=f"its {layout.FILES_METADATA} is damaged, or something else wrote into its folder; "
                                   "restore another backup (backup-list shows them)")
     label = [p for p in found if p.name.startswith(layout.BACKUP_LABEL_TAR)]
     control = [p for p in found if p.name.startswith(layout.PG_CONTROL_TAR)]
     if not control:
-        raise CorruptArchive(f"backup {name} has no pg_control part", hint="the backup is incomplete; fetch another one")
+        raise CorruptObject(f"backup {name} has no pg_control part", hint="the backup is incomplete; fetch another one")
     return _Parts(data, label, control)
 
 
@@ -258,7 +258,7 @@ def _link_tablespaces(directory: str, spec: TablespaceSpec) -> frozenset[str]:
     os.makedirs(os.path.join(directory, "pg_tblspc"), 0o700, exist_ok=True)
     for oid, location in sorted(spec.locations.items()):
         if not oid.isdigit():
-            raise CorruptArchive(f"tablespace spec names {oid!r}, which is not an OID")
+            raise CorruptObject(f"tablespace spec names {oid!r}, which is not an OID")
         if os.path.isdir(location) and os.listdir(location):
             raise BackupError(f"tablespace location {location} (OID {oid}) is not empty",
                               hint="restore elsewhere with --restore-spec, or empty that directory")
@@ -314,6 +314,6 @@ async def _files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> Fi
         if legacy is not None:
             return legacy
         if sentinel.version >= 2 and not sentinel.files_metadata_disabled:
-            raise CorruptArchive(f"backup {name} has no {layout.FILES_METADATA}",
+            raise CorruptObject(f"backup {name} has no {layout.FILES_METADATA}",
                                  hint="a version-2 backup needs it; the backup may be incomplete") from None
         return None

@@ -9,7 +9,7 @@ from typing import Any
 
 from walrus.backup.dto import ExtendedMetadata, Sentinel, format_go_time
 from walrus.backup.retention import Backup, RetentionError, segment_range, wal_token
-from walrus.errors import BackupError, CorruptArchive, ObjectNotFound
+from walrus.errors import BackupError, CorruptObject, ObjectNotFound
 from walrus.log import log
 from walrus.pg.xlog import BACKUP_NAME_RE, first_wal_name_in, format_lsn
 from walrus.storage import layout
@@ -87,7 +87,7 @@ async def load_backups(storage: Storage, segment_size: int, use_sentinel_time: b
                                               source=f"sentinel of {info.name}")
             except ObjectNotFound:
                 return None  # deleted meanwhile (another delete): not a backup any more
-            except CorruptArchive as e:
+            except CorruptObject as e:
                 raise RetentionError(f"backup {info.name} cannot be planned for: its sentinel is unreadable",
                                      detail=e.detail or e.message,
                                      hint=f"delete target {info.name} --confirm removes it, or move "
@@ -97,7 +97,7 @@ async def load_backups(storage: Storage, segment_size: int, use_sentinel_time: b
                                                   source=f"metadata.json of {info.name}")
             except ObjectNotFound:
                 meta = None
-            except CorruptArchive:
+            except CorruptObject:
                 log.warning(f"metadata.json of {info.name} is unreadable: its sentinel's permanence and times are used")
                 meta = None
         timeline, segno = wal_token(info.name, segment_size) or (1, 0)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from walrus import codec
 from walrus.aio import gather_all
-from walrus.archive.tar_write import Entry, TarPartStream
+from walrus.tar.write import Entry, TarPartStream
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
 from walrus.backup.walk import WalkResult, walk_data_directory

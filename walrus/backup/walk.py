@@ -6,7 +6,7 @@ import stat as st
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from walrus.archive.tar_write import Entry
+from walrus.tar.write import Entry
 from walrus.log import log
 
 # WAL-G's ExcludedFilenames, matched on the basename anywhere in the tree. An excluded directory

@@ -5,7 +5,7 @@ import importlib
 from typing import NamedTuple
 
 from walrus.codec.base import Compressor, Reader
-from walrus.errors import ConfigError, CorruptArchive
+from walrus.errors import ConfigError, CorruptObject
 from walrus.pull import Source
 
 __all__ = [
@@ -78,7 +78,7 @@ def method_for_extension(ext: str) -> str:
     method = _METHOD_BY_EXTENSION.get(bare)
     if method is None:
         detail = f"known extensions: {', '.join(repr(e) for e in sorted(_METHOD_BY_EXTENSION))}"
-        raise CorruptArchive(
+        raise CorruptObject(
             f"unknown compression extension {ext!r}",
             detail=detail,
             hint="the object was not written by WAL-G or walrus, or by a build with another codec",

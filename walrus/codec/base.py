@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Protocol, Union
 
-from walrus.errors import CorruptArchive
+from walrus.errors import CorruptObject
 from walrus.pull import READ_SIZE, Source
 
 BytesLike = Union[bytes, bytearray, memoryview]
@@ -45,13 +45,13 @@ class Reader(Protocol):
     def close(self) -> None: ...
 
 
-def corrupt(method: str, name: str, problem: str, cause: BaseException | None = None) -> CorruptArchive:
+def corrupt(method: str, name: str, problem: str, cause: BaseException | None = None) -> CorruptObject:
     """The error for bytes that do not decode as `method` promises."""
     subject = repr(name) if name else "object"
     detail = f"compression method {method}"
     if cause is not None:
         detail += f": {cause}"
-    return CorruptArchive(f"cannot decompress {subject}: {problem}", detail=detail, hint=CORRUPT_HINT)
+    return CorruptObject(f"cannot decompress {subject}: {problem}", detail=detail, hint=CORRUPT_HINT)
 
 
 class ChunkedReader:
@@ -127,7 +127,7 @@ class ChunkedReader:
             raise self._corrupt(f"the {self.method} stream stops before its end (truncated object)")
         self._ended = True
 
-    def _corrupt(self, problem: str, cause: BaseException | None = None) -> CorruptArchive:
+    def _corrupt(self, problem: str, cause: BaseException | None = None) -> CorruptObject:
         return corrupt(self.method, self._name, problem, cause)
 
     def close(self) -> None:

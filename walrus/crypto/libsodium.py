@@ -18,7 +18,7 @@ from nacl import bindings as _nacl
 from nacl._sodium import ffi as _ffi, lib as _lib
 
 from walrus.codec.base import BytesLike
-from walrus.errors import CorruptArchive
+from walrus.errors import CorruptObject
 from walrus.pull import READ_SIZE, Source
 
 CHUNK = 8192
@@ -159,7 +159,7 @@ class SecretStreamReader:
     def _start(self) -> None:
         self._fill(HEADER_BYTES)
         if len(self._in) < HEADER_BYTES:
-            raise CorruptArchive(f"cannot decrypt {self._name!r}: {len(self._in)} bytes is shorter than a "
+            raise CorruptObject(f"cannot decrypt {self._name!r}: {len(self._in)} bytes is shorter than a "
                                  f"libsodium header ({HEADER_BYTES} bytes)",
                                  hint=HINT_KEY if not self._in else HINT_DAMAGED)
         self._state = _nacl.crypto_secretstream_xchacha20poly1305_state()
@@ -210,19 +210,19 @@ class SecretStreamReader:
                 self._chunks += 1
                 if sealed == SEALED_CHUNK and self._tag[0] == TAG_FINAL:
                     # WAL-G: FINAL may only close a short chunk
-                    raise CorruptArchive(f"cannot decrypt {self._name!r}: a full-size chunk carries the final "
+                    raise CorruptObject(f"cannot decrypt {self._name!r}: a full-size chunk carries the final "
                                          f"tag (premature end)", hint=HINT_DAMAGED)
         del self._in[:count * sealed]
 
-    def _bad_chunk(self) -> CorruptArchive:
+    def _bad_chunk(self) -> CorruptObject:
         if self._chunks == 0:
-            return CorruptArchive(f"cannot decrypt {self._name!r}: the first chunk does not authenticate "
+            return CorruptObject(f"cannot decrypt {self._name!r}: the first chunk does not authenticate "
                                   "with the configured libsodium key", hint=HINT_KEY)
-        return CorruptArchive(f"cannot decrypt {self._name!r}: chunk {self._chunks + 1} does not authenticate",
+        return CorruptObject(f"cannot decrypt {self._name!r}: chunk {self._chunks + 1} does not authenticate",
                               hint=HINT_DAMAGED)
 
-    def _truncated(self) -> CorruptArchive:
-        return CorruptArchive(f"cannot decrypt {self._name!r}: the stream ends without its final chunk "
+    def _truncated(self) -> CorruptObject:
+        return CorruptObject(f"cannot decrypt {self._name!r}: the stream ends without its final chunk "
                               "(truncated object)", hint=HINT_DAMAGED)
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from walrus.crypto.pgp_keys import Entity, Key, PgpKeyError
 from walrus.crypto.pgp_packets import (TAG_AEAD, TAG_COMPRESSED, TAG_LITERAL, TAG_MARKER, TAG_ONE_PASS_SIGNATURE,
                                        TAG_PKESK, TAG_SED, TAG_SEIPD, TAG_SIGNATURE, TAG_SKESK, PacketBody, PacketError,
                                        PartialWriter, PullReader, packet, read_exact, read_packet)
-from walrus.errors import CorruptArchive
+from walrus.errors import CorruptObject
 from walrus.pull import READ_SIZE, Source
 
 MDC_HEADER = b"\xd3\x14"  # new-format tag 19, length 20: the MDC packet's header, hashed with the data
@@ -82,11 +82,11 @@ class OpenPgpCrypter:
                     problems.append(f"only the public part of key {key.hex_id} is configured")
                     continue
                 except keys.NeedPassphrase:
-                    raise CorruptArchive(
+                    raise CorruptObject(
                         f"cannot decrypt {name!r}: secret key {key.hex_id} is protected by a passphrase",
                         hint="set WALG_PGP_KEY_PASSPHRASE") from None
                 except keys.BadPassphrase:
-                    raise CorruptArchive(
+                    raise CorruptObject(
                         f"cannot decrypt {name!r}: WALG_PGP_KEY_PASSPHRASE does not unlock secret key {key.hex_id}",
                         hint="set the passphrase the key was exported with") from None
                 except PgpKeyError as e:
@@ -97,7 +97,7 @@ class OpenPgpCrypter:
                 problems.append(f"key {key.hex_id} does not decrypt its session key")
         wanted = ", ".join(k.hex().upper() if k != bytes(8) else "(hidden recipient)" for k, _, _ in pkesks)
         have = ", ".join(k.hex_id for k in ours)
-        raise CorruptArchive(f"cannot decrypt {name!r}: none of the configured OpenPGP keys opens it",
+        raise CorruptObject(f"cannot decrypt {name!r}: none of the configured OpenPGP keys opens it",
                              detail=f"encrypted to key IDs {wanted}; configured keys {have}"
                                     + (f"; {'; '.join(problems)}" if problems else ""),
                              hint=HINT_KEY)
@@ -139,8 +139,8 @@ class MessageWriter:
         return out
 
 
-def _corrupt(name: str, problem: str, hint: str = HINT_DAMAGED, detail: str | None = None) -> CorruptArchive:
-    return CorruptArchive(f"cannot decrypt {name!r}: {problem}", detail=detail, hint=hint)
+def _corrupt(name: str, problem: str, hint: str = HINT_DAMAGED, detail: str | None = None) -> CorruptObject:
+    return CorruptObject(f"cannot decrypt {name!r}: {problem}", detail=detail, hint=hint)
 
 
 class _Plaintext(PullReader):

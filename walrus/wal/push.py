@@ -9,7 +9,7 @@ from typing import Any
 
 from walrus import codec
 from walrus.config import WAL_BLOCK_MIN, Settings
-from walrus.errors import CorruptArchive, ObjectExists, StorageError, StorageMissing, WalOverwriteError, WalrusError
+from walrus.errors import CorruptObject, ObjectExists, StorageError, StorageMissing, WalOverwriteError, WalrusError
 from walrus.fileio import file_buffers, open_for_backup
 from walrus.log import log
 from walrus.pg.xlog import classify_wal_name
@@ -185,7 +185,7 @@ class WalPusher:
         comparer = _Comparer(fd)
         try:
             await copy_decoded(stream, ext, key, self.settings.crypter, comparer.feed, self.uploader.executor)
-        except CorruptArchive as e:
+        except CorruptObject as e:
             raise WalOverwriteError(
                 f"{name} is already archived, but the archived copy cannot be read",
                 detail=f"{key} in {storage.describe()}: {e.message}" + (f" ({e.detail})" if e.detail else ""),

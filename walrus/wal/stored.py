@@ -6,7 +6,7 @@ import secrets
 
 from walrus import codec
 from walrus.config import Settings
-from walrus.errors import ArchiveNotFound, CorruptArchive, ObjectNotFound, WalrusError
+from walrus.errors import ArchiveNotFound, CorruptObject, ObjectNotFound, WalrusError
 from walrus.fsutil import discard, write_all
 from walrus.pg.xlog import classify_wal_name
 from walrus.storage import layout
@@ -75,7 +75,7 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
         if size != settings.segment_size and classify_wal_name(name) == "segment":
             # what a truncation the format cannot see looks like: uncompressed objects, and zstd
             # frames cut at a frame boundary
-            raise CorruptArchive(f"the archived copy of {name} is not a whole WAL segment",
+            raise CorruptObject(f"the archived copy of {name} is not a whole WAL segment",
                                  detail=f"{key} decompresses to {size} bytes, a segment is {settings.segment_size}",
                                  hint="the object is truncated or damaged; or WALG_PG_WAL_SIZE is not the "
                                       "server's wal_segment_size in MiB")

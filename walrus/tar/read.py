@@ -8,7 +8,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from walrus.errors import BackupError, CorruptArchive
+from walrus.errors import BackupError, CorruptObject
 from walrus.fileio import FileSink, PlainSink
 from walrus.pull import Source
 
@@ -143,7 +143,7 @@ class MemberData:
     def _consumed(self, got: int, want: int) -> None:
         self._remaining -= got
         if got < want:
-            raise CorruptArchive(
+            raise CorruptObject(
                 f"tar archive {self._archive} is truncated",
                 detail=f"member {self._member!r} ends after {self._size - self._remaining} "
                 f"of {self._size} payload bytes",
@@ -154,12 +154,12 @@ class MemberData:
         self._consumed(self._source.skip(want), want)
 
 
-def _corrupt(archive: str, why: str, after: str | None) -> CorruptArchive:
+def _corrupt(archive: str, why: str, after: str | None) -> CorruptObject:
     where = f"after member {after!r}" if after is not None else "before the first member"
-    return CorruptArchive(f"tar archive {archive} is corrupt", detail=f"{why} ({where})")
+    return CorruptObject(f"tar archive {archive} is corrupt", detail=f"{why} ({where})")
 
 
-def _parse_pax(data: bytes, fail: Callable[[str], CorruptArchive]) -> dict[str, str]:
+def _parse_pax(data: bytes, fail: Callable[[str], CorruptObject]) -> dict[str, str]:
     """Parses PAX records `LEN key=value\\n`, where LEN counts the whole record."""
     records: dict[str, str] = {}
     pos = 0
@@ -180,7 +180,7 @@ def _parse_pax(data: bytes, fail: Callable[[str], CorruptArchive]) -> dict[str, 
 
 
 def _pax_int(records: dict[str, str], key: str,
-             fail: Callable[[str], CorruptArchive]) -> int | None:
+             fail: Callable[[str], CorruptObject]) -> int | None:
     value = records.get(key)
     if not value:  # an empty value cancels the override (POSIX)
         return None
@@ -206,7 +206,7 @@ def _read_header(source: _Source, archive: str, after: str | None) -> Member | N
     long_link: str | None = None
     pending = False
 
-    def fail(why: str) -> CorruptArchive:
+    def fail(why: str) -> CorruptObject:
         return _corrupt(archive, why, after)
 
     while True:
@@ -301,7 +301,7 @@ def iter_members(stream: Source, *, name: str = "") -> Iterator[tuple[Member, Me
 def _check_trailing_zeros(source: _Source, archive: str) -> None:
     while chunk := source.read(_SKIP_CHUNK):
         if chunk.count(0) != len(chunk):
-            raise CorruptArchive(
+            raise CorruptObject(
                 f"tar archive {archive} is corrupt",
                 detail="non-zero bytes follow the end-of-archive marker",
                 hint="the object may hold two concatenated archives or trailing garbage",
@@ -311,11 +311,11 @@ def _check_trailing_zeros(source: _Source, archive: str) -> None:
 def _relpath(name: str, archive: str | None) -> str:
     where = f" in {archive}" if archive else ""
     if "\x00" in name:
-        raise CorruptArchive(f"tar member {name!r}{where} has an invalid name",
+        raise CorruptObject(f"tar member {name!r}{where} has an invalid name",
                              detail="the name contains a NUL byte")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise CorruptArchive(f"tar member {name!r}{where} points outside the restore directory",
+        raise CorruptObject(f"tar member {name!r}{where} points outside the restore directory",
                              detail="its name has a '..' component")
     return "/".join(parts)
 
@@ -325,8 +325,8 @@ def member_relpath(name: str) -> str:
     return _relpath(name, None)
 
 
-def _links_outside(member: Member, archive: str, detail: str) -> CorruptArchive:
-    return CorruptArchive(
+def _links_outside(member: Member, archive: str, detail: str) -> CorruptObject:
+    return CorruptObject(
         f"tar member {member.name!r} in {archive} links outside the restore directory",
         detail=detail,
     )
@@ -374,7 +374,7 @@ class _Extractor:
             elif member.kind == "hardlink":
                 self._hardlink(member, rel)
             else:
-                raise CorruptArchive(
+                raise CorruptObject(
                     f"tar member {member.name!r} in {self.archive} has an unsupported type",
                     detail="a backup holds only regular files, directories and links",
                 )
@@ -487,7 +487,7 @@ class _Extractor:
 
     def _not_root(self, member: Member, rel: str) -> tuple[str, ...]:
         if not rel:
-            raise CorruptArchive(f"tar member {member.name!r} in {self.archive} names the restore "
+            raise CorruptObject(f"tar member {member.name!r} in {self.archive} names the restore "
                                  f"root but is not a directory")
         return tuple(rel.split("/"))
 
@@ -535,10 +535,10 @@ class _Extractor:
         parts = self._not_root(member, rel)
         try:
             source = tuple(_relpath(member.linkname, None).split("/"))
-        except CorruptArchive:
+        except CorruptObject:
             raise _links_outside(member, self.archive,
                                  f"hard link target {member.linkname!r}") from None
-        not_restored = CorruptArchive(
+        not_restored = CorruptObject(
             f"tar member {member.name!r} in {self.archive} is a hard link to "
             f"{member.linkname!r}, which is not a regular file already restored",
         )
