@@ -48,7 +48,7 @@ def _settings(ctx: click.Context) -> Settings:
 def _run(ctx: click.Context, engine: Callable[[Settings, Any], Awaitable[Any]],
          settings: Settings | None = None) -> Any:
     """Resolve settings (unless given), open the storage, run one engine coroutine, always close the storage."""
-    import asyncio  # here: a wal-fetch of a prefetched segment never starts a loop (25 ms of imports)
+    import asyncio  # here: a wal-fetch of a prefetched segment never starts a loop (its imports are a large share of a short command's start-up)
 
     from walrus.storage import open_storage
 

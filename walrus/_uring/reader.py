@@ -97,16 +97,15 @@ class UringReader:
     One dedicated thread owns the ring and calls io_uring_submit_and_wait, rather than the event
     loop submitting and reaping through a registered eventfd: reads that hit the page cache
     complete inline inside io_uring_enter, so submitting from the loop copies whole batches on the
-    loop thread (measured here: stalls of 80 ms), and forcing IOSQE_ASYNC to avoid that was no faster.
+    loop thread (long stalls of the loop), and forcing IOSQE_ASYNC to avoid that was no faster.
     cffi drops the GIL around each liburing call, so the loop runs while the thread copies.
 
     Batches from concurrent read_batch calls share the ring: the thread admits whatever is queued
     each time it wakes, keeps reads in flight across all of them, and resolves each batch's future
     as soon as its own reads are done. In flight at once: up to `depth` reads and `inflight` bytes
     (at least one read). The rest wait in submission order, so concurrent parts get the disk in
-    turn; without the byte cap a virtio disk here served 26 parallel 1 MiB reads slower and
-    unevenly (one part of a backup ran a second ahead of the other; scale-800 backups 15 s against
-    preadv's 12-14 s, capped at 8 MiB 12.6-14 s).
+    turn; without the byte cap a virtio disk served many parallel 1 MiB reads slower and unevenly
+    (docs/DESIGN.md, io_uring).
     """
 
     name = "io_uring"

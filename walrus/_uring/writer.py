@@ -55,8 +55,7 @@ def _preallocate(fd: int, length: int) -> int:
 
     Aligned writes inside the file size to allocated blocks are overwrites: ext4 and XFS then issue
     them from io_uring_enter itself without blocking, where each allocating write would go to an
-    io-wq worker thread that blocks on it (measured on ext4: no worker threads, less system time,
-    the same wall time). A full disk also shows here, before any byte is copied.
+    io-wq worker thread that blocks on it. A full disk also shows here, before any byte is copied.
     """
     if _fallocate(fd, 0, 0, length) == 0:
         return length

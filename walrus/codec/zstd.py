@@ -55,8 +55,8 @@ class ZstdCompressor:
     An object is the frames of its chunks back to back, which every zstd reader decodes as one
     stream (the format allows it; WAL-G's klauspost decoder, libzstd and the zstd CLI read on to the
     end). Independent frames let the chunks of one object compress on several threads at once
-    (walrus.stream.stages.compressed), and one-shot compression of a known-size 1 MiB chunk was
-    1.3-1.8x faster here than a streaming frame over the same chunks, at the same ratio to within 1%.
+    (walrus.stream.stages.compressed), and one-shot compression of a known-size chunk is faster than
+    a streaming frame over the same chunks, at the same ratio (docs/DESIGN.md).
     The block form: start() and checksum() have nothing to do; encode() runs on any thread.
     """
 

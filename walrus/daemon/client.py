@@ -6,7 +6,7 @@ because PostgreSQL starts it once per WAL segment and every millisecond of start
 by the archiver and by recovery. So the request encoder lives here and protocol.py re-exports it.
 """
 
-import _socket  # the C module: `socket` would import enum, selectors and collections (6 ms)
+import _socket  # the C module: `socket` would import enum, selectors and collections
 import struct
 import sys
 

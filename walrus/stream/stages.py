@@ -46,8 +46,7 @@ def blocks_in_flight(parallel: int) -> int:
     """Buffers of one object handed to compression jobs at once (the buffers it holds there).
 
     Twice `parallel` for block codecs: each core has a job running and one queued, so it never
-    waits for the event loop to collect the oldest block and hand it the next buffer (a lone zstd
-    part of 428 MiB on 2 cores: 1.28 s with one job per core, 1.01 s with two).
+    waits for the event loop to collect the oldest block and hand it the next buffer.
     """
     return 2 * parallel if parallel > 1 else 1
 

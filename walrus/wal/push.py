@@ -25,8 +25,7 @@ from walrus.wal.stored import open_archived
 PUSH_PARALLEL = 2
 # WAL is read and compressed in blocks of this size (WALRUS_BUFFER_SIZE if larger), the largest lz4
 # frame block. A 16 MiB segment is then 4 reads, 4 compression jobs and 4 writes: per block, the
-# thread hand-offs and event-loop steps cost about what the codec does, and at 1 MiB a segment took
-# the daemon 36-41 ms of CPU instead of 32-34.
+# thread hand-offs and event-loop steps cost about what the codec does (docs/DESIGN.md, WAL).
 WAL_BLOCK = WAL_BLOCK_MIN
 # Blocks a push reads ahead of its compression jobs.
 PUSH_READ_AHEAD = 2
@@ -69,8 +68,8 @@ class WalPusher:
     Invariant: at most `slots` pushes read at once (WALG_UPLOAD_CONCURRENCY), each holding at most
     buffers_per_push() buffers (its read-ahead and its compression jobs); the pool holds slots times
     that. A push gives its slot back as soon as its last read is issued, so the next segment's first
-    (cold) read overlaps this one's last compression jobs instead of leaving a core idle (50 segments
-    drained in 1.25-1.40 s instead of 1.44-1.53). The next push may then wait for a buffer, never
+    (cold) read overlaps this one's last compression jobs instead of leaving a core idle. The next
+    push may then wait for a buffer, never
     for long: a push whose reads are all issued needs no more buffers and frees its own as each one
     is compressed. Making a segment durable (fsync, rename) holds no buffer.
     """
