@@ -103,78 +103,79 @@ class WalPusher:
         self.uploader.close()
 
     async def push(self, storage: Storage, path: str) -> WalPushResult:
-        settings = self.settings
+        """Phases: open the file; probe the archive, where a copy already archived decides (a retry
+        after a crash, or a second cluster on the same prefix: identical bytes are success,
+        different bytes are never overwritten); upload, exclusively, where a copy that appeared
+        meanwhile decides the same way."""
         began = time.monotonic()
         name = os.path.basename(path)
-        if classify_wal_name(name) == "other":
-            raise WalrusError(f"{path} is not a WAL file",
-                              detail="wal-push archives WAL segments and .history, .backup and .partial files",
-                              hint="archive_command must pass %p, the file PostgreSQL asks to archive")
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise WalrusError(f"cannot open WAL file {path}", detail=e.strerror,
-                              hint="archive_command must pass %p, relative to the data directory") from None
-        direct_fd = None
+        fd = _open_wal(path, name)
         try:
             size = os.fstat(fd).st_size
             try:
-                existing = await open_archived(storage, name, settings)
+                existing = await open_archived(storage, name, self.settings)
             except StorageMissing:  # nothing is archived in a storage not made yet; the put makes it
                 existing = None
-            if existing is not None:
-                # Archived already (a retry after a crash, or a second cluster on the same prefix):
-                # identical bytes are success, different bytes are never overwritten.
-                return await self._compare(existing, fd, size, path, storage, began)
-            key = layout.wal_key(layout.with_extension(name, codec.extension(settings.compression_method)))
-            read_total = 0
-            await self._slots.acquire()
-            holding = True
+            if existing is None:
+                key = layout.wal_key(layout.with_extension(name, codec.extension(self.settings.compression_method)))
+                try:
+                    stored = await self._upload(storage, key, path, fd, size)
+                except ObjectExists:
+                    existing = await open_archived(storage, name, self.settings)
+                    if existing is None:
+                        raise StorageError(f"{key} appeared and vanished while {name} was being archived",
+                                           detail=f"another process is writing and deleting in {storage.describe()}",
+                                           hint="run wal-push again (PostgreSQL retries archive_command by itself)"
+                                           ) from None
+                else:
+                    log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
+                    return WalPushResult(name, key, size, stored, "uploaded", time.monotonic() - began)
+            return await self._compare(existing, fd, size, path, storage, began)
+        finally:
+            os.close(fd)
 
-            def free_slot() -> None:
-                nonlocal holding
-                if holding:
-                    holding = False
-                    self._slots.release()
+    async def _upload(self, storage: Storage, key: str, path: str, fd: int, size: int) -> int:
+        """Compress the file into `key`, published only if nothing is there (else ObjectExists);
+        returns the bytes stored."""
+        settings = self.settings
+        read_total = 0
+        direct_fd = None
+        await self._slots.acquire()
+        holding = True
 
+        def free_slot() -> None:
+            nonlocal holding
+            if holding:
+                holding = False
+                self._slots.release()
+
+        async def counted():
+            nonlocal read_total
+            source = direct_fd if direct_fd is not None else fd
+            async for buf in file_buffers(source, size, self.uploader.pool, self.uploader.reader, PUSH_READ_AHEAD,
+                                          direct_fd is not None, all_issued=free_slot):
+                read_total += buf.length
+                yield buf
+            free_slot()  # already freed once the last read was issued, unless the file ended early
+            if read_total != size:  # raising here aborts the put: nothing lands under the key
+                raise WalrusError(f"{path} shrank while it was being archived",
+                                  detail=f"read {read_total} of {size} bytes")
+
+        try:
             if settings.direct_io and size >= settings.direct_io_min:
                 found = open_for_backup(path, direct=True)  # a segment is read once: keep it out of the cache
                 if found is not None and found[1]:
                     direct_fd = found[0]
                 elif found is not None:
                     os.close(found[0])
-
-            async def counted():
-                nonlocal read_total
-                source = direct_fd if direct_fd is not None else fd
-                async for buf in file_buffers(source, size, self.uploader.pool, self.uploader.reader, PUSH_READ_AHEAD,
-                                              direct_fd is not None, all_issued=free_slot):
-                    read_total += buf.length
-                    yield buf
-                free_slot()  # already freed once the last read was issued, unless the file ended early
-                if read_total != size:  # raising here aborts the put: nothing lands under the key
-                    raise WalrusError(f"{path} shrank while it was being archived",
-                                      detail=f"read {read_total} of {size} bytes")
-
-            try:
-                # exclusive: the probe above and this publish are not one step, so another writer may
-                # have stored the name in between; the storage then refuses to replace its object
-                stored = await self.uploader.upload(storage, key, counted(), Counter(), self.parallel, exclusive=True)
-            except ObjectExists:
-                existing = await open_archived(storage, name, settings)
-                if existing is None:
-                    raise StorageError(f"{key} appeared and vanished while {name} was being archived",
-                                       detail=f"another process is writing and deleting in {storage.describe()}",
-                                       hint="run wal-push again (PostgreSQL retries archive_command by itself)") from None
-                return await self._compare(existing, fd, size, path, storage, began)
-            finally:
-                free_slot()
-            log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
-            return WalPushResult(name, key, size, stored, "uploaded", time.monotonic() - began)
+            # exclusive: the probe and this publish are not one step, so another writer may have
+            # stored the name in between; the storage then refuses to replace its object
+            stored = await self.uploader.upload(storage, key, counted(), Counter(), self.parallel, exclusive=True)
         finally:
-            os.close(fd)
+            free_slot()
             if direct_fd is not None:
                 os.close(direct_fd)
+        return stored
 
     async def _compare(self, existing: tuple[str, str, ByteStream], fd: int, size: int, path: str,
                        storage: Storage, began: float) -> WalPushResult:
@@ -211,3 +212,15 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
         return await pusher.push(storage, path)
     finally:
         pusher.close()
+
+
+def _open_wal(path: str, name: str) -> int:
+    if classify_wal_name(name) == "other":
+        raise WalrusError(f"{path} is not a WAL file",
+                          detail="wal-push archives WAL segments and .history, .backup and .partial files",
+                          hint="archive_command must pass %p, the file PostgreSQL asks to archive")
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise WalrusError(f"cannot open WAL file {path}", detail=e.strerror,
+                          hint="archive_command must pass %p, relative to the data directory") from None
