@@ -1,10 +1,12 @@
-"""Small durable-file helpers shared by the file storage, wal-fetch and backup-fetch."""
+"""Small OS helpers Python lacks: durable files and renames, writeback, unmapping a carved-up mapping."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
+from typing import Iterable
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (ctypes.util.find_library runs ldconfig)
 
@@ -97,3 +99,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     hint: where the call is refused (not Linux, a filesystem without it) nothing changes.
     """
     _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def unmap(mapping: mmap.mmap, views: Iterable[memoryview]) -> None:
+    """Release the views carved from `mapping`, then unmap it now; where something still holds a
+    slice of it (a traceback's frame, a job still reading), the mapping stays until the GC frees it."""
+    for view in views:
+        view.release()
+    try:
+        mapping.close()
+    except BufferError:
+        pass

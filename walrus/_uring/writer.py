@@ -12,6 +12,7 @@ import threading
 from collections import deque
 
 from walrus._uring.support import UringUnavailable, _explain, probe
+from walrus.fsutil import unmap
 from walrus.log import log
 from walrus.pull import Payload
 
@@ -391,13 +392,8 @@ class UringSink:
                 self._unmap()
 
     def _unmap(self) -> None:
-        for slab in self._slabs:
-            slab.view.release()
-        self._whole.release()
-        try:
-            self._map.close()
-        except BufferError:
-            pass  # a traceback still holds a view of a slab (a failed read into it): the GC unmaps it
+        # a traceback may still hold a view of a slab (a failed read into it): the GC unmaps it then
+        unmap(self._map, [*(slab.view for slab in self._slabs), self._whole])
 
 
 def open_uring_sink(direct_threshold: int, buffer_size: int = 1 << 20, buffers: int = 8) -> UringSink:

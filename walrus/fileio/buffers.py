@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import mmap
 
+from walrus.fsutil import unmap
+
 
 class Buffer:
     """One slot of the pool. `length` bytes of `view` are valid; release() returns it to the pool."""
@@ -57,10 +59,4 @@ class BufferPool:
 
     def close(self) -> None:
         """Unmap now; if a slice of a buffer is still referenced somewhere, leave it to the GC."""
-        for b in self.buffers:
-            b.view.release()
-        self._whole.release()
-        try:
-            self._map.close()
-        except BufferError:
-            pass
+        unmap(self._map, [*(b.view for b in self.buffers), self._whole])
