@@ -65,7 +65,6 @@ class _Source:
 
     def __init__(self, stream: Source):
         self._stream = stream
-        self._readinto = getattr(stream, "readinto", None)
         self.offset = 0
 
     def read(self, n: int) -> bytes:
@@ -88,12 +87,9 @@ class _Source:
         """Fills view; returns fewer than len(view) bytes only at EOF."""
         got = 0
         while got < len(view):
-            if self._readinto is not None:
-                n = self._readinto(view[got:])
-            else:
-                chunk = self._stream.read(len(view) - got)
-                n = len(chunk)
-                view[got:got + n] = chunk
+            chunk = self._stream.read(len(view) - got)  # the decoders hand out bytes: one copy either way
+            n = len(chunk)
+            view[got:got + n] = chunk
             if not n:
                 break
             got += n
