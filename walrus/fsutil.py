@@ -6,7 +6,8 @@ import ctypes
 import errno
 import mmap
 import os
-from typing import Iterable
+import threading
+from typing import Callable, Iterable, TypeVar
 
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc (ctypes.util.find_library runs ldconfig)
 
@@ -110,3 +111,51 @@ def unmap(mapping: mmap.mmap, views: Iterable[memoryview]) -> None:
         mapping.close()
     except BufferError:
         pass
+
+
+T = TypeVar("T")
+
+
+class Released(OSError):
+    """A call on a resource its owner had already released."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EBADF, "the resource was released")
+
+
+class WorkerResource:
+    """A descriptor (or scandir) used by calls on worker threads and released by the event loop.
+
+    A task cancelled while its call runs on a thread (SIGTERM, a failed sibling) must not close the
+    resource under that call: closedir during readdir crashes the interpreter, and a descriptor
+    number closed during a writev loop may be reused by another file, which the rest of the loop
+    would then write into. So release() closes at once only when no call runs; otherwise the call
+    closes it as it ends. A call that starts after release() is refused (Released)."""
+
+    def __init__(self, close: Callable[[], None]):
+        self._close = close
+        self._lock = threading.Lock()  # held only to flip the flags, and for the close itself
+        self._running = 0
+        self._released = False
+
+    def call(self, fn: Callable[..., T], *args) -> T:
+        """fn(*args), on a worker thread."""
+        with self._lock:
+            if self._released:
+                raise Released()
+            self._running += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+                if self._released and not self._running:
+                    self._close()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            if not self._running:
+                self._close()

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError, StorageMissing
-from walrus.fsutil import discard, fsync_dir, rename_noreplace, start_writeback, writev_all
+from walrus.fsutil import WorkerResource, discard, fsync_dir, rename_noreplace, start_writeback, writev_all
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
@@ -104,19 +104,20 @@ class FsStorage(Storage):
         total = flushed = 0
         batch: list = []  # chunks not yet written: one thread hop per WRITE_BATCH, not per chunk
         batched = 0
+        owner = WorkerResource(lambda: discard(fd, tmp))  # a failed put discards the temporary
         try:
             async for chunk in stream:
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= WRITE_BATCH or len(batch) >= WRITE_BATCH_CHUNKS:
-                    total += await asyncio.to_thread(writev_all, fd, batch)
+                    total += await asyncio.to_thread(owner.call, writev_all, fd, batch)
                     batch, batched = [], 0
                     if total - flushed >= WRITEBACK_EVERY:
                         start_writeback(fd, flushed, total - flushed)
                         flushed = total
             if batch:
-                total += await asyncio.to_thread(writev_all, fd, batch)
-            await asyncio.to_thread(os.fsync, fd)
+                total += await asyncio.to_thread(owner.call, writev_all, fd, batch)
+            await asyncio.to_thread(owner.call, os.fsync, fd)
             os.close(fd)
             fd = -1
             if exclusive:
@@ -128,7 +129,10 @@ class FsStorage(Storage):
                 os.rename(tmp, path)
             await asyncio.to_thread(fsync_dir, os.path.dirname(path))
         except BaseException as e:
-            discard(fd, tmp)
+            if fd >= 0:
+                owner.release()  # now, or when the write still running on its thread ends
+            else:
+                discard(fd, tmp)  # closed already: only the temporary name is left
             if isinstance(e, OSError):
                 raise self._fail("write", key, e) from None
             raise
@@ -185,7 +189,7 @@ class FsStorage(Storage):
         while pending:
             path, key = pending.pop()
             try:
-                entries = await asyncio.to_thread(os.scandir, path)
+                scan = _Scan(await asyncio.to_thread(os.scandir, path), recursive)
             except FileNotFoundError:
                 if path != base:
                     continue  # a sub-folder removed meanwhile (a delete emptied it)
@@ -196,7 +200,7 @@ class FsStorage(Storage):
             except OSError as e:
                 raise self._absent_or(self._fail("list", folder, e)) from None
             try:
-                while batch := await asyncio.to_thread(_next_entries, entries, recursive):
+                while batch := await scan.next_batch():
                     for name, size, mtime in batch:
                         if size < 0:
                             pending.append((os.path.join(path, name), join_key(key, name)))
@@ -205,7 +209,7 @@ class FsStorage(Storage):
             except OSError as e:
                 raise self._absent_or(self._fail("list", folder, e)) from None
             finally:
-                entries.close()
+                scan.close()
 
     async def abandoned_uploads(self, folder: str, started_before: datetime) -> list[Upload]:
         """Temporary files a killed writer left under folder (WAL-G's temporary
@@ -273,6 +277,22 @@ def _temporaries(base: str, folder: str, before: float, limit: int = 100_000) ->
                 except FileNotFoundError:
                     continue
     return out[:limit]
+
+
+class _Scan:
+    """An open scandir read a batch at a time on worker threads, and closed safely however the
+    listing ends (walrus.fsutil.WorkerResource)."""
+
+    def __init__(self, entries, recursive: bool):
+        self._entries = entries
+        self._recursive = recursive
+        self._owner = WorkerResource(entries.close)
+
+    async def next_batch(self) -> list[tuple[str, int, float]]:
+        return await asyncio.to_thread(self._owner.call, _next_entries, self._entries, self._recursive)
+
+    def close(self) -> None:
+        self._owner.release()
 
 
 def _next_entries(entries, recursive: bool) -> list[tuple[str, int, float]]:
