@@ -7,7 +7,7 @@ import secrets
 from walrus import codec
 from walrus.config import Settings
 from walrus.errors import ArchiveNotFound, CorruptObject, ObjectNotFound, WalrusError
-from walrus.fsutil import discard, write_all
+from walrus.fsutil import WorkerResource, discard, write_all
 from walrus.pg.xlog import classify_wal_name
 from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
@@ -64,10 +64,12 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
         raise WalrusError(f"cannot create {tmp}", detail=e.strerror,
                           hint="restore_command must pass %p and run as the server's OS user") from None
     size = 0
+    # the decode thread writes; a cancelled fetch must not close the file under a write still running
+    owner = WorkerResource(lambda: discard(fd, tmp))
 
     def sink(chunk: bytes) -> None:
         nonlocal size
-        write_all(fd, chunk)
+        owner.call(write_all, fd, chunk)
         size += len(chunk)
 
     try:
@@ -83,6 +85,9 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
         fd = -1
         os.rename(tmp, destination)
     except BaseException:
-        discard(fd, tmp)
+        if fd >= 0:
+            owner.release()  # now, or when the write still running on the decode thread ends
+        else:
+            discard(fd, tmp)
         raise
     return key, size
