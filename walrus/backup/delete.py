@@ -7,13 +7,12 @@ the WAL below the cut, then garbage. A dry run walks the same listings and delet
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from walrus.aio import gather_all
+from walrus.aio import TaskWindow
 from walrus.backup.dto import format_go_time
 from walrus.backup.list import load_backups
 from walrus.backup.retention import (HISTORY_RE, Backup, Plan, Request, RetentionError, garbage_backup_folders, plan,
@@ -261,8 +260,7 @@ class _Deleter:
     def __init__(self, storage: Storage, confirm: bool) -> None:
         self._storage, self._confirm = storage, confirm
         self._batch: list[str] = []
-        self._slots = asyncio.Semaphore(IN_FLIGHT)
-        self._running: list[asyncio.Task] = []
+        self._requests = TaskWindow(IN_FLIGHT)
 
     async def __aenter__(self) -> "_Deleter":
         return self
@@ -275,28 +273,16 @@ class _Deleter:
 
     async def _send(self) -> None:
         batch, self._batch = self._batch, []
-        await self._slots.acquire()
-        for task in [t for t in self._running if t.done()]:
-            self._running.remove(task)
-            task.result()  # a failed request fails the sweep here, before another is sent
-        self._running.append(asyncio.create_task(self._delete(batch)))
-
-    async def _delete(self, batch: list[str]) -> None:
-        try:
-            await self._storage.delete(batch)
-        finally:
-            self._slots.release()
+        await self._requests.start(self._storage.delete, batch)
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 if self._batch:
                     await self._send()
-                await gather_all(self._running)
+                await self._requests.results()
         finally:
-            for task in self._running:
-                task.cancel()
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await self._requests.cancel()
 
 
 async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> None:

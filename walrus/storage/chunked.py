@@ -13,7 +13,7 @@ import contextlib
 import functools
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Protocol
 
-from walrus.aio import gather_all
+from walrus.aio import TaskWindow
 from walrus.errors import StorageError
 from walrus.storage.retry import Progress, RetryPolicy, TransientError, gave_up, is_transient
 
@@ -79,44 +79,23 @@ class _Parts:
 
     def __init__(self, upload: PartUpload, concurrency: int, max_parts: int, too_many: Callable[[], StorageError]):
         self.upload = upload
-        self.slots = asyncio.Semaphore(concurrency)
+        self.window = TaskWindow(concurrency)
         self.max_parts = max_parts
         self.too_many = too_many
-        self.tasks: list[asyncio.Task] = []
-
-    def _raise_failed(self) -> None:
-        for task in self.tasks:
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
 
     async def add(self, data: bytearray) -> None:
         """Start sending the next part once a slot frees; the caller then fills a new buffer."""
-        self._raise_failed()
-        number = len(self.tasks) + 1
+        number = len(self.window) + 1
         if number > self.max_parts:
             raise self.too_many()
-        await self.slots.acquire()
-        try:
-            self._raise_failed()
-        except BaseException:
-            self.slots.release()
-            raise
-        self.tasks.append(asyncio.ensure_future(self._send(number, data)))
-
-    async def _send(self, number: int, data: bytearray) -> Any:
-        try:
-            return await self.upload.send(number, data)
-        finally:
-            self.slots.release()
+        await self.window.start(self.upload.send, number, data)
 
     async def complete(self, exclusive: bool) -> str:
-        return await self.upload.complete(await gather_all(self.tasks), exclusive)
+        return await self.upload.complete(await self.window.results(), exclusive)
 
     async def abort(self) -> None:
         """Cancel the parts in flight, then abort the upload; never raises."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.window.cancel()
         await asyncio.shield(self.upload.abort())
 
 

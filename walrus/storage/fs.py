@@ -189,7 +189,7 @@ class FsStorage(Storage):
         while pending:
             path, key = pending.pop()
             try:
-                scan = _Scan(await asyncio.to_thread(os.scandir, path), recursive)
+                entries = await asyncio.to_thread(os.scandir, path)
             except FileNotFoundError:
                 if path != base:
                     continue  # a sub-folder removed meanwhile (a delete emptied it)
@@ -199,8 +199,10 @@ class FsStorage(Storage):
                 return  # the folder: empty if the root is there
             except OSError as e:
                 raise self._absent_or(self._fail("list", folder, e)) from None
+            # a listing cancelled mid-batch must not close the directory under the thread reading it
+            owner = WorkerResource(entries.close)
             try:
-                while batch := await scan.next_batch():
+                while batch := await asyncio.to_thread(owner.call, _next_entries, entries, recursive):
                     for name, size, mtime in batch:
                         if size < 0:
                             pending.append((os.path.join(path, name), join_key(key, name)))
@@ -209,7 +211,7 @@ class FsStorage(Storage):
             except OSError as e:
                 raise self._absent_or(self._fail("list", folder, e)) from None
             finally:
-                scan.close()
+                owner.release()
 
     async def abandoned_uploads(self, folder: str, started_before: datetime) -> list[Upload]:
         """Temporary files a killed writer left under folder (WAL-G's temporary
@@ -277,22 +279,6 @@ def _temporaries(base: str, folder: str, before: float, limit: int = 100_000) ->
                 except FileNotFoundError:
                     continue
     return out[:limit]
-
-
-class _Scan:
-    """An open scandir read a batch at a time on worker threads, and closed safely however the
-    listing ends (walrus.fsutil.WorkerResource)."""
-
-    def __init__(self, entries, recursive: bool):
-        self._entries = entries
-        self._recursive = recursive
-        self._owner = WorkerResource(entries.close)
-
-    async def next_batch(self) -> list[tuple[str, int, float]]:
-        return await asyncio.to_thread(self._owner.call, _next_entries, self._entries, self._recursive)
-
-    def close(self) -> None:
-        self._owner.release()
 
 
 def _next_entries(entries, recursive: bool) -> list[tuple[str, int, float]]:

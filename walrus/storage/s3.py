@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 import aiohttp
 import botocore.exceptions as bce
+from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
@@ -725,7 +726,6 @@ def _parse_timestamp(value: Any) -> Any:
             return datetime.fromisoformat(value)
         except ValueError:
             pass
-    from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
     return DEFAULT_TIMESTAMP_PARSER(value)
 
 
