@@ -51,6 +51,14 @@ def parse_size(text: str) -> int:
     return int(digits) * units[unit]
 
 
+def parse_rate(text: str) -> int:
+    """A rate limit in bytes per second (WAL-G's integer, or a byte count with a suffix); at least 1."""
+    value = parse_size(text)
+    if value < 1:
+        raise ValueError("must be at least 1 byte per second")
+    return value
+
+
 def _size_between(low: int, high: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = parse_size(text)
@@ -172,6 +180,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Tar parts filled from disk at once by backup-push."),
     S("WALG_TAR_DISABLE_FSYNC", "tar_disable_fsync", parse_bool, False,
       "Do not fsync restored files (faster, unsafe on power loss)."),
+    S("WALG_SENTINEL_USER_DATA", "sentinel_user_data", _text, None,
+      "JSON stored as the UserData of every backup-push's sentinel (--add-user-data wins)."),
     S("WALG_PREVENT_WAL_OVERWRITE", "prevent_wal_overwrite", parse_bool, False,
       "Compare with the archived copy before pushing WAL (walrus never overwrites with different bytes)."),
     S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_wal_size, 16, "WAL segment size in MiB (the server's wal_segment_size)."),
@@ -186,11 +196,19 @@ SETTINGS: tuple[Setting, ...] = (
       "Bytes of file reads io_uring keeps in flight at once (the queue the disk sees); later reads "
       "wait their turn, so parts read side by side share the disk evenly."),
     S("WALRUS_DIRECT_IO", "direct_io", parse_bool, True,
-      "Read and write large files (relation segments, WAL) with O_DIRECT, bypassing the page cache."),
+      "Read and write large files (relation segments, WAL) with O_DIRECT, bypassing the page cache.",
+      ("WALG_DIRECT_IO",)),
     S("WALRUS_DIRECT_IO_MIN", "direct_io_min", parse_size, 1 << 20,
       "Files at least this large use O_DIRECT when WALRUS_DIRECT_IO is on."),
     S("WALG_PREFETCH_DIR", "prefetch_dir", _text, None,
       "Directory under which wal-fetch keeps .wal-g/prefetch (default: beside DEST, i.e. pg_wal)."),
+    S("TOTAL_BG_UPLOADED_LIMIT", "total_bg_uploaded_limit", parse_int, 32,
+      "wal-push: how many further .ready segments one call may upload in the background (with "
+      "WALG_UPLOAD_CONCURRENCY > 1); below 2 turns background uploads off."),
+    S("WALG_NETWORK_RATE_LIMIT", "network_rate_limit", parse_rate, None,
+      "Bytes per second sent to and received from storage, all transfers of a command together (--turbo: no limit)."),
+    S("WALG_DISK_RATE_LIMIT", "disk_rate_limit", parse_rate, None,
+      "Bytes per second backup-push reads from the data directory (--turbo: no limit)."),
     S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
       "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
     S("PG_READY_RENAME", "pg_ready_rename", parse_bool, False,
@@ -264,6 +282,7 @@ class Settings:
     download_concurrency: int
     upload_disk_concurrency: int
     tar_disable_fsync: bool
+    sentinel_user_data: str | None
     prevent_wal_overwrite: bool
     pg_wal_size: int
     buffer_size: int
@@ -273,6 +292,9 @@ class Settings:
     direct_io: bool
     direct_io_min: int
     prefetch_dir: str | None
+    total_bg_uploaded_limit: int
+    network_rate_limit: int | None
+    disk_rate_limit: int | None
     daemon_wal_upload_timeout: float
     pg_ready_rename: bool
     pgp_key: str | None = dataclasses.field(repr=False)
@@ -380,9 +402,13 @@ def read_config_file(path: str) -> dict[str, str]:
 
 
 def load_settings(env: Mapping[str, str] | None = None, config_path: str | None = None,
-                  warn: Callable[[str], None] | None = None) -> Settings:
-    """Resolve the table once: environment over config file over default."""
+                  warn: Callable[[str], None] | None = None, flags: Mapping[str, str] | None = None,
+                  turbo: bool = False) -> Settings:
+    """Resolve the table once: command-line flags (--walg-upload-concurrency 4: WAL-G's hidden
+    per-setting flags, by setting name here) over environment over config file over default.
+    turbo (WAL-G's --turbo) lifts the rate limits."""
     env = os.environ if env is None else env
+    flags = flags or {}
     path = config_path or default_config_path(env)
     file_values = read_config_file(path) if path else {}
     for key in file_values:
@@ -393,7 +419,7 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
     sources: dict[str, str] = {}
     for s in SETTINGS:
         raw, source = None, "default"
-        for origin, mapping in (("environment", env), (f"config file {path}", file_values)):
+        for origin, mapping in (("command line", flags), ("environment", env), (f"config file {path}", file_values)):
             for key in (s.name, *s.aliases):
                 if mapping.get(key) not in (None, ""):
                     raw, source = mapping[key], f"{origin} ({key})"
@@ -410,6 +436,10 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
                 raise ConfigError(f"invalid value {shown} for {s.name}", detail=f"{e}; set in {source}",
                                   hint=f"{s.name}: {s.doc}") from None
         sources[s.attr] = source
+    if turbo:  # WAL-G's --turbo: "ignore all kinds of throttling defined in config"
+        for attr in ("network_rate_limit", "disk_rate_limit"):
+            if values[attr] is not None:
+                values[attr], sources[attr] = None, "--turbo"
     floor = minimum_memory_budget(values["buffer_size"])
     if values["memory_budget"] < floor:
         raise ConfigError(f"WALRUS_MEMORY_BUDGET is {values['memory_budget']} bytes, below the {floor >> 20} MiB "
