@@ -32,7 +32,7 @@ MAX_WAL_SENDERS = 10  # a restored copy must match it, or hot standby refuses to
 SAMPLE_S = 0.05
 RELOAD_SETTLE_S = 0.3
 POLL_S = 0.01
-DEFAULT_WAL_TOOLS = "walrus-daemon,walrus,walrus-noprefetch,pgbackrest,pgbackrest-async,wal-e"
+DEFAULT_WAL_TOOLS = "walrus-daemon,walrus,walrus-bg4,walrus-noprefetch,pgbackrest,pgbackrest-async,wal-e"
 
 # Writes exactly `segments` whole WAL segments: range UPDATEs of pgbench_accounts (pgbench-like heap and index
 # records, and full-page images after the CHECKPOINT that precedes it), committed in batches, until the insert

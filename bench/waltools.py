@@ -77,12 +77,14 @@ class WalgFamily(WalTool):
     """walrus and WAL-G: `wal-push %p` per segment, or a daemon on a socket and a small client."""
 
     def __init__(self, name: str, label: str, replay_label: str, family: str, binary: str, *, daemon: bool,
-                 ops: tuple[str, ...], client: list[str] | None = None, download_concurrency: int | None = None):
+                 ops: tuple[str, ...], client: list[str] | None = None, download_concurrency: int | None = None,
+                 settings: dict[str, str] | None = None):
         self.name, self.label, self.replay_label, self.family = name, label, replay_label, family
         self.binary, self.ops, self.uses_daemon = binary, ops, daemon
         # A daemon marks the segments it stored ahead of the archiver .done (WAL-G's PG_READY_RENAME,
         # off by default in both), as WAL-E does and as pgBackRest's async mode is likewise opted into.
         self.settings = {"PG_READY_RENAME": "true"} if daemon else {}
+        self.settings.update(settings or {})  # over the run's defaults (WALG_UPLOAD_CONCURRENCY = --workers)
         self.client = client or WALRUS_CLIENT
         self.download_concurrency = download_concurrency
 
@@ -144,6 +146,14 @@ def walrus_tools() -> list[WalgFamily]:
                    ops=("archive", "drain", "replay")),
         WalgFamily("walrus-noprefetch", "walrus wal-fetch (no prefetch)", "walrus wal-fetch (no prefetch)",
                    "walrus", WALRUS, daemon=False, ops=("replay",), download_concurrency=1),
+        # WAL-G's background uploader: each call also stores up to TOTAL_BG_UPLOADED_LIMIT - 1 further
+        # .ready segments, 3 beside the asked one; PostgreSQL's later calls for them find markers, or
+        # (PG_READY_RENAME) never come
+        WalgFamily("walrus-bg4", "walrus wal-push, 4 uploads (background)", "", "walrus", WALRUS, daemon=False,
+                   ops=("archive", "drain"), settings={"WALG_UPLOAD_CONCURRENCY": "4"}),
+        WalgFamily("walrus-bg4-rename", "walrus wal-push, 4 uploads, PG_READY_RENAME", "", "walrus", WALRUS,
+                   daemon=False, ops=("archive", "drain"),
+                   settings={"WALG_UPLOAD_CONCURRENCY": "4", "PG_READY_RENAME": "true"}),
     ]
 
 

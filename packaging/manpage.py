@@ -10,6 +10,7 @@ import click
 
 from walrus import __version__
 from walrus.cli import cli
+from walrus.cli.walg import walk_commands
 from walrus.config import SETTINGS
 
 # the build's date, or the reproducible one (SOURCE_DATE_EPOCH) when set
@@ -93,7 +94,7 @@ def tagged(tag: str, body: str) -> list[str]:
 
 def command_section(ctx: click.Context) -> list[str]:
     lines = [".SH COMMANDS"]
-    for name, command in cli.commands.items():
+    for name, command in walk_commands(cli):
         sub = click.Context(command, info_name=name, parent=ctx)
         usage = " ".join(command.collect_usage_pieces(sub))
         lines += [".SS " + esc(f"{name} {usage}"), paragraph(command.help or "")]
@@ -129,9 +130,11 @@ def render() -> str:
             lines += tagged(*record)
     lines += command_section(ctx)
     lines += [".SH SETTINGS",
-              paragraph("Each setting is read from the environment, else from the config file (--config, else "
-                        "$WALG_CONFIG_PATH, else ~/.walg.json, .yaml or .yml: a flat JSON or YAML map), else its "
-                        "default.")]
+              paragraph("Each setting is read from its flag on the command line (the setting's name in lower "
+                        "case with - for _: --walg-upload-concurrency 4; `walrus flags` lists them), else from the "
+                        "environment, else from the config file (--config, else $WALG_CONFIG_PATH, else "
+                        "~/.walg.json, .yaml or .yml: a flat JSON or YAML map), else its default. "
+                        "docs/WALG_COMPAT.md lists the WAL-G settings walrus does not act on.")]
     for s in SETTINGS:
         default = "" if s.default is None else f" Default: {s.default}."
         aliases = f" Also read as {', '.join(s.aliases)}." if s.aliases else ""

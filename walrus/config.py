@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from walrus.codec import WRITABLE_METHODS
 from walrus.errors import ConfigError
+from walrus.walg_settings import ACCEPTED, EXPORTED, IGNORED, OTHER_SETTINGS, READ_OUTSIDE_TABLE, REFUSED, WALE_ALIASES
 
 if TYPE_CHECKING:
     from walrus.crypto import Crypter
@@ -173,7 +174,8 @@ SETTINGS: tuple[Setting, ...] = (
       "zstd effort: fastest, default, better or best."),
     S("WALG_TAR_SIZE_THRESHOLD", "tar_size_threshold", parse_size, (1 << 30) - 1,
       "File bytes per tar part before a new part starts."),
-    S("WALG_UPLOAD_CONCURRENCY", "upload_concurrency", parse_positive_int, 16, "Parallel uploads."),
+    S("WALG_UPLOAD_CONCURRENCY", "upload_concurrency", parse_positive_int, 16,
+      "Parallel uploads; above 1, wal-push also archives further .ready segments in the background."),
     S("WALG_DOWNLOAD_CONCURRENCY", "download_concurrency", parse_positive_int, 10,
       "Parallel downloads: tar parts extracted at once by backup-fetch."),
     S("WALG_UPLOAD_DISK_CONCURRENCY", "upload_disk_concurrency", parse_positive_int, 1,
@@ -182,6 +184,11 @@ SETTINGS: tuple[Setting, ...] = (
       "Do not fsync restored files (faster, unsafe on power loss)."),
     S("WALG_SENTINEL_USER_DATA", "sentinel_user_data", _text, None,
       "JSON stored as the UserData of every backup-push's sentinel (--add-user-data wins)."),
+    S("WALG_FETCH_TARGET_USER_DATA", "fetch_target_user_data", _text, None,
+      "backup-fetch restores the backup whose user data is this JSON (--target-user-data wins)."),
+    S("WALG_DISABLE_PARTIAL_RESTORE", "disable_partial_restore", parse_bool, False,
+      "backup-push does not record database and table names (files_metadata.json's DatabasesByNames), "
+      "so the backup cannot be restored with --restore-only; it then opens no connection to each database."),
     S("WALG_PREVENT_WAL_OVERWRITE", "prevent_wal_overwrite", parse_bool, False,
       "Compare with the archived copy before pushing WAL (walrus never overwrites with different bytes)."),
     S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_wal_size, 16, "WAL segment size in MiB (the server's wal_segment_size)."),
@@ -212,9 +219,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
       "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
     S("PG_READY_RENAME", "pg_ready_rename", parse_bool, False,
-      "The daemon marks segments it stored ahead of the archiver as archived (renames archive_status "
-      ".ready to .done), so one archive_command call covers several segments; pg_stat_archiver then "
-      "counts only the calls."),
+      "Segments stored ahead of the archiver (wal-push's background uploads, the daemon's look-ahead) are "
+      "marked archived (archive_status .ready renamed to .done), so PostgreSQL does not call "
+      "archive_command for them; pg_stat_archiver then counts only the calls."),
     # encryption (WAL-G's precedence: PGP, then libsodium; keys are never logged or put in argv)
     S("WALG_PGP_KEY", "pgp_key", _verbatim, None,
       "Armored OpenPGP key ring (literal \\n allowed): public to push, secret to fetch too.", secret=True),
@@ -235,18 +242,47 @@ SETTINGS: tuple[Setting, ...] = (
     # logging
     S("WALG_LOG_LEVEL", "log_level", _choice("normal", "devel", "error"), "normal",
       "NORMAL, DEVEL (debug) or ERROR."),
+    S("WALG_LOG_DESTINATION", "log_destination", _text, None,
+      "A file the log is appended to instead of standard error (stderr: standard error)."),
     # PostgreSQL connection (libpq names)
     S("PGHOST", "pg_host", _text, None, "PostgreSQL host or socket directory."),
     S("PGPORT", "pg_port", parse_positive_int, None, "PostgreSQL port."),
     S("PGUSER", "pg_user", _text, None, "PostgreSQL user."),
     S("PGDATABASE", "pg_database", _text, None, "PostgreSQL database."),
     S("PGPASSWORD", "pg_password", _text, None, "PostgreSQL password.", secret=True),
-    S("PGDATA", "pgdata", _text, None, "Data directory (daemon and WAL markers)."),
+    S("PGDATA", "pgdata", _text, None, "Data directory (backup-push's default, the daemon's cluster)."),
 )
 del S
 
 _BY_NAME = {s.name: s for s in SETTINGS}
 _BY_ALIAS = {alias: s for s in SETTINGS for alias in s.aliases}
+
+
+def _spellings(s: Setting) -> tuple[str, ...]:
+    """The names a table setting is read under: its own, its aliases, and WAL-E's where WAL-G reads them."""
+    names = (s.name, *s.aliases)
+    return names + tuple(old for name in names for old in WALE_ALIASES.get(name, ()))
+
+
+def _wale_spelling(name: str) -> str:
+    """WAL-G's GetWaleCompatibleSetting: WALG_X is also read as WALE_X, other names with WALE_ in front."""
+    return "WALE_" + name.removeprefix("WALG_")
+
+
+_OTHER = {o.name: o for o in OTHER_SETTINGS}
+_OTHER_BY_SPELLING = {**{_wale_spelling(o.name): o for o in OTHER_SETTINGS}, **_OTHER}
+KNOWN_NAMES = frozenset(n for s in SETTINGS for n in _spellings(s)) | frozenset(_OTHER_BY_SPELLING) | READ_OUTSIDE_TABLE
+
+
+def flag_name(setting: str) -> str:
+    """WAL-G's hidden per-setting flag: the setting's name in lower case, `_` as `-` (--walg-file-prefix)."""
+    return "--" + setting.lower().replace("_", "-")
+
+
+def setting_flags() -> dict[str, str]:
+    """Every per-setting flag walrus accepts (WAL-G's, and walrus's own WALRUS_ settings) -> setting name."""
+    names = [s.name for s in SETTINGS] + [a for s in SETTINGS for a in s.aliases] + [o.name for o in OTHER_SETTINGS]
+    return {flag_name(name): name for name in names}
 
 
 @dataclass(frozen=True)
@@ -283,6 +319,8 @@ class Settings:
     upload_disk_concurrency: int
     tar_disable_fsync: bool
     sentinel_user_data: str | None
+    fetch_target_user_data: str | None
+    disable_partial_restore: bool
     prevent_wal_overwrite: bool
     pg_wal_size: int
     buffer_size: int
@@ -308,6 +346,7 @@ class Settings:
     cse_kms_id: str | None
     yc_cse_kms_key_id: str | None
     log_level: str
+    log_destination: str | None
     pg_host: str | None
     pg_port: int | None
     pg_user: str | None
@@ -317,6 +356,7 @@ class Settings:
     # END generated
     sources: Mapping[str, str] = dataclasses.field(repr=False, compare=False)
     config_path: str | None = None
+    exports: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     crypter: Crypter | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -364,30 +404,35 @@ def default_config_path(env: Mapping[str, str]) -> str | None:
     if env.get("WALG_CONFIG_PATH"):
         return env["WALG_CONFIG_PATH"]
     home = env.get("HOME") or os.path.expanduser("~")
-    for ext in ("json", "yaml", "yml"):
+    for ext in CONFIG_TYPES:
         candidate = os.path.join(home, f".walg.{ext}")
         if os.path.exists(candidate):
             return candidate
     return None
 
 
+# The config file types WAL-G's viper reads, by extension, in the order ~/.walg.<ext> is looked for.
+CONFIG_TYPES = ("json", "toml", "yaml", "yml", "properties", "props", "prop", "env", "dotenv", "ini")
+
+
 def read_config_file(path: str) -> dict[str, str]:
-    """A flat map of SETTING: value, in JSON or YAML; values are stringified like viper does."""
+    """A flat map of SETTING: value in any of viper's formats, chosen by the extension (JSON, TOML,
+    YAML, Java properties, dotenv, INI; YAML for any other name). Names are case-insensitive, as in
+    viper; values are stringified as viper does."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}", detail=e.strerror,
                           hint="check --config / WALG_CONFIG_PATH") from None
+    kind = path.rsplit(".", 1)[-1].lower() if "." in os.path.basename(path) else "yaml"
+    if kind in ("hcl", "tfvars"):
+        raise ConfigError(f"config file {path}: walrus does not read HCL",
+                          hint="write the settings as JSON, YAML, TOML or KEY=value lines (.env)")
     try:
-        if path.endswith(".json"):
-            data = json.loads(text) if text.strip() else {}
-        else:
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        data = _parse_config(text, kind)
+    except Exception as e:  # each parser's own error: JSON, TOML, YAML, INI
         raise ConfigError(f"config file {path} is malformed", detail=str(e),
-                          hint="it must be a flat JSON or YAML map of SETTING: value") from None
+                          hint=f"it must be a flat {kind.upper()} map of SETTING: value") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} is not a map of settings",
                           hint='write it as {"WALG_FILE_PREFIX": "/backups", ...}')
@@ -397,7 +442,57 @@ def read_config_file(path: str) -> dict[str, str]:
             raise ConfigError(f"config file {path}: {key} must be a scalar value")
         if isinstance(value, bool):
             value = "true" if value else "false"
-        out[str(key)] = "" if value is None else str(value)
+        out[str(key).upper()] = "" if value is None else str(value)
+    return out
+
+
+def _parse_config(text: str, kind: str) -> Any:
+    if not text.strip():
+        return {}
+    if kind == "json":
+        return json.loads(text)
+    if kind == "toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if kind in ("env", "dotenv", "properties", "props", "prop"):
+        return _key_value_lines(text, dotenv=kind in ("env", "dotenv"))
+    if kind == "ini":
+        import configparser
+
+        parser = configparser.ConfigParser(interpolation=None, default_section="default")
+        parser.optionxform = str  # type: ignore[assignment,method-assign]
+        parser.read_string("[default]\n" + text)
+        return {**parser.defaults(), **{f"{s}.{k}": v for s in parser.sections() for k, v in parser[s].items()
+                                        if k not in parser.defaults()}}
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _key_value_lines(text: str, dotenv: bool) -> dict[str, str]:
+    """dotenv (`[export ]KEY=value`, quotes stripped, ` #` comments) and Java properties (`key=value`,
+    `key: value` or `key value`; # and ! comments), one setting a line, as viper's readers take them."""
+    import shlex
+
+    out = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or (not dotenv and line.startswith("!")):
+            continue
+        if dotenv and line.startswith("export "):
+            line = line[len("export "):].lstrip()
+        cut = min((i for i in (line.find("="), line.find(":")) if i > 0), default=-1)
+        if cut < 0 and not dotenv:
+            cut = line.find(" ")
+        if cut < 0:
+            raise ValueError(f"not a KEY=value line: {raw!r}")
+        key, value = line[:cut].strip(), line[cut + 1:].strip()
+        if dotenv and value[:1] in ("'", '"'):
+            value = shlex.split(value, comments=True)[0] if value else ""
+        elif dotenv and " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        out[key] = value
     return out
 
 
@@ -411,16 +506,22 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
     flags = flags or {}
     path = config_path or default_config_path(env)
     file_values = read_config_file(path) if path else {}
-    for key in file_values:
-        if key not in _BY_NAME and key not in _BY_ALIAS and warn is not None:
-            warn(f"config file {path}: unknown setting {key} ignored")
+    if warn is not None:
+        for key in file_values:
+            if key not in KNOWN_NAMES:
+                warn(f"config file {path}: unknown setting {key} ignored{_did_you_mean(key)}")
+        for key in env:
+            if key.startswith(("WALG_", "WALE_", "WALRUS_")) and key not in KNOWN_NAMES:
+                warn(f"environment: unknown setting {key} ignored{_did_you_mean(key)}")
+    origins = (("command line", flags), ("environment", env), (f"config file {path}", file_values))
+    exports = _other_settings(origins, warn)
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for s in SETTINGS:
         raw, source = None, "default"
-        for origin, mapping in (("command line", flags), ("environment", env), (f"config file {path}", file_values)):
-            for key in (s.name, *s.aliases):
+        for origin, mapping in origins:
+            for key in _spellings(s):
                 if mapping.get(key) not in (None, ""):
                     raw, source = mapping[key], f"{origin} ({key})"
                     break
@@ -454,7 +555,37 @@ def load_settings(env: Mapping[str, str] | None = None, config_path: str | None 
     # a configured key is checked here, before any work: unusable is an error, never plaintext
     from walrus.crypto import crypter_from_settings
 
-    return Settings(**values, sources=sources, config_path=path, crypter=crypter_from_settings(values, sources, warn))
+    return Settings(**values, sources=sources, config_path=path, exports=exports,
+                    crypter=crypter_from_settings(values, sources, warn))
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(KNOWN_NAMES), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _other_settings(origins: tuple[tuple[str, Mapping[str, str]], ...],
+                    warn: Callable[[str], None] | None) -> dict[str, str]:
+    """WAL-G settings outside the table: refused ones fail here, before any work; ignored ones are
+    named in a warning; exported ones set outside the environment are returned, to be put in it
+    for the library that reads them (WAL-G exports its whole configuration the same way)."""
+    exports = {}
+    for other in OTHER_SETTINGS:
+        found = next(((origin, key, mapping[key]) for origin, mapping in origins
+                      for key in (other.name, _wale_spelling(other.name)) if mapping.get(key) not in (None, "")), None)
+        if found is None or other.disposition == ACCEPTED or not other.applies(found[2]):
+            continue
+        origin, key, value = found
+        if other.disposition == REFUSED:
+            raise ConfigError(f"{key} is set, and walrus does not support it", detail=f"{other.reason}; set in {origin}",
+                              hint=f"unset {key}; docs/WALG_COMPAT.md lists the WAL-G settings walrus does not act on")
+        if other.disposition == IGNORED and warn is not None:
+            warn(f"{key} is set ({origin}) but has no effect in walrus: {other.reason}")
+        if other.disposition == EXPORTED and origin != "environment":
+            exports[other.name] = value
+    return exports
 
 
 def settings_help() -> str:

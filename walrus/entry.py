@@ -29,7 +29,7 @@ def _main() -> None:
         sys.exit(run(sys.argv[2:]))
     from walrus import interrupts
 
-    interrupts.hold()  # a signal waits until the work can be cancelled cleanly (walrus.cli._run)
+    interrupts.hold()  # a signal waits until the work can be cancelled cleanly (walrus.cli.base.run)
     if _prefetched_fetch(sys.argv[1:]):
         interrupts.ignore_while_exiting()  # done: a signal held meanwhile changes nothing
         sys.exit(0)
@@ -66,7 +66,7 @@ def _prefetched_fetch(argv: list[str]) -> bool:
         return False
     from walrus.log import log, setup_logging
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_destination)
     for text in warnings:
         log.warning(text)
     prefetch_after(settings, argv[1], argv[2], config_path)

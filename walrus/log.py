@@ -20,8 +20,13 @@ class _WalgFormatter(logging.Formatter):
         return f"{_LEVEL_NAMES.get(record.levelno, 'INFO')}: {stamp}.{micros:06d} {record.getMessage()}"
 
 
-def setup_logging(level: str = "normal") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(level: str = "normal", destination: str | None = None) -> None:
+    """destination (WALG_LOG_DESTINATION): a file appended to instead of stderr. The final error
+    of a failed command is still written to stderr too, where PostgreSQL's log receives it."""
+    if destination and destination != "stderr":
+        handler: logging.Handler = logging.FileHandler(destination, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_WalgFormatter())
     log.handlers[:] = [handler]
     log.setLevel(_LEVELS.get(level, logging.INFO))

@@ -47,7 +47,11 @@ def build(scratch: str | None = None) -> PgEnv:
     store = harness.mkdir(os.path.join(root, "store"))
     settings = {"WALG_FILE_PREFIX": store, "WALG_COMPRESSION_METHOD": "lz4",
                 "WALG_TAR_SIZE_THRESHOLD": str(TAR_SIZE_THRESHOLD), "WALG_UPLOAD_DISK_CONCURRENCY": "2",
-                "WALG_DOWNLOAD_CONCURRENCY": "3", "WALG_PG_WAL_SIZE": "16"}
+                "WALG_DOWNLOAD_CONCURRENCY": "3", "WALG_PG_WAL_SIZE": "16",
+                # backups are compared file by file, so the cluster must stay quiescent between them;
+                # reading every database's names (--restore-only) connects to each, which writes
+                # relcache init files and catalog statistics
+                "WALG_DISABLE_PARTIAL_RESTORE": "true"}
     config = write_config(os.path.join(root, "walg.json"), settings)
     cluster = Cluster.init(root)
     env = PgEnv(root=root, store=store, golden=os.path.join(root, "golden"), cluster=cluster, settings=settings)

@@ -93,7 +93,7 @@ def test_the_phases_make_a_backup_that_restores(env):
     settings, pgdata, files, tmp_path = env
     session = ScriptedSession(pgdata)
     storage = RecordingFs(str(tmp_path / "store"))
-    result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session))
+    result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
     assert session.calls == ["server_info", "backup_start", "backup_stop", "close"]
     assert result.name == "base_000000010000000000000003"
     # data parts (at least two: the threshold splits them), pg_control.tar and backup_label.tar, then
@@ -117,7 +117,7 @@ def test_a_failed_part_leaves_no_sentinel_and_never_stops_the_backup(env):
     session = ScriptedSession(pgdata)
     storage = RecordingFs(str(tmp_path / "store"), fail_key="part_002.tar.lz4")
     with pytest.raises(StorageError, match="part_002"):
-        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session))
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
     # closing the session without pg_backup_stop ends PostgreSQL's non-exclusive backup
     assert session.calls == ["server_info", "backup_start", "close"]
     assert not any(k.endswith(layout.SENTINEL_SUFFIX) or k.endswith(".json") for k in storage.puts)
@@ -128,5 +128,10 @@ def test_the_wrong_server_is_refused_before_any_upload(env):
     session = ScriptedSession(pgdata, data_directory="/var/lib/postgresql/15/other")
     storage = RecordingFs(str(tmp_path / "store"))
     with pytest.raises(BackupError, match="is not the data directory"):
-        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session))
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
     assert session.calls == ["server_info", "close"] and storage.puts == []
+
+
+async def no_names(settings):
+    """The scripted session stands for one connection: no per-database catalog to read."""
+    return None

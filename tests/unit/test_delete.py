@@ -311,7 +311,7 @@ def test_file_storage_temporaries_are_garbage_after_the_grace_period(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["retain"], "expected one retention count"),
+    (["retain"], "one retention count"),
     (["retain", "0", "--confirm"], "cannot retain fewer than one backup"),
     (["before", "2999-01-01T00:00:00Z", "--confirm"], "in the future"),
     (["wipe"], "unknown delete mode"),

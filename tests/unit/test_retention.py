@@ -65,7 +65,6 @@ def test_parse_accepts_walg_command_lines(args, kw, expected):
     (["retain", "0"], {}, "fewer than one"),
     (["retain", "-1"], {}, "fewer than one"),
     (["retain", "two"], {}, "expected a number"),
-    (["retain", "foo", "5"], {}, "one retention count"),  # WAL-G reads this as FIND_FULL 5
     (["retain", "2", "3"], {}, "one retention count"),
     (["retain", "2"], {"after": "2999-01-01T00:00:00Z"}, "in the future"),
     (["before"], {}, "one backup name or time"),
@@ -83,6 +82,13 @@ def test_parse_refuses_with_the_reason(args, kw, why):
     with pytest.raises(RetentionError) as e:
         parse_request(args, **kw)
     assert why in e.value.message and e.value.hint
+
+
+def test_an_unknown_retain_modifier_is_find_full_as_in_walg(log_lines):
+    """`retain Full 5` runs in WAL-G's users' crontabs: WAL-G reads any word other than FULL as
+    FIND_FULL, and so does walrus, with a warning."""
+    assert parse_request(["retain", "Full", "5"]) == Request("retain", "FIND_FULL", count=5)
+    assert any("read as FIND_FULL" in line for line in log_lines)
 
 
 # -- retain ---------------------------------------------------------------------------------------

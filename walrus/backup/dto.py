@@ -177,6 +177,23 @@ def _encode(value: Any, html: bool) -> str:
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
+def _encode_indented(value: Any, indent: str, depth: int) -> str:
+    """json.Encoder with SetIndent("", indent): one member per line, empty containers kept short."""
+    inner, outer = indent * (depth + 1), indent * depth
+    if isinstance(value, dict) and value:
+        members = (f"{inner}{_quote(k, True)}: {_encode_indented(v, indent, depth + 1)}" for k, v in value.items())
+        return "{\n" + ",\n".join(members) + "\n" + outer + "}"
+    if isinstance(value, (list, tuple)) and value:
+        items = (inner + _encode_indented(v, indent, depth + 1) for v in value)
+        return "[\n" + ",\n".join(items) + "\n" + outer + "]"
+    return _encode(value, html=True)
+
+
+def go_json(value: Any, indent: str | None = None) -> str:
+    """What WAL-G's commands print through encoding/json's Encoder: compact (or indented), HTML-safe."""
+    return _encode(value, html=True) if indent is None else _encode_indented(value, indent, 0)
+
+
 def _dumps_v1(doc: dict[str, Any]) -> bytes:
     """encoding/json v1 output: compact, HTML-safe escapes, no trailing newline."""
     return _encode(doc, html=True).encode("utf-8")

@@ -6,16 +6,18 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from walrus.aio import gather_all
 from walrus.tar.read import ExtractStats, extract_tar, member_relpath
 from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
 from walrus.backup.list import resolve_backup
+from walrus.backup.partial import restore_only_filter
 from walrus.codec import Reader
 from walrus.config import Settings
 from walrus.errors import BackupError, CorruptObject, ObjectNotFound
@@ -66,7 +68,12 @@ class _Parts:
 
 
 async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,
-                       restore_spec: str | None = None) -> BackupFetchResult:
+                       restore_spec: str | None = None, mask: str | None = None,
+                       restore_only: list[str] | None = None) -> BackupFetchResult:
+    """mask (WAL-G's --mask): restore only the files whose path in the data directory matches this
+    shell pattern (Go's filepath.Match: `*` stops at `/`), and download only the parts holding one.
+    restore_only (WAL-G's --restore-only, one name a string): only these databases and tables, and
+    the system ones (walrus.backup.partial); with mask, a file is restored if both keep it."""
     began = time.monotonic()
     # init: the backup's documents, and the set of its parts checked before anything is written
     name = await resolve_backup(storage, name)
@@ -77,12 +84,19 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
     files_metadata = await _files_metadata(storage, name, sentinel)
     parts = await _list_parts(storage, name, files_metadata)
     spec = _load_restore_spec(restore_spec) if restore_spec else sentinel.spec
+    selected = compile_mask(mask) if mask else None
+    if restore_only is not None:
+        keep = restore_only_filter(files_metadata.databases_by_names if files_metadata else None, restore_only, name)
+        selected = keep if selected is None else (lambda rel, masked=selected: masked(rel) and keep(rel))
+    if selected is not None and files_metadata is not None and files_metadata.tar_file_sets:
+        parts.data = [p for p in parts.data
+                      if any(selected(member_relpath(m)) for m in files_metadata.tar_file_sets.get(p.name, ()))]
 
     # prepare: an empty target, its tablespace links
     directory = os.path.abspath(directory)
     _prepare_target(directory)
     _warn_if_short_of_space(directory, sentinel.uncompressed_size)
-    extraction = _Extraction(settings, storage, directory, files_metadata, restore_spec is not None)
+    extraction = _Extraction(settings, storage, directory, files_metadata, restore_spec is not None, selected)
     try:
         extraction.allowed_links = _link_tablespaces(directory, spec) if spec else frozenset()
         # copy: data parts side by side, then backup_label, then pg_control into the staging folder
@@ -121,12 +135,13 @@ class _Extraction:
     """
 
     def __init__(self, settings: Settings, storage: Storage, directory: str, files_metadata: FilesMetadata | None,
-                 relocated: bool):
+                 relocated: bool, selected: Callable[[str], bool] | None = None):
         self.settings = settings
         self.storage = storage
         self.directory = directory
         self.files_metadata = files_metadata
         self.relocated = relocated  # --restore-spec: tablespace links were made from it, not from tablespace_map
+        self.selected = selected  # --mask: only the files it matches (utility files too, as in WAL-G)
         self.allowed_links: frozenset[str] = frozenset()
         self.totals = ExtractStats()
         self.writer = ""  # the sinks' kind, once one is open
@@ -139,6 +154,8 @@ class _Extraction:
         self._slots = asyncio.Semaphore(concurrency)
 
     def wanted(self, relpath: str) -> bool:
+        if self.selected is not None and not self.selected(relpath):
+            return False
         if relpath in UTILITY_RELPATHS:
             return not (relpath == "tablespace_map" and self.relocated)  # links were relocated
         return self.files_metadata is None or self.files_metadata.lookup("/" + relpath) is not None
@@ -188,6 +205,49 @@ class _Extraction:
     def close(self) -> None:
         # never wait here: a thread that did not stop in time is abandoned (see walrus.stream.download.consume_in_thread)
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def compile_mask(pattern: str) -> Callable[[str], bool]:
+    """Go's filepath.Match of "/" + pattern against "/" + a data-directory path, as WAL-G's --mask
+    selects files: `*` and `?` never match `/`, `[...]` is a class (`[^...]` negated), `\\` escapes.
+    A malformed pattern is an error before anything is restored."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "\\":
+            if i + 1 == len(pattern):
+                raise _bad_mask(pattern, "it ends with an escape")
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif c == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1:i + 2] == "^" else i + 1)
+            if end < 0:
+                raise _bad_mask(pattern, "a [ class is not closed")
+            body = pattern[i + 1:end]
+            negated = body.startswith("^")
+            body = body[1:] if negated else body
+            if not body:
+                raise _bad_mask(pattern, "an empty [] class")
+            chars = body.replace("\\", "\\\\").replace("[", "\\[")
+            out.append(f"[^/{chars}]" if negated else f"(?!/)[{chars}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    try:
+        regex = re.compile("/" + "".join(out))
+    except re.error as e:
+        raise _bad_mask(pattern, str(e)) from None
+    return lambda relpath: regex.fullmatch("/" + relpath) is not None
+
+
+def _bad_mask(pattern: str, why: str) -> BackupError:
+    return BackupError(f"--mask {pattern!r} is not a valid pattern", detail=why,
+                       hint="a shell pattern relative to the data directory, e.g. 'base/16384/*' or 'global/*'")
 
 
 def _write_failed(part: str, dest: str, e: OSError) -> BackupError:

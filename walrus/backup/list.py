@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from walrus.backup.dto import ExtendedMetadata, Sentinel, format_go_time
+from walrus.backup.dto import ExtendedMetadata, Sentinel, format_go_time, go_json
 from walrus.backup.retention import Backup, RetentionError, segment_range, wal_token
 from walrus.errors import BackupError, CorruptObject, ObjectNotFound
 from walrus.log import log
@@ -69,6 +69,19 @@ async def resolve_backup(storage: Storage, name: str) -> str:
     return name
 
 
+async def resolve_by_user_data(storage: Storage, user_data: Any, segment_size: int) -> str:
+    """The one backup whose user data (metadata.json's, else the sentinel's) equals user_data."""
+    matches = [b.name for b in await load_backups(storage, segment_size) if b.user_data == user_data]
+    if len(matches) != 1:
+        shown = json.dumps(user_data)
+        raise BackupError(f"no backup has the user data {shown}" if not matches
+                          else f"{len(matches)} backups have the user data {shown}",
+                          detail=", ".join(matches[:5]) if matches else None,
+                          hint="backup-list --detail --json shows each backup's user_data; "
+                               "give the backup name instead")
+    return matches[0]
+
+
 LOADS_AT_ONCE = 16  # sentinels and metadata.json read concurrently
 
 
@@ -120,20 +133,60 @@ async def load_backups(storage: Storage, segment_size: int, use_sentinel_time: b
     return [b for b, _ in loaded]
 
 
-def render_table(backups: list[BackupInfo], detail: bool) -> str:
-    header = ["backup_name", "modified", "wal_file_name", "storage_name"]
-    if detail:
-        header += ["start_time", "finish_time", "hostname", "data_dir", "pg_version", "start_lsn",
-                   "finish_lsn", "is_permanent"]
-    rows = [header]
-    for b in backups:
-        row = [b.name, b.modified.replace(microsecond=0).isoformat().replace("+00:00", "Z"),
-               b.wal_file_name, b.storage_name]
-        if detail and b.metadata is not None:
-            m = b.metadata
-            row += [format_go_time(m.start_time.replace(microsecond=0)), format_go_time(m.finish_time.replace(microsecond=0)),
-                    m.hostname, m.data_dir, str(m.pg_version), format_lsn(m.start_lsn),
-                    format_lsn(m.finish_lsn), "true" if m.is_permanent else "false"]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join(" ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+def _columns(b: BackupInfo, detail: bool) -> list[tuple[str, str, str, str | None]]:
+    """WAL-G's printable fields of a backup: (name, pretty name, value, pretty value or None)."""
+    fields = [("backup_name", "Backup name", b.name, None),
+              ("modified", "Modified", _rfc3339(b.modified), _rfc850(b.modified)),
+              ("wal_file_name", "WAL file name", b.wal_file_name, None),
+              ("storage_name", "Storage name", b.storage_name, None)]
+    if detail and b.metadata is not None:
+        m = b.metadata
+        fields += [("start_time", "Start time", _rfc3339(m.start_time), _rfc850(m.start_time)),
+                   ("finish_time", "Finish time", _rfc3339(m.finish_time), _rfc850(m.finish_time)),
+                   ("hostname", "Hostname", m.hostname, None),
+                   ("data_dir", "Datadir", m.data_dir, None),
+                   ("pg_version", "PG version", str(m.pg_version), None),
+                   ("start_lsn", "Start LSN", format_lsn(m.start_lsn), None),
+                   ("finish_lsn", "Finish LSN", format_lsn(m.finish_lsn), None),
+                   ("is_permanent", "Permanent", "true" if m.is_permanent else "false", None)]
+    return fields
+
+
+def _rfc3339(dt: datetime) -> str:
+    return "-" if dt.year <= 1 else format_go_time(dt.replace(microsecond=0))
+
+
+def _rfc850(dt: datetime) -> str:
+    """Go's time.RFC850 layout ("Monday, 02-Jan-06 15:04:05 MST"), WAL-G's --pretty times."""
+    if dt.year <= 1:
+        return "-"
+    zone = dt.tzname() or ""
+    if zone.startswith("UTC") and zone != "UTC":  # a fixed offset without a name: Go prints it numerically
+        zone = dt.strftime("%z")
+    return dt.strftime("%A, %d-%b-%y %H:%M:%S ") + zone
+
+
+def render(backups: list[BackupInfo], detail: bool, pretty: bool, as_json: bool) -> str | None:
+    """backup-list's output, WAL-G's three shapes: JSON (indented with --pretty), a boxed table
+    (--pretty), or columns aligned by spaces; None for a table without backups (nothing printed)."""
+    if as_json:
+        return go_json([b.as_json(detail) for b in backups], "    " if pretty else None)
+    if not backups:
+        return None
+    rows = [_columns(b, detail) for b in backups]
+    if not pretty:
+        lines = [[name for name, _, _, _ in rows[0]]] + [[value for _, _, value, _ in row] for row in rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+        return "\n".join(" ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    # go-pretty's default style: +-| box, upper-case header, rows numbered from 0 (right-aligned)
+    header = ["#"] + [pretty_name.upper() for _, pretty_name, _, _ in rows[0]]
+    body = [[str(i)] + [shown if shown is not None else value for _, _, value, shown in row]
+            for i, row in enumerate(rows)]
+    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
+    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+
+    def line(cells: list[str], numbered: bool) -> str:
+        first = cells[0].rjust(widths[0]) if numbered else cells[0].ljust(widths[0])
+        return "| " + " | ".join([first] + [c.ljust(w) for c, w in zip(cells[1:], widths[1:])]) + " |"
+
+    return "\n".join([rule, line(header, False), rule] + [line(r, True) for r in body] + [rule])

@@ -8,19 +8,21 @@ import socket
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Awaitable, Callable, Iterator, Protocol
 
 from walrus import codec
 from walrus.aio import gather_all
 from walrus.tar.write import Entry, TarPartStream
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
+from walrus.backup.partial import databases_by_names
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError
 from walrus.log import log
 from walrus.pg.client import BackupStart, BackupStop, PgSession, ServerInfo
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
+from walrus.ratelimit import RateLimiter
 from walrus.runtime import cpu_count, raise_nofile_limit
 from walrus.storage import layout
 from walrus.storage.base import Storage
@@ -155,11 +157,14 @@ class _Push:
     counter: Counter = field(default_factory=Counter)
     stop: BackupStop | None = None
     reader: str = ""  # the file reader's name, for the result
+    disk: RateLimiter | None = None  # WALG_DISK_RATE_LIMIT: one bucket for the reads of every part
 
 
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
                       user_data: Any = None,
-                      connect: Callable[[Settings], PgBackupSession] = PgSession) -> BackupPushResult:
+                      connect: Callable[[Settings], PgBackupSession] = PgSession,
+                      names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names
+                      ) -> BackupPushResult:
     """Phases: start (pg_backup_start), upload data (the walk's tar parts), upload control files
     (pg_control.tar, pg_backup_stop, backup_label.tar, the archiver's wait), finish (the metadata,
     then the sentinel, last: a backup exists if and only if its sentinel does)."""
@@ -175,7 +180,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             push.reader = uploader.reader.name
             await _upload_data(push, uploader)
             await _upload_control_files(push, uploader)
-        await _finish(push, permanent, user_data)
+        await _finish(push, permanent, user_data, names)
     finally:
         await asyncio.to_thread(session.close)
     return BackupPushResult(name=push.name, start_lsn=push.start.lsn, finish_lsn=push.stop.lsn,
@@ -194,8 +199,9 @@ async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgB
     lanes = settings.upload_disk_concurrency
     # each part's buffers are compressed on every core, so the last part is not left to one
     plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
+    disk = RateLimiter(settings.disk_rate_limit) if settings.disk_rate_limit is not None else None
     return _Push(settings, storage, pgdata, session, info, start, start_time, name,
-                 codec.extension(settings.compression_method), plan, lanes)
+                 codec.extension(settings.compression_method), plan, lanes, disk=disk)
 
 
 async def _upload_data(push: _Push, uploader: Uploader) -> None:
@@ -237,14 +243,16 @@ async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry]
                        threshold: int | None) -> None:
     s = push.settings
     stream = TarPartStream(entries, uploader.pool, uploader.reader, threshold=threshold, depth=push.plan.depth,
-                           direct_min=s.direct_io_min if s.direct_io else None, on_member=push.collected.record)
+                           direct_min=s.direct_io_min if s.direct_io else None, on_member=push.collected.record,
+                           limiter=push.disk)
     await uploader.upload(push.storage, layout.part_key(push.name, object_name), stream, push.counter,
                           push.plan.parallel)
     push.collected.tar_file_sets[object_name] = stream.members
     log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
 
 
-async def _finish(push: _Push, permanent: bool, user_data: Any) -> None:
+async def _finish(push: _Push, permanent: bool, user_data: Any,
+                  names: Callable[[Settings], Awaitable[dict[str, Any] | None]]) -> None:
     """metadata.json and files_metadata.json, then the sentinel, last."""
     info, start, stop, storage = push.info, push.start, push.stop, push.storage
     finish_time = now_utc_micro()
@@ -264,8 +272,11 @@ async def _finish(push: _Push, permanent: bool, user_data: Any) -> None:
         pg_version=info.version_num, start_lsn=start.lsn, finish_lsn=stop.lsn, is_permanent=permanent,
         system_identifier=sentinel.system_identifier, uncompressed_size=push.collected.uncompressed,
         compressed_size=push.counter.bytes, user_data=user_data)
+    # the catalog as the backup ended, as WAL-G reads it (a relation rewritten during the backup has
+    # its new file number, which recovery recreates); a failure here is a warning, never the backup's
     files_metadata = FilesMetadata(files=push.collected.files, tar_file_sets=push.collected.tar_file_sets,
-                                   databases_by_names=None)
+                                   databases_by_names=None if push.settings.disable_partial_restore
+                                   else await names(push.settings))
     await storage.put_bytes(layout.backup_key(push.name, layout.METADATA), metadata.to_json())
     await storage.put_bytes(layout.backup_key(push.name, layout.FILES_METADATA), files_metadata.to_json())
     await storage.put_bytes(layout.sentinel_key(push.name), sentinel.to_json())

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Any, Iterable, Sequence
 
 from walrus.errors import WalrusError
+from walrus.log import log
 from walrus.pg.xlog import parse_wal_file_name, segment_of
 
 MODIFIERS = ("FULL", "FIND_FULL")
@@ -117,8 +118,15 @@ def parse_request(args: Sequence[str], *, after: str | None = None, user_data: A
     if mode == "retain":
         if rest and rest[0] in MODIFIERS:
             modifier = rest.pop(0)
+        elif len(rest) == 2 and rest[1].isdigit() and not rest[0].lstrip("-").isdigit():
+            # WAL-G reads any other first word as FIND_FULL (`retain Full 5` in cron lines): so does
+            # walrus, which a drop-in must, but it says so
+            log.warning(f"delete retain: {rest[0]!r} is neither FULL nor FIND_FULL; read as FIND_FULL, as WAL-G "
+                        "reads it (write FULL for full backups only)")
+            modifier = "FIND_FULL"
+            rest.pop(0)
         if len(rest) != 1:
-            raise bad("expected one retention count")
+            raise bad("expected [FULL|FIND_FULL] and one retention count")
         try:
             count = int(rest[0])
         except ValueError:

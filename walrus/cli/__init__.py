@@ -3,124 +3,68 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Protocol
 
 import click
 
 from walrus import __version__, interrupts
-from walrus.config import Settings, load_settings, settings_help
+from walrus.cli.base import CONTEXT, EXIT_GRACE, emit, run, settings_of, target_storage_option
+from walrus.cli.st import register as register_st
+from walrus.cli.walg import GlobalFlags, HelpGroup, check_target_storage, refuse, split_global_flags
+from walrus.cli.walg import register as register_walg
+from walrus.config import settings_help
 from walrus.errors import EXIT_FAILURE, Stopped, WalrusError
-from walrus.log import log, setup_logging
+from walrus.log import log
 from walrus.runtime import tune_process
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
-
-class _Group(click.Group):
-    def list_commands(self, ctx):
-        return list(self.commands)  # in the order they were defined, most used first
-
-
-@click.group(cls=_Group, context_settings=CONTEXT,
-             epilog="Settings (environment, or a JSON/YAML config file; the environment wins):\n\n\b\n"
+@click.group(cls=HelpGroup, context_settings=CONTEXT,
+             epilog="Settings (a flag on the command line, else the environment, else a JSON/YAML config file):\n\n\b\n"
                     + settings_help())
 @click.option("--config", "config_path", metavar="PATH", envvar=None,
-              help="Config file (default: $WALG_CONFIG_PATH, else ~/.walg.json).")
-@click.version_option(__version__, "--version", prog_name="walrus")
+              help="Config file (default: $WALG_CONFIG_PATH, else ~/.walg.json); anywhere on the line, as in WAL-G.")
+@click.option("--turbo", is_flag=True, help="Ignore the rate limits (WALG_NETWORK_RATE_LIMIT, WALG_DISK_RATE_LIMIT).")
+@click.version_option(__version__, "-v", "--version", prog_name="walrus")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None) -> None:
-    """walrus: WAL-G-compatible PostgreSQL backups and WAL archiving."""
-    ctx.obj = {"config_path": config_path}
+def cli(ctx: click.Context, config_path: str | None, turbo: bool) -> None:
+    """walrus: WAL-G-compatible PostgreSQL backups and WAL archiving.
 
-
-def _settings(ctx: click.Context) -> Settings:
-    settings = load_settings(config_path=ctx.obj["config_path"], warn=log.warning)
-    setup_logging(settings.log_level)
-    return settings
-
-
-def _run(ctx: click.Context, engine: Callable[[Settings, Any], Awaitable[Any]],
-         settings: Settings | None = None) -> Any:
-    """Resolve settings (unless given), open the storage, run one engine coroutine, always close the storage."""
-    import asyncio  # here: a wal-fetch of a prefetched segment never starts a loop (its imports are a large share of a short command's start-up)
-
-    from walrus.storage import open_storage
-
-    settings = settings or _settings(ctx)
-    storage = open_storage(settings)
-
-    async def main():
-        asyncio.get_running_loop().set_default_executor(_BoundedExecutor(thread_name_prefix="walrus-io"))
-        # SIGTERM and SIGINT cancel the work, so uploads in progress are aborted cleanly (no multipart
-        # upload left behind, no temporary file under a final key); once it is done they change nothing
-        with interrupts.cancelling(asyncio.current_task()):
-            try:
-                result = await engine(settings, storage)
-                interrupts.finished()
-            finally:
-                await storage.close()
-        return result
-
-    try:
-        return asyncio.run(main())
-    except asyncio.CancelledError:
-        signum = interrupts.received or signal.SIGTERM
-        raise Stopped(signum, signal.Signals(signum).name) from None
-    finally:
-        interrupts.install()  # asyncio resets the handlers a daemon took when its loop closes
-        interrupts.release()  # before anything starts a child, which would inherit a held signal
-
-
-class _BoundedExecutor(ThreadPoolExecutor):
-    """The loop's default executor (asyncio.to_thread: file writes, fsyncs, libpq calls), whose
-    shutdown at the end of asyncio.run waits EXIT_GRACE for its threads instead of forever: a
-    thread stuck in a system call (a hung mount) must not keep a failed command from ending."""
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        super().shutdown(wait=False, cancel_futures=cancel_futures)
-        if wait:
-            deadline = time.monotonic() + EXIT_GRACE
-            for thread in list(self._threads):
-                thread.join(max(0.0, deadline - time.monotonic()))
-
-
-class _Result(Protocol):
-    """What an engine returns: `--json` prints as_json(), text commands print their own rendering."""
-
-    def as_json(self) -> dict[str, Any]: ...
-
-
-def _emit(result: _Result, as_json: bool, text: str | None) -> None:
-    if as_json:
-        click.echo(json.dumps(result.as_json(), indent=None))
-    elif text:
-        click.echo(text)
+    Every setting is also a flag, anywhere on the line, over the environment and the config file:
+    --walg-upload-concurrency 4 (`walrus flags` lists them)."""
+    ctx.obj = ctx.obj or GlobalFlags()
+    ctx.obj.config_path = config_path or ctx.obj.config_path
+    ctx.obj.turbo = turbo or ctx.obj.turbo
 
 
 @cli.command("wal-push", context_settings=CONTEXT)
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@target_storage_option
 @click.pass_context
-def wal_push_cmd(ctx, path: str, as_json: bool) -> None:
-    """Archive one WAL file (archive_command = 'walrus wal-push %p')."""
-    from walrus.wal.push import wal_push
+def wal_push_cmd(ctx, path: str, as_json: bool, target_storage: str | None) -> None:
+    """Archive one WAL file (archive_command = 'walrus wal-push %p').
 
-    result = _run(ctx, lambda s, st: wal_push(s, st, path))
-    _emit(result, as_json, None)
+    With WALG_UPLOAD_CONCURRENCY above 1 it also archives further .ready segments in the background
+    (at most TOTAL_BG_UPLOADED_LIMIT), as WAL-G does."""
+    from walrus.wal.push import pushed_in_background, wal_push
+
+    check_target_storage(target_storage)
+    settings = settings_of(ctx)
+    # a segment an earlier call stored in the background is answered without opening the storage
+    result = pushed_in_background(path) or run(ctx, lambda s, st: wal_push(s, st, path), settings)
+    emit(result, as_json, None)
 
 
 @cli.command("wal-fetch", context_settings=CONTEXT)
 @click.argument("name")
 @click.argument("destination")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@target_storage_option
 @click.pass_context
-def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool) -> None:
+def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool, target_storage: str | None) -> None:
     """Restore one WAL file (restore_command = 'walrus wal-fetch %f %p'); exit 74 if it is not archived.
 
     The next WALG_DOWNLOAD_CONCURRENCY segments are then prefetched in the background."""
@@ -128,78 +72,150 @@ def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool) -> None:
 
     # entry.py has already answered the plain form when the segment was prefetched; here wal_fetch
     # takes a prefetched copy itself, or downloads
-    settings = _settings(ctx)
-    result = _run(ctx, lambda s, st: wal_fetch(s, st, name, destination), settings)
-    prefetch_after(settings, name, destination, ctx.obj["config_path"])
-    _emit(result, as_json, None)
+    check_target_storage(target_storage)
+    settings = settings_of(ctx)
+    result = run(ctx, lambda s, st: wal_fetch(s, st, name, destination), settings)
+    prefetch_after(settings, name, destination, ctx.find_root().obj.config_path)
+    emit(result, as_json, None)
 
 
 @cli.command("wal-prefetch", hidden=True, context_settings=CONTEXT)
 @click.argument("name")
 @click.argument("location")
+@target_storage_option
 @click.pass_context
-def wal_prefetch_cmd(ctx, name: str, location: str) -> None:
+def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) -> None:
     """Download the segments after NAME into LOCATION/.wal-g/prefetch, following recovery (started by wal-fetch)."""
     from walrus.wal import prefetch, prefetcher
 
-    _run(ctx, lambda s, st: prefetcher.follow(s, st, name, prefetch.location(s, os.path.join(location, name))))
+    check_target_storage(target_storage)
+    run(ctx, lambda s, st: prefetcher.follow(s, st, name, prefetch.location(s, os.path.join(location, name))))
 
 
 @cli.command("backup-push", context_settings=CONTEXT)
-@click.argument("pgdata", metavar="PGDATA")
+@click.argument("pgdata", metavar="[PGDATA]", required=False)
 @click.option("-p", "--permanent", is_flag=True, help="Mark the backup permanent (never deleted by retention).")
-@click.option("--add-user-data", "user_data", metavar="JSON", help="JSON stored in the sentinel's UserData.")
+@click.option("-f", "--full", is_flag=True, help="A full backup (walrus's backups are always full).")
+@click.option("--add-user-data", "user_data", metavar="JSON",
+              help="JSON stored as the sentinel's UserData (default: WALG_SENTINEL_USER_DATA).")
+@click.option("-v", "--verify", is_flag=True, help="Not supported yet: an error (WAL-G: verify page checksums).")
+@click.option("-s", "--store-all-corrupt", is_flag=True, help="Not supported yet: an error (WAL-G: with --verify).")
+@click.option("-r", "--rating-composer", is_flag=True, help="Accepted, ignored with a warning (walrus fills parts its own way).")
+@click.option("-c", "--copy-composer", is_flag=True, help="Accepted, ignored with a warning (walrus fills parts its own way).")
+@click.option("-b", "--database-composer", is_flag=True,
+              help="Accepted, ignored with a warning (walrus fills parts its own way).")
+@click.option("--delta-from-name", metavar="NAME", help="Not supported yet: an error (walrus takes full backups only).")
+@click.option("--delta-from-user-data", metavar="JSON", help="Not supported yet: an error (walrus takes full backups only).")
+@click.option("--without-files-metadata", is_flag=True,
+              help="Accepted, ignored with a warning (walrus always writes files_metadata.json).")
+@target_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def backup_push_cmd(ctx, pgdata: str, permanent: bool, user_data: str | None, as_json: bool) -> None:
-    """Take a base backup of the running server whose data directory is PGDATA."""
+def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_data: str | None, verify: bool,
+                    store_all_corrupt: bool, rating_composer: bool, copy_composer: bool, database_composer: bool,
+                    delta_from_name: str | None, delta_from_user_data: str | None, without_files_metadata: bool,
+                    target_storage: str | None, as_json: bool) -> None:
+    """Take a base backup of the running server whose data directory is PGDATA (default: the PGDATA setting)."""
     from walrus.backup.push import backup_push
 
+    for flag, given in (("--verify", verify), ("--store-all-corrupt", store_all_corrupt)):
+        if given:
+            raise refuse(flag, "walrus does not verify page checksums during backup-push yet",
+                         f"leave {flag} out, or take this backup with WAL-G")
+    for flag, given in (("--delta-from-name", delta_from_name), ("--delta-from-user-data", delta_from_user_data)):
+        if given:
+            raise refuse(flag, "walrus does not take delta backups yet", f"leave {flag} out for a full backup")
+    check_target_storage(target_storage)
+    settings = settings_of(ctx)
+    for flag, given in (("--rating-composer", rating_composer), ("--copy-composer", copy_composer),
+                        ("--database-composer", database_composer), ("--without-files-metadata", without_files_metadata)):
+        if given:
+            log.warning(f"{flag} has no effect in walrus: the backup is written in walrus's own way, in WAL-G's format")
+    pgdata = pgdata or settings.pgdata
+    if not pgdata:
+        raise WalrusError("backup-push needs the data directory",
+                          detail="walrus backs up the data directory of a server on this host; it does not "
+                                 "stream remote backups (WAL-G's BASE_BACKUP mode) yet",
+                          hint="give the data directory as the argument, or set PGDATA, and run it on the "
+                               "database host")
+    raw = user_data if user_data is not None else settings.sentinel_user_data
     data = None
-    if user_data is not None:
+    if raw:
         try:
-            data = json.loads(user_data)
+            data = json.loads(raw)
         except ValueError as e:
-            raise WalrusError("--add-user-data is not valid JSON", detail=str(e)) from None
-    result = _run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data))
+            flag = "--add-user-data" if user_data is not None else "WALG_SENTINEL_USER_DATA"
+            raise WalrusError(f"{flag} is not valid JSON", detail=str(e),
+                              hint="give a JSON value, e.g. '{\"kind\": \"nightly\"}'") from None
+    result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data), settings)
     log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
-    _emit(result, as_json, None)
+    emit(result, as_json, None)
 
 
 @cli.command("backup-fetch", context_settings=CONTEXT)
 @click.argument("directory")
-@click.argument("name", default="LATEST")
+@click.argument("name", required=False)
+@click.option("--target-user-data", metavar="JSON",
+              help="Restore the backup whose user data is this JSON (default: WALG_FETCH_TARGET_USER_DATA).")
+@click.option("--mask", metavar="PATTERN",
+              help="Restore only files whose path in the data directory matches this shell pattern (base/16384/*).")
 @click.option("--restore-spec", metavar="FILE", help="Tablespace locations to restore to (the Spec's JSON shape).")
+@click.option("--restore-only", "restore_only", metavar="DB[/TABLE],...", multiple=True,
+              help="Restore only these databases or tables, and the system ones (comma-separated or repeated).")
+@click.option("--reverse-unpack", is_flag=True, help="Accepted: a full backup has each file once, so order changes nothing.")
+@click.option("--skip-redundant-tars", is_flag=True, help="Accepted: a full backup has no redundant parts.")
+@target_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def backup_fetch_cmd(ctx, directory: str, name: str, restore_spec: str | None, as_json: bool) -> None:
-    """Restore backup NAME (or LATEST) into the empty DIRECTORY."""
+def backup_fetch_cmd(ctx, directory: str, name: str | None, target_user_data: str | None, mask: str | None,
+                     restore_spec: str | None, restore_only: tuple[str, ...], reverse_unpack: bool,
+                     skip_redundant_tars: bool, target_storage: str | None, as_json: bool) -> None:
+    """Restore backup NAME (default LATEST), or the one with --target-user-data, into the empty DIRECTORY."""
+    from walrus.backup.delete import parse_user_data
     from walrus.backup.fetch import backup_fetch
+    from walrus.backup.list import resolve_by_user_data
 
-    result = _run(ctx, lambda s, st: backup_fetch(s, st, directory, name, restore_spec=restore_spec))
+    check_target_storage(target_storage)
+    settings = settings_of(ctx)
+    raw = target_user_data if target_user_data is not None else settings.fetch_target_user_data
+    if raw and name:
+        raise WalrusError(f"backup-fetch got both a backup name ({name}) and target user data",
+                          hint="give the backup name or --target-user-data, not both")
+    wanted = parse_user_data(raw) if raw else None
+    only = [item for value in restore_only for item in value.split(",") if item] or None
+
+    async def engine(s, storage):
+        target = await resolve_by_user_data(storage, wanted, s.segment_size) if raw else (name or "LATEST")
+        return await backup_fetch(s, storage, directory, target, restore_spec=restore_spec, mask=mask,
+                                  **({"restore_only": only} if only else {}))
+
+    result = run(ctx, engine, settings)
     log.info(f"restored {result.name} into {result.directory}: {result.files} files, {result.bytes} bytes")
-    _emit(result, as_json, None)
+    emit(result, as_json, None)
 
 
 @cli.command("backup-list", context_settings=CONTEXT)
 @click.option("--detail", is_flag=True, help="Add the columns of each backup's metadata.json.")
+@click.option("--pretty", is_flag=True, help="A boxed table (with --json: indented JSON).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array ([] when there are none).")
+@target_storage_option
 @click.pass_context
-def backup_list_cmd(ctx, detail: bool, as_json: bool) -> None:
+def backup_list_cmd(ctx, detail: bool, pretty: bool, as_json: bool, target_storage: str | None) -> None:
     """List backups, oldest first."""
-    from walrus.backup.list import list_backups, load_details, render_table
+    from walrus.backup.list import list_backups, load_details, render
+
+    check_target_storage(target_storage)
 
     async def engine(settings, storage):
         backups = await list_backups(storage)
         return await load_details(storage, backups) if detail else backups
 
-    backups = _run(ctx, engine)
-    if as_json:
-        click.echo(json.dumps([b.as_json(detail) for b in backups]))
-    elif not backups:
+    backups = run(ctx, engine)
+    text = render(backups, detail, pretty, as_json)
+    if text is None:
         log.info("No backups found")
     else:
-        click.echo(render_table(backups, detail))
+        click.echo(text)
 
 
 @cli.command("delete", context_settings={**CONTEXT, "ignore_unknown_options": False})
@@ -211,10 +227,12 @@ def backup_list_cmd(ctx, detail: bool, as_json: bool) -> None:
 @click.option("--target-user-data", metavar="JSON", help="target: the backup whose user data is this JSON.")
 @click.option("--grace", metavar="DURATION", default="24h", show_default=True,
               help="Leftovers (backup folders without a sentinel, abandoned uploads) younger than this are left alone.")
+@click.option("--without-backup-check", is_flag=True,
+              help="Not supported: an error (garbage: WAL-G deletes WAL without checking the backups).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan (or what was deleted) as JSON.")
 @click.pass_context
 def delete_cmd(ctx, args: tuple[str, ...], confirm: bool, use_sentinel_time: bool, after: str | None,
-               target_user_data: str | None, grace: str, as_json: bool) -> None:
+               target_user_data: str | None, grace: str, without_backup_check: bool, as_json: bool) -> None:
     """Retention, WAL-G's way; a dry run unless --confirm.
 
     \b
@@ -231,14 +249,18 @@ def delete_cmd(ctx, args: tuple[str, ...], confirm: bool, use_sentinel_time: boo
     from walrus.backup.retention import parse_request
     from walrus.config import parse_duration
 
+    if without_backup_check:
+        raise refuse("--without-backup-check", "walrus always checks which WAL the kept backups need before deleting it",
+                     "leave it out: `delete garbage` keeps exactly the WAL the backups need")
+
     try:
         grace_seconds = parse_duration(grace)
     except ValueError as e:
         raise WalrusError(f"--grace {grace!r} is not a duration", detail=str(e)) from None
     request = parse_request(args, after=after, user_data=parse_user_data(target_user_data),
                             use_sentinel_time=use_sentinel_time)
-    result = _run(ctx, lambda s, st: delete(s, st, request, confirm=confirm, grace=grace_seconds))
-    _emit(result, as_json, result.render())
+    result = run(ctx, lambda s, st: delete(s, st, request, confirm=confirm, grace=grace_seconds))
+    emit(result, as_json, result.render())
 
 
 @cli.command("backup-mark", context_settings=CONTEXT)
@@ -250,8 +272,8 @@ def backup_mark_cmd(ctx, name: str, impermanent: bool, as_json: bool) -> None:
     """Mark backup NAME permanent, so that retention never deletes it (a delta: with its chain)."""
     from walrus.backup.mark import backup_mark
 
-    result = _run(ctx, lambda s, st: backup_mark(s, st, name, permanent=not impermanent))
-    _emit(result, as_json, None)
+    result = run(ctx, lambda s, st: backup_mark(s, st, name, permanent=not impermanent))
+    emit(result, as_json, None)
 
 
 @cli.command("daemon", context_settings=CONTEXT)
@@ -262,7 +284,7 @@ def daemon_cmd(ctx, socket_path: str) -> None:
     'walrus daemon-client SOCKET wal-push %f'). Needs PGDATA."""
     from walrus.daemon.server import run_daemon
 
-    _run(ctx, lambda s, st: run_daemon(s, st, socket_path))
+    run(ctx, lambda s, st: run_daemon(s, st, socket_path))
 
 
 @cli.command("daemon-client", context_settings={**CONTEXT, "ignore_unknown_options": True})
@@ -275,13 +297,18 @@ def daemon_client_cmd(args) -> None:
     sys.exit(run(list(args)))
 
 
+register_walg(cli)
+register_st(cli)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure ends here, printed PostgreSQL-style, mapped to its exit code."""
     signum = None  # a signal stopped the command: the process ends by it, once all is said
     try:
         interrupts.hold()  # until _run's engine task can be cancelled by them
         tune_process()
-        rc = cli.main(args=argv, prog_name="walrus", standalone_mode=False)
+        args, flags = split_global_flags(sys.argv[1:] if argv is None else list(argv))
+        rc = cli.main(args=args, prog_name="walrus", standalone_mode=False, obj=flags)
         code = rc if isinstance(rc, int) else 0
     except click.exceptions.Exit as e:
         code = e.exit_code
@@ -311,10 +338,6 @@ def main(argv: list[str] | None = None) -> None:
     _exit(code, signum or interrupts.pending_stop())
 
 
-# Seconds the process waits at exit for worker threads still running. A thread stops at its next
-# read once its command is cancelled; one stuck in a system call (a hung disk or mount) would
-# otherwise keep the process alive forever after its error was reported.
-EXIT_GRACE = 5.0
 
 
 def _exit(code: int, signum: int | None = None) -> None:

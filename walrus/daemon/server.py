@@ -19,7 +19,7 @@ from walrus.log import log
 from walrus.pg.xlog import classify_wal_name, next_wal_file_name
 from walrus.runtime import raise_nofile_limit
 from walrus.storage.base import Storage
-from walrus.wal import prefetch, prefetcher
+from walrus.wal import prefetch, prefetcher, ready
 from walrus.wal.fetch import wal_fetch
 from walrus.wal.push import WalPusher
 
@@ -73,7 +73,7 @@ class Daemon:
         self.storage = storage
         self.socket_path = socket_path
         self.pgdata = os.path.realpath(pgdata)
-        self.status_dir = os.path.join(self.pgdata, "pg_wal", "archive_status")
+        self.status_dir = ready.status_dir(os.path.join(self.pgdata, "pg_wal"))
         self._pusher: WalPusher | None = None  # made in run(): it needs the loop
         self._pushes = _Pushes()
         self._stopping = asyncio.Event()
@@ -329,10 +329,10 @@ class Daemon:
                 queued += 1
                 continue
             status = os.path.join(self.status_dir, name)
-            if os.path.exists(status + ".ready"):
+            if os.path.exists(status + ready.READY):
                 self._start_push(name, os.path.join(self.pgdata, "pg_wal", name), ahead=True)
                 queued += 1
-            elif not os.path.exists(status + ".done"):
+            elif not os.path.exists(status + ready.DONE):
                 break
 
     def _mark_stored_ahead(self) -> int:
@@ -351,17 +351,9 @@ class Daemon:
         marked = 0
         for name in sorted(pushes.stored_ahead - pushes.asked.keys()):
             pushes.stored_ahead.discard(name)
-            status = os.path.join(self.status_dir, name)
-            try:
-                os.rename(status + ".ready", status + ".done")
-            except FileNotFoundError:
-                pass  # PostgreSQL archived it meanwhile (a retry), or it is gone
-            except OSError as e:  # it stays .ready, and its finished task answers the archiver at once
-                log.warning(f"daemon: cannot mark {name} archived in {self.status_dir}: {e.strerror or e}")
-                continue
-            else:
-                log.debug(f"daemon: marked {name} archived (.done)")
-            pushes.tasks.pop(name, None)  # PostgreSQL will not ask for it now
+            if not ready.mark_done(self.status_dir, name, "daemon"):
+                continue  # it stays .ready, and its finished task answers the archiver at once
+            pushes.tasks.pop(name, None)  # PostgreSQL will not ask for it now (or archived it meanwhile)
             marked += 1
         return marked
 

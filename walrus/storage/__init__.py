@@ -26,10 +26,18 @@ BACKENDS: tuple[Backend, ...] = (
 
 
 def open_storage(settings: Settings) -> Storage:
+    """The configured backend, paced by WALG_NETWORK_RATE_LIMIT when it is set (one bucket for all
+    of the command's transfers)."""
     for backend in BACKENDS:
         if getattr(settings, backend.setting):
             module = importlib.import_module(f"walrus.storage.{backend.module}")
-            return getattr(module, backend.opener)(settings)
+            storage = getattr(module, backend.opener)(settings)
+            if settings.network_rate_limit is not None:
+                from walrus.ratelimit import RateLimiter  # here: asyncio stays out of a wal-fetch that needs no loop
+                from walrus.storage.limited import LimitedStorage
+
+                storage = LimitedStorage(storage, RateLimiter(settings.network_rate_limit))
+            return storage
     variables = " or ".join(b.variable for b in reversed(BACKENDS))
     raise ConfigError("no storage is configured",
                       hint=f"set {variables} in the environment or the config file (--config, WALG_CONFIG_PATH, "

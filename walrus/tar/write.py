@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from walrus.errors import BackupError
 from walrus.fileio import Buffer, BufferPool, FileReader, ReadRequest, dio_length, open_for_backup
 from walrus.log import log
+from walrus.ratelimit import RateLimiter
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)  # Go's archive/tar ends with two zero blocks and no record padding
@@ -95,14 +96,16 @@ class TarPartStream:
 
     Entries are pulled from `entries` (shared between parts) until the part's data size exceeds
     `threshold` (WAL-G's rule: check after each file, so parts are 'at least threshold' and an
-    oversize file sits alone). Reads of up to `depth` buffers are in flight ahead of the consumer.
+    oversize file sits alone). Reads of up to `depth` buffers are in flight ahead of the consumer;
+    with a `limiter` (WALG_DISK_RATE_LIMIT) each buffer's file bytes are taken from it before its
+    reads are issued, so the disk sees the rate, and an abandoned part stops waiting at once.
     A file that shrank is zero padded to its walked size, a file that grew is cut at it, a file
     that vanished is skipped: all three are normal while PostgreSQL runs.
     """
 
     def __init__(self, entries: Iterator[Entry], pool: BufferPool, reader: FileReader, *,
                  threshold: int | None = None, depth: int = 4, direct_min: int | None = None,
-                 on_member: Callable[[Entry], None] | None = None):
+                 on_member: Callable[[Entry], None] | None = None, limiter: RateLimiter | None = None):
         self._entries = entries
         self._pool = pool
         self._reader = reader
@@ -110,6 +113,7 @@ class TarPartStream:
         self._direct_min = direct_min
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
         self._on_member = on_member
+        self._limiter = limiter
         self._open: set[int] = set()
         self.data_size = 0
         self.members: list[str] = []
@@ -233,6 +237,12 @@ class TarPartStream:
         fill, self._fill = self._fill, None
         if fill is None:
             return
+        if self._limiter is not None:
+            try:
+                await self._limiter.take(sum(fill.lengths))
+            except BaseException:
+                fill.buf.release()
+                raise
         await self._queue.put(asyncio.ensure_future(self._complete(fill)))
 
     async def _complete(self, fill: _Fill) -> Buffer:

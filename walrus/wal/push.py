@@ -1,10 +1,11 @@
-"""wal-push: compress one WAL file (segment, .history, .backup, .partial) into wal_005/ durably."""
+"""wal-push: compress one WAL file (segment, .history, .backup, .partial) into wal_005/ durably, and
+further .ready segments in the background (WAL-G's background uploader)."""
 from __future__ import annotations
 
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from walrus import codec
@@ -18,6 +19,7 @@ from walrus.storage.base import ByteStream, Storage
 from walrus.stream.download import copy_decoded
 from walrus.stream.upload import Uploader, buffer_size, upload_threads
 from walrus.stream.stages import Counter, blocks_in_flight
+from walrus.wal import ready
 from walrus.wal.stored import open_archived
 
 # Cores a lone push compresses on (lz4 blocks or zstd frames at once). Concurrent pushes (the
@@ -29,6 +31,9 @@ PUSH_PARALLEL = 2
 WAL_BLOCK = WAL_BLOCK_MIN
 # Blocks a push reads ahead of its compression jobs.
 PUSH_READ_AHEAD = 2
+# Once the asked file is stored, background uploads get this long to finish; any still running are
+# then cancelled (nothing partial is published) and left to PostgreSQL, which archives them as usual.
+BACKGROUND_GRACE = 60.0
 
 
 @dataclass
@@ -37,12 +42,13 @@ class WalPushResult:
     key: str
     size: int
     stored: int
-    status: str  # "uploaded" | "already archived"
+    status: str  # "uploaded" | "already archived" | "archived in background" (key then unknown: "")
     seconds: float
+    background: list[str] = field(default_factory=list)  # further segments this call stored durably
 
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "size": self.size, "stored_bytes": self.stored,
-                "status": self.status, "seconds": round(self.seconds, 3)}
+                "status": self.status, "seconds": round(self.seconds, 3), "background": self.background}
 
 
 class _Comparer:
@@ -74,7 +80,7 @@ class WalPusher:
     is compressed. Making a segment durable (fsync, rename) holds no buffer.
     """
 
-    def __init__(self, settings: Settings, slots: int = 1):
+    def __init__(self, settings: Settings, slots: int = 1, register: bool | None = None):
         self.settings = settings
         self._slots = asyncio.Semaphore(slots)
         self.parallel = PUSH_PARALLEL if slots == 1 else 1
@@ -82,9 +88,11 @@ class WalPusher:
             # segments of fewer blocks than the parallel jobs hold: one job at a time, which needs one
             # buffer whatever the file's size (a file larger than a segment must not wait forever)
             self.parallel = 1
-        # long-lived when it serves several pushes at once (the daemon): pinning the pool pays off
+        # long-lived when it serves several pushes at once (the daemon): pinning the pool pays off.
+        # wal-push's background uploads are several pushes in a short-lived process: register=False.
+        register = slots > 1 if register is None else register
         self.uploader = Uploader(settings, self.buffers_per_push(settings, self.parallel) * slots, wal_block(settings),
-                                 slots * upload_threads(self.parallel), register=slots > 1, name="walrus-wal")
+                                 slots * upload_threads(self.parallel), register=register, name="walrus-wal")
 
     @staticmethod
     def buffers_per_push(settings: Settings, parallel: int) -> int:
@@ -207,11 +215,106 @@ def wal_block(settings: Settings) -> int:
 
 
 async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushResult:
-    pusher = WalPusher(settings)
+    """Push the file PostgreSQL asks for (%p) and, as WAL-G's background uploader does, up to
+    TOTAL_BG_UPLOADED_LIMIT - 1 other .ready segments of its pg_wal, WALG_UPLOAD_CONCURRENCY at once
+    with it. A segment a background upload stored earlier returns at once. Only the asked file decides
+    the result: a background failure is a warning, and that segment is archived as usual later."""
+    done = pushed_in_background(path)
+    if done is not None:
+        return done
+    wal_dir, name = os.path.split(os.path.abspath(path))  # WAL-G's pg_wal: the directory of %p
+    backlog = _backlog(settings, wal_dir, name)
+    # WAL-G runs WALG_UPLOAD_CONCURRENCY - 1 background uploads beside the asked one; walrus as many
+    # as the memory budget holds besides it (WalPusher.slots_for), never more than there are segments
+    workers = min(len(backlog), WalPusher.slots_for(settings) - 1)
+    pusher = WalPusher(settings, slots=1 + workers, register=False)
     try:
-        return await pusher.push(storage, path)
+        if not workers:
+            return await pusher.push(storage, path)
+        return await _push_with_background(pusher, storage, path, wal_dir, backlog, workers)
     finally:
         pusher.close()
+
+
+def pushed_in_background(path: str) -> WalPushResult | None:
+    """The result for a segment an earlier call stored in the background (its marker taken), else
+    None. Needs no storage: the command answers such a call without opening one."""
+    began = time.monotonic()
+    wal_dir, name = os.path.split(os.path.abspath(path))
+    if classify_wal_name(name) == "segment" and ready.take_marker(wal_dir, name):
+        log.info(f"{name} was archived by an earlier wal-push in the background; not uploaded again")
+        return WalPushResult(name, "", os.stat(path).st_size, 0, "archived in background", time.monotonic() - began)
+    return None
+
+
+def _backlog(settings: Settings, wal_dir: str, asked: str) -> list[str]:
+    """The .ready segments this call may store besides the asked file: at most
+    TOTAL_BG_UPLOADED_LIMIT - 1, lowest names first (the order PostgreSQL's archiver asks in, so the
+    next ones it asks for are stored first), none that a marker says is stored already."""
+    limit = settings.total_bg_uploaded_limit - 1
+    if settings.upload_concurrency < 2 or limit < 1 or classify_wal_name(asked) == "other":
+        return []  # off, or the asked file is refused anyway
+    chosen: list[str] = []
+    for name in ready.ready_segments(ready.status_dir(wal_dir)):
+        if len(chosen) == limit:
+            break
+        if name != asked and not ready.is_marked(wal_dir, name):
+            chosen.append(name)
+    return chosen
+
+
+async def _push_with_background(pusher: WalPusher, storage: Storage, path: str, wal_dir: str,
+                                backlog: list[str], workers: int) -> WalPushResult:
+    """The asked push beside `workers` background ones that work through `backlog`.
+
+    Invariant: each worker runs one push at a time, so background pushes hold at most `workers` of
+    the pusher's 1 + workers slots and their buffers: the asked push never waits for them. They stop
+    when it fails (PostgreSQL retries the whole call), when the command is cancelled (SIGTERM), or
+    BACKGROUND_GRACE after it succeeded; a cancelled upload publishes nothing and leaves no marker."""
+    names = iter(backlog)  # shared: each name is taken by one worker
+    stored: list[str] = []
+
+    async def worker() -> None:
+        for name in names:
+            if await _push_background(pusher, storage, wal_dir, name):
+                stored.append(name)
+
+    tasks = [asyncio.create_task(worker()) for _ in range(workers)]
+    try:
+        result = await pusher.push(storage, path)
+        _, running = await asyncio.wait(tasks, timeout=BACKGROUND_GRACE)
+        if running:
+            log.warning(f"background uploads still running {BACKGROUND_GRACE:.0f} s after {result.name} was "
+                        "archived were stopped; PostgreSQL archives those segments as usual")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    result.background = sorted(stored)
+    if stored:
+        log.info(f"archived {len(stored)} further .ready segment(s) in the background "
+                 f"({result.background[0]}..{result.background[-1]})")
+    return result
+
+
+async def _push_background(pusher: WalPusher, storage: Storage, wal_dir: str, name: str) -> bool:
+    """Store one .ready segment ahead of PostgreSQL's call for it; True once it is durable and marked.
+
+    Marked means, once durable (never before): with PG_READY_RENAME its .ready renamed to .done, so
+    PostgreSQL never calls for it (safe: the archiver waits in this archive_command meanwhile); else,
+    or if the rename fails, WAL-G's marker, which the call for it then takes. A failure is a warning:
+    the segment stays .ready and PostgreSQL archives it as usual."""
+    try:
+        await pusher.push(storage, os.path.join(wal_dir, name))
+    except Exception as e:  # whatever fails here, the asked file's result stands
+        why = (e.message + (f" ({e.detail})" if e.detail else "") if isinstance(e, WalrusError)
+               else f"{type(e).__name__}: {e}")
+        log.warning(f"background upload of {name} failed: {why}; PostgreSQL archives it as usual")
+        return False
+    settings = pusher.settings
+    if not (settings.pg_ready_rename and ready.mark_done(ready.status_dir(wal_dir), name, "wal-push")):
+        ready.mark_uploaded(wal_dir, name)
+    return True
 
 
 def _open_wal(path: str, name: str) -> int:
