@@ -30,7 +30,7 @@ def _main() -> None:
     from walrus import interrupts
 
     interrupts.hold()  # a signal waits until the work can be cancelled cleanly (walrus.cli.base.run)
-    if _prefetched_fetch(sys.argv[1:]):
+    if _prefetched_fetch(sys.argv[1:]) or _pushed_in_background(sys.argv[1:]):
         interrupts.ignore_while_exiting()  # done: a signal held meanwhile changes nothing
         sys.exit(0)
     from walrus.cli import main as cli_main
@@ -44,12 +44,8 @@ def _prefetched_fetch(argv: list[str]) -> bool:
     False for any other form, or when anything is not simply so (a setting in error, nothing
     prefetched): the full command then does the work and reports errors as usual.
     """
-    config_path = None
-    if argv[:1] == ["--config"] and len(argv) > 1:
-        config_path, argv = argv[1], argv[2:]
-    elif argv[:1] and argv[0].startswith("--config="):
-        config_path, argv = argv[0][len("--config="):], argv[1:]
-    if len(argv) != 3 or argv[0] != "wal-fetch" or argv[1].startswith("-") or argv[2].startswith("-"):
+    config_path, argv = _plain_form(argv, "wal-fetch", 2)
+    if argv is None:
         return False
     from walrus import interrupts
     from walrus.config import load_settings
@@ -71,3 +67,33 @@ def _prefetched_fetch(argv: list[str]) -> bool:
         log.warning(text)
     prefetch_after(settings, argv[1], argv[2], config_path)
     return True
+
+
+def _pushed_in_background(argv: list[str]) -> bool:
+    """`walrus [--config PATH] wal-push PATH` for a segment an earlier call stored in the background,
+    which its marker proves: done here, as WAL-G answers it, silently and without reading settings
+    or opening the storage, so that PostgreSQL's call for each segment of a backlog costs little
+    more than a process start. Any other form, or a marker that does not vouch for the file, goes
+    to the full command."""
+    _config_path, argv = _plain_form(argv, "wal-push", 1)
+    if argv is None:
+        return False
+    from walrus.pg.xlog import classify_wal_name
+    from walrus.wal import ready
+
+    wal_dir, name = os.path.split(os.path.abspath(argv[1]))
+    # take_marker removes it either way: a stale one is gone, and the full command pushes the file
+    return classify_wal_name(name) == "segment" and ready.take_marker(wal_dir, name)
+
+
+def _plain_form(argv: list[str], command: str, nargs: int) -> tuple[str | None, list[str] | None]:
+    """(config path, [command, args...]) when argv is `[--config PATH] command ARG...` with nargs
+    arguments and nothing else; (None, None) for any other form."""
+    config_path = None
+    if argv[:1] == ["--config"] and len(argv) > 1:
+        config_path, argv = argv[1], argv[2:]
+    elif argv[:1] and argv[0].startswith("--config="):
+        config_path, argv = argv[0][len("--config="):], argv[1:]
+    if len(argv) != nargs + 1 or argv[0] != command or any(a.startswith("-") for a in argv[1:]):
+        return None, None
+    return config_path, argv

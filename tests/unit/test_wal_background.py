@@ -92,6 +92,27 @@ def test_one_call_stores_the_backlog_and_a_later_call_takes_the_marker(tmp_path,
     assert "archived by an earlier wal-push in the background" in err
 
 
+def test_the_plain_archive_command_takes_a_marker_without_the_full_command(tmp_path, pg_wal):
+    """`walrus wal-push %p`, as archive_command runs it, for a marked segment: answered before the
+    command line, settings and storage are set up (walrus.entry), silently as WAL-G answers it (the
+    full command logs that it took the marker); a stale marker still pushes."""
+    data = write_segments(pg_wal, range(1, 4))
+    push(tmp_path, seg(1))
+    names = sorted(data)
+    os.unlink(tmp_path / "store" / "wal_005" / f"{names[1]}.lz4")
+    env = env_for(tmp_path, WALG_LOG_LEVEL="DEVEL")
+    proc = subprocess.run([WALRUS, "wal-push", f"pg_wal/{names[1]}"], env=env, cwd=tmp_path / "pgdata",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stderr == ""  # silent: the full command did not run
+    assert names[1] not in stored(tmp_path) and names[1] not in markers(pg_wal)
+    stale = pg_wal / "walg_data" / "walg_archive_status" / names[2]
+    os.utime(stale, (time.time() - 60,) * 2)  # older than the segment: vouches for nothing
+    os.unlink(tmp_path / "store" / "wal_005" / f"{names[2]}.lz4")
+    proc = subprocess.run([WALRUS, "wal-push", f"pg_wal/{names[2]}"], env=env, cwd=tmp_path / "pgdata",
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and names[2] in stored(tmp_path) and not stale.exists(), proc.stderr
+
+
 def test_total_bg_uploaded_limit_and_markers_steer_the_next_call(tmp_path, pg_wal):
     write_segments(pg_wal, range(1, 11))
     result, _ = push(tmp_path, seg(1), TOTAL_BG_UPLOADED_LIMIT="4")  # the asked one and 3 more

@@ -268,7 +268,8 @@ async def _push_with_background(pusher: WalPusher, storage: Storage, path: str, 
     """The asked push beside `workers` background ones that work through `backlog`.
 
     Invariant: each worker runs one push at a time, so background pushes hold at most `workers` of
-    the pusher's 1 + workers slots and their buffers: the asked push never waits for them. They stop
+    the pusher's 1 + workers slots and their buffers while the asked push runs: it never waits for
+    them. Once it is stored, one more worker takes its slot. They stop
     when it fails (PostgreSQL retries the whole call), when the command is cancelled (SIGTERM), or
     BACKGROUND_GRACE after it succeeded; a cancelled upload publishes nothing and leaves no marker."""
     names = iter(backlog)  # shared: each name is taken by one worker
@@ -282,6 +283,7 @@ async def _push_with_background(pusher: WalPusher, storage: Storage, path: str, 
     tasks = [asyncio.create_task(worker()) for _ in range(workers)]
     try:
         result = await pusher.push(storage, path)
+        tasks.append(asyncio.create_task(worker()))  # the asked push's slot is free: one more works on the rest
         _, running = await asyncio.wait(tasks, timeout=BACKGROUND_GRACE)
         if running:
             log.warning(f"background uploads still running {BACKGROUND_GRACE:.0f} s after {result.name} was "
