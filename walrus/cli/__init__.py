@@ -187,7 +187,7 @@ def backup_fetch_cmd(ctx, directory: str, name: str | None, target_user_data: st
     async def engine(s, storage):
         target = await resolve_by_user_data(storage, wanted, s.segment_size) if raw else (name or "LATEST")
         return await backup_fetch(s, storage, directory, target, restore_spec=restore_spec, mask=mask,
-                                  **({"restore_only": only} if only else {}))
+                                  restore_only=only)
 
     result = run(ctx, engine, settings)
     log.info(f"restored {result.name} into {result.directory}: {result.files} files, {result.bytes} bytes")

@@ -152,8 +152,7 @@ def register(cli: click.Group) -> None:
     def help_cmd(ctx: click.Context, command: tuple[str, ...]) -> None:
         """Help for walrus, or for COMMAND (as `walrus COMMAND --help`)."""
         target: click.Command = cli
-        parent = ctx.parent
-        info_ctx = parent
+        info_ctx = ctx.parent
         for name in command:
             if not isinstance(target, click.Group) or target.get_command(ctx, name) is None:
                 raise click.UsageError(f"unknown command {' '.join(command)!r}")
