@@ -20,6 +20,8 @@ sys.path.insert(0, REPO_ROOT)
 
 from bench import report  # noqa: E402
 from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed, tree_bytes  # noqa: E402
+from bench.azure_store import AzuriteStore  # noqa: E402
+from bench.gcs_store import FakeGcs  # noqa: E402
 from bench.s3 import S3rver  # noqa: E402
 from bench.tools import PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, user_dir, user_env, walrus_tool  # noqa: E402
 from bench.wal import DEFAULT_WAL_TOOLS, WAL_OPS, WalBench, select_wal_tools  # noqa: E402
@@ -27,6 +29,7 @@ from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bi
                              run_user, write_config)
 
 MIB = 2 ** 20
+STORES = {"s3": S3rver, "gcs": FakeGcs, "azure": AzuriteStore}
 DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup"
 ALL_OPS = ("backup", "restore") + WAL_OPS
 MAX_WAL_SENDERS = 10  # restored clusters must match it, or hot standby refuses to start recovery
@@ -46,9 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--scale", type=int, default=200, help="pgbench scale (200 is ~3 GiB; default 200)")
     ap.add_argument("--compression", choices=["lz4", "zstd"], default="lz4")
-    ap.add_argument("--storage", choices=["file", "s3"], default="file",
-                    help="where backup/restore repositories live: local files (default) or an S3 endpoint on "
-                         "loopback (s3rver from npm, TLS); the WAL operations always use files")
+    ap.add_argument("--storage", choices=["file", *STORES], default="file",
+                    help="where backup/restore repositories live: local files (default), or an emulator on loopback "
+                         "with TLS: s3 (s3rver from npm), gcs (fake-gcs-server from PyPI), azure (Azurite from "
+                         "npm); the WAL operations always use files")
     ap.add_argument("--workers", type=int, default=2, help="parallel workers for every tool that has them (default 2)")
     ap.add_argument("--tools", default=DEFAULT_TOOLS,
                     help=f"comma-separated, in order (default {DEFAULT_TOOLS}); wal-g and walrus-rs are added "
@@ -57,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--encryption", default="", metavar="KINDS",
                     help=f"comma-separated of {', '.join(ENCRYPTION)}: also back up and restore with walrus "
                          "(io_uring) encrypting that way, as tools walrus-<kind>")
+    ap.add_argument("--budgets", default="", metavar="MIB",
+                    help="comma-separated WALRUS_MEMORY_BUDGET values in MiB: also back up and restore with walrus "
+                         "(io_uring) at each, as tools walrus-budget<MIB> (larger parts and chunks on cloud storage)")
     ap.add_argument("--walrus-rs", metavar="PATH", help="a WAL-RUS binary to include")
     ap.add_argument("--repeat", type=int, default=1,
                     help="timed runs per tool and operation; the row shown is the run with the median wall time")
@@ -95,6 +102,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if any(k not in ENCRYPTION for k in args.encryption):
         ap.error(f"--encryption: choose from {', '.join(ENCRYPTION)}")
     args.ops = [o for o in ALL_OPS if o in ops]
+    try:
+        args.budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError:
+        ap.error("--budgets: MiB as whole numbers, e.g. 64,96")
     numbers = (args.repeat, args.workers, args.scale, args.wal_scale, args.wal_segsize, args.burst_seconds,
                args.burst_clients, args.drain_segments, args.replay_segments)
     if min(numbers) < 1:
@@ -113,6 +124,11 @@ def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
         name = f"walrus-{kind}"
         known[name] = WalgLike(name, f"walrus ({kind})", WALRUS, {"WALRUS_IO_METHOD": "io_uring", **ENCRYPTION[kind]})
         names.append(name)
+    for mib in args.budgets:
+        name = f"walrus-budget{mib}"
+        known[name] = WalgLike(name, f"walrus ({mib} MiB budget)", WALRUS,
+                               {"WALRUS_IO_METHOD": "io_uring", "WALRUS_MEMORY_BUDGET": f"{mib}MiB"})
+        names.append(name)
     if args.walg:
         known["wal-g"] = WalgLike("wal-g", "WAL-G", os.path.abspath(args.walg))
         names.append("wal-g")
@@ -124,13 +140,14 @@ def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
         tool = known.get(name)
         if tool is None:
             raise SystemExit(f"unknown tool {name!r}; known: {', '.join(known)}")
-        reason = tool.missing() or (None if tool.s3 or args.storage != "s3" else "no S3 storage")
+        reason = tool.missing() or (None if tool.object_store or args.storage == "file"
+                                    else f"no {args.storage} storage")
         if reason:
             warnings.append(f"skipped {tool.label}: {reason}")
         else:
             tools.append(tool)
-    if args.storage == "s3" and (reason := S3rver.missing()):
-        raise SystemExit(f"--storage s3: {reason}")
+    if args.storage != "file" and (reason := STORES[args.storage].missing()):
+        raise SystemExit(f"--storage {args.storage}: {reason}")
     return tools, warnings
 
 
@@ -218,18 +235,18 @@ class Bench:
         self.disk_read_mib_s: float | None = None
         self.source: Cluster | None = None
         self.setup: Setup | None = None
-        self.s3 = S3rver(self.root) if args.storage == "s3" else None
+        self.store = STORES[args.storage](self.root) if args.storage != "file" else None
 
-    # a repository: a local directory, or with --storage s3 a key prefix named after it
+    # a repository: a local directory, or with --storage s3|gcs|azure a key prefix named after it
     def repo_bytes(self, repo: str) -> int:
-        return self.s3.stored_bytes(repo) if self.s3 else tree_bytes(repo)
+        return self.store.stored_bytes(repo) if self.store else tree_bytes(repo)
 
     def repo_flush_dir(self, repo: str) -> str:
-        return self.s3.data if self.s3 else repo  # what `sync -f` makes durable after a backup
+        return self.store.data if self.store else repo  # what `sync -f` makes durable after a backup
 
     def remove_repo(self, repo: str) -> None:
-        if self.s3:
-            self.s3.remove(repo)
+        if self.store:
+            self.store.remove(repo)
         remove_tree(repo)
 
     def create_source(self) -> None:
@@ -248,11 +265,11 @@ class Bench:
         self.db_bytes = tree_bytes(c.data) - tree_bytes(os.path.join(c.data, "pg_wal"))
         self.source = c
         self.disk_read_mib_s = cold_read_mib_s(largest_file(os.path.join(c.data, "base")))
-        if self.s3:
-            say(f"==> S3 endpoint: {self.s3.version()} with TLS on 127.0.0.1")
-            self.s3.start(os.path.join(self.logs, "s3rver.log"))
+        if self.store:
+            say(f"==> {self.args.storage} endpoint: {self.store.version()} with TLS on 127.0.0.1")
+            self.store.start(os.path.join(self.logs, f"{self.args.storage}-emulator.log"))
         self.setup = Setup(cluster=c, root=self.root, compression=self.args.compression, workers=self.args.workers,
-                           s3=self.s3)
+                           store=self.store)
         say(f"    database: {self.db_bytes / MIB:.0f} MiB (PGDATA without pg_wal)")
 
     def write_after_backups(self) -> dict[str, str]:
@@ -396,8 +413,8 @@ class Bench:
     def close(self) -> None:
         for c in self.clusters:
             c.stop("immediate")
-        if self.s3:
-            self.s3.stop()
+        if self.store:
+            self.store.stop()
         if self.args.keep:
             say(f"kept {self.root}")
         else:
@@ -446,9 +463,11 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
         "running walrus wal-push for the backup's last segment.",
         "peak RSS / VmPeak: highest sum over the tool's live processes, sampled from /proc at 20 Hz.",
         "output MiB: backup = bytes in the repository; restore = bytes of the restored data directory.",
-        *([f"storage: S3 on loopback, {S3rver(b.root).version()} (Node.js, objects in files, TLS with a self-signed "
-           "certificate every tool verifies), path-style bucket; its CPU is not in the tools' CPU s; wall s of a "
-           "backup ends with `sync -f` of s3rver's directory."] if args.storage == "s3" else []),
+        *([f"storage: {STORES[args.storage].title}: {STORES[args.storage](b.root).version()}; its CPU is not in the "
+           "tools' CPU s; wall s of a backup ends with `sync -f` of its directory."] if args.storage != "file" else []),
+        *(["pgBackRest on fake-gcs-server: repo1-storage-upload-chunk-size=1GiB, so each file is one upload "
+           "(fake-gcs-server's resumable uploads lack the x-guploader-uploadid header pgBackRest needs)."]
+          if args.storage == "gcs" else []),
         f"workers: walrus/WAL-G WALG_UPLOAD_DISK_CONCURRENCY = WALG_DOWNLOAD_CONCURRENCY = {args.workers}; pgBackRest "
         f"process-max={args.workers}; pg_basebackup and tar have no worker option (PostgreSQL 15 client "
         "compression is single-threaded).",

@@ -5,31 +5,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 
-from tests.pgcluster import free_port
+from bench.objectstore import BUCKET, HOST, ObjectStore
 
 S3RVER = "s3rver@3.7.1"
-BUCKET = "bench"
 ACCESS_KEY = SECRET_KEY = "S3RVER"  # s3rver's fixed credentials
 REGION = "us-east-1"
-HOST = "localhost"  # pgBackRest 2.45 matches the certificate against DNS names only, not IP addresses
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "walrus-bench", S3RVER.replace("@", "-"))
 OBJECT_SUFFIX = "._S3rver_object"  # s3rver's file for an object's bytes (metadata and md5 sit beside it)
 
 
-class S3rver:
-    """One s3rver process for the whole run: a bucket, a self-signed certificate for 127.0.0.1, and per
-    repository a key prefix named after the repository directory."""
+class S3rver(ObjectStore):
+    """s3rver: the bucket made at start (--configure-bucket); objects in files, read directly here."""
 
-    def __init__(self, root: str) -> None:
-        self.root = os.path.join(root, "s3")
-        self.data = os.path.join(self.root, "data")
-        self.ca_file = os.path.join(self.root, "cert.pem")
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
+    kind = "s3"
+    title = ("S3 on loopback, s3rver (Node.js, objects in files, TLS with a self-signed certificate every tool "
+             "verifies), path-style bucket")
 
     @staticmethod
     def missing() -> str | None:
@@ -41,37 +33,18 @@ class S3rver:
     def version(self) -> str:
         return S3RVER
 
-    @property
-    def endpoint(self) -> str:
-        return f"https://{HOST}:{self.port}"
-
     def start(self, log_path: str, *, silent: bool = False) -> None:
-        """Start s3rver; `silent` drops its log line per request (and per key a DeleteObjects deletes),
-        which costs the emulator's single thread time that S3 does not spend."""
-        script = self._install()
-        os.makedirs(self.data, exist_ok=True)
-        key = os.path.join(self.root, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", key,
-                        "-out", self.ca_file, "-subj", f"/CN={HOST}",
-                        "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
-        os.chmod(self.ca_file, 0o644)  # the tools run as the PostgreSQL user and verify against it
-        os.chmod(self.root, 0o755)
-        self.port = free_port()
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                ["node", script, "-d", self.data, "-a", "127.0.0.1", "-p", str(self.port), "--key", key,
-                 "--cert", self.ca_file, "--no-vhost-buckets", "--configure-bucket", BUCKET]
-                + (["--silent"] if silent else []),
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"s3rver did not start; see {log_path}") from None
-                time.sleep(0.1)
+        """`silent` drops s3rver's log line per request (and per key a DeleteObjects deletes), which
+        costs the emulator's single thread time that S3 does not spend."""
+        super().start(log_path, silent=silent)
+
+    def command(self) -> list[str]:
+        return (["node", self._install(), "-d", self.data, "-a", "127.0.0.1", "-p", str(self.port), "--key",
+                 self.key_file, "--cert", self.ca_file, "--no-vhost-buckets", "--configure-bucket", BUCKET]
+                + (["--silent"] if self.silent else []))
+
+    def create_bucket(self) -> None:
+        return None  # --configure-bucket made it
 
     def _install(self) -> str:
         """npm install into a cache shared by runs; returns s3rver's CLI script."""
@@ -82,20 +55,7 @@ class S3rver:
                             S3RVER], check=True, capture_output=True, timeout=600)
         return script
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc = None
-
-    # -- one repository = one key prefix ---------------------------------------------------------
-    @staticmethod
-    def prefix(repo: str) -> str:
-        return os.path.basename(repo.rstrip("/"))
-
+    # -- one repository = one key prefix, read from s3rver's files ----------------------------------
     def prefix_dir(self, repo: str) -> str:
         return os.path.join(self.data, BUCKET, self.prefix(repo))
 

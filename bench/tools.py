@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from bench.s3 import S3rver
+from bench.objectstore import ObjectStore
 from tests.pgcluster import WALRUS, Cluster, chown_to_user, pg_bindir, run, run_user
 
 STANZA = "bench"
@@ -22,7 +22,7 @@ class Setup:
     root: str  # work directory (owned by the run user)
     compression: str  # lz4 | zstd
     workers: int
-    s3: S3rver | None = None  # repositories are key prefixes there instead of local directories
+    store: ObjectStore | None = None  # S3, GCS or Azure: repositories are key prefixes there, not directories
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Tool:
     name: str  # as given to --tools
     label: str  # as shown in the tables
     binary: str  # the executable run for backups
-    s3: bool = True  # whether it can keep its repository in S3
+    object_store: bool = True  # whether it can keep its repository in S3, GCS and Azure
 
     def missing(self) -> str | None:
         """Why the tool cannot run here, or None."""
@@ -133,7 +133,7 @@ class WalgLike(Tool):
         return first_line([self.binary, "--version"])
 
     def _env(self, s: Setup, repo: str) -> dict[str, str]:
-        storage = s.s3.walg_env(repo) if s.s3 else {"WALG_FILE_PREFIX": repo}
+        storage = s.store.walg_env(repo) if s.store else {"WALG_FILE_PREFIX": repo}
         return {**s.cluster.env, **storage, "WALG_COMPRESSION_METHOD": s.compression,
                 "WALG_UPLOAD_DISK_CONCURRENCY": str(s.workers), "WALG_DOWNLOAD_CONCURRENCY": str(s.workers),
                 **self.extra_env}
@@ -164,7 +164,7 @@ class PgBackRest(Tool):
 
     def new_repo(self, s: Setup, repo: str) -> None:
         user_dir(repo)
-        storage = s.s3.pgbackrest_options(repo) if s.s3 else [f"repo1-path={repo}", "repo1-type=posix"]
+        storage = s.store.pgbackrest_options(repo) if s.store else [f"repo1-path={repo}", "repo1-type=posix"]
         compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
         pgbackrest_stanza(repo, s.cluster, s.root, [
             *storage, "repo1-retention-full=1", f"compress-type={compress}", f"process-max={s.workers}",
@@ -185,7 +185,7 @@ class PgBaseBackup(Tool):
     """
 
     name, label = "pg_basebackup", "pg_basebackup"
-    s3 = False  # writes local tar files only
+    object_store = False  # writes local tar files only
 
     def __init__(self) -> None:
         self.binary = os.path.join(pg_bindir(), "pg_basebackup")

@@ -5,27 +5,29 @@ import logging
 
 import pytest
 
-from tests.s3server import FaultProxy, MotoServer
+from tests.gcsserver import gcs_backend, gcs_bucket, gcs_fault_proxy, gcs_server  # noqa: F401 (fixtures)
+from tests.azurite import azure_backend, azure_container, azure_fault_proxy, azurite  # noqa: F401 (fixtures)
+from tests.s3server import FaultProxy, MotoServer, s3_storage
+from tests.storage_backend import Backend
+from tests.storage_helpers import emulator_fixtures
 from walrus.log import log
 
-
-@pytest.fixture(scope="session")
-def moto_server():
-    server = MotoServer()
-    yield server
-    server.stop()
+moto_server, s3_bucket, fault_proxy = emulator_fixtures(
+    "moto_server", "s3_bucket", "fault_proxy", MotoServer, MotoServer.new_bucket, lambda moto: FaultProxy(moto.port))
 
 
 @pytest.fixture
-def s3_bucket(moto_server) -> str:
-    return moto_server.new_bucket()
+def s3_backend(moto_server, s3_bucket, tmp_path) -> Backend:
+    """S3 on moto for the storage contract tests (small parts and ranges: see s3_settings)."""
+    def pending() -> list[str]:
+        return moto_server.pending_uploads(s3_bucket)
 
+    def atomic(request) -> Backend:
+        # moto checks and writes in two steps; the fault proxy passes conditional writes on one at a time
+        proxy = request.getfixturevalue("fault_proxy")
+        return Backend(s3_storage(proxy.endpoint, s3_bucket, tmp_path), pending)
 
-@pytest.fixture
-def fault_proxy(moto_server):
-    proxy = FaultProxy(moto_server.port)
-    yield proxy
-    proxy.stop()
+    return Backend(s3_storage(moto_server.endpoint, s3_bucket, tmp_path), pending, atomic)
 
 
 @pytest.fixture

@@ -89,6 +89,36 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, name: str, log=None, timeout: float = 30) -> None:
+    """Return once 127.0.0.1:`port` accepts connections. Raise, naming `name`, if `proc` exits first
+    (with the end of `log`, the file it writes to, when given) or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            said = ""
+            if log is not None:
+                log.seek(0)
+                said = f": {log.read().decode(errors='replace')[-2000:]}"
+            raise RuntimeError(f"{name} exited with {proc.returncode}{said}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on port {port} within {timeout} s")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it still runs `grace` seconds later; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def walrus(args: list[str], *, config: str | None = None, env: dict | None = None, check: bool = True,
            cwd: str | None = None) -> subprocess.CompletedProcess:
     cmd = [WALRUS] + (["--config", config] if config else []) + args

@@ -5,16 +5,16 @@ import http.client
 import http.server
 import os
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
 from tests.pgcluster import free_port
+from tests.storage_helpers import Emulator, settings_at
+from walrus.storage import open_storage
+from walrus.storage.base import Storage
 
 MOTO_SERVER = os.path.join(os.path.dirname(sys.executable), "moto_server")
 ACCESS_KEY = "walrus-test-key"
@@ -23,49 +23,19 @@ SECRET_KEY = "walrus-test-secret"
 MIN_PART_SIZE = 64 << 10
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"moto_server did not listen on port {port} within {timeout} s")
-
-
-class MotoServer:
+class MotoServer(Emulator):
     """`moto_server` as a subprocess on a free port; buckets are made per test."""
 
     def __init__(self) -> None:
         self.port = free_port()
-        self.log = tempfile.TemporaryFile()
+        self._client = None
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["S3_UPLOAD_PART_MIN_SIZE"] = str(MIN_PART_SIZE)
-        self.proc = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            _wait_for_port(self.port, self.proc)
-        except BaseException:
-            self.stop()
-            raise
-        self._client = None
+        self.launch([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(self.port)], self.port, "moto_server", env=env)
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
     @property
     def client(self):
@@ -109,6 +79,11 @@ def s3_settings(endpoint: str, bucket: str, prefix: str = "walrus", **extra: str
     return settings
 
 
+def s3_storage(endpoint: str, bucket: str, home, **extra: str) -> Storage:
+    """The storage open_storage makes of s3_settings."""
+    return open_storage(settings_at(s3_settings(endpoint, bucket, **extra), home))
+
+
 # -- the fault-injecting proxy
 
 S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
@@ -128,6 +103,7 @@ CONDITIONAL_MODES = ("pass", "refuse", "ignore")
 class Request:
     method: str
     path: str  # path and query string, as sent
+    label: str | None = None  # the kind a proxy's `classify` gave it (other storage APIs than S3's)
 
     @property
     def is_part(self) -> bool:
@@ -139,7 +115,9 @@ class Request:
 
     @property
     def kind(self) -> str:
-        """"part" for UploadPart, "get" for GetObject, else the method."""
+        """"part" for UploadPart, "get" for GetObject, else the method (or the proxy's own label)."""
+        if self.label is not None:
+            return self.label
         return "part" if self.is_part else "get" if self.is_get else self.method
 
 
@@ -179,6 +157,11 @@ class FaultProxy:
     `applied` lists only faults that took effect: a "drop-body" meets answers with no body to cut
     (HEAD, an empty 200), and then its rule or schedule slot stays armed for the next request.
     `latency` delays every forwarded request, so that concurrent ones overlap visibly in `peak`.
+
+    Other storage APIs than S3's: `classify` labels requests ("part", "get", ...: Request.kind),
+    `error_body(status)` renders an error answer (content type, body) in the API's own dialect.
+    Absolute URLs to the upstream in answers (a resumable upload's Location) are rewritten to point
+    at the proxy, so a client that follows them stays behind it.
     """
 
     upstream_port: int
@@ -187,6 +170,8 @@ class FaultProxy:
     conditional: str = "pass"  # one of CONDITIONAL_MODES
     serialised: int = 0  # conditional writes passed on one at a time
     on_forwarded: Callable[[Request], None] | None = None  # called once S3 answered, before the client hears
+    classify: Callable[[Request], str] | None = None
+    error_body: Callable[[int], tuple[str, bytes]] | None = None
     log: list[Request] = field(default_factory=list)
     applied: list[tuple[str, Request]] = field(default_factory=list)
     peak: dict[str, int] = field(default_factory=dict)  # most requests of each kind in flight at once
@@ -304,6 +289,16 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
 
     def _body(self) -> bytes:
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            pieces = []
+            while True:
+                size = int(self.rfile.readline().split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline().strip():  # trailers, up to the blank line
+                        pass
+                    return b"".join(pieces)
+                pieces.append(self.rfile.read(size))
+                self.rfile.readline()  # the CRLF after the chunk
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _drop(self) -> None:
@@ -315,6 +310,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         request = Request(self.command, self.path)
+        if self.owner.classify is not None:
+            request.label = self.owner.classify(request)
         self.owner.entered(request, +1)
         fault = None
         try:
@@ -368,9 +365,10 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             # goes back before this answer does, so it is armed for the client's next request
             self.owner._settle(fault, request, took_effect=cut)
         self.send_response(status)
+        upstream = f"http://127.0.0.1:{self.owner.upstream_port}"
         for name, value in headers:
             if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
-                self.send_header(name, value)
+                self.send_header(name, value.replace(upstream, self.owner.endpoint))
         length = next((v for n, v in headers if n.lower() == "content-length"), None)
         self.send_header("Content-Length", length if self.command == "HEAD" and length else str(len(payload)))
         self.end_headers()
@@ -383,10 +381,14 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
     def _answer_error(self, status: int, code: str, message: str) -> None:
-        xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
-               f"<Message>{message}</Message></Error>").encode()
+        if self.owner.error_body is not None:
+            content_type, xml = self.owner.error_body(status)
+        else:
+            content_type = "application/xml"
+            xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
+                   f"<Message>{message}</Message></Error>").encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(xml)))
         self.end_headers()
         if self.command != "HEAD":
@@ -396,6 +398,8 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         conn = http.client.HTTPConnection("127.0.0.1", self.owner.upstream_port, timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                headers["Content-Length"] = str(len(body))  # the body was read whole: it goes on with its length
             conn.request(self.command, self.path, body=body if body else None, headers=headers)
             resp = conn.getresponse()
             return resp.status, resp.getheaders(), resp.read()

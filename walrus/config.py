@@ -167,6 +167,49 @@ SETTINGS: tuple[Setting, ...] = (
       "S3-compatible servers that ignore the header (each push is then checked before and verified after)."),
     S("WALRUS_S3_RANGE_SIZE", "s3_range_size", parse_size, 8 << 20,
       "Bytes per ranged GET; WALG_DOWNLOAD_CONCURRENCY ranges are buffered ahead at most."),
+    # Google Cloud Storage (no GOOGLE_APPLICATION_CREDENTIALS: the metadata server's account, as WAL-G)
+    S("WALG_GS_PREFIX", "gs_prefix", _text, None, "Store backups in Google Cloud Storage: gs://bucket/path.",
+      ("WALE_GS_PREFIX",)),
+    S("GOOGLE_APPLICATION_CREDENTIALS", "google_application_credentials", _text, None,
+      "A service account's JSON key file (or gcloud's application-default credentials file)."),
+    S("GCS_CONTEXT_TIMEOUT", "gcs_context_timeout", parse_positive_int, 3600,
+      "Seconds one GCS call (a whole upload, download or listing) may take at most.", ("WALG_GCS_CONTEXT_TIMEOUT",)),
+    S("GCS_NORMALIZE_PREFIX", "gcs_normalize_prefix", parse_bool, True,
+      "Trim repeated slashes in WALG_GS_PREFIX; false keeps them (WAL-E's prefixes).", ("WALG_GCS_NORMALIZE_PREFIX",)),
+    S("GCS_ENCRYPTION_KEY", "gcs_encryption_key", _text, None,
+      "Customer-supplied AES-256 key (32 bytes, standard base64) for every object written and read.",
+      ("WALG_GCS_ENCRYPTION_KEY",), secret=True),
+    S("GCS_MAX_CHUNK_SIZE", "gcs_max_chunk_size", parse_size, 50 << 20,
+      "Largest chunk of a resumable upload (a multiple of 256 KiB is used); chunks come out of "
+      "WALRUS_MEMORY_BUDGET, which may make them smaller.", ("WALG_GCS_MAX_CHUNK_SIZE",)),
+    S("GCS_MAX_RETRIES", "gcs_max_retries", parse_int, 16,
+      "Retries of a GCS request that failed transiently (5xx, 429, timeout, reset).", ("WALG_GCS_MAX_RETRIES",)),
+    S("STORAGE_EMULATOR_HOST", "storage_emulator_host", _text, None,
+      "A GCS emulator's address (http://host:port), as Google's client libraries read it: no credentials are used."),
+    # Azure Blob Storage (no key nor SAS token: the default credential chain, as WAL-G)
+    S("WALG_AZ_PREFIX", "az_prefix", _text, None, "Store backups in Azure Blob Storage: azure://container/path.",
+      ("WALE_AZ_PREFIX",)),
+    S("AZURE_STORAGE_ACCOUNT", "azure_storage_account", _text, None, "The storage account (required with Azure)."),
+    S("AZURE_STORAGE_ACCESS_KEY", "azure_storage_access_key", _text, None, "The storage account's access key.",
+      secret=True),
+    S("AZURE_STORAGE_SAS_TOKEN", "azure_storage_sas_token", _text, None,
+      "A shared access signature token (used when no access key is set).", secret=True),
+    S("AZURE_ENVIRONMENT_NAME", "azure_environment_name", _text, "AzurePublicCloud",
+      "AzurePublicCloud, AzureUSGovernmentCloud, AzureChinaCloud or AzureGermanCloud: chooses the endpoint suffix."),
+    S("AZURE_ENDPOINT_SUFFIX", "azure_endpoint_suffix", _text, None,
+      "Blob endpoint suffix (e.g. core.windows.net) [default: the environment's]."),
+    S("WALRUS_AZURE_ENDPOINT", "azure_endpoint", _text, None,
+      "The account's whole blob endpoint URL (Azurite: http://127.0.0.1:10000/devstoreaccount1) [default: "
+      "https://ACCOUNT.blob.SUFFIX]."),
+    S("WALG_AZURE_BUFFER_SIZE", "azure_buffer_size", parse_size, 8 << 20,
+      "Size of one staged block of an upload; blocks come out of WALRUS_MEMORY_BUDGET, which may make them "
+      "smaller.", ("AZURE_BUFFER_SIZE",)),
+    S("WALG_AZURE_MAX_BUFFERS", "azure_max_buffers", parse_positive_int, 4,
+      "Blocks of one upload in flight at once (within WALRUS_MEMORY_BUDGET).", ("AZURE_MAX_BUFFERS",)),
+    S("AZURE_TRY_TIMEOUT", "azure_try_timeout", parse_positive_int, 5,
+      "Minutes one Azure request may take before it is abandoned and retried."),
+    S("AZURE_BLOB_STORE_API_VERSION", "azure_blob_store_api_version", _text, None,
+      "The Blob service API version to speak [default: the client library's]."),
     # data path
     S("WALG_COMPRESSION_METHOD", "compression_method", _choice(*WRITABLE_METHODS), "lz4",
       "Compression of WAL and backup parts: lz4, zstd, brotli, lzma or none."),
@@ -311,6 +354,25 @@ class Settings:
     s3_connect_timeout: int
     s3_conditional_put: bool
     s3_range_size: int
+    gs_prefix: str | None
+    google_application_credentials: str | None
+    gcs_context_timeout: int
+    gcs_normalize_prefix: bool
+    gcs_encryption_key: str | None = dataclasses.field(repr=False)
+    gcs_max_chunk_size: int
+    gcs_max_retries: int
+    storage_emulator_host: str | None
+    az_prefix: str | None
+    azure_storage_account: str | None
+    azure_storage_access_key: str | None = dataclasses.field(repr=False)
+    azure_storage_sas_token: str | None = dataclasses.field(repr=False)
+    azure_environment_name: str
+    azure_endpoint_suffix: str | None
+    azure_endpoint: str | None
+    azure_buffer_size: int
+    azure_max_buffers: int
+    azure_try_timeout: int
+    azure_blob_store_api_version: str | None
     compression_method: str
     zstd_level: str | None
     tar_size_threshold: int

@@ -357,7 +357,7 @@ async def put_object(settings: Settings, storage: Storage, source: str | None, d
     if not force and await _exists(storage, key):
         raise _taken(key)
     fd = 0 if source is None else _open_local(source)
-    plan = PoolPlan.for_settings(settings, lanes=1, parallel=2)
+    plan = PoolPlan.for_settings(settings, lanes=1, parallel=2, reserved=storage.upload_memory)
     pool = BufferPool(plan.count, plan.buffer_size)
     executor = ThreadPoolExecutor(max_workers=upload_threads(plan.parallel), thread_name_prefix="walrus-st-put")
     read = 0

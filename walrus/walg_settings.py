@@ -32,23 +32,15 @@ class WalgSetting:
 
 
 W = WalgSetting
-_GCS = "walrus does not store in Google Cloud Storage yet"
-_AZURE = "walrus does not store in Azure Blob Storage yet"
 _NO_STORE = "walrus has no {} storage"
 
 OTHER_SETTINGS: tuple[WalgSetting, ...] = (
     # storages walrus does not have: the prefix is refused, the backend's own settings mean nothing without it
-    W("WALG_GS_PREFIX", REFUSED, _GCS + "; use WALG_S3_PREFIX (GCS's S3 interoperability) or WALG_FILE_PREFIX"),
-    W("WALG_AZ_PREFIX", REFUSED, _AZURE + "; use WALG_S3_PREFIX or WALG_FILE_PREFIX"),
     W("WALG_SWIFT_PREFIX", REFUSED, _NO_STORE.format("OpenStack Swift")),
     W("WALG_SSH_PREFIX", REFUSED, _NO_STORE.format("SSH")),
     W("WALG_OSS_PREFIX", REFUSED, _NO_STORE.format("Alibaba OSS") + "; OSS speaks S3: use WALG_S3_PREFIX"),
     *(W(name, ACCEPTED, "a setting of a storage walrus does not have (its prefix is refused)") for name in (
-        "GOOGLE_APPLICATION_CREDENTIALS", "GCS_CONTEXT_TIMEOUT", "GCS_ENCRYPTION_KEY", "GCS_MAX_CHUNK_SIZE",
-        "GCS_MAX_RETRIES", "GCS_NORMALIZE_PREFIX", "AZURE_BLOB_STORE_API_VERSION", "AZURE_BUFFER_SIZE",
-        "AZURE_ENDPOINT_SUFFIX", "AZURE_ENVIRONMENT_NAME", "AZURE_MAX_BUFFERS", "AZURE_STORAGE_ACCESS_KEY",
-        "AZURE_STORAGE_ACCOUNT", "AZURE_STORAGE_SAS_TOKEN", "AZURE_TRY_TIMEOUT", "WALG_AZURE_BUFFER_SIZE",
-        "WALG_AZURE_MAX_BUFFERS", "OS_AUTH_URL", "OS_PASSWORD", "OS_REGION_NAME", "OS_TENANT_NAME", "OS_USERNAME",
+        "OS_AUTH_URL", "OS_PASSWORD", "OS_REGION_NAME", "OS_TENANT_NAME", "OS_USERNAME",
         "SSH_PASSWORD", "SSH_PORT", "SSH_PRIVATE_KEY_PATH", "SSH_USERNAME", "OSS_ACCESS_KEY_ID",
         "OSS_ACCESS_KEY_SECRET", "OSS_CONNECT_TIMEOUT", "OSS_COPY_PART_SIZE", "OSS_ENDPOINT", "OSS_MAX_RETRIES",
         "OSS_REGION", "OSS_ROLE_ARN", "OSS_ROLE_SESSION_NAME", "OSS_SESSION_TOKEN", "OSS_SKIP_VALIDATION",

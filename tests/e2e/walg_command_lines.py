@@ -315,16 +315,6 @@ LINES: tuple[Line, ...] = (
          PG_TESTS + "catchup_test.sh", MANUAL, NOT_IMPLEMENTED, "catchup-push"),
     Line("pgbackrest-fetch", "wal-g --config=$WALG_CONFIG pgbackrest backup-fetch $FETCH_DIR LATEST",
          PG_TESTS + "pgbackrest_backup_fetch_test.sh", MANUAL, NOT_IMPLEMENTED, "pgbackrest"),
-    Line("gcs-backup-push", "wal-g backup-push $PGDATA",
-         "https://github.com/mapswipe/python-mapswipe-workers (postgres/wal-g/make_basebackup.sh with its .env: "
-         "WALG_GS_PREFIX=gs://x4m-test-bucket/walg-folder, WAL-G's docs/STORAGES.md example)",
-         MANUAL, NOT_IMPLEMENTED, "WALG_GS_PREFIX",
-         env=(("WALG_GS_PREFIX", "gs://x4m-test-bucket/walg-folder"),
-              ("GOOGLE_APPLICATION_CREDENTIALS", "/path/to/credentials.json"))),
-    Line("azure-backup-fetch", "wal-g backup-fetch $FETCH_DIR LATEST",
-         WALG + "docs/STORAGES.md (Azure: WALG_AZ_PREFIX e.g. azure://test-container/walg-folder, "
-         "AZURE_STORAGE_ACCOUNT)", MANUAL, NOT_IMPLEMENTED, "WALG_AZ_PREFIX",
-         env=(("WALG_AZ_PREFIX", "azure://test-container/walg-folder"), ("AZURE_STORAGE_ACCOUNT", "walgtest"))),
 
     # ---------------------------------------------------------------- retention (delete everything FORCE last)
     Line("delete-target-user-data-dry", "wal-g delete target --target-user-data " + USER_DATA,

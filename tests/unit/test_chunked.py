@@ -8,7 +8,7 @@ import os
 import pytest
 
 from walrus.errors import StorageError
-from walrus.storage.chunked import put_in_parts, read_ranges
+from walrus.storage.chunked import PartPool, buffer_plan, put_in_parts, read_ranges
 from walrus.storage.retry import RetryPolicy, TransientError
 
 PART = 1000
@@ -23,7 +23,7 @@ class MemoryUpload:
         self.fail_part = fail_part
         self.completed = self.aborted = False
 
-    async def send(self, number: int, data: bytearray) -> int:
+    async def send(self, number: int, data: memoryview) -> int:
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         try:
@@ -44,24 +44,34 @@ class MemoryUpload:
         self.aborted = True
 
 
-def put(data: bytes, upload: MemoryUpload, *, chunk: int = 333, concurrency: int = 3, max_parts: int = 100):
+def put(data: bytes, upload: MemoryUpload, *, chunk: int = 333, concurrency: int = 3, max_parts: int = 100,
+        buffers: int = 4):
+    """One put_in_parts through a pool of `buffers` part buffers; every buffer must be back in the
+    pool afterwards, whether the put succeeded or failed."""
     whole: list[bytes] = []
+    pools: list[PartPool] = []
 
     async def stream():
         for i in range(0, len(data), chunk):
             yield data[i:i + chunk]
 
-    async def put_whole(buf: bytearray) -> str:
+    async def put_whole(buf: memoryview) -> str:
         whole.append(bytes(buf))
         return "single"
 
     async def start() -> MemoryUpload:
         return upload
 
-    result = asyncio.run(put_in_parts(stream(), PART, max_parts=max_parts, concurrency=concurrency,
-                                      put_whole=put_whole, start=start,
-                                      too_many=lambda: StorageError("too many parts"), exclusive=False))
-    return result, whole
+    async def main():
+        pools.append(PartPool(PART, buffers))
+        return await put_in_parts(stream(), pools[0], max_parts=max_parts, concurrency=concurrency,
+                                  put_whole=put_whole, start=start,
+                                  too_many=lambda: StorageError("too many parts"), exclusive=False)
+
+    try:
+        return asyncio.run(main()), whole
+    finally:
+        assert pools[0]._slots._value == buffers, "a part buffer was not given back"
 
 
 def test_a_stream_that_fits_one_part_is_one_put():
@@ -154,3 +164,85 @@ def test_a_range_that_keeps_failing_gives_up():
 
     with pytest.raises(StorageError):
         asyncio.run(main())
+
+
+def test_puts_side_by_side_share_the_pool_and_never_hold_more():
+    """Four uploads at once through a pool of three buffers: all complete, byte-exact, and at no
+    instant are more than three part buffers out (filling or in flight)."""
+    pool_size = 3
+    out = {"peak": 0}
+
+    async def main():
+        pool = PartPool(PART, pool_size)
+        take, give = pool.take, pool.give
+
+        async def counted_take():
+            buffer = await take()
+            out["peak"] = max(out["peak"], pool_size - pool._slots._value)
+            return buffer
+
+        pool.take = counted_take
+        pool.give = give
+        datas = [os.urandom(7 * PART + i) for i in range(4)]
+        uploads = [MemoryUpload() for _ in datas]
+
+        async def one(data, upload):
+            async def stream():
+                for i in range(0, len(data), 100):
+                    yield data[i:i + 100]
+                    await asyncio.sleep(0)
+
+            async def start():
+                return upload
+
+            return await put_in_parts(stream(), pool, max_parts=100, concurrency=2, put_whole=None, start=start,
+                                      too_many=lambda: StorageError("too many"), exclusive=False)
+
+        await asyncio.gather(*(one(d, u) for d, u in zip(datas, uploads)))
+        for data, upload in zip(datas, uploads):
+            assert b"".join(upload.parts[n] for n in sorted(upload.parts)) == data
+        assert pool._slots._value == pool_size
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert out["peak"] == pool_size
+
+
+def test_a_cancelled_put_gives_every_buffer_back():
+    async def main():
+        pool = PartPool(PART, 3)
+        upload = MemoryUpload()
+
+        async def stream():
+            while True:
+                yield os.urandom(PART // 2)
+                await asyncio.sleep(0.001)
+
+        async def start():
+            return upload
+
+        task = asyncio.ensure_future(put_in_parts(stream(), pool, max_parts=1000, concurrency=2, put_whole=None,
+                                                  start=start, too_many=lambda: StorageError("too many"),
+                                                  exclusive=False))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert upload.aborted and pool._slots._value == 3
+
+    asyncio.run(main())
+
+
+def test_buffer_plan_shrinks_then_thins_within_the_share():
+    mib = 1 << 20
+    # 16 MiB for two lanes and one part in flight: three 5 MiB parts (not 20 MiB ones)
+    assert buffer_plan(16 * mib, 20 * mib, 3, minimum=5 * mib, align=mib) == (5 * mib, 3)
+    # one lane: two 8 MiB parts
+    assert buffer_plan(16 * mib, 20 * mib, 2, minimum=5 * mib, align=mib) == (8 * mib, 2)
+    # many lanes: parts stay at the backend's minimum, fewer of them
+    assert buffer_plan(16 * mib, 20 * mib, 5, minimum=5 * mib, align=mib) == (5 * mib, 3)
+    # a share too small for even one: one buffer of the minimum
+    assert buffer_plan(2 * mib, 20 * mib, 3, minimum=5 * mib, align=mib) == (5 * mib, 1)
+    # what is asked fits: asked as is
+    assert buffer_plan(64 * mib, 8 * mib, 4, minimum=4 * mib, align=mib) == (8 * mib, 4)
+    # a configured size below the alignment stays (the tests' 256 KiB parts)
+    assert buffer_plan(16 * mib, 256 << 10, 3, minimum=256 << 10, align=mib) == (256 << 10, 3)

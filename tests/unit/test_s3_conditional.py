@@ -1,38 +1,16 @@
 """S3's conditional writes for exclusive puts: honoured, answered 501, ignored; and a lost answer."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 
 import pytest
 
-from tests.s3server import FaultProxy, Request, s3_settings
-from walrus.config import load_settings
+from tests.s3server import FaultProxy, Request, s3_storage
+from tests.storage_helpers import chunks, run
 from walrus.errors import ObjectExists
-from walrus.storage import open_storage
 
 PART = 256 << 10  # s3_settings' part size: 3 * PART is a multipart upload
-
-
-def storage_for(endpoint: str, bucket: str, tmp_path, **extra: str):
-    env = {**s3_settings(endpoint, bucket, **extra), "HOME": str(tmp_path)}
-    return open_storage(load_settings(env=env))
-
-
-def run(storage, coro):
-    async def main():
-        try:
-            return await coro
-        finally:
-            await storage.close()
-
-    return asyncio.run(main())
-
-
-async def chunks(data: bytes, size: int = 64 << 10):
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
 
 
 def conditional_writes(proxy: FaultProxy) -> list[str]:
@@ -46,7 +24,7 @@ def test_an_endpoint_without_conditional_writes_gets_check_and_verify(moto_serve
     the second exclusive put is refused by that check, and the object keeps the first bytes."""
     proxy = FaultProxy(moto_server.port, conditional="refuse")
     try:
-        storage = storage_for(proxy.endpoint, s3_bucket, tmp_path)
+        storage = s3_storage(proxy.endpoint, s3_bucket, tmp_path)
         first, second = os.urandom(size), os.urandom(size)
 
         async def both():
@@ -74,7 +52,7 @@ def test_verification_finds_bytes_replaced_after_the_upload(moto_server, s3_buck
 
     proxy = FaultProxy(moto_server.port, conditional="ignore", on_forwarded=overwrite)
     try:
-        storage = storage_for(proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_CONDITIONAL_PUT="false")
+        storage = s3_storage(proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_CONDITIONAL_PUT="false")
         with pytest.raises(ObjectExists):
             run(storage, storage.put("wal_005/x", chunks(os.urandom(1000)), exclusive=True))
         assert moto_server.read(s3_bucket, "walrus/wal_005/x") == other
@@ -87,7 +65,7 @@ def test_verification_finds_bytes_replaced_after_the_upload(moto_server, s3_buck
 def test_a_lost_answer_to_our_own_conditional_write_is_success(moto_server, s3_bucket, fault_proxy, tmp_path, size):
     """S3 stored the object but the answer was lost: the retry meets 412 (or, multipart, an upload
     already completed), and the object's ETag shows the bytes are ours."""
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path)
     fault_proxy.fail("lose", 1, lambda r: r.method in ("PUT", "POST") and "partNumber" not in r.path
                      and not r.path.endswith("?uploads"))
     data = os.urandom(size)
@@ -100,7 +78,7 @@ def test_a_lost_answer_to_our_own_conditional_write_is_success(moto_server, s3_b
 
 def test_a_plain_put_still_replaces(moto_server, s3_bucket, tmp_path):
     """Only exclusive puts are conditional: backups' parts and documents are written as before."""
-    storage = storage_for(moto_server.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(moto_server.endpoint, s3_bucket, tmp_path)
     run(storage, storage.put_bytes("k", b"one"))
     run(storage, storage.put_bytes("k", b"two"))
     assert moto_server.read(s3_bucket, "walrus/k") == b"two"

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 import lz4.frame
 import pytest
 
-from tests.s3server import SECRET_KEY, FaultProxy, Request, s3_settings
+from tests.s3server import SECRET_KEY, FaultProxy, Request, s3_settings, s3_storage
+from tests.storage_helpers import chunks, pulled_while_held, run
 from walrus.config import load_settings
 from walrus.errors import ObjectNotFound, StorageError
 from walrus.storage import open_storage
@@ -38,26 +39,6 @@ def is_listing(r: Request) -> bool:
 
 def is_complete(r: Request) -> bool:
     return r.method == "POST" and "uploadId=" in r.path
-
-
-def storage_for(endpoint: str, bucket: str, tmp_path, **extra: str):
-    env = {**s3_settings(endpoint, bucket, **extra), "HOME": str(tmp_path)}
-    return open_storage(load_settings(env=env))
-
-
-def run(storage, coro):
-    async def main():
-        try:
-            return await coro
-        finally:
-            await storage.close()
-
-    return asyncio.run(main())
-
-
-async def chunks(data: bytes, size: int = 64 << 10):
-    for i in range(0, len(data), size):
-        yield data[i:i + size]
 
 
 # -- the proxy itself
@@ -99,7 +80,7 @@ def test_a_fault_that_cannot_take_effect_stays_armed(moto_server, s3_bucket, fau
 # -- the library, through the proxy
 
 def test_transient_failures_are_retried(moto_server, s3_bucket, fault_proxy, tmp_path):
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path)
     fault_proxy.fail("503", 2, is_part)
     fault_proxy.fail("500", 1, is_part)
     fault_proxy.fail("drop", 1, lambda r: r.method == "POST" and r.path.endswith("?uploads"))
@@ -112,7 +93,7 @@ def test_transient_failures_are_retried(moto_server, s3_bucket, fault_proxy, tmp
 
 
 def test_a_failed_part_is_retried_alone(moto_server, s3_bucket, fault_proxy, tmp_path):
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path)
     fault_proxy.fail("503", 3, lambda r: r.is_part and "partNumber=3&" in r.path + "&")
     data = os.urandom(4 * PART + 1)
     run(storage, storage.put("obj", chunks(data)))
@@ -122,7 +103,7 @@ def test_a_failed_part_is_retried_alone(moto_server, s3_bucket, fault_proxy, tmp
 
 
 def test_exhausted_retries_fail_and_abort(moto_server, s3_bucket, fault_proxy, tmp_path):
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="2")
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="2")
     fault_proxy.fail("503", 10**6, is_part)
     with pytest.raises(StorageError) as caught:
         run(storage, storage.put("obj", chunks(os.urandom(3 * PART))))
@@ -136,7 +117,7 @@ def test_exhausted_retries_fail_and_abort(moto_server, s3_bucket, fault_proxy, t
 def test_a_lost_complete_response_is_recognised(moto_server, s3_bucket, fault_proxy, tmp_path):
     """S3 completed the upload but the answer was lost: the retry meets NoSuchUpload, and the
     object's multipart ETag shows it is ours."""
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path)
     fault_proxy.fail("drop-body", 1, is_complete)
     data = os.urandom(3 * PART)
     run(storage, storage.put("obj", chunks(data)))
@@ -147,7 +128,7 @@ def test_a_lost_complete_response_is_recognised(moto_server, s3_bucket, fault_pr
 def test_a_lost_create_response_leaves_no_upload_behind(moto_server, s3_bucket, fault_proxy, tmp_path):
     """S3 created a multipart upload but the answer was lost: the retry creates another, and the first,
     which nobody would ever complete or abort, is aborted (it would keep its parts stored forever)."""
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path)
     fault_proxy.fail("drop-body", 1, lambda r: r.method == "POST" and r.path.endswith("?uploads"))
     data = os.urandom(3 * PART)
     run(storage, storage.put("obj", chunks(data)))
@@ -159,7 +140,7 @@ def test_a_lost_create_response_leaves_no_upload_behind(moto_server, s3_bucket, 
 def test_a_lost_create_then_exhausted_retries_leave_no_upload_behind(moto_server, s3_bucket, fault_proxy, tmp_path):
     """The first CreateMultipartUpload succeeded unseen and every later try failed: the upload fails,
     and the one the lost try created is still found and aborted."""
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="1")
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="1")
     is_create = lambda r: r.method == "POST" and r.path.endswith("?uploads")  # noqa: E731
     fault_proxy.fail("lose", 1, is_create)
     fault_proxy.fail("503", 1, is_create)
@@ -172,7 +153,7 @@ def test_a_lost_create_then_exhausted_retries_leave_no_upload_behind(moto_server
 
 
 def test_a_stalled_request_is_abandoned_and_retried(moto_server, s3_bucket, fault_proxy, tmp_path):
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_TIMEOUT="1")
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_TIMEOUT="1")
     fault_proxy.fail("stall", 1, is_part)
     fault_proxy.fail("stall", 1, is_get)
     data = os.urandom(2 * PART + 5)
@@ -184,7 +165,7 @@ def test_a_stalled_request_is_abandoned_and_retried(moto_server, s3_bucket, faul
 
 
 def test_a_stalled_endpoint_ends_in_a_clear_error(s3_bucket, fault_proxy, tmp_path):
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_TIMEOUT="1",
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path, WALRUS_S3_TIMEOUT="1",
                           WALG_S3_MAX_RETRIES="1")
     fault_proxy.fail("stall", 10**6)
     for call in (lambda: storage.get("obj"), lambda: storage.put_bytes("obj", b"x")):
@@ -198,14 +179,14 @@ def test_a_stalled_endpoint_ends_in_a_clear_error(s3_bucket, fault_proxy, tmp_pa
 def test_an_unreachable_endpoint_says_so(s3_bucket, tmp_path):
     from tests.pgcluster import free_port
 
-    storage = storage_for(f"http://127.0.0.1:{free_port()}", s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="1")
+    storage = s3_storage(f"http://127.0.0.1:{free_port()}", s3_bucket, tmp_path, WALG_S3_MAX_RETRIES="1")
     with pytest.raises(StorageError) as caught:
         run(storage, storage.get("obj"))
     assert "AWS_ENDPOINT" in caught.value.hint
 
 
 def test_a_missing_bucket_is_a_clear_error(moto_server, tmp_path):
-    storage = storage_for(moto_server.endpoint, "no-such-bucket-here", tmp_path)
+    storage = s3_storage(moto_server.endpoint, "no-such-bucket-here", tmp_path)
     for call in (lambda: storage.get("wal_005/x.lz4"), lambda: storage.put_bytes("x", b"1"),
                  lambda: storage.list("wal_005").__anext__()):
         with pytest.raises(StorageError) as caught:
@@ -216,7 +197,7 @@ def test_a_missing_bucket_is_a_clear_error(moto_server, tmp_path):
 
 
 def test_deletes_go_in_batches_of_1000(s3_bucket, fault_proxy, tmp_path):
-    storage = storage_for(fault_proxy.endpoint, s3_bucket, tmp_path)
+    storage = s3_storage(fault_proxy.endpoint, s3_bucket, tmp_path)
     run(storage, storage.delete(f"wal_005/{i:024X}" for i in range(2500)))
     assert sum(1 for r in fault_proxy.log if r.method == "POST" and "delete" in r.path) == 3
 
@@ -226,26 +207,9 @@ def test_upload_memory_is_bounded_by_parts_in_flight(moto_server, s3_bucket, tmp
     WALG_UPLOAD_CONCURRENCY parts in flight plus the one being filled."""
     proxy = FaultProxy(moto_server.port, stall_seconds=1.5)
     try:
-        storage = storage_for(proxy.endpoint, s3_bucket, tmp_path, WALG_UPLOAD_CONCURRENCY="2")
+        storage = s3_storage(proxy.endpoint, s3_bucket, tmp_path, WALG_UPLOAD_CONCURRENCY="2")
         proxy.fail("stall", 2, is_part)
-        pulled = 0
-
-        async def source():
-            nonlocal pulled
-            for _ in range(160):  # ten parts
-                pulled += 16 << 10
-                yield os.urandom(16 << 10)
-
-        async def scenario():
-            upload = asyncio.ensure_future(storage.put("obj", source()))
-            await asyncio.sleep(1.0)
-            held = pulled
-            await upload
-            return held
-
-        held = run(storage, scenario())
-        assert held <= 3 * PART + (16 << 10)
-        assert pulled == 160 * (16 << 10)
+        assert pulled_while_held(storage) <= 3 * PART + (16 << 10)  # of ten parts, in pieces of 16 KiB
         assert proxy.peak["part"] <= 2
     finally:
         proxy.stop()
@@ -256,7 +220,7 @@ def test_downloads_fetch_ranges_in_parallel_within_the_limit(moto_server, s3_buc
     moto_server.client.put_object(Bucket=s3_bucket, Key="walrus/obj", Body=data)
     proxy = FaultProxy(moto_server.port, latency=0.1)
     try:
-        storage = storage_for(proxy.endpoint, s3_bucket, tmp_path, WALG_DOWNLOAD_CONCURRENCY="3")
+        storage = s3_storage(proxy.endpoint, s3_bucket, tmp_path, WALG_DOWNLOAD_CONCURRENCY="3")
         assert run(storage, storage.get_bytes("obj")) == data
         assert proxy.count("get") == 13  # one GET per range
         assert proxy.peak["get"] == 3  # ranges overlap, but never more than the limit
@@ -267,7 +231,7 @@ def test_downloads_fetch_ranges_in_parallel_within_the_limit(moto_server, s3_buc
 @pytest.mark.parametrize("change", ["replaced", "deleted"])
 def test_an_object_changed_mid_download_is_not_spliced(moto_server, s3_bucket, tmp_path, change):
     moto_server.client.put_object(Bucket=s3_bucket, Key="walrus/obj", Body=os.urandom(4 * PART))
-    storage = storage_for(moto_server.endpoint, s3_bucket, tmp_path, WALG_DOWNLOAD_CONCURRENCY="1")
+    storage = s3_storage(moto_server.endpoint, s3_bucket, tmp_path, WALG_DOWNLOAD_CONCURRENCY="1")
 
     async def read_across_a_change():
         stream = await storage.get("obj")
@@ -434,7 +398,7 @@ def test_invalid_sse_settings_are_refused(s3_bucket, moto_server, tmp_path, segm
 
 
 def test_sse_and_storage_class_reach_s3(moto_server, s3_bucket, tmp_path):
-    storage = storage_for(moto_server.endpoint, s3_bucket, tmp_path, WALG_S3_SSE="AES256",
+    storage = s3_storage(moto_server.endpoint, s3_bucket, tmp_path, WALG_S3_SSE="AES256",
                           WALG_S3_STORAGE_CLASS="STANDARD_IA")
     run(storage, storage.put("small", chunks(b"x" * 10)))
     run(storage, storage.put("large", chunks(os.urandom(2 * PART + 1))))

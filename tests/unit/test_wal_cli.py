@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lz4.frame
 import pytest
@@ -267,9 +268,12 @@ def test_push_memory_is_at_most_a_segment_per_push():
     assert wal_block(s) == WAL_BLOCK == 4 << 20  # WALRUS_BUFFER_SIZE (1 MiB) is raised to a block
     assert WalPusher.buffers_per_push(s, 1) == 3  # one compressing, two read ahead
     assert WalPusher.buffers_per_push(s, 2) == 4  # a lone push: four jobs, capped at the segment's 4 blocks
-    assert WalPusher.slots_for(s) == 2  # 32 MiB budget / 12 MiB a push, under WALG_UPLOAD_CONCURRENCY 16
-    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB")) == 10
-    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB", WALG_UPLOAD_CONCURRENCY="3")) == 3
+    files, cloud = SimpleNamespace(upload_memory=0), SimpleNamespace(upload_memory=16 << 20)
+    assert WalPusher.slots_for(s, files) == 2  # 32 MiB budget / 12 MiB a push, under WALG_UPLOAD_CONCURRENCY 16
+    assert WalPusher.slots_for(s, cloud) == 1  # what the storage's part buffers leave: 16 MiB
+    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB"), files) == 10
+    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB"), cloud) == 9
+    assert WalPusher.slots_for(settings(WALRUS_MEMORY_BUDGET="128MiB", WALG_UPLOAD_CONCURRENCY="3"), files) == 3
     small = settings(WALG_PG_WAL_SIZE="1")  # 1 MiB segments: one block is the whole segment
     assert WalPusher.buffers_per_push(small, 1) == WalPusher.buffers_per_push(small, 2) == 1
     assert wal_block(settings(WALRUS_BUFFER_SIZE="8MiB", WALRUS_MEMORY_BUDGET="48MiB")) == 8 << 20

@@ -119,7 +119,7 @@ def test_unknown_ignored_refused_and_exported_settings(tmp_path):
     assert quiet == []
     from walrus.errors import ConfigError
 
-    for env in ({"WALG_GS_PREFIX": "gs://b/p"}, {"WALE_GS_PREFIX": "gs://b/p"}, {"WALG_VERIFY_PAGE_CHECKSUMS": "true"},
+    for env in ({"WALG_SWIFT_PREFIX": "swift://b/p"}, {"WALG_VERIFY_PAGE_CHECKSUMS": "true"},
                 {"WALG_PG_BLOCK_SIZE": "16384"}):
         with pytest.raises(ConfigError, match="walrus does not support it"):
             load_settings(env)

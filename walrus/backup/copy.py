@@ -16,6 +16,7 @@ from walrus.log import log
 from walrus.pg.xlog import parse_wal_file_name, wal_file_name
 from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
+from walrus.storage.chunked import transfer_share
 
 # Publication phases, copied in this order, each finished before the next starts: a backup's
 # sentinel (what makes it exist) only once its parts, its files_metadata.json, its metadata.json
@@ -51,12 +52,11 @@ class CopyResult:
 
 
 def put_buffering(settings: Settings) -> int:
-    """The most one put into this storage holds in memory: S3 its part buffers (the part being
-    filled, plus those in flight, as many as the memory budget holds, at least one); file storage
-    writes as it goes, a 1 MiB batch at a time."""
-    if settings.s3_prefix:
-        in_flight = max(1, min(settings.upload_concurrency, settings.memory_budget // settings.s3_max_part_size))
-        return (in_flight + 1) * settings.s3_max_part_size
+    """The most one put into this storage holds in memory: a cloud storage's part buffers (all its
+    puts together keep to its share of the memory budget); file storage writes as it goes, a 1 MiB
+    batch at a time."""
+    if not settings.file_prefix or settings.s3_prefix:  # the storage chosen is a cloud one (BACKENDS' order)
+        return transfer_share(settings.memory_budget)
     return 1 << 20
 
 

@@ -146,8 +146,10 @@ class _Extraction:
         self.totals = ExtractStats()
         self.writer = ""  # the sinks' kind, once one is open
         concurrency = settings.download_concurrency
-        # each extraction thread owns a sink; together they keep to the memory budget
-        self._sink_buffers = max(2, settings.memory_budget // settings.buffer_size // concurrency)
+        # each extraction thread owns a sink; together they keep to the memory budget, less what the
+        # storage holds for ranges read ahead
+        left = max(0, settings.memory_budget - storage.download_memory)
+        self._sink_buffers = max(2, left // settings.buffer_size // concurrency)
         self._direct_min = settings.direct_io_min if settings.direct_io else 0
         raise_nofile_limit()
         self._executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="walrus-extract")

@@ -198,7 +198,7 @@ async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgB
     log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
     lanes = settings.upload_disk_concurrency
     # each part's buffers are compressed on every core, so the last part is not left to one
-    plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count())
+    plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count(), reserved=storage.upload_memory)
     disk = RateLimiter(settings.disk_rate_limit) if settings.disk_rate_limit is not None else None
     return _Push(settings, storage, pgdata, session, info, start, start_time, name,
                  codec.extension(settings.compression_method), plan, lanes, disk=disk)

@@ -90,7 +90,7 @@ class Daemon:
         self._claim_socket()
         self._max_connections = _connection_bound()
         codec.preload(self.settings.compression_method)  # the first segment should not wait on imports
-        self._pusher = WalPusher(self.settings, slots=WalPusher.slots_for(self.settings))
+        self._pusher = WalPusher(self.settings, slots=WalPusher.slots_for(self.settings, self.storage))
         try:
             await self._serve()
         finally:

@@ -14,14 +14,16 @@ __all__ = ["BACKENDS", "ObjectInfo", "Storage", "join_key", "open_storage"]
 class Backend(NamedTuple):
     setting: str  # the settings attribute (a WALG_*_PREFIX) whose value selects the backend
     variable: str  # that setting's name, for messages
-    module: str  # walrus.storage.<module>, imported only when chosen (aiobotocore only for S3 users)
+    module: str  # walrus.storage.<module>, imported only when chosen (each cloud's client only for its users)
     opener: str  # its open_<name>(settings) -> Storage
 
 
-# The first configured prefix wins, in WAL-G's order of precedence (S3 before FILE).
+# The first configured prefix wins, in WAL-G's order of precedence (S3, FILE, GS, AZ).
 BACKENDS: tuple[Backend, ...] = (
     Backend("s3_prefix", "WALG_S3_PREFIX", "s3", "open_s3"),
     Backend("file_prefix", "WALG_FILE_PREFIX", "fs", "open_fs"),
+    Backend("gs_prefix", "WALG_GS_PREFIX", "gcs", "open_gcs"),
+    Backend("az_prefix", "WALG_AZ_PREFIX", "azure", "open_azure"),
 )
 
 
@@ -38,7 +40,8 @@ def open_storage(settings: Settings) -> Storage:
 
                 storage = LimitedStorage(storage, RateLimiter(settings.network_rate_limit))
             return storage
-    variables = " or ".join(b.variable for b in reversed(BACKENDS))
+    names = ["WALG_FILE_PREFIX"] + [b.variable for b in BACKENDS if b.variable != "WALG_FILE_PREFIX"]
+    variables = ", ".join(names[:-1]) + " or " + names[-1]
     raise ConfigError("no storage is configured",
                       hint=f"set {variables} in the environment or the config file (--config, WALG_CONFIG_PATH, "
                            "~/.walg.json)")

@@ -46,6 +46,11 @@ class Storage(abc.ABC):
     """
 
     name = "default"
+    # Bytes of transfer buffers the backend holds at most for all its uploads together (parts being
+    # filled and in flight) and for its downloads (ranges read ahead), out of WALRUS_MEMORY_BUDGET:
+    # the data path sizes its own buffers from what is left. File storage streams: none.
+    upload_memory = 0
+    download_memory = 0
 
     @abc.abstractmethod
     async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:

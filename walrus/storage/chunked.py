@@ -4,7 +4,9 @@ an object read as byte ranges with the next ones fetched ahead.
 S3 uses it for multipart uploads and ranged GETs; GCS (resumable or composed uploads) and Azure
 (block blobs) are the same shape. A backend supplies the requests (put a whole object, start a
 part upload and send, complete or abort it; open a range), this module the splitting, the
-concurrency, the ordering, the retries of a broken read and the clean-up on failure.
+concurrency, the ordering, the retries of a broken read, the clean-up on failure, and the memory:
+parts are fixed buffers from one PartPool per storage, prefetched ranges hold one of a fixed number
+of slots, and both are sized by buffer_plan out of the storage's share of WALRUS_MEMORY_BUDGET.
 """
 from __future__ import annotations
 
@@ -18,14 +20,71 @@ from walrus.errors import StorageError
 from walrus.storage.retry import Progress, RetryPolicy, TransientError, gave_up, is_transient
 
 READ_CHUNK = 1 << 20  # bytes asked of a range's body per read
+# Request bodies are handed to the HTTP client in slices of this size: one large bytes-like body
+# would be copied whole into the (TLS) transport's write buffer, a second copy of every part in
+# flight; slices are written one at a time as the connection drains, each one progress.
+SEND_SLICE = 256 << 10
+# A cloud storage's part and range buffers take at most this share of WALRUS_MEMORY_BUDGET; the
+# data path (read pool, restore sinks) keeps the rest (Storage.upload_memory, download_memory).
+TRANSFER_SHARE = 0.5
+
+
+def transfer_share(budget: int) -> int:
+    return int(budget * TRANSFER_SHARE)
+
+
+def buffer_plan(share: int, size: int, count: int, *, minimum: int, align: int) -> tuple[int, int]:
+    """(size, count) of a storage's transfer buffers: `count` buffers of at most `size` bytes within
+    `share`, made smaller first (in multiples of `align`, not below `minimum`), then fewer (not below
+    one). `minimum` wins over `share`: a backend's smallest part is what it is."""
+    count = max(1, count)
+    fit = share // count // align * align
+    size = max(minimum, min(size, fit))
+    if size * count > share:
+        count = max(1, share // size)
+    return size, count
+
+
+class PartPool:
+    """The part buffers of every upload of one storage: `count` fixed buffers of `size` bytes,
+    made on first use and reused, so uploads hold at most size x count bytes however many run.
+
+    A put holds one buffer while it fills it, and each part it has sent off holds its own until
+    the request is done; a put that waits for a buffer holds none, and every buffer held is either
+    being filled from a stream or being sent, so waiting never deadlocks. Made inside the event loop
+    that uses it (a storage makes its pool when it connects).
+    """
+
+    def __init__(self, size: int, count: int):
+        self.size = size
+        self.count = count
+        self._slots = asyncio.Semaphore(count)
+        self._free: list[bytearray] = []
+
+    async def take(self) -> bytearray:
+        await self._slots.acquire()
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def give(self, buffer: bytearray) -> None:
+        self._free.append(buffer)
+        self._slots.release()
 
 
 # -- uploads
 
+async def sliced(pieces: tuple[bytes | memoryview, ...], progress: Progress) -> AsyncIterator[memoryview]:
+    """A request body (the pieces in order) in SEND_SLICE slices, each one touching `progress`."""
+    for piece in pieces:
+        view = memoryview(piece)
+        for i in range(0, len(view), SEND_SLICE):
+            yield view[i:i + SEND_SLICE]
+            progress.touch()
+
+
 class PartUpload(Protocol):
     """One object being uploaded in numbered parts (from 1), invisible until completed."""
 
-    async def send(self, number: int, data: bytearray) -> Any:
+    async def send(self, number: int, data: memoryview) -> Any:
         """Store part `number`, retried under the backend's policy; the token complete() needs."""
         ...
 
@@ -38,15 +97,17 @@ class PartUpload(Protocol):
         ...
 
 
-async def put_in_parts(stream: AsyncIterable[bytes], part_size: int, *, max_parts: int, concurrency: int,
-                       put_whole: Callable[[bytearray], Awaitable[str]],
+async def put_in_parts(stream: AsyncIterable[bytes], pool: PartPool, *, max_parts: int, concurrency: int,
+                       put_whole: Callable[[memoryview], Awaitable[str]],
                        start: Callable[[], Awaitable[PartUpload]],
                        too_many: Callable[[], StorageError], exclusive: bool) -> tuple[int, str]:
-    """Store `stream`: one put_whole() when it fits in one part, else a part upload begun at the
-    second part, with up to `concurrency` parts in flight (each held in memory until sent), completed
-    once the stream ends. Returns (bytes stored, the object's ETag). Any failure or cancellation
-    aborts the part upload, so nothing is ever visible under the key but a complete object."""
-    part = bytearray()
+    """Store `stream` in parts of pool.size bytes: one put_whole() when it fits in one part, else a
+    part upload begun at the second part, with up to `concurrency` parts in flight (each holding its
+    pool buffer until sent), completed once the stream ends. Returns (bytes stored, the object's
+    ETag). Any failure or cancellation aborts the part upload, so nothing is ever visible under the
+    key but a complete object."""
+    part: bytearray | None = await pool.take()
+    filled = 0
     parts: _Parts | None = None
     total = 0
     try:
@@ -54,41 +115,67 @@ async def put_in_parts(stream: AsyncIterable[bytes], part_size: int, *, max_part
             view = memoryview(chunk)
             total += len(view)
             while view:
-                if len(part) == part_size:  # full, and more is coming: it is not the last part
+                if filled == pool.size:  # full, and more is coming: it is not the last part
                     if parts is None:
-                        parts = _Parts(await start(), concurrency, max_parts, too_many)
-                    await parts.add(part)
-                    part = bytearray()
-                take = min(len(view), part_size - len(part))
-                part += view[:take]
+                        parts = _Parts(await start(), pool, concurrency, max_parts, too_many)
+                    full, part = part, None
+                    await parts.add(full, filled)
+                    part, filled = await pool.take(), 0
+                take = min(len(view), pool.size - filled)
+                part[filled:filled + take] = view[:take]
+                filled += take
                 view = view[take:]
         if parts is None:
-            return total, await put_whole(part)
-        if part:
-            await parts.add(part)
+            return total, await put_whole(memoryview(part)[:filled])
+        if filled:
+            full, part = part, None
+            await parts.add(full, filled)
         return total, await parts.complete(exclusive)
     except BaseException:
         if parts is not None:
             await parts.abort()
         raise
+    finally:
+        if part is not None:
+            pool.give(part)
 
 
 class _Parts:
     """The parts of one upload: at most `concurrency` in flight, the first failure surfacing at the
     next add() or at complete()."""
 
-    def __init__(self, upload: PartUpload, concurrency: int, max_parts: int, too_many: Callable[[], StorageError]):
+    def __init__(self, upload: PartUpload, pool: PartPool, concurrency: int, max_parts: int,
+                 too_many: Callable[[], StorageError]):
         self.upload = upload
+        self.pool = pool
         self.window = TaskWindow(concurrency)
         self.max_parts = max_parts
         self.too_many = too_many
+        self._held: dict[int, bytearray] = {}  # part number -> its buffer, until the part's request ends
 
-    async def add(self, data: bytearray) -> None:
-        """Start sending the next part once a slot frees; the caller then fills a new buffer."""
+    async def add(self, buffer: bytearray, length: int) -> None:
+        """Start sending the next part once a slot frees. The buffer goes back to the pool when its
+        request ends, or at abort() for a task cancelled before it ran (its body never starts)."""
         number = len(self.window) + 1
-        if number > self.max_parts:
-            raise self.too_many()
-        await self.window.start(self.upload.send, number, data)
+        self._held[number] = buffer
+        try:
+            if number > self.max_parts:
+                raise self.too_many()
+            await self.window.start(self._send, number, length)
+        except BaseException:
+            self._give(number)
+            raise
+
+    async def _send(self, number: int, length: int) -> Any:
+        try:
+            return await self.upload.send(number, memoryview(self._held[number])[:length])
+        finally:
+            self._give(number)
+
+    def _give(self, number: int) -> None:
+        buffer = self._held.pop(number, None)
+        if buffer is not None:
+            self.pool.give(buffer)
 
     async def complete(self, exclusive: bool) -> str:
         return await self.upload.complete(await self.window.results(), exclusive)
@@ -96,6 +183,8 @@ class _Parts:
     async def abort(self) -> None:
         """Cancel the parts in flight, then abort the upload; never raises."""
         await self.window.cancel()
+        for number in list(self._held):
+            self._give(number)
         await asyncio.shield(self.upload.abort())
 
 

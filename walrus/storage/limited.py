@@ -19,6 +19,8 @@ class LimitedStorage(Storage):
         self.inner = inner
         self.limiter = limiter
         self.name = inner.name
+        self.upload_memory = inner.upload_memory
+        self.download_memory = inner.download_memory
 
     def describe(self) -> str:
         return self.inner.describe()

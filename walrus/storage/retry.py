@@ -128,6 +128,8 @@ class RetryingStorage(Storage):
         self.inner = inner
         self.policy = policy
         self.name = inner.name
+        self.upload_memory = inner.upload_memory
+        self.download_memory = inner.download_memory
 
     def describe(self) -> str:
         return self.inner.describe()

@@ -22,10 +22,11 @@ from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
-from walrus.storage.chunked import put_in_parts, read_ranges
+from walrus.storage.chunked import PartPool, buffer_plan, put_in_parts, read_ranges, transfer_share
 from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts except the last one
+MIN_RANGE_SIZE = 4 << 20  # smaller ranges would only add requests
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 DELETE_BATCH = 1000  # S3's limit per DeleteObjects request
 COMPLETE_TIMEOUT_FACTOR = 5  # CompleteMultipartUpload may legitimately take minutes on large uploads
@@ -72,9 +73,10 @@ class S3Config:
     sse_kms_id: str | None = None
     ca_cert_file: str | None = None
     part_size: int = 20 << 20
+    part_buffers: int = 2  # the storage's PartPool: every upload's parts together
     range_size: int = 8 << 20
-    upload_concurrency: int = 16
-    download_concurrency: int = 10
+    upload_concurrency: int = 16  # parts of one upload in flight
+    download_concurrency: int = 10  # ranges prefetched, all downloads together
     upload_lanes: int = 1
     connect_timeout: float = 10
     timeout: float = 60
@@ -102,31 +104,30 @@ class S3Config:
         endpoint = settings.aws_endpoint or None
         if endpoint and "://" not in endpoint:
             endpoint = "https://" + endpoint  # a bare host means HTTPS, as in the AWS SDKs
+        # Parts and prefetched ranges come out of the storage's share of WALRUS_MEMORY_BUDGET: a part
+        # being filled per lane and one more in flight, at most WALG_S3_MAX_PART_SIZE each, smaller
+        # to fit (not below S3's 5 MiB); WALG_DOWNLOAD_CONCURRENCY ranges, smaller or fewer to fit.
+        # Raise the budget for bigger parts and more of them in flight on high-latency links.
+        lanes = settings.upload_disk_concurrency
+        share = transfer_share(settings.memory_budget)
+        part_size, part_buffers = buffer_plan(share, settings.s3_max_part_size, lanes + 1,
+                                              minimum=min(MIN_PART_SIZE, settings.s3_max_part_size), align=1 << 20)
+        range_size, ranges = buffer_plan(share, settings.s3_range_size, settings.download_concurrency,
+                                         minimum=min(MIN_RANGE_SIZE, settings.s3_range_size), align=1 << 20)
         return cls(bucket=bucket, root=root, endpoint=endpoint, region=settings.aws_region or None,
                    force_path_style=settings.aws_s3_force_path_style,
                    access_key=(settings.aws_access_key_id or "").strip() or None,
                    secret_key=(settings.aws_secret_access_key or "").strip() or None,
                    session_token=settings.aws_session_token or None, profile=settings.aws_profile or None,
                    storage_class=settings.s3_storage_class, sse=sse, sse_kms_id=settings.s3_sse_kms_id or None,
-                   ca_cert_file=settings.s3_ca_cert_file or None, part_size=settings.s3_max_part_size,
-                   range_size=settings.s3_range_size,
-                   # part and range buffers come out of the one memory budget (WALRUS_MEMORY_BUDGET):
-                   # raise it for more parts in flight on high-latency links
-                   upload_concurrency=_within_budget(settings.upload_concurrency, settings.memory_budget,
-                                                     settings.s3_max_part_size * settings.upload_disk_concurrency),
-                   download_concurrency=_within_budget(settings.download_concurrency, settings.memory_budget,
-                                                       settings.s3_range_size),
-                   upload_lanes=settings.upload_disk_concurrency, connect_timeout=settings.s3_connect_timeout,
+                   ca_cert_file=settings.s3_ca_cert_file or None, part_size=part_size, part_buffers=part_buffers,
+                   range_size=range_size, upload_concurrency=max(1, min(settings.upload_concurrency, part_buffers)),
+                   download_concurrency=ranges, upload_lanes=lanes, connect_timeout=settings.s3_connect_timeout,
                    timeout=settings.s3_timeout, max_retries=settings.s3_max_retries,
                    conditional_put=settings.s3_conditional_put)
 
     def policy(self) -> RetryPolicy:
         return RetryPolicy(attempts=self.max_retries + 1, timeout=self.timeout)
-
-
-def _within_budget(wanted: int, budget: int, unit: int) -> int:
-    """How many `unit`-sized buffers in flight the budget allows, between 1 and `wanted`."""
-    return max(1, min(wanted, budget // max(1, unit)))
 
 
 def parse_prefix(prefix: str) -> tuple[str, str]:
@@ -159,6 +160,9 @@ class S3Storage(Storage):
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock: asyncio.Lock | None = None
         self._prefetch_slots: asyncio.Semaphore | None = None
+        self._parts: PartPool | None = None
+        self.upload_memory = config.part_size * config.part_buffers
+        self.download_memory = config.range_size * config.download_concurrency
         # Exclusive puts send If-None-Match: * until the endpoint answers that it cannot (501); from
         # then on they check before and verify after instead (see put).
         self.conditional = config.conditional_put
@@ -209,6 +213,7 @@ class S3Storage(Storage):
             "s3", region_name=region, endpoint_url=c.endpoint, verify=c.ca_cert_file, config=config))
         self._stack = stack
         self._prefetch_slots = asyncio.Semaphore(c.download_concurrency)
+        self._parts = PartPool(c.part_size, c.part_buffers)
 
     async def close(self) -> None:
         stack, self._stack, self._client, self._lock = self._stack, None, None, None
@@ -423,18 +428,21 @@ class S3Storage(Storage):
 
         def too_many() -> StorageError:
             return StorageError(f"upload of {key} failed: more than {MAX_PARTS} parts",
-                                detail=f"WALG_S3_MAX_PART_SIZE is {self.config.part_size} bytes",
-                                hint="raise WALG_S3_MAX_PART_SIZE (S3 allows 10000 parts per object)")
+                                detail=f"parts are {self.config.part_size} bytes (WALG_S3_MAX_PART_SIZE, within "
+                                       "WALRUS_MEMORY_BUDGET)",
+                                hint="raise WALRUS_MEMORY_BUDGET and WALG_S3_MAX_PART_SIZE (S3 allows 10000 parts "
+                                     "per object), or lower WALG_TAR_SIZE_THRESHOLD")
 
+        await self._s3()  # the part pool belongs to the connection's event loop
         total, etag = await put_in_parts(
-            stream, self.config.part_size, max_parts=MAX_PARTS, concurrency=self.config.upload_concurrency,
+            stream, self._parts, max_parts=MAX_PARTS, concurrency=self.config.upload_concurrency,
             put_whole=lambda data: self._put_single(full, data, exclusive),
             start=lambda: self._start_multipart(full), too_many=too_many, exclusive=exclusive)
         if exclusive and not self.conditional and not await self._holds(full, etag):
             raise ObjectExists(key)  # another writer replaced our bytes (or we theirs, and they find out)
         return total
 
-    async def _put_single(self, full: str, data: bytearray, exclusive: bool) -> str:
+    async def _put_single(self, full: str, data: memoryview, exclusive: bool) -> str:
         """One PutObject; returns the ETag S3 gives these bytes."""
         md5 = await _md5(data)
         etag = f'"{md5.hex()}"'
@@ -609,7 +617,7 @@ class _S3Upload:
         self.upload_id = upload_id
         self.what = f"upload of {storage._rel(full)}"
 
-    async def send(self, number: int, data: bytearray) -> tuple[str, bytes]:
+    async def send(self, number: int, data: memoryview) -> tuple[str, bytes]:
         md5 = await _md5(data)
         done = await self.storage._call(
             f"{self.what} (part {number})", "upload_part", Key=self.full, UploadId=self.upload_id,
@@ -680,7 +688,7 @@ class _S3Upload:
 class _Body(io.RawIOBase):
     """A request body over a part's buffer; each read by the HTTP client counts as progress."""
 
-    def __init__(self, data: bytearray, progress: Progress):
+    def __init__(self, data: memoryview, progress: Progress):
         super().__init__()
         self._data = memoryview(data)
         self._pos = 0
@@ -748,7 +756,7 @@ def _conditional_outcome(e: bce.ClientError) -> str | None:
     return None
 
 
-async def _md5(data: bytearray) -> bytes:
+async def _md5(data: memoryview) -> bytes:
     return await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # hashlib releases the GIL
 
 

@@ -26,9 +26,10 @@ class PoolPlan:
     parallel: int
 
     @classmethod
-    def for_settings(cls, settings: Settings, lanes: int, parallel: int = 1) -> "PoolPlan":
+    def for_settings(cls, settings: Settings, lanes: int, parallel: int = 1, *, reserved: int = 0) -> "PoolPlan":
+        """`reserved`: bytes of the budget the storage holds for its uploads (Storage.upload_memory)."""
         size = buffer_size(settings)
-        affordable = settings.memory_budget // size // max(1, lanes)
+        affordable = max(0, settings.memory_budget - reserved) // size // max(1, lanes)
         # a lane needs its compression jobs plus two buffers; fewer cores compress a part than the
         # machine has when the budget cannot hold two jobs for each
         parallel = max(1, min(parallel, (affordable - 2) // 2))

@@ -102,10 +102,11 @@ class WalPusher:
         return min(blocks_in_flight(parallel) + PUSH_READ_AHEAD, whole)
 
     @classmethod
-    def slots_for(cls, settings: Settings) -> int:
-        """WALG_UPLOAD_CONCURRENCY pushes at once (WAL-G's default is 16), as many as the memory budget holds."""
+    def slots_for(cls, settings: Settings, storage: Storage) -> int:
+        """WALG_UPLOAD_CONCURRENCY pushes at once (WAL-G's default is 16), as many as the memory budget
+        holds besides the storage's part buffers (at least one: a push's blocks are the budget's floor)."""
         per_push = cls.buffers_per_push(settings, 1) * wal_block(settings)  # side by side, one core each
-        return max(1, min(settings.upload_concurrency, settings.memory_budget // per_push))
+        return max(1, min(settings.upload_concurrency, (settings.memory_budget - storage.upload_memory) // per_push))
 
     def close(self) -> None:
         self.uploader.close()
@@ -226,7 +227,7 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
     backlog = _backlog(settings, wal_dir, name)
     # WAL-G runs WALG_UPLOAD_CONCURRENCY - 1 background uploads beside the asked one; walrus as many
     # as the memory budget holds besides it (WalPusher.slots_for), never more than there are segments
-    workers = min(len(backlog), WalPusher.slots_for(settings) - 1)
+    workers = min(len(backlog), WalPusher.slots_for(settings, storage) - 1)
     pusher = WalPusher(settings, slots=1 + workers, register=False)
     try:
         if not workers:
