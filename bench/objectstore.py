@@ -7,7 +7,7 @@ import socket
 import subprocess
 import time
 
-from tests.pgcluster import free_port
+from tests.pgcluster import free_port, stop_process
 
 HOST = "localhost"  # pgBackRest matches the certificate against DNS names only, not IP addresses
 BUCKET = "bench"
@@ -26,6 +26,7 @@ class ObjectStore:
         self.key_file = os.path.join(self.root, "key.pem")
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self.silent = True  # start()'s: no log line per request, where the emulator writes them
 
     @staticmethod
     def missing() -> str | None:
@@ -66,12 +67,8 @@ class ObjectStore:
         self.create_bucket()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        if self.proc is not None:
+            stop_process(self.proc, grace=30)
         self.proc = None
 
     @property

@@ -22,7 +22,7 @@ from bench.cgroups import Cgroups
 from bench.measure import drop_caches, machine_busy_s, tree_bytes
 from bench.tools import user_dir, user_env
 from bench.waltools import PREFETCH_WINDOW, PgBackRestWal, WalE, WalSetup, WalTool, walg_tools, walrus_tools
-from tests.pgcluster import Cluster, chown_to_user, pg_bindir, remove_tree, run, run_user
+from tests.pgcluster import Cluster, chown_to_user, pg_bindir, remove_tree, run, run_user, stop_process
 
 MIB = 2 ** 20
 WAL_OPS = ("archive", "drain", "replay")
@@ -719,13 +719,7 @@ def _verdict(ok: bool) -> str:
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGTERM a daemon we started and wait for it; SIGKILL it after 30 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, grace=30)
 
 
 def _median_row(runs: list[dict], key: str) -> dict:

@@ -8,8 +8,7 @@ import pytest
 from tests.gcsserver import gcs_backend, gcs_bucket, gcs_fault_proxy, gcs_server  # noqa: F401 (fixtures)
 from tests.azurite import azure_backend, azure_container, azure_fault_proxy, azurite  # noqa: F401 (fixtures)
 from tests.s3server import FaultProxy, MotoServer, s3_storage
-from tests.storage_backend import Backend
-from tests.storage_helpers import emulator_fixtures
+from tests.storage_helpers import Backend, emulator_fixtures
 from walrus.log import log
 
 moto_server, s3_bucket, fault_proxy = emulator_fixtures(

@@ -15,8 +15,7 @@ import pytest
 
 from tests.pgcluster import free_port
 from tests.s3server import FaultProxy
-from tests.storage_backend import Backend
-from tests.storage_helpers import Emulator, emulator_fixtures, settings_at
+from tests.storage_helpers import Backend, Emulator, emulator_fixtures, settings_at
 from walrus.storage import open_storage
 from walrus.storage.base import Storage
 from walrus.storage.retry import RetryingStorage

@@ -1,4 +1,5 @@
-"""What the storage tests share: a loop per storage call, chunk sources, test settings, emulators and their fixtures."""
+"""What the storage tests share: a loop per storage call, the contract tests' Backend, chunk sources, test settings,
+emulators and their fixtures."""
 from __future__ import annotations
 
 import asyncio
@@ -24,6 +25,29 @@ def run(storage: Storage, coro):
             await storage.close()
 
     return asyncio.run(main())
+
+
+class Backend:
+    """`storage` to test; `pending()` lists the keys of uploads begun and never finished or
+    discarded that the service keeps (S3's multipart uploads); `atomic(request)` gives the same
+    backend behind whatever makes the emulator's conditional writes atomic, as the service's are
+    (moto needs the fault proxy for that; a backend whose emulator is atomic returns itself)."""
+
+    def __init__(self, storage: Storage, pending: Callable[[], list[str]] = list,
+                 atomic: Callable[[Any], "Backend"] | None = None):
+        self.storage = storage
+        self._pending = pending
+        self._atomic = atomic
+
+    def run(self, coro):
+        """One event loop per call, as each walrus command has; the storage is closed at its end."""
+        return run(self.storage, coro)
+
+    def pending_uploads(self) -> list[str]:
+        return self._pending()
+
+    def atomic(self, request) -> "Backend":
+        return self._atomic(request) if self._atomic is not None else self
 
 
 async def chunks(data: bytes, size: int = 64 << 10):

@@ -30,7 +30,7 @@ import pytest
 
 from tests.e2e.walg_command_lines import (ARCHIVE, CRON, LINES, NOT_IMPLEMENTED, OK, RESTORE, SYSTEMD, Line)
 from tests.pgcluster import (WALRUS, Cluster, _user_env, as_user, chown_to_user, make_workdir, pg_bindir,
-                             remove_tree, run)
+                             remove_tree, run, stop_process)
 
 pytestmark = pytest.mark.e2e
 
@@ -444,12 +444,7 @@ class World:
             if c is not None:
                 c.stop("immediate")
         for proc in self.services:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+            stop_process(proc, grace=30)
         for pgid in self.groups:
             try:
                 os.killpg(pgid, signal.SIGTERM)

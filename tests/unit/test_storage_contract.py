@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from tests.storage_backend import Backend
+from tests.storage_helpers import Backend
 from walrus.errors import ObjectExists, ObjectNotFound, StorageError
 from walrus.storage.fs import FsStorage
 

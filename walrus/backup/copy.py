@@ -10,13 +10,11 @@ from walrus.aio import TaskWindow
 from walrus.backup.dto import ExtendedMetadata, Sentinel
 from walrus.backup.list import resolve_backup
 from walrus.backup.retention import segment_range, wal_token
-from walrus.config import Settings
 from walrus.errors import BackupError, CorruptObject, ObjectExists, ObjectNotFound, StorageError, StorageMissing
 from walrus.log import log
 from walrus.pg.xlog import parse_wal_file_name, wal_file_name
 from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
-from walrus.storage.chunked import transfer_share
 
 # Publication phases, copied in this order, each finished before the next starts: a backup's
 # sentinel (what makes it exist) only once its parts, its files_metadata.json, its metadata.json
@@ -51,13 +49,10 @@ class CopyResult:
                 "already at the target with the same size")
 
 
-def put_buffering(settings: Settings) -> int:
-    """The most one put into this storage holds in memory: a cloud storage's part buffers (all its
-    puts together keep to its share of the memory budget); file storage writes as it goes, a 1 MiB
-    batch at a time."""
-    if not settings.file_prefix or settings.s3_prefix:  # the storage chosen is a cloud one (BACKENDS' order)
-        return transfer_share(settings.memory_budget)
-    return 1 << 20
+def put_buffering(target: Storage) -> int:
+    """The most one put into `target` holds in memory: a cloud storage's part buffers (all its puts
+    together keep to them); file storage writes as it goes, a 1 MiB batch at a time."""
+    return target.upload_memory or 1 << 20
 
 
 # -- planning -------------------------------------------------------------------------------------------

@@ -291,9 +291,8 @@ def _copy(ctx: click.Context, from_config: str, to_config: str, engine):
         return settings
 
     src, dst = load("--from", from_config), load("--to", to_config)
-    limits = {"jobs": dst.upload_concurrency, "budget": dst.memory_budget, "per_put": put_buffering(dst)}
-
     async def both_open(_settings, target):
+        limits = {"jobs": dst.upload_concurrency, "budget": dst.memory_budget, "per_put": put_buffering(target)}
         source = open_storage(src)
         try:
             return await engine(source, target, limits, src.segment_size)

@@ -5,7 +5,6 @@ import asyncio
 import base64
 import contextlib
 import functools
-import hashlib
 import logging
 import re
 import ssl
@@ -22,8 +21,9 @@ from azure.core.exceptions import (ClientAuthenticationError, DecodeError, HttpR
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
-from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
-from walrus.storage.chunked import READ_CHUNK, PartPool, buffer_plan, put_in_parts, read_ranges, sliced, transfer_share
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, checked_key, join_key
+from walrus.storage.chunked import (READ_CHUNK, PartPool, buffer_plan, md5_of, put_in_parts, read_ranges, sliced,
+                                    transfer_share)
 from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe
 
 # The SDK logs to "azure.*" (a warning per broken download, say); walrus reports failures itself, so
@@ -251,10 +251,7 @@ class AzureStorage(Storage):
     # -- keys and errors
 
     def _key(self, key: str) -> str:
-        rel = join_key(key)
-        if not rel or ".." in rel.split("/"):
-            raise StorageError(f"invalid storage key {key!r}")
-        return join_key(self.config.root, rel)
+        return join_key(self.config.root, checked_key(key))
 
     def _rel(self, full: str) -> str:
         return full[len(self.config.root) + 1:] if self.config.root else full
@@ -487,7 +484,7 @@ class AzureStorage(Storage):
         """One Put Blob, with the body's MD5 (Content-MD5: Azure refuses a damaged body) stored as the
         blob's own (x-ms-blob-content-md5), which tells a lost answer to an exclusive put from a
         refusal. The SDK's generated operation sends the pool's buffer as it is, where upload_blob copies it."""
-        md5 = await _md5(data)
+        md5 = await md5_of(data)
         headers = {"x-ms-blob-content-md5": base64.b64encode(md5).decode()}
         if exclusive:
             headers["If-None-Match"] = "*"
@@ -598,7 +595,7 @@ class _BlockUpload:
 
     async def send(self, number: int, data: memoryview) -> str:
         """Put Block with Content-MD5: a body damaged on its way is refused (Md5Mismatch), and sent again."""
-        md5 = await _md5(data)
+        md5 = await md5_of(data)
         block = self.block_id(number)
         storage, what = self.storage, f"{self.what} (block {number})"
 
@@ -708,5 +705,3 @@ def _tls_failure(e: ServiceRequestError) -> bool:
     return isinstance(inner, (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError, ssl.SSLError))
 
 
-async def _md5(data: memoryview) -> bytes:
-    return await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # hashlib releases the GIL

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import AsyncIterable, AsyncIterator, Iterable, Sequence
 
+from walrus.errors import StorageError
+
 ByteStream = AsyncIterator[bytes]
 
 
@@ -33,6 +35,15 @@ class Upload:
 def join_key(*parts: str) -> str:
     """WAL-G's storage.JoinPath: pieces trimmed of slashes and joined with single '/'."""
     return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def checked_key(key: str) -> str:
+    """`key` as every backend stores it below its root (join_key's form); an empty key, or one that
+    would climb out of the root ('..'), is refused."""
+    rel = join_key(key)
+    if not rel or ".." in rel.split("/"):
+        raise StorageError(f"invalid storage key {key!r}")
+    return rel
 
 
 class Storage(abc.ABC):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 from typing import Any, AsyncIterable, AsyncIterator, Awaitable, Callable, Protocol
 
 from walrus.aio import TaskWindow
@@ -71,6 +72,11 @@ class PartPool:
 
 
 # -- uploads
+
+async def md5_of(data: memoryview) -> bytes:
+    """The MD5 digest of a part (Content-MD5), off the event loop: hashlib releases the GIL."""
+    return await asyncio.to_thread(lambda: hashlib.md5(data).digest())
+
 
 async def sliced(pieces: tuple[bytes | memoryview, ...], progress: Progress) -> AsyncIterator[memoryview]:
     """A request body (the pieces in order) in SEND_SLICE slices, each one touching `progress`."""

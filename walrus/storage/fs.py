@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError, StorageMissing
 from walrus.fsutil import WorkerResource, discard, fsync_dir, rename_noreplace, start_writeback, writev_all
-from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, checked_key, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
 TMP_RE = re.compile(r"\.tmp\.\d{8}T\d{6}Z-[0-9a-f]{8}$")
@@ -51,10 +51,7 @@ class FsStorage(Storage):
         return f"file storage {self.root}"
 
     def _path(self, key: str) -> str:
-        key = join_key(key)
-        if not key or ".." in key.split("/"):
-            raise StorageError(f"invalid storage key {key!r}")
-        return os.path.join(self.root, key)
+        return os.path.join(self.root, checked_key(key))
 
     def _fail(self, what: str, key: str, e: OSError) -> StorageError:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

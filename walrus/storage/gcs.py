@@ -21,8 +21,8 @@ from yarl import URL
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
-from walrus.storage.base import ByteStream, ObjectInfo, Storage, join_key
-from walrus.storage.chunked import PartPool, buffer_plan, put_in_parts, read_ranges, sliced, transfer_share
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, checked_key, join_key
+from walrus.storage.chunked import PartPool, buffer_plan, md5_of, put_in_parts, read_ranges, sliced, transfer_share
 from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe
 
 GCS_API = "https://storage.googleapis.com"
@@ -271,10 +271,7 @@ class GcsStorage(Storage):
     # -- keys and errors
 
     def _key(self, key: str) -> str:
-        rel = join_key(key)
-        if not rel or ".." in rel.split("/"):
-            raise StorageError(f"invalid storage key {key!r}")
-        return self.config.root + rel
+        return self.config.root + checked_key(key)
 
     def _rel(self, full: str) -> str:
         return full[len(self.config.root):]
@@ -480,7 +477,7 @@ class GcsStorage(Storage):
         """One multipart upload (the object's metadata and bytes in one request); its generation.
         The metadata carries the MD5, which GCS checks before it stores anything."""
         what = f"upload of {self._rel(full)}"
-        md5 = _b64(await _md5(data))
+        md5 = _b64(await md5_of(data))
         boundary = secrets.token_hex(16)  # 128 random bits: never found in the data by chance
         head = (f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
                 f"{json.dumps({'name': full, 'md5Hash': md5})}\r\n"
@@ -745,8 +742,6 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
-async def _md5(data: memoryview) -> bytes:
-    return await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # hashlib releases the GIL
 
 
 def _b64(raw: bytes) -> str:

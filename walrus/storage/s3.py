@@ -21,8 +21,8 @@ from botocore.parsers import DEFAULT_TIMESTAMP_PARSER
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError
 from walrus.log import log
-from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, join_key
-from walrus.storage.chunked import PartPool, buffer_plan, put_in_parts, read_ranges, transfer_share
+from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, checked_key, join_key
+from walrus.storage.chunked import PartPool, buffer_plan, md5_of, put_in_parts, read_ranges, transfer_share
 from walrus.storage.retry import Progress, RetryingStorage, RetryPolicy, TransientError, describe
 
 MIN_PART_SIZE = 5 << 20  # S3 refuses smaller parts except the last one
@@ -223,10 +223,7 @@ class S3Storage(Storage):
     # -- keys and errors
 
     def _key(self, key: str) -> str:
-        rel = join_key(key)
-        if not rel or ".." in rel.split("/"):
-            raise StorageError(f"invalid storage key {key!r}")
-        return join_key(self.config.root, rel)
+        return join_key(self.config.root, checked_key(key))
 
     def _rel(self, full: str) -> str:
         return full[len(self.config.root) + 1:] if self.config.root else full
@@ -444,7 +441,7 @@ class S3Storage(Storage):
 
     async def _put_single(self, full: str, data: memoryview, exclusive: bool) -> str:
         """One PutObject; returns the ETag S3 gives these bytes."""
-        md5 = await _md5(data)
+        md5 = await md5_of(data)
         etag = f'"{md5.hex()}"'
         what = f"upload of {self._rel(full)}"
         s3 = await self._s3()
@@ -618,7 +615,7 @@ class _S3Upload:
         self.what = f"upload of {storage._rel(full)}"
 
     async def send(self, number: int, data: memoryview) -> tuple[str, bytes]:
-        md5 = await _md5(data)
+        md5 = await md5_of(data)
         done = await self.storage._call(
             f"{self.what} (part {number})", "upload_part", Key=self.full, UploadId=self.upload_id,
             PartNumber=number, ContentMD5=_b64(md5), ContentLength=len(data),
@@ -756,8 +753,6 @@ def _conditional_outcome(e: bce.ClientError) -> str | None:
     return None
 
 
-async def _md5(data: memoryview) -> bytes:
-    return await asyncio.to_thread(lambda: hashlib.md5(data).digest())  # hashlib releases the GIL
 
 
 def _b64(digest: bytes) -> str:
