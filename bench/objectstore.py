@@ -25,7 +25,7 @@ class ObjectStore:
         self.ca_file = os.path.join(self.root, "cert.pem")
         self.key_file = os.path.join(self.root, "key.pem")
         self.port = 0
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
         self.silent = True  # start()'s: no log line per request, where the emulator writes them
 
     @staticmethod
@@ -42,6 +42,11 @@ class ObjectStore:
     def create_bucket(self) -> None:
         raise NotImplementedError
 
+    def launch(self) -> list[tuple[list[str], int]]:
+        """The processes to start, in order, each with the port that tells it is up; the last serves
+        self.port. Default: the emulator alone."""
+        return [(self.command(), self.port)]
+
     def start(self, log_path: str, *, silent: bool = True) -> None:
         """Start the emulator (`silent`: without a log line per request, where it has them)."""
         self.silent = silent
@@ -52,24 +57,30 @@ class ObjectStore:
         os.chmod(self.ca_file, 0o644)  # the tools run as the PostgreSQL user and verify against it
         os.chmod(self.root, 0o755)
         self.port = free_port()
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.version()} did not start; see {log_path}") from None
-                time.sleep(0.1)
+        for command, port in self.launch():
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.procs.append(proc)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        self.stop()
+                        raise RuntimeError(f"{self.version()}: {command[0]} did not start; see {log_path}") from None
+                    time.sleep(0.1)
         self.create_bucket()
 
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        """The process serving self.port."""
+        return self.procs[-1] if self.procs else None
+
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, grace=30)
-        self.proc = None
+        while self.procs:
+            stop_process(self.procs.pop(), grace=30)
 
     @property
     def endpoint(self) -> str:

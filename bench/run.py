@@ -465,8 +465,11 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
         "output MiB: backup = bytes in the repository; restore = bytes of the restored data directory.",
         *([f"storage: {STORES[args.storage].title}: {STORES[args.storage](b.root).version()}; its CPU is not in the "
            "tools' CPU s; wall s of a backup ends with `sync -f` of its directory."] if args.storage != "file" else []),
-        *(["pgBackRest on fake-gcs-server: repo1-storage-upload-chunk-size=1GiB, so each file is one upload "
-           "(fake-gcs-server's resumable uploads lack the x-guploader-uploadid header pgBackRest needs)."]
+        *(["gcs: every tool at its default chunk size (walrus: the part plan of its memory budget; pgBackRest: "
+           "repo1-storage-upload-chunk-size's default); nginx adds the x-guploader-uploadid header pgBackRest "
+           "reads, and bench/gcs_front.py streams each resumable upload's chunks to fake-gcs-server as one request "
+           "(it rehashes the whole object at every chunk; GCS does not). fake-gcs-server keeps objects in memory "
+           "with GOMAXPROCS=1, and runs, with nginx and the front, on the same two cores as the tools."]
           if args.storage == "gcs" else []),
         f"workers: walrus/WAL-G WALG_UPLOAD_DISK_CONCURRENCY = WALG_DOWNLOAD_CONCURRENCY = {args.workers}; pgBackRest "
         f"process-max={args.workers}; pg_basebackup and tar have no worker option (PostgreSQL 15 client "

@@ -92,9 +92,10 @@ def buffer_plans(settings: Settings) -> tuple[tuple[int, int], tuple[int, int]]:
     """((chunk size, chunk buffers), (range size, ranges)) out of the storage's share of
     WALRUS_MEMORY_BUDGET. Chunks: one being filled per upload lane and one more in flight (a session
     takes one chunk at a time, so lanes take turns sending), at most GCS_MAX_CHUNK_SIZE, smaller to
-    fit, in multiples of 256 KiB and not below it. Fewer, larger chunks than two per lane: each
-    chunk is a request in sequence, and fake-gcs-server rehashes the whole object at every chunk. Ranges: WALG_DOWNLOAD_CONCURRENCY of at most 8 MiB (and at most a chunk),
-    smaller or fewer to fit."""
+    fit, in multiples of 256 KiB and not below it. Fewer, larger chunks rather than two per lane:
+    a session takes its chunks one round trip after another, so a chunk's size is what one round
+    trip carries. Ranges: WALG_DOWNLOAD_CONCURRENCY of at most 8 MiB (and at most a chunk), smaller
+    or fewer to fit."""
     share = transfer_share(settings.memory_budget)
     chunk = max(ALIGN, settings.gcs_max_chunk_size // ALIGN * ALIGN)
     wanted_range = min(RANGE_SIZE, chunk)
