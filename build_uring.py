@@ -75,11 +75,54 @@ int io_uring_submit_and_wait_timeout(struct io_uring *ring, struct io_uring_cqe 
                                      struct __kernel_timespec *ts, sigset_t *sigmask);
 unsigned io_uring_peek_batch_cqe(struct io_uring *ring, struct io_uring_cqe **cqes, unsigned count);
 void io_uring_cq_advance(struct io_uring *ring, unsigned nr);
+
+long walrus_select_pages(const unsigned char *pages, size_t count, unsigned page_size, uint64_t lsn,
+                         uint32_t first_block, uint32_t *out, size_t *selected);
+"""
+
+# Delta backups' page scan (walrus.pg.pages), here so a buffer the io_uring reader filled is scanned
+# without a Python step per page. WAL-G's rules (incremental_page_reader.go, postgres_page_header.go):
+# a page is selected when it is new (pd_upper 0) or valid with pd_lsn >= lsn; any other page is
+# invalid and ends the scan: the return value is its index (the caller copies the file whole), -1
+# when all `count` pages were scanned. Pages are in the host's byte order, as PostgreSQL writes them.
+PAGES_SOURCE = """
+#include <stdint.h>
+#include <string.h>
+
+static long walrus_select_pages(const unsigned char *pages, size_t count, unsigned page_size, uint64_t lsn,
+                                uint32_t first_block, uint32_t *out, size_t *selected)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < count; i++) {
+        const unsigned char *p = pages + i * (size_t)page_size;
+        uint32_t xlogid, xrecoff;
+        uint16_t flags, lower, upper, special, size_version;
+        memcpy(&xlogid, p, 4);
+        memcpy(&xrecoff, p + 4, 4);
+        memcpy(&flags, p + 10, 2);
+        memcpy(&lower, p + 12, 2);
+        memcpy(&upper, p + 14, 2);
+        memcpy(&special, p + 16, 2);
+        memcpy(&size_version, p + 18, 2);
+        uint64_t page_lsn = ((uint64_t)xlogid << 32) | xrecoff;
+        int valid = (flags & 7) == flags && lower >= 24 && lower <= upper && upper <= special
+                    && special <= page_size && page_lsn != 0 && (size_version & 0xFF00) == page_size
+                    && (size_version & 0xFF) <= 5;
+        if (valid ? page_lsn >= lsn : upper == 0)
+            out[n++] = first_block + (uint32_t)i;
+        else if (!valid) {
+            *selected = n;
+            return (long)i;
+        }
+    }
+    *selected = n;
+    return -1;
+}
 """
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source(MODULE, f"#include <{HEADER}>", libraries=["uring"])
+ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE, libraries=["uring"])
 
 
 def _include_dirs() -> list[str]:

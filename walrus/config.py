@@ -102,6 +102,26 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _non_negative_int(text: str) -> int:
+    value = parse_int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _delta_origin(text: str) -> str:
+    if text not in ("LATEST", "LATEST_FULL"):  # WAL-G compares exactly, and stops on anything else
+        raise ValueError("must be LATEST or LATEST_FULL")
+    return text
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"is not valid JSON ({e})") from None
+
+
 def _text(text: str) -> str:
     return text.rstrip("\r\n")
 
@@ -225,6 +245,14 @@ SETTINGS: tuple[Setting, ...] = (
       "Tar parts filled from disk at once by backup-push."),
     S("WALG_TAR_DISABLE_FSYNC", "tar_disable_fsync", parse_bool, False,
       "Do not fsync restored files (faster, unsafe on power loss)."),
+    S("WALG_DELTA_MAX_STEPS", "delta_max_steps", _non_negative_int, 0,
+      "Delta backups in a row before backup-push takes a full one again; 0 takes full backups only."),
+    S("WALG_DELTA_ORIGIN", "delta_origin", _delta_origin, "LATEST",
+      "What a delta builds on: LATEST (the newest backup, chaining deltas) or LATEST_FULL (its chain's full backup)."),
+    S("WALG_DELTA_FROM_NAME", "delta_from_name", _text, None,
+      "Build the delta on this backup instead (--delta-from-name wins)."),
+    S("WALG_DELTA_FROM_USER_DATA", "delta_from_user_data", _json, None,
+      "Build the delta on the backup with this JSON user data instead (--delta-from-user-data wins)."),
     S("WALG_SENTINEL_USER_DATA", "sentinel_user_data", _text, None,
       "JSON stored as the UserData of every backup-push's sentinel (--add-user-data wins)."),
     S("WALG_FETCH_TARGET_USER_DATA", "fetch_target_user_data", _text, None,
@@ -380,6 +408,10 @@ class Settings:
     download_concurrency: int
     upload_disk_concurrency: int
     tar_disable_fsync: bool
+    delta_max_steps: int
+    delta_origin: str
+    delta_from_name: str | None
+    delta_from_user_data: Any | None
     sentinel_user_data: str | None
     fetch_target_user_data: str | None
     disable_partial_restore: bool

@@ -92,11 +92,6 @@ OTHER_SETTINGS: tuple[WalgSetting, ...] = (
     W("WALG_PG_BLOCK_SIZE", REFUSED, "walrus supports PostgreSQL's default 8192-byte blocks only", _not("8192")),
     W("WALG_PG_WAL_PAGE_SIZE", REFUSED, "walrus supports PostgreSQL's default 8192-byte WAL pages only", _not("8192")),
     # backups: features walrus does not have yet
-    W("WALG_DELTA_MAX_STEPS", IGNORED, "walrus does not take delta backups yet: every backup is a full one",
-      lambda v: v.strip() not in ("", "0")),
-    W("WALG_DELTA_ORIGIN", ACCEPTED, "used only for delta backups, which walrus does not take yet"),
-    W("WALG_DELTA_FROM_NAME", REFUSED, "walrus does not take delta backups yet; unset it for a full backup"),
-    W("WALG_DELTA_FROM_USER_DATA", REFUSED, "walrus does not take delta backups yet; unset it for a full backup"),
     W("WALG_USE_WAL_DELTA", IGNORED, "walrus does not record WAL delta maps yet", _is_true),
     W("WALG_FORCE_WAL_DELTA", IGNORED, "walrus does not record WAL delta maps yet", _is_true),
     W("WALG_VERIFY_PAGE_CHECKSUMS", REFUSED, "walrus does not verify page checksums yet; unset it, or back up with "

@@ -201,3 +201,51 @@ def test_consumer_that_stops_early_or_is_cancelled_never_hangs(tmp_path, io_mode
 
     assert asyncio.run(main(cancel=False)) == []
     assert asyncio.run(main(cancel=True)) == []
+
+
+def _page(lsn: int) -> bytes:
+    import struct
+
+    head = struct.pack("<IIHHHHHH", lsn >> 32, lsn & 0xFFFFFFFF, 0, 0, 28, 8000, 8192, 8192 | 4)
+    return head + os.urandom(8192 - len(head))
+
+
+def test_delta_entries_become_wi1_increments_of_changed_pages(tmp_path, io_mode):
+    from walrus.pg.pages import read_increment_head
+
+    lsns = [5, 50, 7, 60, 61, 0, 9, 99]  # threshold 50: blocks 1, 3, 4 changed; 5 is new (all zero)
+    pages = [_page(lsn) if lsn else bytes(8192) for lsn in lsns]
+    (tmp_path / "16385").write_bytes(b"".join(pages))
+    (tmp_path / "16386").write_bytes(_page(70) + b"\xff" * 8192)  # an invalid page: copied whole
+    delta = [file_entry(tmp_path / "16385"), file_entry(tmp_path / "16386")]
+    for e in delta:
+        e.delta_lsn = 50
+    [(raw, members, _)] = build(delta, buffers=6, size=16384, io_mode=io_mode)
+    assert members == ["/16385", "/16386"]
+    assert [e.incremented for e in delta] == [True, False]
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        member = tf.getmember("/16385")
+        body = io.BytesIO(tf.extractfile(member).read())
+        inc = read_increment_head(body.read, member.size, "16385")
+        assert (inc.file_size, list(inc.blocks)) == (8 * 8192, [1, 3, 4, 5, 7])
+        assert body.read() == b"".join(pages[b] for b in inc.blocks)
+        assert tf.extractfile("/16386").read() == (tmp_path / "16386").read_bytes()
+
+
+def test_block_map_entries_carry_exactly_their_blocks(tmp_path, io_mode):
+    from array import array
+
+    from walrus.pg.pages import read_increment_head
+
+    pages = [_page(1) for _ in range(6)]
+    (tmp_path / "16385").write_bytes(b"".join(pages))
+    entry = file_entry(tmp_path / "16385")
+    entry.blocks = array("I", [0, 2, 3])
+    entry.delta_lsn = 1 << 40  # the map wins: no scan
+    [(raw, _, size)] = build([entry], io_mode=io_mode)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        member = tf.getmember("/16385")
+        body = io.BytesIO(tf.extractfile(member).read())
+        assert list(read_increment_head(body.read, member.size, "16385").blocks) == [0, 2, 3]
+        assert body.read() == pages[0] + pages[2] + pages[3]
+    assert size == member.size

@@ -10,17 +10,17 @@ import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from walrus.aio import gather_all
 from walrus.tar.read import ExtractStats, extract_tar, member_relpath
 from walrus.backup.dto import FilesMetadata, Sentinel, TablespaceSpec
-from walrus.backup.list import resolve_backup
+from walrus.backup.list import read_files_metadata, read_sentinel, resolve_backup
 from walrus.backup.partial import restore_only_filter
 from walrus.codec import Reader
 from walrus.config import Settings
-from walrus.errors import BackupError, CorruptObject, ObjectNotFound
+from walrus.errors import BackupError, CorruptObject
 from walrus.fileio import open_sink
 from walrus.fsutil import fsync_dir, syncfs
 from walrus.log import log
@@ -47,11 +47,12 @@ class BackupFetchResult:
     bytes: int
     seconds: float
     writer: str  # "io_uring", or "pwrite" where io_uring is refused or not chosen
+    chain: list[str] = field(default_factory=list)  # the backups restored, the full one first
 
     def as_json(self) -> dict[str, Any]:
         return {"backup_name": self.name, "directory": self.directory, "parts": self.parts,
                 "files": self.files, "bytes": self.bytes, "seconds": round(self.seconds, 3),
-                "writer": self.writer}
+                "writer": self.writer, "chain": self.chain}
 
 
 @dataclass
@@ -67,64 +68,184 @@ class _Parts:
         return len(self.data) + len(self.label) + len(self.control)
 
 
+@dataclass
+class _Level:
+    """One backup of the chain a restore goes through: a full backup, or a delta on the level below."""
+
+    name: str
+    sentinel: Sentinel
+    files: FilesMetadata | None
+    parts: _Parts
+    restore: frozenset[str] | None = None  # relpaths this level restores (None: every file it lists)
+
+
+MAX_CHAIN = 1000  # levels a chain may have before it is taken for a loop
+
+
 async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,
                        restore_spec: str | None = None, mask: str | None = None,
                        restore_only: list[str] | None = None) -> BackupFetchResult:
     """mask (WAL-G's --mask): restore only the files whose path in the data directory matches this
     shell pattern (Go's filepath.Match: `*` stops at `/`), and download only the parts holding one.
     restore_only (WAL-G's --restore-only, one name a string): only these databases and tables, and
-    the system ones (walrus.backup.partial); with mask, a file is restored if both keep it."""
+    the system ones (walrus.backup.partial); with mask, a file is restored if both keep it.
+    A delta is restored through its chain, the full backup first, each level writing only the
+    files the levels above it skip or increment (WAL-G's order); pg_control, backup_label and the
+    tablespace links come from the backup asked for."""
     began = time.monotonic()
-    # init: the backup's documents, and the set of its parts checked before anything is written
+    # init: every level's documents and parts, checked before anything is written
     name = await resolve_backup(storage, name)
-    sentinel = Sentinel.from_json(await storage.get_bytes(layout.sentinel_key(name)))
-    if sentinel.is_delta:
-        raise BackupError(f"{name} is a delta backup, which walrus cannot restore yet",
-                          hint="restore it with WAL-G, or fetch a full backup")
-    files_metadata = await _files_metadata(storage, name, sentinel)
-    parts = await _list_parts(storage, name, files_metadata)
-    spec = _load_restore_spec(restore_spec) if restore_spec else sentinel.spec
+    chain = await _load_chain(storage, name)
+    leaf = chain[-1]
+    spec = _load_restore_spec(restore_spec) if restore_spec else leaf.sentinel.spec
     selected = compile_mask(mask) if mask else None
     if restore_only is not None:
-        keep = restore_only_filter(files_metadata.databases_by_names if files_metadata else None, restore_only, name)
+        keep = restore_only_filter(leaf.files.databases_by_names if leaf.files else None, restore_only, name)
         selected = keep if selected is None else (lambda rel, masked=selected: masked(rel) and keep(rel))
-    if selected is not None and files_metadata is not None and files_metadata.tar_file_sets:
-        parts.data = [p for p in parts.data
-                      if any(selected(member_relpath(m)) for m in files_metadata.tar_file_sets.get(p.name, ()))]
+    if len(chain) > 1:
+        _plan_chain(chain, selected)
+    for level in chain:
+        files = level.files
+        keeps = (lambda rel, lv=level: rel in lv.restore) if level.restore is not None else selected
+        if keeps is not None and files is not None and files.tar_file_sets:
+            level.parts.data = [p for p in level.parts.data
+                                if any(keeps(member_relpath(m)) for m in files.tar_file_sets.get(p.name, ()))]
 
     # prepare: an empty target, its tablespace links
     directory = os.path.abspath(directory)
     _prepare_target(directory)
-    _warn_if_short_of_space(directory, sentinel.uncompressed_size)
-    extraction = _Extraction(settings, storage, directory, files_metadata, restore_spec is not None, selected)
+    _warn_if_short_of_space(directory, max(level.sentinel.uncompressed_size for level in chain))
+    totals, writer = ExtractStats(), ""
+    extraction: _Extraction | None = None
     try:
-        extraction.allowed_links = _link_tablespaces(directory, spec) if spec else frozenset()
-        # copy: data parts side by side, then backup_label, then pg_control into the staging folder
-        await gather_all([extraction.part(info, directory) for info in parts.data])
-        await gather_all([extraction.part(info, directory) for info in parts.label])
-        extraction.check_complete(name)
+        links = _link_tablespaces(directory, spec) if spec else frozenset()
+        # copy: each level's data parts side by side, the chain's full backup first; then the
+        # asked-for backup's backup_label, then its pg_control into the staging folder
+        for level in chain:
+            if level is leaf:
+                chosen = selected if level.restore is None else (
+                    lambda rel, lv=level: (rel in lv.restore or rel in UTILITY_RELPATHS)
+                    and (selected is None or selected(rel)))
+            else:
+                chosen = level.restore.__contains__
+            extraction = _Extraction(settings, storage, directory, level.files, restore_spec is not None, chosen,
+                                     incremented=_incremented(level) if level.sentinel.is_delta else None)
+            extraction.allowed_links = links
+            await gather_all([extraction.part(info, directory) for info in level.parts.data])
+            if level is leaf:
+                await gather_all([extraction.part(info, directory) for info in level.parts.label])
+            extraction.check_complete(level.name, level.restore)
+            if level is not leaf:
+                extraction.close()
+                _add(totals, extraction.totals)
+        assert extraction is not None
         staging = os.path.join(directory, STAGING)
         os.mkdir(staging, 0o700)
-        await gather_all([extraction.part(info, staging) for info in parts.control])
+        await gather_all([extraction.part(info, staging) for info in leaf.parts.control])
 
         # stop: everything durable, then pg_control in place, which makes the directory startable
         if not settings.tar_disable_fsync:
             await asyncio.to_thread(_sync_filesystems, [directory, *(spec.locations.values() if spec else [])])
         await asyncio.to_thread(_publish_staged, staging, directory, not settings.tar_disable_fsync)
     except BaseException:
-        extraction.close()
+        if extraction is not None:
+            extraction.close()
         with contextlib.suppress(OSError):
             shutil.rmtree(os.path.join(directory, STAGING))
         log.warning(f"backup-fetch stopped: {directory} holds a partial restore, which PostgreSQL will not "
                     "start (it has no global/pg_control); empty it before running backup-fetch again")
         raise
     extraction.close()
+    _add(totals, extraction.totals)
+    writer = extraction.writer
     # PostgreSQL refuses a data directory readable by others; WAL-G's root member is 0700 (or 0750).
-    root_mode = extraction.totals.root_mode
+    root_mode = totals.root_mode
     os.chmod(directory, root_mode if root_mode in (0o700, 0o750) else 0o700)
-    return BackupFetchResult(name=name, directory=directory, parts=parts.count, files=extraction.totals.files,
-                             bytes=extraction.totals.bytes, seconds=time.monotonic() - began,
-                             writer=extraction.writer)
+    return BackupFetchResult(name=name, directory=directory, parts=sum(level.parts.count for level in chain),
+                             files=totals.files, bytes=totals.bytes, seconds=time.monotonic() - began,
+                             writer=writer, chain=[level.name for level in chain])
+
+
+def _add(totals: ExtractStats, more: ExtractStats) -> None:
+    totals.files += more.files
+    totals.bytes += more.bytes
+    totals.restored |= more.restored
+    if more.root_mode is not None:
+        totals.root_mode = more.root_mode
+
+
+async def _load_chain(storage: Storage, name: str) -> list[_Level]:
+    """`name` and the backups it is built on, the full backup first, each with its file list and
+    its parts; a base that is missing, of another cluster, or a chain that loops is an error."""
+    levels: list[_Level] = []
+    while True:
+        sentinel = await read_sentinel(storage, name)
+        if sentinel is None:  # gone since it was resolved or checked: a delete ran meanwhile
+            raise BackupError(f"backup {name} vanished", hint="a delete ran meanwhile; choose another backup")
+        files = await read_files_metadata(storage, name, sentinel)
+        if sentinel.is_delta and files is None:
+            raise CorruptObject(f"delta backup {name} has no {layout.FILES_METADATA}",
+                                hint="without it the delta's increments cannot be told from whole files; "
+                                     "restore an older full backup")
+        levels.append(_Level(name, sentinel, files, await _list_parts(storage, name, files)))
+        if not sentinel.is_delta:
+            break
+        base = sentinel.delta_from or ""
+        if any(level.name == base for level in levels) or len(levels) >= MAX_CHAIN:
+            raise CorruptObject(f"the delta chain of {levels[0].name} loops back to {base}",
+                                hint="its sentinels are damaged; restore an older full backup")
+        if "/" in base or not await storage.exists(layout.sentinel_key(base)):
+            raise CorruptObject(f"delta backup {name} is built on {base}, which is not in storage",
+                                detail=f"no {layout.sentinel_key(base)}",
+                                hint="its base was deleted or never finished; restore a full backup "
+                                     "(backup-list shows them)")
+        name = base
+    levels.reverse()
+    ids = {level.sentinel.system_identifier for level in levels} - {None}
+    if len(ids) > 1:
+        raise CorruptObject(f"the delta chain of {levels[-1].name} mixes backups of different clusters",
+                            detail="system identifiers: " + ", ".join(
+                                f"{level.name}: {level.sentinel.system_identifier}" for level in levels),
+                            hint="restore a full backup (backup-list shows them)")
+    return levels
+
+
+def _plan_chain(chain: list[_Level], selected: Callable[[str], bool] | None) -> None:
+    """Set each level's `restore`: from the top, the files the asked-for backup lists (as selected);
+    a level restores those it does not skip, and hands down those it skips or increments (WAL-G's
+    GetBaseFilesToUnwrap)."""
+    leaf = chain[-1]
+    assert leaf.files is not None
+    wanted = {rel for rel in (member_relpath(member) for member in leaf.files.files)
+              if rel and rel not in UTILITY_RELPATHS and (selected is None or selected(rel))}
+    for level in reversed(chain):
+        files = level.files
+        if files is None:  # only a chain's full backup can lack a file list
+            level.restore = frozenset(wanted)
+            break
+        here, below = set(), set()
+        for rel in wanted:
+            desc = files.lookup("/" + rel)
+            if desc is None:
+                raise CorruptObject(f"backup {level.name} does not list {rel}, which the delta built on it needs",
+                                    hint="the delta chain is damaged; restore an older full backup")
+            if not desc.is_skipped:
+                here.add(rel)
+            if desc.is_skipped or desc.is_incremented:
+                below.add(rel)
+        level.restore = frozenset(here)
+        wanted = below
+
+
+def _incremented(level: _Level) -> Callable[[str], bool]:
+    files = level.files
+    assert files is not None
+
+    def incremented(rel: str) -> bool:
+        desc = files.lookup("/" + rel)
+        return desc is not None and desc.is_incremented
+
+    return incremented
 
 
 class _Extraction:
@@ -135,13 +256,15 @@ class _Extraction:
     """
 
     def __init__(self, settings: Settings, storage: Storage, directory: str, files_metadata: FilesMetadata | None,
-                 relocated: bool, selected: Callable[[str], bool] | None = None):
+                 relocated: bool, selected: Callable[[str], bool] | None = None, *,
+                 incremented: Callable[[str], bool] | None = None):
         self.settings = settings
         self.storage = storage
         self.directory = directory
         self.files_metadata = files_metadata
         self.relocated = relocated  # --restore-spec: tablespace links were made from it, not from tablespace_map
         self.selected = selected  # --mask: only the files it matches (utility files too, as in WAL-G)
+        self.incremented = incremented  # a delta's files stored as `wi1` increments
         self.allowed_links: frozenset[str] = frozenset()
         self.totals = ExtractStats()
         self.writer = ""  # the sinks' kind, once one is open
@@ -176,7 +299,7 @@ class _Extraction:
                 try:
                     return extract_tar(source, dest, name=info.key, wanted=self.wanted,
                                        allowed_links=self.allowed_links if dest == self.directory else frozenset(),
-                                       sink=sink)
+                                       sink=sink, incremented=self.incremented)
                 except OSError as e:  # a write that failed after its member was handed over
                     raise _write_failed(info.name, dest, e) from None
 
@@ -190,13 +313,15 @@ class _Extraction:
             self.totals.root_mode = stats.root_mode
         log.info(f"restored {info.name}: {stats.files} files, {stats.bytes} bytes")
 
-    def check_complete(self, name: str) -> None:
-        """Every file files_metadata.json lists is in place (a part can be whole and still not the
-        one the backup wrote: replaced, or cut at a member boundary and closed again)."""
+    def check_complete(self, name: str, expected: frozenset[str] | None = None) -> None:
+        """Every file files_metadata.json lists (`expected`: every one of those) is in place (a part
+        can be whole and still not the one the backup wrote: replaced, or cut at a member boundary
+        and closed again)."""
         if self.files_metadata is None:
             return
-        expected = (member_relpath(member) for member, desc in self.files_metadata.files.items()
-                    if not desc.is_skipped)
+        if expected is None:
+            expected = frozenset(member_relpath(member) for member, desc in self.files_metadata.files.items()
+                                 if not desc.is_skipped)
         missing = sorted(rel for rel in expected if rel and rel not in self.totals.restored and self.wanted(rel))
         if missing:
             raise CorruptObject(f"backup {name} is incomplete: {len(missing)} of the files its "
@@ -368,14 +493,3 @@ def _publish_staged(staging: str, directory: str, durable: bool) -> None:
     shutil.rmtree(staging)
 
 
-async def _files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> FilesMetadata | None:
-    try:
-        return FilesMetadata.from_json(await storage.get_bytes(layout.backup_key(name, layout.FILES_METADATA)))
-    except ObjectNotFound:
-        legacy = sentinel.legacy_files_metadata()
-        if legacy is not None:
-            return legacy
-        if sentinel.version >= 2 and not sentinel.files_metadata_disabled:
-            raise CorruptObject(f"backup {name} has no {layout.FILES_METADATA}",
-                                 hint="a version-2 backup needs it; the backup may be incomplete") from None
-        return None

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from walrus.backup.dto import ExtendedMetadata, Sentinel, format_go_time, go_json
+from walrus.backup.dto import ExtendedMetadata, FilesMetadata, Sentinel, format_go_time, go_json
 from walrus.backup.retention import Backup, RetentionError, segment_range, wal_token
 from walrus.errors import BackupError, CorruptObject, ObjectNotFound
 from walrus.log import log
@@ -190,3 +190,28 @@ def render(backups: list[BackupInfo], detail: bool, pretty: bool, as_json: bool)
         return "| " + " | ".join([first] + [c.ljust(w) for c, w in zip(cells[1:], widths[1:])]) + " |"
 
     return "\n".join([rule, line(header, False), rule] + [line(r, True) for r in body] + [rule])
+
+
+async def read_files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> FilesMetadata | None:
+    """files_metadata.json of backup `name`, else the file list old WAL-G versions kept in the
+    sentinel; None where the backup has none (version 1, or written without it)."""
+    try:
+        return FilesMetadata.from_json(await storage.get_bytes(layout.backup_key(name, layout.FILES_METADATA)))
+    except ObjectNotFound:
+        legacy = sentinel.legacy_files_metadata()
+        if legacy is not None:
+            return legacy
+        if sentinel.version >= 2 and not sentinel.files_metadata_disabled:
+            raise CorruptObject(f"backup {name} has no {layout.FILES_METADATA}",
+                                 hint="a version-2 backup needs it; the backup may be incomplete") from None
+        return None
+
+
+async def read_sentinel(storage: Storage, name: str, absent: Exception | None = None) -> Sentinel | None:
+    """Backup `name`'s sentinel; where it has none, `absent` is raised if given, else None returned."""
+    try:
+        return Sentinel.from_json(await storage.get_bytes(layout.sentinel_key(name)), source=f"sentinel of {name}")
+    except ObjectNotFound:
+        if absent is not None:
+            raise absent from None
+        return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from walrus.backup.dto import ExtendedMetadata, Sentinel
-from walrus.backup.list import load_backups, resolve_backup
+from walrus.backup.list import load_backups, read_sentinel, resolve_backup
 from walrus.backup.retention import RetentionError, with_dependants
 from walrus.config import Settings
 from walrus.errors import ObjectNotFound
@@ -54,11 +54,9 @@ async def backup_mark(settings: Settings, storage: Storage, name: str, *, perman
 
 
 async def _sentinel(storage: Storage, name: str) -> Sentinel:
-    try:
-        return Sentinel.from_json(await storage.get_bytes(layout.sentinel_key(name)), source=f"sentinel of {name}")
-    except ObjectNotFound:
-        raise RetentionError(f"backup {name} not found", detail=f"no {layout.sentinel_key(name)}",
-                             hint="backup-list shows the backups in this storage") from None
+    return await read_sentinel(storage, name, RetentionError(
+        f"backup {name} not found", detail=f"no {layout.sentinel_key(name)}",
+        hint="backup-list shows the backups in this storage"))
 
 
 async def _metadata(storage: Storage, name: str) -> ExtendedMetadata:

@@ -13,13 +13,16 @@ from typing import Any, Awaitable, Callable, Iterator, Protocol
 from walrus import codec
 from walrus.aio import gather_all
 from walrus.tar.write import Entry, TarPartStream
+from walrus.backup.delta import DeltaBase, DeltaChoice, check_base, choose_base, delta_name
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
+from walrus.backup.mark import backup_mark
 from walrus.backup.partial import databases_by_names
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError
 from walrus.log import log
+from walrus.pg.pages import increment_size, is_paged_file
 from walrus.pg.client import BackupStart, BackupStop, PgSession, ServerInfo
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
 from walrus.ratelimit import RateLimiter
@@ -44,12 +47,14 @@ class BackupPushResult:
     seconds: float
     reader: str
     storage: str
+    delta_from: str | None = None  # the base of a delta backup
 
     def as_json(self) -> dict[str, Any]:
         return {"backup_name": self.name, "start_lsn": format_lsn(self.start_lsn),
                 "finish_lsn": format_lsn(self.finish_lsn), "uncompressed_size": self.uncompressed_size,
                 "compressed_size": self.compressed_size, "parts": self.parts, "files": self.files,
-                "seconds": round(self.seconds, 3), "reader": self.reader, "storage": self.storage}
+                "seconds": round(self.seconds, 3), "reader": self.reader, "storage": self.storage,
+                "delta_from": self.delta_from}
 
 
 @dataclass
@@ -61,10 +66,31 @@ class _Collected:
     uncompressed: int = 0
 
     def record(self, entry: Entry) -> None:
-        self.uncompressed += entry.size
+        self.uncompressed += increment_size(len(entry.blocks)) if entry.incremented else entry.size
         if entry.name not in UTILITY_MEMBERS:
             # nanoseconds matter: WAL-G's delta skips a file only when its MTime matches exactly
-            self.files[entry.name] = FileDescription.for_mtime_ns(entry.mtime_ns)
+            self.files[entry.name] = FileDescription.for_mtime_ns(entry.mtime_ns, is_incremented=entry.incremented)
+        entry.blocks = None
+
+    def skip(self, entry: Entry) -> None:
+        """A delta's file unchanged since its base: no member, only its description."""
+        self.files[entry.name] = FileDescription.for_mtime_ns(entry.mtime_ns, is_skipped=True)
+
+
+def delta_entries(entries: Iterator[Entry], base: DeltaBase, collected: _Collected) -> Iterator[Entry]:
+    """WAL-G's choice per file of a delta: one the base holds with the very same mtime is skipped;
+    a paged file the base holds becomes an increment of the pages changed since the base's start;
+    any other file is copied whole."""
+    for entry in entries:
+        if entry.kind == "file" and entry.data is None:
+            known = base.files.lookup(entry.name)
+            if known is not None:
+                if known.mtime_ns == entry.mtime_ns:
+                    collected.skip(entry)
+                    continue
+                if is_paged_file(entry.name.lstrip("/"), entry.size):
+                    entry.delta_lsn = base.lsn
+        yield entry
 
 
 class _SharedEntries:
@@ -158,22 +184,28 @@ class _Push:
     stop: BackupStop | None = None
     reader: str = ""  # the file reader's name, for the result
     disk: RateLimiter | None = None  # WALG_DISK_RATE_LIMIT: one bucket for the reads of every part
+    base: DeltaBase | None = None  # a delta's base; None for a full backup
 
 
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
-                      user_data: Any = None,
+                      user_data: Any = None, full: bool = False, delta_from_name: str | None = None,
+                      delta_from_user_data: Any = None,
                       connect: Callable[[Settings], PgBackupSession] = PgSession,
                       names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names
                       ) -> BackupPushResult:
-    """Phases: start (pg_backup_start), upload data (the walk's tar parts), upload control files
+    """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
+    checked against it), upload data (the walk's tar parts; a delta skips and increments files), upload control files
     (pg_control.tar, pg_backup_stop, backup_label.tar, the archiver's wait), finish (the metadata,
     then the sentinel, last: a backup exists if and only if its sentinel does)."""
     began = time.monotonic()
     if not os.path.isdir(pgdata):
         raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
+    choice = await choose_base(settings, storage, permanent=permanent, full=full, from_name=delta_from_name,
+                               from_user_data=delta_from_user_data)
+    log.info(f"backup-push: {choice.reason}" if choice.base else f"full backup: {choice.reason}")
     session = await asyncio.to_thread(connect, settings)
     try:
-        push = await _start(settings, storage, pgdata, session)
+        push = await _start(settings, storage, pgdata, session, choice)
         raise_nofile_limit()  # parts keep the files of their in-flight buffers open
         with Uploader(settings, push.plan.count, push.plan.buffer_size, push.lanes * upload_threads(push.plan.parallel),
                       register=True, name="walrus-compress") as uploader:
@@ -186,28 +218,36 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
     return BackupPushResult(name=push.name, start_lsn=push.start.lsn, finish_lsn=push.stop.lsn,
                             uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
                             parts=sorted(push.collected.tar_file_sets), files=len(push.collected.files),
-                            seconds=time.monotonic() - began, reader=push.reader, storage=storage.describe())
+                            seconds=time.monotonic() - began, reader=push.reader, storage=storage.describe(),
+                            delta_from=push.base.name if push.base else None)
 
 
-async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession) -> _Push:
+async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
+                 choice: DeltaChoice) -> _Push:
     info = await asyncio.to_thread(session.server_info)
     _check_server(info, pgdata, settings)
     start_time = now_utc_micro()
     start = await asyncio.to_thread(session.backup_start, start_time.isoformat(), info.version_num)
     name = backup_name_for(start.timeline, start.lsn, info.segment_size)
+    if choice.base is not None:
+        check_base(choice.base, start.lsn, system_identifier_from_pg(info.system_identifier))
+        name = delta_name(name, choice.base)
     log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
     lanes = settings.upload_disk_concurrency
     # each part's buffers are compressed on every core, so the last part is not left to one
     plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count(), reserved=storage.upload_memory)
     disk = RateLimiter(settings.disk_rate_limit) if settings.disk_rate_limit is not None else None
     return _Push(settings, storage, pgdata, session, info, start, start_time, name,
-                 codec.extension(settings.compression_method), plan, lanes, disk=disk)
+                 codec.extension(settings.compression_method), plan, lanes, disk=disk, base=choice.base)
 
 
 async def _upload_data(push: _Push, uploader: Uploader) -> None:
     """The data directory's files as tar parts, `lanes` parts filled at once from the one walk."""
     part_numbers = itertools.count(1)
-    shared = _SharedEntries(walk_data_directory(push.pgdata, push.walk))
+    entries = walk_data_directory(push.pgdata, push.walk)
+    if push.base is not None:
+        entries = delta_entries(entries, push.base, push.collected)
+    shared = _SharedEntries(entries)
 
     async def lane() -> None:
         while (first := shared.take_first()) is not None:
@@ -254,7 +294,7 @@ async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry]
 async def _finish(push: _Push, permanent: bool, user_data: Any,
                   names: Callable[[Settings], Awaitable[dict[str, Any] | None]]) -> None:
     """metadata.json and files_metadata.json, then the sentinel, last."""
-    info, start, stop, storage = push.info, push.start, push.stop, push.storage
+    info, start, stop, storage, base = push.info, push.start, push.stop, push.storage, push.base
     finish_time = now_utc_micro()
     spec = TablespaceSpec(base_prefix=os.path.realpath(push.pgdata).rstrip("/"),
                           locations=dict(push.walk.tablespaces)) if push.walk.tablespaces else None
@@ -263,8 +303,9 @@ async def _finish(push: _Push, permanent: bool, user_data: Any,
         system_identifier=system_identifier_from_pg(info.system_identifier),
         uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
         data_catalog_size=push.walk.data_catalog_size, spec=spec, user_data=user_data,
-        files_metadata_disabled=False, delta_lsn=None, delta_from=None, delta_full_name=None,
-        delta_count=None, start_time=push.start_time, finish_time=finish_time, hostname=socket.gethostname(),
+        files_metadata_disabled=False, delta_lsn=base.lsn if base else None, delta_from=base.name if base else None,
+        delta_full_name=base.full_name if base else None, delta_count=base.count if base else None,
+        start_time=push.start_time, finish_time=finish_time, hostname=socket.gethostname(),
         data_dir=os.path.realpath(info.data_directory), is_permanent=permanent, version=2,
         legacy_files=None, legacy_tar_file_sets=None)
     metadata = ExtendedMetadata(
@@ -277,6 +318,8 @@ async def _finish(push: _Push, permanent: bool, user_data: Any,
     files_metadata = FilesMetadata(files=push.collected.files, tar_file_sets=push.collected.tar_file_sets,
                                    databases_by_names=None if push.settings.disable_partial_restore
                                    else await names(push.settings))
+    if permanent and base is not None:  # before this backup's metadata: marks go up the chain in order
+        await backup_mark(push.settings, storage, base.name, permanent=True)
     await storage.put_bytes(layout.backup_key(push.name, layout.METADATA), metadata.to_json())
     await storage.put_bytes(layout.backup_key(push.name, layout.FILES_METADATA), files_metadata.to_json())
     await storage.put_bytes(layout.sentinel_key(push.name), sentinel.to_json())

@@ -95,7 +95,7 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
 @cli.command("backup-push", context_settings=CONTEXT)
 @click.argument("pgdata", metavar="[PGDATA]", required=False)
 @click.option("-p", "--permanent", is_flag=True, help="Mark the backup permanent (never deleted by retention).")
-@click.option("-f", "--full", is_flag=True, help="A full backup (walrus's backups are always full).")
+@click.option("-f", "--full", is_flag=True, help="A full backup, even where WALG_DELTA_MAX_STEPS allows a delta.")
 @click.option("--add-user-data", "user_data", metavar="JSON",
               help="JSON stored as the sentinel's UserData (default: WALG_SENTINEL_USER_DATA).")
 @click.option("-v", "--verify", is_flag=True, help="Not supported yet: an error (WAL-G: verify page checksums).")
@@ -104,8 +104,10 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
 @click.option("-c", "--copy-composer", is_flag=True, help="Accepted, ignored with a warning (walrus fills parts its own way).")
 @click.option("-b", "--database-composer", is_flag=True,
               help="Accepted, ignored with a warning (walrus fills parts its own way).")
-@click.option("--delta-from-name", metavar="NAME", help="Not supported yet: an error (walrus takes full backups only).")
-@click.option("--delta-from-user-data", metavar="JSON", help="Not supported yet: an error (walrus takes full backups only).")
+@click.option("--delta-from-name", metavar="NAME",
+              help="Build the delta on backup NAME (default: WALG_DELTA_FROM_NAME, else LATEST).")
+@click.option("--delta-from-user-data", metavar="JSON",
+              help="Build the delta on the backup with this user data (default: WALG_DELTA_FROM_USER_DATA).")
 @click.option("--without-files-metadata", is_flag=True,
               help="Accepted, ignored with a warning (walrus always writes files_metadata.json).")
 @target_storage_option
@@ -122,9 +124,6 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
         if given:
             raise refuse(flag, "walrus does not verify page checksums during backup-push yet",
                          f"leave {flag} out, or take this backup with WAL-G")
-    for flag, given in (("--delta-from-name", delta_from_name), ("--delta-from-user-data", delta_from_user_data)):
-        if given:
-            raise refuse(flag, "walrus does not take delta backups yet", f"leave {flag} out for a full backup")
     check_target_storage(target_storage)
     settings = settings_of(ctx)
     for flag, given in (("--rating-composer", rating_composer), ("--copy-composer", copy_composer),
@@ -147,7 +146,16 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
             flag = "--add-user-data" if user_data is not None else "WALG_SENTINEL_USER_DATA"
             raise WalrusError(f"{flag} is not valid JSON", detail=str(e),
                               hint="give a JSON value, e.g. '{\"kind\": \"nightly\"}'") from None
-    result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data), settings)
+    base_data = None
+    if delta_from_user_data is not None:
+        try:
+            base_data = json.loads(delta_from_user_data)
+        except ValueError as e:
+            raise WalrusError("--delta-from-user-data is not valid JSON", detail=str(e),
+                              hint="give the JSON user data of the backup to build on") from None
+    result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
+                                                delta_from_name=delta_from_name, delta_from_user_data=base_data),
+                 settings)
     log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
     emit(result, as_json, None)
 
@@ -162,8 +170,10 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
 @click.option("--restore-spec", metavar="FILE", help="Tablespace locations to restore to (the Spec's JSON shape).")
 @click.option("--restore-only", "restore_only", metavar="DB[/TABLE],...", multiple=True,
               help="Restore only these databases or tables, and the system ones (comma-separated or repeated).")
-@click.option("--reverse-unpack", is_flag=True, help="Accepted: a full backup has each file once, so order changes nothing.")
-@click.option("--skip-redundant-tars", is_flag=True, help="Accepted: a full backup has no redundant parts.")
+@click.option("--reverse-unpack", is_flag=True,
+              help="Accepted: walrus restores a delta's chain full backup first, and the result is the same.")
+@click.option("--skip-redundant-tars", is_flag=True,
+              help="Accepted: walrus never downloads a part that holds no file to restore.")
 @target_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context

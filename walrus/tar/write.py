@@ -6,6 +6,7 @@ import grp
 import os
 import pwd
 import tarfile
+from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Iterator
@@ -13,10 +14,12 @@ from typing import Callable, Iterator
 from walrus.errors import BackupError
 from walrus.fileio import Buffer, BufferPool, FileReader, ReadRequest, dio_length, open_for_backup
 from walrus.log import log
+from walrus.pg.pages import BLOCK_SIZE, increment_head, select_pages
 from walrus.ratelimit import RateLimiter
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)  # Go's archive/tar ends with two zero blocks and no record padding
+SCAN_WINDOW = 4  # buffers a delta's page scan reads at once (more only when the pool has them free)
 
 
 @dataclass(slots=True)
@@ -32,6 +35,11 @@ class Entry:
     gid: int = 0
     path: str | None = None
     data: bytes | None = None
+    # a delta's paged file: written as a `wi1` increment of `blocks` (the block map's), else of the
+    # pages a scan finds changed since `delta_lsn`; `incremented` tells which way it went
+    delta_lsn: int | None = None
+    blocks: array | None = None
+    incremented: bool = False
 
 
 class _Header(tarfile.TarInfo):
@@ -57,11 +65,12 @@ def _gname(gid: int) -> str:
         return ""
 
 
-def header_bytes(entry: Entry) -> bytes:
-    """USTAR header, with a PAX record first only where USTAR cannot hold a field (long names)."""
+def header_bytes(entry: Entry, size: int | None = None) -> bytes:
+    """USTAR header, with a PAX record first only where USTAR cannot hold a field (long names).
+    `size`: the member's, where it is not the file's (an increment)."""
     h = _Header(entry.name)
     h.type = tarfile.DIRTYPE if entry.kind == "dir" else tarfile.REGTYPE
-    h.size = entry.size if entry.kind == "file" else 0
+    h.size = (entry.size if size is None else size) if entry.kind == "file" else 0
     h.mode = entry.mode & 0o7777
     h.mtime = entry.mtime_ns // 1_000_000_000  # Go writes ModTime in whole seconds
     h.uid, h.gid = entry.uid, entry.gid
@@ -182,6 +191,11 @@ class TarPartStream:
             fd, direct = found
             self._open.add(fd)
             opened = _OpenFile(entry, fd, direct)
+            if entry.delta_lsn is not None or entry.blocks is not None:
+                blocks = entry.blocks if entry.blocks is not None else await self._scan(opened, entry.delta_lsn)
+                if blocks is not None:
+                    await self._add_increment(opened, blocks)
+                    return
         else:
             opened = None
         await self._lay_bytes(header_bytes(entry))
@@ -189,12 +203,74 @@ class TarPartStream:
             if entry.data is not None:
                 await self._lay_bytes(entry.data)
             elif opened is not None:
-                await self._lay_file(opened)
+                await self._lay_file(opened, [(0, entry.size)])
             await self._lay_bytes(bytes(padding(entry.size)))
             self.data_size += entry.size
+        self._added(entry)
+
+    def _added(self, entry: Entry) -> None:
         self.members.append(entry.name)
         if self._on_member:
             self._on_member(entry)
+
+    async def _add_increment(self, f: _OpenFile, blocks: array) -> None:
+        """The file as a `wi1` member: WAL-G's head, then the pages of `blocks` read in place. The
+        head puts pages at offsets O_DIRECT cannot read into, so they come through the page cache."""
+        entry = f.entry
+        if f.direct:
+            self._close(f.fd)
+            found = open_for_backup(entry.path, False)
+            if found is None:
+                log.warning(f"{entry.path} vanished during the backup; skipped")
+                return
+            f = _OpenFile(entry, found[0])
+            self._open.add(f.fd)
+        entry.incremented, entry.blocks = True, blocks
+        head = increment_head(entry.size, blocks)
+        size = len(head) + BLOCK_SIZE * len(blocks)
+        await self._lay_bytes(header_bytes(entry, size))
+        await self._lay_bytes(head)
+        await self._lay_file(f, _extents(blocks))
+        await self._lay_bytes(bytes(padding(size)))
+        self.data_size += size
+        self._added(entry)
+
+    async def _scan(self, f: _OpenFile, lsn: int) -> array | None:
+        """The blocks of f's pages changed since `lsn` (WAL-G's page scan, over pool buffers the
+        reader fills a window at a time), or None when a page is not a valid PostgreSQL page: the
+        file is then copied whole, as WAL-G does. Pages past a shrunk file's end are not carried:
+        its increment still restores the walked size, and WAL replay brings the truth."""
+        blocks = array("I")
+        offset, size = 0, f.entry.size
+        while offset < size:
+            taken: list[Buffer] = []
+            requests: list[ReadRequest] = []
+            try:
+                while offset < size and len(taken) < SCAN_WINDOW and (not taken or self._pool.available()):
+                    buf = await self._pool.acquire()
+                    taken.append(buf)
+                    n = min(self._pool.size, size - offset)
+                    if self._limiter is not None:
+                        await self._limiter.take(n)
+                    requests.append(ReadRequest(f.fd, offset, buf.view[:dio_length(n, f.direct)]))
+                    offset += n
+                try:
+                    counts = await self._reader.read_batch(requests)
+                except OSError as e:
+                    raise BackupError("read failed during the backup", detail=f"{e.strerror or e}",
+                                      hint="check the data directory's disk and permissions") from None
+                for req, got in zip(requests, counts):
+                    whole = min(got, len(req.view)) // BLOCK_SIZE * BLOCK_SIZE
+                    invalid = select_pages(req.view[:whole], req.offset // BLOCK_SIZE, lsn, blocks)
+                    if invalid is not None:
+                        log.info(f"{f.entry.path}: block {invalid} is not a valid page; copied whole")
+                        return None
+                    if got < len(req.view):
+                        return blocks  # the file shrank
+            finally:
+                for buf in taken:
+                    buf.release()
+        return blocks
 
     async def _current(self) -> _Fill:
         if self._fill is None:
@@ -213,25 +289,32 @@ class TarPartStream:
             if fill.buf.length == self._pool.size:
                 await self._submit()
 
-    async def _lay_file(self, f: _OpenFile) -> None:
-        offset, remaining = 0, f.entry.size
-        while remaining:
-            fill = await self._current()
-            start = fill.buf.length
-            n = min(self._pool.size - start, remaining)
-            # fits: the buffer ends on a block boundary and tar padding follows the file's last byte
-            ask = dio_length(n, f.direct)
-            fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + ask]))
-            fill.owners.append(f)
-            fill.lengths.append(n)
-            f.pending += 1
-            fill.buf.length += n
-            offset += n
-            remaining -= n
-            if remaining == 0:
-                f.laid_out = True
-            if fill.buf.length == self._pool.size:
-                await self._submit()
+    async def _lay_file(self, f: _OpenFile, extents: list[tuple[int, int]]) -> None:
+        """Lay the file's bytes at each (offset, length) extent, in order, as reads into the buffers."""
+        for offset, remaining in extents:
+            while remaining:
+                fill = await self._current()
+                start = fill.buf.length
+                n = min(self._pool.size - start, remaining)
+                # fits: the buffer ends on a block boundary and tar padding follows the file's last byte
+                ask = dio_length(n, f.direct)
+                fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + ask]))
+                fill.owners.append(f)
+                fill.lengths.append(n)
+                f.pending += 1
+                fill.buf.length += n
+                offset += n
+                remaining -= n
+                if fill.buf.length == self._pool.size:
+                    await self._submit()
+        f.laid_out = True
+        if f.pending == 0:
+            self._close(f.fd)
+
+    def _close(self, fd: int) -> None:
+        if fd in self._open:
+            self._open.discard(fd)
+            os.close(fd)
 
     async def _submit(self) -> None:
         fill, self._fill = self._fill, None
@@ -261,7 +344,18 @@ class TarPartStream:
                     owner.shrank = True
                     log.info(f"{owner.entry.path} shrank during the backup; zero padded to its walked size")
             owner.pending -= 1
-            if owner.laid_out and owner.pending == 0 and owner.fd in self._open:
-                self._open.discard(owner.fd)
-                os.close(owner.fd)
+            if owner.laid_out and owner.pending == 0:
+                self._close(owner.fd)
         return fill.buf
+
+
+def _extents(blocks: array) -> list[tuple[int, int]]:
+    """(offset, length) of each run of consecutive blocks."""
+    out: list[tuple[int, int]] = []
+    for block in blocks:
+        offset = block * BLOCK_SIZE
+        if out and out[-1][0] + out[-1][1] == offset:
+            out[-1] = (out[-1][0], out[-1][1] + BLOCK_SIZE)
+        else:
+            out.append((offset, BLOCK_SIZE))
+    return out

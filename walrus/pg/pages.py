@@ -1,0 +1,137 @@
+"""PostgreSQL data pages for delta backups: which files are paged, which of their pages changed since an LSN (WAL-G's page scan), and WAL-G's `wi1` increment format."""
+from __future__ import annotations
+
+import posixpath
+import re
+import struct
+import sys
+from array import array
+from dataclasses import dataclass
+from typing import Callable
+
+from walrus.errors import CorruptObject
+from walrus.log import log
+
+BLOCK_SIZE = 8192  # PostgreSQL's BLCKSZ (WALG_PG_BLOCK_SIZE's default); walrus supports no other
+INCREMENT_MAGIC = b"wi1\x55"  # "wal-g increment", format version '1', WAL-G's signature byte
+_HEAD = struct.Struct("<4sQI")  # magic, the file's size, the number of pages carried
+HEAD_SIZE = _HEAD.size
+_PAGED_NAME = re.compile(r"\d+(\.\d+)?")  # a relation's main fork: 16384, 16384.1, ...
+_TRANSACTION_DIRS = ("pg_xact", "pg_clog", "pg_multixact")  # SLRU pages carry no LSN
+_PAGE_HEAD = struct.Struct("<IIHHHHHH")  # pd_lsn (xlogid, xrecoff), checksum, flags, lower, upper, special, size|version
+
+
+def is_paged_file(relpath: str, size: int) -> bool:
+    """A relation data file, so a delta may carry only its changed pages (WAL-G's isPagedFile, on the
+    path inside the data directory: WAL-G's test on the absolute path also matches a data directory
+    named, say, /srv/database)."""
+    if any(d in relpath for d in _TRANSACTION_DIRS):
+        return False
+    top = relpath.split("/", 1)[0]
+    return (top in ("base", "pg_tblspc") and size > 0 and size % BLOCK_SIZE == 0
+            and _PAGED_NAME.fullmatch(posixpath.basename(relpath)) is not None)
+
+
+def increment_size(pages: int) -> int:
+    """Bytes of a `wi1` member that carries `pages` pages."""
+    return HEAD_SIZE + 4 * pages + BLOCK_SIZE * pages
+
+
+def increment_head(file_size: int, blocks: array) -> bytes:
+    """A `wi1` member's bytes before its pages: magic, file size, page count, block numbers."""
+    numbers = blocks
+    if sys.byteorder != "little":
+        numbers = array("I", blocks)
+        numbers.byteswap()
+    return _HEAD.pack(INCREMENT_MAGIC, file_size, len(blocks)) + numbers.tobytes()
+
+
+@dataclass(frozen=True)
+class Increment:
+    """A parsed `wi1` head: the file's size and the blocks whose pages follow, in order."""
+
+    file_size: int
+    blocks: array
+
+    @property
+    def size(self) -> int:
+        return increment_size(len(self.blocks))
+
+
+def read_increment_head(read: Callable[[int], bytes], member_size: int, name: str) -> Increment:
+    """Parse a `wi1` member's head through `read(n)` (exactly n bytes, or fewer at the end) and check
+    it against the member's size, so a damaged or hostile increment is refused before any write."""
+    head = read(HEAD_SIZE)
+    if len(head) < HEAD_SIZE:
+        raise _bad(name, f"it ends after {len(head)} bytes, inside the 16-byte increment header")
+    magic, file_size, count = _HEAD.unpack(head)
+    if magic[:2] != b"wi" or magic[3] != INCREMENT_MAGIC[3]:
+        raise _bad(name, f"its increment header starts with {magic.hex()}, not {INCREMENT_MAGIC.hex()}")
+    if magic[2:3] != b"1":
+        raise _bad(name, f"its increment format version is {magic[2:3]!r}; walrus and WAL-G know only '1'")
+    if increment_size(count) != member_size:
+        raise _bad(name, f"it declares {count} pages ({increment_size(count)} bytes) but holds {member_size} bytes")
+    raw = read(4 * count) if count else b""
+    if len(raw) < 4 * count:
+        raise _bad(name, "it ends inside its block list")
+    blocks = array("I")
+    blocks.frombytes(raw)
+    if sys.byteorder != "little":
+        blocks.byteswap()
+    pages_in_file = file_size // BLOCK_SIZE
+    beyond = next((b for b in blocks if b >= pages_in_file), None)
+    if beyond is not None:
+        raise _bad(name, f"it carries block {beyond} of a file of {file_size} bytes ({pages_in_file} pages)")
+    return Increment(file_size, blocks)
+
+
+def _bad(name: str, detail: str) -> CorruptObject:
+    return CorruptObject(f"invalid increment for {name}", detail=detail,
+                         hint="the delta backup is damaged; restore an older backup (backup-list shows them)")
+
+
+# -- the page scan
+
+def _compiled():
+    try:
+        from walrus._uring._liburing import ffi, lib
+        return ffi, lib.walrus_select_pages
+    except (ImportError, AttributeError) as e:
+        log.info(f"delta page scan in Python (the compiled module is unavailable: {e})")
+        return None
+
+
+_SELECTOR: tuple | None | bool = False  # False: not looked up yet
+
+
+def select_pages(pages: memoryview, first_block: int, lsn: int, out: array) -> int | None:
+    """Append to `out` the block numbers of the whole pages in `pages` (block `first_block` onwards)
+    that a delta from `lsn` carries: new pages (pd_upper 0) and valid pages whose pd_lsn is at least
+    `lsn`, WAL-G's rule. Returns the block number of the first page that is neither (the caller
+    copies the file whole, as WAL-G does), else None."""
+    global _SELECTOR
+    if _SELECTOR is False:
+        _SELECTOR = _compiled()
+    count = len(pages) // BLOCK_SIZE
+    if _SELECTOR is None:
+        return _select_in_python(pages, count, first_block, lsn, out)
+    ffi, select = _SELECTOR
+    found = array("I", bytes(4 * count))
+    selected = ffi.new("size_t *")
+    invalid = select(ffi.from_buffer("unsigned char[]", pages), count, BLOCK_SIZE, lsn, first_block,
+                     ffi.from_buffer("uint32_t[]", found), selected)
+    out.extend(found[:selected[0]])
+    return None if invalid < 0 else first_block + invalid
+
+
+def _select_in_python(pages: memoryview, count: int, first_block: int, lsn: int, out: array) -> int | None:
+    for i in range(count):
+        xlogid, xrecoff, _, flags, lower, upper, special, size_version = _PAGE_HEAD.unpack_from(pages, i * BLOCK_SIZE)
+        page_lsn = xlogid << 32 | xrecoff
+        valid = (flags & 7 == flags and 24 <= lower <= upper <= special <= BLOCK_SIZE and page_lsn != 0
+                 and size_version & 0xFF00 == BLOCK_SIZE and size_version & 0xFF <= 5)
+        if valid and page_lsn >= lsn or not valid and upper == 0:
+            out.append(first_block + i)
+        elif not valid:
+            return first_block + i
+    return None
