@@ -574,6 +574,10 @@ def one_backup(w: World, r: Result) -> None:
     new_backup(r)
 
 
+def one_full_backup(w: World, r: Result) -> None:
+    assert "DeltaFrom" not in sentinel(w, new_backup(r))
+
+
 def check_backup_push_docs(w: World, r: Result) -> None:
     name = new_backup(r)
     assert meta(w, name)["pg_version"] // 10000 == 15
@@ -863,6 +867,7 @@ CHECKS: dict[str, Callable[[World, Result], None]] = {
     "backup-push-permanent": check_permanent_push,
     "backup-push-f-playground": one_backup,
     "backup-push-full-after": one_backup,
+    "backup-push-delta-from-name": one_full_backup,
     "backup-push-add-user-data": user_data_is(USER_DATA),
     "backup-push-sentinel-env": user_data_is({"backup_id": 42, "project_id": 7}),
     "backup-push-rating-composer": one_backup,

@@ -307,7 +307,9 @@ LINES: tuple[Line, ...] = (
          MANUAL, NOT_IMPLEMENTED, "--verify", args=("7", "42")),
     Line("backup-push-delta-from-name",
          "wal-g backup-push $PGDATA --delta-from-name base_000000010000000100000072_D_000000010000000100000063",
-         WALG + "docs/PostgreSQL.md (delta backup from a specific backup)", MANUAL, NOT_IMPLEMENTED, "delta"),
+         WALG + "docs/PostgreSQL.md (delta backup from a specific backup)", MANUAL, OK,
+         "one new full backup: WALG_DELTA_MAX_STEPS is 0, so WAL-G too takes a full one without looking the "
+         "name up"),
     Line("backup-push-remote", "PGHOST=$PGHOST wal-g backup-push",
          WALG + "docs/PostgreSQL.md (remote backup: `PGHOST=srv1 wal-g backup-push`, on a host without PGDATA)",
          MANUAL, NOT_IMPLEMENTED, "data directory", env=(("PGDATA", None),)),

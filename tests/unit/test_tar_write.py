@@ -249,3 +249,22 @@ def test_block_map_entries_carry_exactly_their_blocks(tmp_path, io_mode):
         assert list(read_increment_head(body.read, member.size, "16385").blocks) == [0, 2, 3]
         assert body.read() == pages[0] + pages[2] + pages[3]
     assert size == member.size
+
+
+def test_an_increment_of_a_file_that_shrank_lays_zero_pages(tmp_path, io_mode):
+    from array import array
+
+    from walrus.pg.pages import read_increment_head
+
+    pages = [_page(1) for _ in range(3)]
+    (tmp_path / "16385").write_bytes(b"".join(pages))
+    entry = file_entry(tmp_path / "16385")
+    entry.size = 6 * 8192  # walked before it was truncated
+    entry.blocks = array("I", [0, 4, 5])
+    [(raw, _, _)] = build([entry], buffers=4, size=16384, io_mode=io_mode)
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+        member = tf.getmember("/16385")
+        body = io.BytesIO(tf.extractfile(member).read())
+        inc = read_increment_head(body.read, member.size, "16385")
+        assert (inc.file_size, list(inc.blocks)) == (6 * 8192, [0, 4, 5])
+        assert body.read() == pages[0] + bytes(2 * 8192)

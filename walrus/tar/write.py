@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import os
 import pwd
 import tarfile
+import time
 from array import array
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,7 +21,7 @@ from walrus.ratelimit import RateLimiter
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)  # Go's archive/tar ends with two zero blocks and no record padding
-SCAN_WINDOW = 4  # buffers a delta's page scan reads at once (more only when the pool has them free)
+SCAN_WINDOW = 16  # buffers a delta's page scan reads at once (more only when the pool has them free)
 
 
 @dataclass(slots=True)
@@ -192,7 +194,12 @@ class TarPartStream:
             self._open.add(fd)
             opened = _OpenFile(entry, fd, direct)
             if entry.delta_lsn is not None or entry.blocks is not None:
+                began = time.monotonic()
                 blocks = entry.blocks if entry.blocks is not None else await self._scan(opened, entry.delta_lsn)
+                if entry.blocks is None:
+                    log.debug(f"{entry.path}: scanned {entry.size // BLOCK_SIZE} pages in "
+                              f"{time.monotonic() - began:.2f} s: "
+                              + (f"{len(blocks)} changed" if blocks is not None else "an invalid page"))
                 if blocks is not None:
                     await self._add_increment(opened, blocks)
                     return
@@ -214,23 +221,21 @@ class TarPartStream:
             self._on_member(entry)
 
     async def _add_increment(self, f: _OpenFile, blocks: array) -> None:
-        """The file as a `wi1` member: WAL-G's head, then the pages of `blocks` read in place. The
-        head puts pages at offsets O_DIRECT cannot read into, so they come through the page cache."""
+        """The file as a `wi1` member: WAL-G's head, then the pages of `blocks`, read into the part's
+        buffers (through a bounce buffer where O_DIRECT cannot read in place)."""
         entry = f.entry
-        if f.direct:
-            self._close(f.fd)
-            found = open_for_backup(entry.path, False)
-            if found is None:
-                log.warning(f"{entry.path} vanished during the backup; skipped")
-                return
-            f = _OpenFile(entry, found[0])
-            self._open.add(f.fd)
         entry.incremented, entry.blocks = True, blocks
         head = increment_head(entry.size, blocks)
         size = len(head) + BLOCK_SIZE * len(blocks)
         await self._lay_bytes(header_bytes(entry, size))
         await self._lay_bytes(head)
-        await self._lay_file(f, _extents(blocks))
+        began = time.monotonic()
+        try:
+            await self._lay_pages(f, blocks)
+        finally:
+            self._close(f.fd)
+        if blocks:
+            log.debug(f"{entry.path}: {len(blocks)} pages read and laid in {time.monotonic() - began:.2f} s")
         await self._lay_bytes(bytes(padding(size)))
         self.data_size += size
         self._added(entry)
@@ -241,36 +246,66 @@ class TarPartStream:
         file is then copied whole, as WAL-G does. Pages past a shrunk file's end are not carried:
         its increment still restores the walked size, and WAL replay brings the truth."""
         blocks = array("I")
-        offset, size = 0, f.entry.size
-        while offset < size:
+        chunk = self._pool.size // BLOCK_SIZE * BLOCK_SIZE
+        pieces = [(offset, min(chunk, f.entry.size - offset)) for offset in range(0, f.entry.size, chunk)]
+        async with contextlib.aclosing(self._read_pieces(f, pieces)) as read:
+            async for offset, view, got in read:
+                invalid = select_pages(view[:got], offset // BLOCK_SIZE, lsn, blocks)
+                if invalid is not None:
+                    log.info(f"{f.entry.path}: block {invalid} is not a valid page; copied whole")
+                    return None
+                if got < len(view):
+                    break  # the file shrank
+        return blocks
+
+    async def _lay_pages(self, f: _OpenFile, blocks: array) -> None:
+        """Lay the pages of `blocks` after an increment's head: read a window at a time into pool
+        buffers, runs of consecutive pages packed at page offsets (O_DIRECT reads them there; the
+        head leaves the member's bytes at offsets it could not read into), then copied in. A page
+        past a shrunk file's end is laid as zeros."""
+        chunk = self._pool.size // BLOCK_SIZE * BLOCK_SIZE
+        pieces: list[tuple[int, int]] = []
+        for offset, length in _extents(blocks):
+            pieces += [(o, min(chunk, offset + length - o)) for o in range(offset, offset + length, chunk)]
+        async with contextlib.aclosing(self._read_pieces(f, pieces)) as read:
+            async for _, view, got in read:
+                await self._lay_bytes(view[:got])
+                if got < len(view):
+                    await self._lay_bytes(bytes(len(view) - got))
+
+    async def _read_pieces(self, f: _OpenFile, pieces: list[tuple[int, int]]):
+        """(offset, buffer view, bytes read into it) of each (offset, length) piece of f, in order:
+        whole pages, at most a buffer each, packed into pool buffers and read a window of buffers
+        per batch (more than one buffer only when the pool has them free); fewer bytes where the
+        file ended. A view is valid until the next item."""
+        i = 0
+        while i < len(pieces):
             taken: list[Buffer] = []
             requests: list[ReadRequest] = []
+            used = self._pool.size
             try:
-                while offset < size and len(taken) < SCAN_WINDOW and (not taken or self._pool.available()):
-                    buf = await self._pool.acquire()
-                    taken.append(buf)
-                    n = min(self._pool.size, size - offset)
+                while i < len(pieces) and (len(taken) < SCAN_WINDOW or used + pieces[i][1] <= self._pool.size):
+                    offset, n = pieces[i]
+                    if used + n > self._pool.size:
+                        if taken and not self._pool.available():
+                            break
+                        taken.append(await self._pool.acquire())
+                        used = 0
                     if self._limiter is not None:
                         await self._limiter.take(n)
-                    requests.append(ReadRequest(f.fd, offset, buf.view[:dio_length(n, f.direct)]))
-                    offset += n
+                    requests.append(ReadRequest(f.fd, offset, taken[-1].view[used:used + n]))
+                    used += n
+                    i += 1
                 try:
                     counts = await self._reader.read_batch(requests)
                 except OSError as e:
                     raise BackupError("read failed during the backup", detail=f"{e.strerror or e}",
                                       hint="check the data directory's disk and permissions") from None
                 for req, got in zip(requests, counts):
-                    whole = min(got, len(req.view)) // BLOCK_SIZE * BLOCK_SIZE
-                    invalid = select_pages(req.view[:whole], req.offset // BLOCK_SIZE, lsn, blocks)
-                    if invalid is not None:
-                        log.info(f"{f.entry.path}: block {invalid} is not a valid page; copied whole")
-                        return None
-                    if got < len(req.view):
-                        return blocks  # the file shrank
+                    yield req.offset, req.view, min(got, len(req.view))
             finally:
                 for buf in taken:
                     buf.release()
-        return blocks
 
     async def _current(self) -> _Fill:
         if self._fill is None:
