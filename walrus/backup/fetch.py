@@ -115,7 +115,7 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
     directory = os.path.abspath(directory)
     _prepare_target(directory)
     _warn_if_short_of_space(directory, max(level.sentinel.uncompressed_size for level in chain))
-    totals, writer = ExtractStats(), ""
+    totals = ExtractStats()
     extraction: _Extraction | None = None
     try:
         links = _link_tablespaces(directory, spec) if spec else frozenset()
@@ -157,13 +157,12 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
         raise
     extraction.close()
     _add(totals, extraction.totals)
-    writer = extraction.writer
     # PostgreSQL refuses a data directory readable by others; WAL-G's root member is 0700 (or 0750).
     root_mode = totals.root_mode
     os.chmod(directory, root_mode if root_mode in (0o700, 0o750) else 0o700)
     return BackupFetchResult(name=name, directory=directory, parts=sum(level.parts.count for level in chain),
                              files=totals.files, bytes=totals.bytes, seconds=time.monotonic() - began,
-                             writer=writer, chain=[level.name for level in chain])
+                             writer=extraction.writer, chain=[level.name for level in chain])
 
 
 def _add(totals: ExtractStats, more: ExtractStats) -> None:

@@ -1,6 +1,7 @@
 """PostgreSQL data pages for delta backups: which files are paged, which of their pages changed since an LSN (WAL-G's page scan), and WAL-G's `wi1` increment format."""
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 import struct
@@ -92,7 +93,9 @@ def _bad(name: str, detail: str) -> CorruptObject:
 
 # -- the page scan
 
-def _compiled():
+@functools.cache
+def _compiled() -> tuple | None:
+    """(ffi, walrus_select_pages) of the compiled module, or None (logged once) without it."""
     try:
         from walrus._uring._liburing import ffi, lib
         return ffi, lib.walrus_select_pages
@@ -101,21 +104,16 @@ def _compiled():
         return None
 
 
-_SELECTOR: tuple | None | bool = False  # False: not looked up yet
-
-
 def select_pages(pages: memoryview, first_block: int, lsn: int, out: array) -> int | None:
     """Append to `out` the block numbers of the whole pages in `pages` (block `first_block` onwards)
     that a delta from `lsn` carries: new pages (pd_upper 0) and valid pages whose pd_lsn is at least
     `lsn`, WAL-G's rule. Returns the block number of the first page that is neither (the caller
     copies the file whole, as WAL-G does), else None."""
-    global _SELECTOR
-    if _SELECTOR is False:
-        _SELECTOR = _compiled()
+    compiled = _compiled()
     count = len(pages) // BLOCK_SIZE
-    if _SELECTOR is None:
+    if compiled is None:
         return _select_in_python(pages, count, first_block, lsn, out)
-    ffi, select = _SELECTOR
+    ffi, select = compiled
     found = array("I", bytes(4 * count))
     selected = ffi.new("size_t *")
     invalid = select(ffi.from_buffer("unsigned char[]", pages), count, BLOCK_SIZE, lsn, first_block,

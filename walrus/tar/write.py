@@ -210,7 +210,7 @@ class TarPartStream:
             if entry.data is not None:
                 await self._lay_bytes(entry.data)
             elif opened is not None:
-                await self._lay_file(opened, [(0, entry.size)])
+                await self._lay_file(opened)
             await self._lay_bytes(bytes(padding(entry.size)))
             self.data_size += entry.size
         self._added(entry)
@@ -324,24 +324,24 @@ class TarPartStream:
             if fill.buf.length == self._pool.size:
                 await self._submit()
 
-    async def _lay_file(self, f: _OpenFile, extents: list[tuple[int, int]]) -> None:
-        """Lay the file's bytes at each (offset, length) extent, in order, as reads into the buffers."""
-        for offset, remaining in extents:
-            while remaining:
-                fill = await self._current()
-                start = fill.buf.length
-                n = min(self._pool.size - start, remaining)
-                # fits: the buffer ends on a block boundary and tar padding follows the file's last byte
-                ask = dio_length(n, f.direct)
-                fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + ask]))
-                fill.owners.append(f)
-                fill.lengths.append(n)
-                f.pending += 1
-                fill.buf.length += n
-                offset += n
-                remaining -= n
-                if fill.buf.length == self._pool.size:
-                    await self._submit()
+    async def _lay_file(self, f: _OpenFile) -> None:
+        """Lay the file's bytes, as reads straight into the buffers."""
+        offset, remaining = 0, f.entry.size
+        while remaining:
+            fill = await self._current()
+            start = fill.buf.length
+            n = min(self._pool.size - start, remaining)
+            # fits: the buffer ends on a block boundary and tar padding follows the file's last byte
+            ask = dio_length(n, f.direct)
+            fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + ask]))
+            fill.owners.append(f)
+            fill.lengths.append(n)
+            f.pending += 1
+            fill.buf.length += n
+            offset += n
+            remaining -= n
+            if fill.buf.length == self._pool.size:
+                await self._submit()
         f.laid_out = True
         if f.pending == 0:
             self._close(f.fd)
