@@ -78,6 +78,23 @@ void io_uring_cq_advance(struct io_uring *ring, unsigned nr);
 
 long walrus_select_pages(const unsigned char *pages, size_t count, unsigned page_size, uint64_t lsn,
                          uint32_t first_block, uint32_t *out, size_t *selected);
+
+struct walrus_walmap {
+    uint64_t pos; int status; int error; uint64_t error_lsn; uint64_t records; int switched;
+    uint32_t need; uint32_t rec_len; uint32_t got; uint64_t rec_lsn; int foreign; int decoded;
+    uint32_t cont_len; uint32_t cont_got; unsigned char head[4096]; unsigned char cont[4096];
+    uint32_t *refs; size_t nrefs; uint16_t magic;
+    ...;
+};
+void walrus_walmap_init(struct walrus_walmap *st, uint64_t seg_start, uint32_t seg_size, uint64_t stop_lsn);
+int walrus_walmap_feed(struct walrus_walmap *st, const unsigned char *data, size_t len);
+int walrus_walmap_record(struct walrus_walmap *st, const unsigned char *data, size_t len, uint32_t rec_len,
+                         uint16_t magic);
+int walrus_walmap_finish(struct walrus_walmap *st);
+void walrus_walmap_release(struct walrus_walmap *st);
+size_t walrus_walmap_merge(const uint32_t *a, size_t na, const uint32_t *b, size_t nb, uint32_t *out);
+int walrus_walmap_sorted(const uint32_t *refs, size_t n);
+size_t walrus_walmap_unique(uint32_t *refs, size_t n);
 """
 
 # Delta backups' page scan (walrus.pg.pages), here so a buffer the io_uring reader filled is scanned
@@ -120,9 +137,405 @@ static long walrus_select_pages(const unsigned char *pages, size_t count, unsign
 }
 """
 
+# The WAL block map (walrus.pg.walmap): which relation blocks a WAL segment's records touch, read
+# from the block references of each record's header (PostgreSQL's xlogrecord.h and DecodeXLogRecord,
+# versions 13 to 17), fed a segment's bytes in pieces as wal-push reads them. A record's header is
+# kept (up to WALMAP_HEAD bytes) until it can be decoded, so one that spans pages or buffers costs
+# no copy of its data; one that runs into the next segment leaves its start (the caller's "tail"),
+# and the next segment's first bytes (its "cont") complete it. Records that change a relation's file
+# without block references (a relation's storage created, a database directory copied) mark the whole
+# relation or database: block WALMAP_WHOLE. Output: (tablespace, database, relation, block) of the
+# main fork, sorted and unique. Invariant: a block a record touches is in the output, or the parse
+# ends with an error (status < 0); extra blocks are harmless.
+WALMAP_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define WALMAP_PAGE 8192
+#define WALMAP_HEAD 4096
+#define WALMAP_WHOLE 0xFFFFFFFFu
+#define WALMAP_RECORD_HEADER 24
+#define WALMAP_MAXALIGN(x) (((x) + 7) & ~(size_t)7)
+#define XLP_FIRST_IS_CONTRECORD 0x0001
+#define XLP_LONG_HEADER 0x0002
+
+enum { WALMAP_PARSING = 0, WALMAP_DONE = 1 };
+enum { WALMAP_E_MAGIC = -1, WALMAP_E_ADDRESS = -2, WALMAP_E_GEOMETRY = -3, WALMAP_E_LENGTH = -4,
+       WALMAP_E_HEADER = -5, WALMAP_E_MEMORY = -6, WALMAP_E_TRUNCATED = -7 };
+
+struct walrus_walmap {
+    uint64_t pos;             /* bytes of the segment consumed */
+    int status;               /* WALMAP_PARSING, WALMAP_DONE, or an error (< 0) */
+    int error;
+    uint64_t error_lsn;
+    uint64_t records;         /* records decoded */
+    int switched;             /* the segment ended with an XLOG_SWITCH record */
+    uint32_t need;            /* bytes of the record in progress still to come */
+    uint32_t rec_len;         /* its xl_tot_len */
+    uint32_t got;             /* bytes of it seen */
+    uint64_t rec_lsn;
+    int foreign;              /* it began in an earlier segment (the bytes go to cont) */
+    int decoded;
+    uint32_t cont_len;        /* xlp_rem_len of the segment's first page */
+    uint32_t cont_got;
+    unsigned char head[WALMAP_HEAD];
+    unsigned char cont[WALMAP_HEAD];
+    uint32_t *refs;           /* four uint32 per block */
+    size_t nrefs, cap;
+    uint64_t seg_start, stop_lsn;
+    uint32_t seg_size, fill;
+    uint16_t magic;
+    uint8_t compressed_mask;  /* BKPIMAGE_* bits that mean "compressed": they moved in version 15 */
+    unsigned char page[WALMAP_PAGE];
+};
+
+static uint16_t wm_u16(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static uint32_t wm_u32(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static uint64_t wm_u64(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+static int wm_cmp(const void *a, const void *b)
+{
+    const uint32_t *x = a, *y = b;
+    for (int i = 0; i < 4; i++)
+        if (x[i] != y[i])
+            return x[i] < y[i] ? -1 : 1;
+    return 0;
+}
+
+static size_t wm_unique(uint32_t *refs, size_t n)
+{
+    if (n == 0)
+        return 0;
+    qsort(refs, n, 16, wm_cmp);
+    size_t k = 1;
+    for (size_t i = 1; i < n; i++)
+        if (memcmp(refs + 4 * i, refs + 4 * (k - 1), 16) != 0)
+            memmove(refs + 4 * k++, refs + 4 * i, 16);
+    return k;
+}
+
+static void wm_fail(struct walrus_walmap *st, int error, uint64_t lsn)
+{
+    if (st->status >= 0) {
+        st->status = error;
+        st->error = error;
+        st->error_lsn = lsn;
+    }
+}
+
+static void wm_emit(struct walrus_walmap *st, uint32_t spc, uint32_t db, uint32_t rel, uint32_t blk)
+{
+    if (st->nrefs == st->cap) {
+        st->nrefs = wm_unique(st->refs, st->nrefs);  /* most references repeat: compact before growing */
+        if (st->nrefs * 2 >= st->cap) {
+            size_t cap = st->cap ? st->cap * 2 : 4096;
+            uint32_t *grown = realloc(st->refs, cap * 16);
+            if (grown == NULL) {
+                wm_fail(st, WALMAP_E_MEMORY, st->rec_lsn);
+                return;
+            }
+            st->refs = grown;
+            st->cap = cap;
+        }
+    }
+    uint32_t *r = st->refs + 4 * st->nrefs++;
+    r[0] = spc; r[1] = db; r[2] = rel; r[3] = blk;
+}
+
+/* The block references of the record in head[0..avail): 1 decoded, 0 more bytes needed, < 0 an
+   error. complete: the whole record is there, so its main data can be read too. */
+static int wm_decode(struct walrus_walmap *st, size_t avail, int complete)
+{
+    const unsigned char *r = st->head;
+    if (avail < WALMAP_RECORD_HEADER)
+        return complete ? WALMAP_E_HEADER : 0;
+    size_t ptr = WALMAP_RECORD_HEADER, remaining = st->rec_len - WALMAP_RECORD_HEADER, datatotal = 0;
+    uint32_t spc = 0, db = 0, rel = 0, main_len = 0;
+    int have_rel = 0;
+#define WM_NEED(k) do { if ((k) > remaining) return WALMAP_E_HEADER; \
+                        if (ptr + (k) > avail) return complete ? WALMAP_E_HEADER : 0; } while (0)
+#define WM_TAKE(k) do { ptr += (k); remaining -= (k); } while (0)
+    while (remaining > datatotal) {
+        WM_NEED(1);
+        uint8_t id = r[ptr];
+        WM_TAKE(1);
+        if (id == 255) {            /* XLR_BLOCK_ID_DATA_SHORT */
+            WM_NEED(1); main_len = r[ptr]; WM_TAKE(1);
+            break;
+        } else if (id == 254) {     /* XLR_BLOCK_ID_DATA_LONG */
+            WM_NEED(4); main_len = wm_u32(r + ptr); WM_TAKE(4);
+            break;
+        } else if (id == 253) {     /* XLR_BLOCK_ID_ORIGIN */
+            WM_NEED(2); WM_TAKE(2);
+        } else if (id == 252) {     /* XLR_BLOCK_ID_TOPLEVEL_XID */
+            WM_NEED(4); WM_TAKE(4);
+        } else if (id <= 32) {      /* XLR_MAX_BLOCK_ID */
+            WM_NEED(3);
+            uint8_t fork_flags = r[ptr];
+            datatotal += wm_u16(r + ptr + 1);
+            WM_TAKE(3);
+            if (fork_flags & 0x10) {            /* BKPBLOCK_HAS_IMAGE */
+                WM_NEED(5);
+                datatotal += wm_u16(r + ptr);
+                uint8_t bimg_info = r[ptr + 4];
+                WM_TAKE(5);
+                if ((bimg_info & st->compressed_mask) && (bimg_info & 0x01)) {  /* BKPIMAGE_HAS_HOLE */
+                    WM_NEED(2); WM_TAKE(2);
+                }
+            }
+            if (!(fork_flags & 0x80)) {         /* not BKPBLOCK_SAME_REL */
+                WM_NEED(12);
+                spc = wm_u32(r + ptr); db = wm_u32(r + ptr + 4); rel = wm_u32(r + ptr + 8);
+                have_rel = 1;
+                WM_TAKE(12);
+            } else if (!have_rel)
+                return WALMAP_E_HEADER;
+            WM_NEED(4);
+            uint32_t blk = wm_u32(r + ptr);
+            WM_TAKE(4);
+            if ((fork_flags & 0x0F) == 0)       /* MAIN_FORKNUM */
+                wm_emit(st, spc, db, rel, blk);
+        } else
+            return WALMAP_E_HEADER;
+    }
+#undef WM_NEED
+#undef WM_TAKE
+    if (datatotal + main_len != remaining)   /* the lengths must add up to the record's, as PostgreSQL checks */
+        return WALMAP_E_HEADER;
+    uint8_t rmid = r[17], kind = r[16] & 0xF0;
+    int smgr_create = rmid == 2 && kind == 0x10, dbase_copy = rmid == 4 && kind == 0x00;
+    if (smgr_create || dbase_copy) {
+        /* the main data, last in the record, says what changed: these records are small */
+        if (!complete || st->rec_len > WALMAP_HEAD)
+            return complete || st->rec_len > WALMAP_HEAD ? WALMAP_E_HEADER : 0;
+        const unsigned char *m = r + st->rec_len - main_len;
+        if (main_len < (smgr_create ? 16u : 8u))
+            return WALMAP_E_HEADER;
+        if (smgr_create && wm_u32(m + 12) == 0)  /* xl_smgr_create {spc, db, rel, fork}, MAIN_FORKNUM */
+            wm_emit(st, wm_u32(m), wm_u32(m + 4), wm_u32(m + 8), WALMAP_WHOLE);
+        else if (dbase_copy)                     /* xl_dbase_create_file_copy_rec {db, spc, ...} */
+            wm_emit(st, wm_u32(m + 4), wm_u32(m), 0, WALMAP_WHOLE);
+    }
+    return 1;
+}
+
+static void wm_take(struct walrus_walmap *st, const unsigned char *src, uint32_t n)
+{
+    if (st->foreign) {
+        if (st->cont_got < WALMAP_HEAD) {
+            uint32_t k = n < WALMAP_HEAD - st->cont_got ? n : WALMAP_HEAD - st->cont_got;
+            memcpy(st->cont + st->cont_got, src, k);
+            st->cont_got += k;
+        }
+        return;
+    }
+    if (st->got < WALMAP_HEAD) {
+        uint32_t k = n < WALMAP_HEAD - st->got ? n : WALMAP_HEAD - st->got;
+        memcpy(st->head + st->got, src, k);
+    }
+    st->got += n;
+    int complete = st->got == st->rec_len;
+    if (!st->decoded && (complete || st->got >= WALMAP_HEAD)) {
+        int done = wm_decode(st, st->got < WALMAP_HEAD ? st->got : WALMAP_HEAD, complete);
+        if (done < 0 || (done == 0 && st->got >= WALMAP_HEAD))
+            wm_fail(st, done < 0 ? done : WALMAP_E_HEADER, st->rec_lsn);
+        st->decoded = done == 1;
+    }
+    if (complete && st->decoded) {
+        st->records++;
+        if (st->head[17] == 0 && (st->head[16] & 0xF0) == 0x40) {  /* XLOG_SWITCH: the rest is unused */
+            st->switched = 1;
+            st->status = WALMAP_DONE;
+        }
+    }
+}
+
+static void wm_page(struct walrus_walmap *st, const unsigned char *p)
+{
+    uint64_t addr = st->seg_start + st->pos;
+    int first = st->pos == 0;
+    st->pos += WALMAP_PAGE;
+    uint16_t magic = wm_u16(p), info = wm_u16(p + 2);
+    if (first) {
+        if (magic < 0xD106 || magic > 0xD118) {   /* XLOG_PAGE_MAGIC of versions 13 to 17 */
+            wm_fail(st, WALMAP_E_MAGIC, addr);
+            return;
+        }
+        st->magic = magic;
+        st->compressed_mask = magic >= 0xD110 ? 0x1C : 0x02;
+        if (!(info & XLP_LONG_HEADER) || wm_u32(p + 32) != st->seg_size || wm_u32(p + 36) != WALMAP_PAGE) {
+            wm_fail(st, WALMAP_E_GEOMETRY, addr);
+            return;
+        }
+    }
+    if (magic != st->magic || wm_u64(p + 8) != addr) {
+        /* not this segment's WAL: the end of what was written (a file PostgreSQL is still writing or
+           recycled), or damage */
+        if (first || st->need)
+            wm_fail(st, first ? WALMAP_E_ADDRESS : WALMAP_E_TRUNCATED, addr);
+        else
+            st->status = WALMAP_DONE;
+        return;
+    }
+    size_t off = (info & XLP_LONG_HEADER) ? 40 : 24;
+    if (first && (info & XLP_FIRST_IS_CONTRECORD)) {
+        st->cont_len = wm_u32(p + 16);
+        st->need = st->cont_len;
+        st->foreign = 1;
+    }
+    if (st->need) {
+        if (!(info & XLP_FIRST_IS_CONTRECORD) || wm_u32(p + 16) != st->need) {
+            /* the record was abandoned (a crash; XLP_FIRST_IS_OVERWRITE_CONTRECORD): what it
+               referenced is in the output already, which is harmless */
+            st->need = 0;
+            st->foreign = 0;
+        } else {
+            uint32_t n = st->need < WALMAP_PAGE - off ? st->need : (uint32_t)(WALMAP_PAGE - off);
+            wm_take(st, p + off, n);
+            st->need -= n;
+            off += n;
+            if (st->need)
+                return;
+            st->foreign = 0;
+            off = WALMAP_MAXALIGN(off);
+        }
+    }
+    while (st->status == WALMAP_PARSING && off < WALMAP_PAGE) {
+        uint64_t lsn = addr + off;
+        if (st->stop_lsn && lsn >= st->stop_lsn) {
+            st->status = WALMAP_DONE;
+            return;
+        }
+        uint32_t len = wm_u32(p + off);
+        if (len == 0) {          /* unused space: nothing more was written */
+            st->status = WALMAP_DONE;
+            return;
+        }
+        if (len < WALMAP_RECORD_HEADER) {
+            wm_fail(st, WALMAP_E_LENGTH, lsn);
+            return;
+        }
+        st->rec_len = len;
+        st->rec_lsn = lsn;
+        st->got = 0;
+        st->decoded = 0;
+        uint32_t n = len < WALMAP_PAGE - off ? len : (uint32_t)(WALMAP_PAGE - off);
+        wm_take(st, p + off, n);
+        off += n;
+        st->need = len - n;
+        if (st->need)
+            return;
+        off = WALMAP_MAXALIGN(off);
+    }
+}
+
+void walrus_walmap_init(struct walrus_walmap *st, uint64_t seg_start, uint32_t seg_size, uint64_t stop_lsn)
+{
+    memset(st, 0, sizeof *st);
+    st->seg_start = seg_start;
+    st->seg_size = seg_size;
+    st->stop_lsn = stop_lsn;
+}
+
+int walrus_walmap_feed(struct walrus_walmap *st, const unsigned char *data, size_t len)
+{
+    while (len && st->status == WALMAP_PARSING && st->pos < st->seg_size) {
+        if (st->fill == 0 && len >= WALMAP_PAGE) {
+            wm_page(st, data);
+            data += WALMAP_PAGE;
+            len -= WALMAP_PAGE;
+            continue;
+        }
+        size_t k = WALMAP_PAGE - st->fill < len ? WALMAP_PAGE - st->fill : len;
+        memcpy(st->page + st->fill, data, k);
+        st->fill += k;
+        data += k;
+        len -= k;
+        if (st->fill == WALMAP_PAGE) {
+            st->fill = 0;
+            wm_page(st, st->page);
+        }
+    }
+    return st->status;
+}
+
+/* One record's first bytes, given whole (the tail of one segment and the cont of the next). */
+int walrus_walmap_record(struct walrus_walmap *st, const unsigned char *data, size_t len, uint32_t rec_len,
+                         uint16_t magic)
+{
+    memset(st, 0, sizeof *st);
+    st->compressed_mask = magic >= 0xD110 ? 0x1C : 0x02;
+    if (rec_len < WALMAP_RECORD_HEADER || len > rec_len) {
+        wm_fail(st, WALMAP_E_LENGTH, 0);
+        return st->status;
+    }
+    st->rec_len = rec_len;
+    size_t k = len < WALMAP_HEAD ? len : WALMAP_HEAD;
+    memcpy(st->head, data, k);
+    st->got = (uint32_t)len;
+    int done = wm_decode(st, k, len == rec_len);
+    if (done != 1)
+        wm_fail(st, done < 0 ? done : WALMAP_E_HEADER, 0);
+    else
+        st->records = 1;
+    return st->status;
+}
+
+/* Sorts and dedupes the output; a record still in progress is decoded from what arrived, if it can
+   be (else its head is the caller's tail). Returns the status. */
+int walrus_walmap_finish(struct walrus_walmap *st)
+{
+    if (st->status >= 0 && st->need && !st->foreign && !st->decoded) {
+        int done = wm_decode(st, st->got < WALMAP_HEAD ? st->got : WALMAP_HEAD, 0);
+        if (done < 0)
+            wm_fail(st, done, st->rec_lsn);
+        st->decoded = done == 1;
+    }
+    st->nrefs = wm_unique(st->refs, st->nrefs);
+    return st->status;
+}
+
+void walrus_walmap_release(struct walrus_walmap *st)
+{
+    free(st->refs);
+    st->refs = NULL;
+    st->nrefs = st->cap = 0;
+}
+
+/* Sorts references in place and drops repeats; returns how many are left. */
+size_t walrus_walmap_unique(uint32_t *refs, size_t n)
+{
+    return wm_unique(refs, n);
+}
+
+/* 1 if the references are sorted and unique (what the merge below needs), else 0. */
+int walrus_walmap_sorted(const uint32_t *refs, size_t n)
+{
+    for (size_t i = 1; i < n; i++)
+        if (wm_cmp(refs + 4 * (i - 1), refs + 4 * i) >= 0)
+            return 0;
+    return 1;
+}
+
+/* The union of two sorted, unique reference lists into out (room for na + nb). */
+size_t walrus_walmap_merge(const uint32_t *a, size_t na, const uint32_t *b, size_t nb, uint32_t *out)
+{
+    size_t i = 0, j = 0, n = 0;
+    while (i < na || j < nb) {
+        int c = i == na ? 1 : j == nb ? -1 : wm_cmp(a + 4 * i, b + 4 * j);
+        const uint32_t *take = c <= 0 ? a + 4 * i : b + 4 * j;
+        memcpy(out + 4 * n++, take, 16);
+        i += c <= 0;
+        j += c >= 0;
+    }
+    return n;
+}
+"""
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE, libraries=["uring"])
+ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE + WALMAP_SOURCE, libraries=["uring"])
 
 
 def _include_dirs() -> list[str]:

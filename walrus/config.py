@@ -253,6 +253,10 @@ SETTINGS: tuple[Setting, ...] = (
       "Build the delta on this backup instead (--delta-from-name wins)."),
     S("WALG_DELTA_FROM_USER_DATA", "delta_from_user_data", _json, None,
       "Build the delta on the backup with this JSON user data instead (--delta-from-user-data wins)."),
+    S("WALRUS_BLOCK_MAP", "block_map", parse_bool, True,
+      "Where WALG_DELTA_MAX_STEPS is above 0: wal-push records which relation blocks each WAL segment "
+      "touches (a sidecar in blockmap_005/), and a delta reads only those blocks where the maps cover "
+      "its range (else it scans pages); false: no maps, deltas scan."),
     S("WALG_SENTINEL_USER_DATA", "sentinel_user_data", _text, None,
       "JSON stored as the UserData of every backup-push's sentinel (--add-user-data wins)."),
     S("WALG_FETCH_TARGET_USER_DATA", "fetch_target_user_data", _text, None,
@@ -412,6 +416,7 @@ class Settings:
     delta_origin: str
     delta_from_name: str | None
     delta_from_user_data: Any | None
+    block_map: bool
     sentinel_user_data: str | None
     fetch_target_user_data: str | None
     disable_partial_restore: bool

@@ -184,14 +184,18 @@ def test_wal_below_the_cut_goes_on_every_timeline(bucket):
     bucket.write(f"wal_005/{wal(2, 12, '.partial.lz4')}", b"partial")
     bucket.write(f"wal_005/{wal(2, 25, '.00000028.backup.lz4')}", b"label")
     bucket.write("wal_005/README", b"not WAL")
+    for segno in range(10, 20):  # walrus's block maps, named as their segments, go by the same cut
+        bucket.write(f"blockmap_005/{wal(1, segno, '.zst')}", b"map")
     for segno in (5, 15, 20):
         bucket.backup(segno)
     before = bucket.keys()
     plan = bucket.plan("retain", "2", "--confirm")
     assert plan["wal"]["objects"] == 3 * 14 + 1 and [t["objects"] for t in plan["wal"]["timelines"]] == [14, 15, 14]
+    assert plan["wal"]["block_maps"] == 5
     gone = {k for k in before if k.startswith("wal_005/0") and ".history" not in k
             and int(k[16:24], 16) * 256 + int(k[24:32], 16) < 15}
-    assert len(gone) == 43 and bucket.keys() == before - gone - {k for k in before if name_at(5) in k}
+    maps_gone = {f"blockmap_005/{wal(1, segno, '.zst')}" for segno in range(10, 15)}
+    assert len(gone) == 43 and bucket.keys() == before - gone - maps_gone - {k for k in before if name_at(5) in k}
 
 
 def test_dry_run_text_names_everything_it_would_delete(bucket):

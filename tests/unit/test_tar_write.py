@@ -268,3 +268,54 @@ def test_an_increment_of_a_file_that_shrank_lays_zero_pages(tmp_path, io_mode):
         inc = read_increment_head(body.read, member.size, "16385")
         assert (inc.file_size, list(inc.blocks)) == (6 * 8192, [0, 4, 5])
         assert body.read() == pages[0] + bytes(2 * 8192)
+
+
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_increments_of_parts_side_by_side_never_starve_the_pool(tmp_path, lanes):
+    """Parts sharing one pool (a backup's lanes) each lay increments whose pages are read a window
+    at a time: a window waits for a fill buffer while it holds its own, so the windows together may
+    never hold the buffers the fills need (window_quota). The smallest pool a plan makes (4 a lane)."""
+    from array import array
+
+    from walrus.pg.pages import read_increment_head
+    from walrus.tar.write import window_quota
+
+    pages = b"".join(_page(1) for _ in range(64))
+    blocks = array("I", range(0, 64, 2))  # runs of one page: many pieces, a window of several buffers
+
+    async def main():
+        count = 4 * lanes
+        pool = BufferPool(count, 16384)
+        reader = open_reader("preadv")
+        windows = asyncio.Semaphore(window_quota(count, lanes))
+        try:
+            async def lane(n: int) -> bytes:
+                entries = []
+                for i in range(6):
+                    path = tmp_path / f"{n}_{16384 + i}"
+                    path.write_bytes(pages)
+                    entries.append(file_entry(path))
+                    entries[-1].blocks = array("I", blocks)
+                stream = TarPartStream(iter(entries), pool, reader, depth=1, windows=windows)
+
+                async def slow(stream):  # an upload slower than the reads: the fills wait on it
+                    out = bytearray()
+                    async for buf in stream:
+                        await asyncio.sleep(0.001)
+                        out += buf.data
+                        buf.release()
+                    return bytes(out)
+                return await slow(stream)
+
+            raws = await asyncio.wait_for(asyncio.gather(*(lane(n) for n in range(lanes))), 30)
+            assert pool.available() == count
+            return raws
+        finally:
+            reader.close()
+
+    for raw in asyncio.run(main()):
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tf:
+            for member in tf.getmembers():
+                body = io.BytesIO(tf.extractfile(member).read())
+                assert list(read_increment_head(body.read, member.size, member.name).blocks) == list(blocks)
+                assert body.read() == b"".join(pages[b * 8192:(b + 1) * 8192] for b in blocks)

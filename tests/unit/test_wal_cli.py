@@ -434,3 +434,39 @@ def test_concurrent_pushes_of_one_name_never_lose_a_version(tmp_path, same):
         rc, err = results[1 - winners[0]]
         assert rc == 1 and "already archived with different contents" in err, err
         assert [p.name for p in (store / "wal_005").iterdir()] == [SEGMENT + ".lz4"]
+
+
+def test_push_records_the_block_map_beside_the_segment(tmp_path):
+    """With deltas on, a pushed segment's block map lands in blockmap_005/ (also when a retry finds
+    the segment archived and the map missing); with deltas off, or a file that is not WAL, none, and
+    the push still succeeds."""
+    from tests.unit.walgen import Record, Ref, wal_stream
+    from walrus.pg.walmap import SegmentMap
+    from walrus.pg.xlog import parse_wal_file_name
+
+    size = 4 << 20
+    timeline, segno = parse_wal_file_name(SEGMENT, size)
+    data, _ = wal_stream([Record(refs=[Ref(1663, 5, 16384, b, data=100)]) for b in range(2000)],
+                         segno * size, 1, size, timeline=timeline)
+    path = tmp_path / "pg_wal" / SEGMENT
+    path.parent.mkdir()
+    path.write_bytes(data)
+    store = tmp_path / "s"
+    key = store / "blockmap_005" / (SEGMENT + ".zst")
+    walrus(["wal-push", str(path)], {"WALG_FILE_PREFIX": str(store)}, check=True)
+    assert not key.exists()  # WALG_DELTA_MAX_STEPS is 0: no delta will read it
+    env = {"WALG_FILE_PREFIX": str(store), "WALG_DELTA_MAX_STEPS": "2"}
+    again = walrus(["wal-push", str(path), "--json"], dict(env), check=True)
+    assert json.loads(again.stdout)["status"] == "already archived"
+    stored = SegmentMap.decode(key.read_bytes(), "test", timeline, size, segno * size)
+    assert stored.records == 2000 and len(stored.refs) == 4 * 2000
+    key.unlink()
+    (store / "wal_005" / (SEGMENT + ".lz4")).unlink()
+    walrus(["wal-push", str(path)], dict(env), check=True)
+    assert SegmentMap.decode(key.read_bytes(), "test", timeline, size, segno * size).records == 2000
+    # a segment that is not WAL PostgreSQL wrote (random bytes): archived, and no map, with a warning
+    other = tmp_path / "pg_wal" / "000000010000000000000009"
+    other.write_bytes(os.urandom(size))
+    pushed = walrus(["wal-push", str(other)], dict(env), check=True)
+    assert "its block map cannot be made" in pushed.stderr
+    assert not (store / "blockmap_005" / "000000010000000000000009.zst").exists()

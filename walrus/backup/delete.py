@@ -22,7 +22,7 @@ from walrus.errors import StorageError
 from walrus.log import log
 from walrus.pg.xlog import wal_file_name
 from walrus.storage import layout
-from walrus.storage.base import Storage, Upload
+from walrus.storage.base import Storage, Upload, join_key
 
 BATCH = 1000  # keys per delete request (S3's DeleteObjects limit)
 IN_FLIGHT = 4  # delete requests at once beside the listing that feeds them: at most 4 x BATCH keys held
@@ -38,6 +38,7 @@ class WalSweep:
     timelines: dict[int, list] = field(default_factory=dict)  # timeline -> [count, first, last]
     history: list[str] = field(default_factory=list)
     other: int = 0  # objects with no WAL name: kept unless everything
+    maps: int = 0  # the segments' block maps (blockmap_005/)
 
     def add(self, name: str, size: int, segment_size: int) -> None:
         self.objects += 1
@@ -54,7 +55,7 @@ class WalSweep:
             entry[2] = max(entry[2], name)
 
     def as_json(self) -> dict[str, Any]:
-        return {"objects": self.objects, "bytes": self.bytes, "history": self.history,
+        return {"objects": self.objects, "bytes": self.bytes, "history": self.history, "block_maps": self.maps,
                 "timelines": [{"timeline": tl, "objects": n, "first": first, "last": last}
                               for tl, (n, first, last) in sorted(self.timelines.items())]}
 
@@ -121,6 +122,8 @@ class DeleteResult:
         for tl, (n, first, last) in sorted(self.wal.timelines.items()):
             lines.append(f"  timeline {tl}: {n} objects, {first} .. {last}")
         lines += [f"  {h}" for h in self.wal.history]
+        if self.wal.maps:
+            lines.append(f"  and their block maps: {self.wal.maps} objects")
         for tl, first, last in p.protected:
             lines.append(f"  kept for a permanent backup: {wal_file_name(tl, first, self.segment_size)} .. "
                          f"{wal_file_name(tl, last, self.segment_size)}")
@@ -287,7 +290,8 @@ class _Deleter:
 
 async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> None:
     """WAL below the cut goes, streamed in batches: only names the plan judges, never a segment at
-    or after the cut, so a wal-push running meanwhile loses nothing.
+    or after the cut, so a wal-push running meanwhile loses nothing. The segments' block maps
+    (blockmap_005/, named as their segments) go by the same rule.
 
     Where the storage lists in key order (S3), a timeline's segments come in segment order, so the
     first one at or above the cut ends that timeline: the listing restarts after it, at the next
@@ -295,23 +299,28 @@ async def _sweep_wal(storage: Storage, result: DeleteResult, confirm: bool) -> N
     archive, in a daily retention)."""
     plan_, size, sweep = result.plan, result.segment_size, result.wal
     skip = storage.lists_in_key_order and not plan_.wal_all and plan_.wal_cut is not None
-    start_after = None
     async with _Deleter(storage, confirm) as deleter:
-        while True:
-            restart = None
-            async with contextlib.aclosing(storage.list(layout.WAL, recursive=plan_.wal_all,
-                                                        start_after=start_after)) as listing:
-                async for obj in listing:
-                    if skip and (token := _segment_token(obj.name, size)) is not None and token[1] >= plan_.wal_cut:
-                        restart = layout.wal_key(f"{token[0]:08X}G")  # past every WAL name of this timeline
-                        break
-                    if not plan_.deletes_wal(obj.name, size):
-                        continue
-                    sweep.add(obj.name, obj.size, size)
-                    await deleter.add(obj.key)
-            if restart is None:
-                break
-            start_after = restart
+        for folder in (layout.WAL, layout.BLOCKMAP):
+            start_after = None
+            while True:
+                restart = None
+                async with contextlib.aclosing(storage.list(folder, recursive=plan_.wal_all,
+                                                            start_after=start_after)) as listing:
+                    async for obj in listing:
+                        if skip and (token := _segment_token(obj.name, size)) is not None \
+                                and token[1] >= plan_.wal_cut:
+                            restart = join_key(folder, f"{token[0]:08X}G")  # past every WAL name of this timeline
+                            break
+                        if not plan_.deletes_wal(obj.name, size):
+                            continue
+                        if folder == layout.WAL:
+                            sweep.add(obj.name, obj.size, size)
+                        else:
+                            sweep.maps += 1
+                        await deleter.add(obj.key)
+                if restart is None:
+                    break
+                start_after = restart
 
 
 def _segment_token(name: str, segment_size: int) -> tuple[int, int] | None:

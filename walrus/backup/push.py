@@ -12,7 +12,8 @@ from typing import Any, Awaitable, Callable, Iterator, Protocol
 
 from walrus import codec
 from walrus.aio import gather_all
-from walrus.tar.write import Entry, TarPartStream
+from walrus.tar.write import Entry, TarPartStream, window_quota
+from walrus.backup.blockmap import MapChoice, load_block_map, log_choice
 from walrus.backup.delta import DeltaBase, DeltaChoice, check_base, choose_base, delta_name
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
@@ -23,6 +24,7 @@ from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError
 from walrus.log import log
 from walrus.pg.pages import increment_size, is_paged_file
+from walrus.pg.walmap import BlockMap
 from walrus.pg.client import BackupStart, BackupStop, PgSession, ServerInfo
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
 from walrus.ratelimit import RateLimiter
@@ -48,13 +50,14 @@ class BackupPushResult:
     reader: str
     storage: str
     delta_from: str | None = None  # the base of a delta backup
+    delta_method: str | None = None  # a delta's: "block map" or "page scan"
 
     def as_json(self) -> dict[str, Any]:
         return {"backup_name": self.name, "start_lsn": format_lsn(self.start_lsn),
                 "finish_lsn": format_lsn(self.finish_lsn), "uncompressed_size": self.uncompressed_size,
                 "compressed_size": self.compressed_size, "parts": self.parts, "files": self.files,
                 "seconds": round(self.seconds, 3), "reader": self.reader, "storage": self.storage,
-                "delta_from": self.delta_from}
+                "delta_from": self.delta_from, "delta_method": self.delta_method}
 
 
 @dataclass
@@ -77,10 +80,12 @@ class _Collected:
         self.files[entry.name] = FileDescription.for_mtime_ns(entry.mtime_ns, is_skipped=True)
 
 
-def delta_entries(entries: Iterator[Entry], base: DeltaBase, collected: _Collected) -> Iterator[Entry]:
+def delta_entries(entries: Iterator[Entry], base: DeltaBase, collected: _Collected,
+                  block_map: BlockMap | None = None) -> Iterator[Entry]:
     """WAL-G's choice per file of a delta: one the base holds with the very same mtime is skipped;
-    a paged file the base holds becomes an increment of the pages changed since the base's start;
-    any other file is copied whole."""
+    a paged file the base holds becomes an increment of the pages changed since the base's start
+    (the blocks the WAL block map names, else those a page scan finds); any other file is copied
+    whole, as is a relation the map says was created anew."""
     for entry in entries:
         if entry.kind == "file" and entry.data is None:
             known = base.files.lookup(entry.name)
@@ -88,8 +93,12 @@ def delta_entries(entries: Iterator[Entry], base: DeltaBase, collected: _Collect
                 if known.mtime_ns == entry.mtime_ns:
                     collected.skip(entry)
                     continue
-                if is_paged_file(entry.name.lstrip("/"), entry.size):
-                    entry.delta_lsn = base.lsn
+                relpath = entry.name.lstrip("/")
+                if is_paged_file(relpath, entry.size):
+                    if block_map is None:
+                        entry.delta_lsn = base.lsn
+                    else:
+                        entry.blocks = block_map.blocks(relpath, entry.size)
         yield entry
 
 
@@ -185,6 +194,8 @@ class _Push:
     reader: str = ""  # the file reader's name, for the result
     disk: RateLimiter | None = None  # WALG_DISK_RATE_LIMIT: one bucket for the reads of every part
     base: DeltaBase | None = None  # a delta's base; None for a full backup
+    block_map: MapChoice | None = None  # a delta's WAL block map, or why it scans pages
+    windows: asyncio.Semaphore | None = None  # pool buffers the parts' delta reads may hold at once
 
 
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
@@ -219,7 +230,9 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                             uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
                             parts=sorted(push.collected.tar_file_sets), files=len(push.collected.files),
                             seconds=time.monotonic() - began, reader=push.reader, storage=storage.describe(),
-                            delta_from=push.base.name if push.base else None)
+                            delta_from=push.base.name if push.base else None,
+                            delta_method=None if push.base is None else
+                            "block map" if push.block_map and push.block_map.map is not None else "page scan")
 
 
 async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
@@ -229,16 +242,21 @@ async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgB
     start_time = now_utc_micro()
     start = await asyncio.to_thread(session.backup_start, start_time.isoformat(), info.version_num)
     name = backup_name_for(start.timeline, start.lsn, info.segment_size)
+    block_map = None
     if choice.base is not None:
         check_base(choice.base, start.lsn, system_identifier_from_pg(info.system_identifier))
         name = delta_name(name, choice.base)
+        block_map = await load_block_map(settings, storage, pgdata, choice.base, start.lsn, start.timeline)
     log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
+    if block_map is not None:
+        log_choice(block_map)
     lanes = settings.upload_disk_concurrency
     # each part's buffers are compressed on every core, so the last part is not left to one
     plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count(), reserved=storage.upload_memory)
     disk = RateLimiter(settings.disk_rate_limit) if settings.disk_rate_limit is not None else None
     return _Push(settings, storage, pgdata, session, info, start, start_time, name,
-                 codec.extension(settings.compression_method), plan, lanes, disk=disk, base=choice.base)
+                 codec.extension(settings.compression_method), plan, lanes, disk=disk, base=choice.base,
+                 block_map=block_map, windows=asyncio.Semaphore(window_quota(plan.count, lanes)))
 
 
 async def _upload_data(push: _Push, uploader: Uploader) -> None:
@@ -246,7 +264,7 @@ async def _upload_data(push: _Push, uploader: Uploader) -> None:
     part_numbers = itertools.count(1)
     entries = walk_data_directory(push.pgdata, push.walk)
     if push.base is not None:
-        entries = delta_entries(entries, push.base, push.collected)
+        entries = delta_entries(entries, push.base, push.collected, push.block_map.map if push.block_map else None)
     shared = _SharedEntries(entries)
 
     async def lane() -> None:
@@ -284,7 +302,7 @@ async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry]
     s = push.settings
     stream = TarPartStream(entries, uploader.pool, uploader.reader, threshold=threshold, depth=push.plan.depth,
                            direct_min=s.direct_io_min if s.direct_io else None, on_member=push.collected.record,
-                           limiter=push.disk)
+                           limiter=push.disk, windows=push.windows)
     await uploader.upload(push.storage, layout.part_key(push.name, object_name), stream, push.counter,
                           push.plan.parallel)
     push.collected.tar_file_sets[object_name] = stream.members

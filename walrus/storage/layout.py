@@ -7,6 +7,7 @@ from walrus.storage.base import join_key
 
 BASEBACKUPS = "basebackups_005"
 WAL = "wal_005"
+BLOCKMAP = "blockmap_005"  # walrus's WAL block maps, one per archived segment (WAL-G never looks here)
 SENTINEL_SUFFIX = "_backup_stop_sentinel.json"
 METADATA = "metadata.json"
 FILES_METADATA = "files_metadata.json"
@@ -41,6 +42,10 @@ def part_object_name(number: int, ext: str) -> str:
 
 def wal_key(name: str) -> str:
     return join_key(WAL, name)
+
+
+def blockmap_key(segment: str) -> str:
+    return join_key(BLOCKMAP, segment + ".zst")
 
 
 def backup_name_from_sentinel(object_name: str) -> str | None:

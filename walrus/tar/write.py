@@ -116,9 +116,14 @@ class TarPartStream:
 
     def __init__(self, entries: Iterator[Entry], pool: BufferPool, reader: FileReader, *,
                  threshold: int | None = None, depth: int = 4, direct_min: int | None = None,
-                 on_member: Callable[[Entry], None] | None = None, limiter: RateLimiter | None = None):
+                 on_member: Callable[[Entry], None] | None = None, limiter: RateLimiter | None = None,
+                 windows: asyncio.Semaphore | None = None):
         self._entries = entries
         self._pool = pool
+        # buffers the delta reads (page scans, increments' pages) may hold at once, shared by every
+        # part of the backup: window_quota() leaves the parts' fills and compression jobs enough of
+        # the pool to go on, so a window waiting for a fill can never hold the last buffers
+        self._windows = windows if windows is not None else asyncio.Semaphore(window_quota(pool.count, 1))
         self._reader = reader
         self._threshold = threshold
         self._direct_min = direct_min
@@ -287,9 +292,14 @@ class TarPartStream:
                 while i < len(pieces) and (len(taken) < SCAN_WINDOW or used + pieces[i][1] <= self._pool.size):
                     offset, n = pieces[i]
                     if used + n > self._pool.size:
-                        if taken and not self._pool.available():
+                        if taken and (not self._pool.available() or self._windows.locked()):
                             break
-                        taken.append(await self._pool.acquire())
+                        await self._windows.acquire()
+                        try:
+                            taken.append(await self._pool.acquire())
+                        except BaseException:
+                            self._windows.release()
+                            raise
                         used = 0
                     if self._limiter is not None:
                         await self._limiter.take(n)
@@ -306,6 +316,7 @@ class TarPartStream:
             finally:
                 for buf in taken:
                     buf.release()
+                    self._windows.release()
 
     async def _current(self) -> _Fill:
         if self._fill is None:
@@ -382,6 +393,13 @@ class TarPartStream:
             if owner.laid_out and owner.pending == 0:
                 self._close(owner.fd)
         return fill.buf
+
+
+def window_quota(pool_buffers: int, lanes: int) -> int:
+    """Pool buffers the delta's read windows of `lanes` parts may hold together. The rest is at least
+    two per lane and one more: each lane's fill, and buffers queued or compressing, which the upload
+    frees by itself; so a lane that holds a window and waits for a fill always gets one."""
+    return max(1, pool_buffers - 2 * lanes - 1)
 
 
 def _extents(blocks: array) -> list[tuple[int, int]]:

@@ -13,7 +13,8 @@ from walrus.config import WAL_BLOCK_MIN, Settings
 from walrus.errors import CorruptObject, ObjectExists, StorageError, StorageMissing, WalOverwriteError, WalrusError
 from walrus.fileio import file_buffers, open_for_backup
 from walrus.log import log
-from walrus.pg.xlog import classify_wal_name
+from walrus.pg.walmap import MapError, SegmentParser
+from walrus.pg.xlog import classify_wal_name, parse_wal_file_name
 from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
 from walrus.stream.download import copy_decoded
@@ -121,6 +122,7 @@ class WalPusher:
         fd = _open_wal(path, name)
         try:
             size = os.fstat(fd).st_size
+            mapper = self._mapper(name, size)
             try:
                 existing = await open_archived(storage, name, self.settings)
             except StorageMissing:  # nothing is archived in a storage not made yet; the put makes it
@@ -128,7 +130,7 @@ class WalPusher:
             if existing is None:
                 key = layout.wal_key(layout.with_extension(name, codec.extension(self.settings.compression_method)))
                 try:
-                    stored = await self._upload(storage, key, path, fd, size)
+                    stored = await self._upload(storage, key, path, fd, size, mapper)
                 except ObjectExists:
                     existing = await open_archived(storage, name, self.settings)
                     if existing is None:
@@ -138,12 +140,30 @@ class WalPusher:
                                            ) from None
                 else:
                     log.info(f"archived {name} as {key} ({size} -> {stored} bytes)")
+                    await _store_block_map(storage, name, mapper)
                     return WalPushResult(name, key, size, stored, "uploaded", time.monotonic() - began)
-            return await self._compare(existing, fd, size, path, storage, began)
+            result = await self._compare(existing, fd, size, path, storage, began, mapper)
+            await _store_block_map(storage, name, mapper)  # the same bytes: a map a crash cut off is written now
+            return result
         finally:
             os.close(fd)
 
-    async def _upload(self, storage: Storage, key: str, path: str, fd: int, size: int) -> int:
+    def _mapper(self, name: str, size: int) -> SegmentParser | None:
+        """A parser for the segment's block map, where deltas may use one (WALRUS_BLOCK_MAP and
+        WALG_DELTA_MAX_STEPS above 0); None for other files, or without the compiled module."""
+        settings = self.settings
+        if not (settings.block_map and settings.delta_max_steps > 0) or classify_wal_name(name) != "segment" \
+                or size != settings.segment_size:
+            return None
+        timeline, segno = parse_wal_file_name(name, settings.segment_size)
+        try:
+            return SegmentParser(timeline, settings.segment_size, segno * settings.segment_size)
+        except MapError as e:
+            log.debug(f"{name}: no block map: {e}")
+            return None
+
+    async def _upload(self, storage: Storage, key: str, path: str, fd: int, size: int,
+                      mapper: SegmentParser | None) -> int:
         """Compress the file into `key`, published only if nothing is there (else ObjectExists);
         returns the bytes stored."""
         settings = self.settings
@@ -164,6 +184,8 @@ class WalPusher:
             async for buf in file_buffers(source, size, self.uploader.pool, self.uploader.reader, PUSH_READ_AHEAD,
                                           direct_fd is not None, all_issued=free_slot):
                 read_total += buf.length
+                if mapper is not None:
+                    mapper.feed(buf.data)  # from the buffer the upload compresses: no second read
                 yield buf
             free_slot()  # already freed once the last read was issued, unless the file ended early
             if read_total != size:  # raising here aborts the put: nothing lands under the key
@@ -187,13 +209,19 @@ class WalPusher:
         return stored
 
     async def _compare(self, existing: tuple[str, str, ByteStream], fd: int, size: int, path: str,
-                       storage: Storage, began: float) -> WalPushResult:
+                       storage: Storage, began: float, mapper: SegmentParser | None) -> WalPushResult:
         """The archived copy decides: the same bytes are success, anything else an error that keeps it."""
         name = os.path.basename(path)
         key, ext, stream = existing
         comparer = _Comparer(fd)
+
+        def feed(chunk: bytes) -> None:
+            comparer.feed(chunk)
+            if mapper is not None and comparer.same:
+                mapper.feed(chunk)
+
         try:
-            await copy_decoded(stream, ext, key, self.settings.crypter, comparer.feed, self.uploader.executor)
+            await copy_decoded(stream, ext, key, self.settings.crypter, feed, self.uploader.executor)
         except CorruptObject as e:
             raise WalOverwriteError(
                 f"{name} is already archived, but the archived copy cannot be read",
@@ -208,6 +236,21 @@ class WalPusher:
                                 detail=f"{key} in {storage.describe()} differs from {path}",
                                 hint="two clusters may be archiving into the same prefix; give each its "
                                      "own WALG_*_PREFIX, and keep the archived copy")
+
+
+async def _store_block_map(storage: Storage, name: str, mapper: SegmentParser | None) -> None:
+    """The segment's block map beside it (blockmap_005/), once the segment itself is durable. The map
+    is an optimisation: failing to make or store it is a warning, and a delta over this segment then
+    scans pages instead."""
+    if mapper is None:
+        return
+    try:
+        encoded = mapper.finish().encode()
+        await storage.put_bytes(layout.blockmap_key(name), encoded)
+    except MapError as e:
+        log.warning(f"{name} is archived, but its block map cannot be made: {e}; deltas over it scan pages")
+    except WalrusError as e:  # the storage's errors, whatever the backend
+        log.warning(f"{name} is archived, but its block map was not stored: {e.message}; deltas over it scan pages")
 
 
 def wal_block(settings: Settings) -> int:
