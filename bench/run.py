@@ -1,5 +1,6 @@
 """Benchmark: backup and restore of one pgbench cluster by walrus, pgBackRest, pg_basebackup (and WAL-G if given),
-and WAL archiving, backlog draining and replay by walrus, pgBackRest and WAL-E (and WAL-G)."""
+WAL archiving, backlog draining and replay by walrus, pgBackRest and WAL-E (and WAL-G), and (--ops delta) walrus
+delta backups against pgBackRest incr/diff."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,8 @@ from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bi
 MIB = 2 ** 20
 STORES = {"s3": S3rver, "gcs": FakeGcs, "azure": AzuriteStore}
 DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup"
-ALL_OPS = ("backup", "restore") + WAL_OPS
+ALL_OPS = ("backup", "restore") + WAL_OPS + ("delta",)
+DEFAULT_OPS = ("backup", "restore") + WAL_OPS  # delta only when asked: a cluster of its own and minutes of load
 MAX_WAL_SENDERS = 10  # restored clusters must match it, or hot standby refuses to start recovery
 # --encryption: walrus again with a key, so the tables show what encryption costs (keys via the environment)
 ENCRYPTION = {
@@ -71,8 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", help="results directory (default bench/results/<UTC stamp>)")
     ap.add_argument("--workdir", default=None, help="parent of the work directory (default: the system temp dir); "
                                                     "its filesystem is the one measured")
-    ap.add_argument("--ops", default=",".join(ALL_OPS),
-                    help=f"comma-separated operations of {', '.join(ALL_OPS)} (default all); restore needs backup")
+    ap.add_argument("--ops", default=",".join(DEFAULT_OPS),
+                    help=f"comma-separated operations of {', '.join(ALL_OPS)} (default {','.join(DEFAULT_OPS)}); "
+                         "restore needs backup")
     ap.add_argument("--wal-tools", default=DEFAULT_WAL_TOOLS,
                     help=f"WAL tools, in order (default {DEFAULT_WAL_TOOLS}); wal-g-daemon and wal-g are added "
                          "with --walg")
@@ -85,6 +88,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--drain-segments", type=int, default=50, help="backlog the drain starts from (default 50)")
     ap.add_argument("--replay-segments", type=int, default=64,
                     help="segments of WAL replayed (default 64: 1 GiB of 16 MiB segments)")
+    ap.add_argument("--delta-share", type=float, default=10.0, metavar="PCT",
+                    help="delta: pgbench updates accounts among the first PCT%% of aids only (default 10)")
+    ap.add_argument("--delta-seconds", type=int, default=60,
+                    help="delta: pgbench -T between the full backups and the deltas (default 60)")
+    ap.add_argument("--delta-chain-seconds", type=int, default=20,
+                    help="delta: pgbench -T before each of the chain's three deltas (default 20)")
+    ap.add_argument("--delta-clients", type=int, default=4, help="delta: pgbench -c of those loads (default 4)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes, one run each: checks the bench works (< 90 s)")
     args = ap.parse_args(argv)
@@ -92,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.scale, args.repeat = 1, 1
         args.wal_scale, args.wal_segsize, args.burst_seconds = 1, 1, 2
         args.drain_segments, args.replay_segments = 8, 6
+        args.delta_seconds, args.delta_chain_seconds = 2, 1
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = [o for o in ops if o not in ALL_OPS]
     if unknown or not ops:
@@ -107,9 +118,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         ap.error("--budgets: MiB as whole numbers, e.g. 64,96")
     numbers = (args.repeat, args.workers, args.scale, args.wal_scale, args.wal_segsize, args.burst_seconds,
-               args.burst_clients, args.drain_segments, args.replay_segments)
+               args.burst_clients, args.drain_segments, args.replay_segments, args.delta_seconds,
+               args.delta_chain_seconds, args.delta_clients)
     if min(numbers) < 1:
         ap.error("--repeat, --workers, the scales, sizes, seconds, clients and segment counts must be at least 1")
+    if not 0 < args.delta_share <= 100:
+        ap.error("--delta-share is a percentage above 0, at most 100")
     if args.wal_segsize & (args.wal_segsize - 1) or args.wal_segsize > 1024:
         ap.error("--wal-segsize must be a power of two from 1 to 1024 (initdb's rule)")
     return args
@@ -184,6 +198,34 @@ def content_digest(c: Cluster) -> dict[str, str]:
                     "ORDER BY 1").split()
     return {t: c.psql(f"SELECT count(*)||':'||coalesce(sum(('x'||left(md5(x::text), 15))::bit(60)::bigint), 0) "
                       f"FROM {t} x") for t in tables}
+
+
+def verify_restore(target: str, sockdir: str, config: str, expected: dict[str, str], logs: str, name: str,
+                   clusters: list[Cluster]) -> str:
+    """Start a restored data directory with recovery.signal and restore_command = walrus wal-fetch,
+    recover to the end of the archive, and compare its content_digest with `expected`: "verified",
+    or what failed (the server's log in logs/<name>-verify.log). `clusters` holds it while it runs."""
+    signal = os.path.join(target, "recovery.signal")
+    open(signal, "a").close()
+    chown_to_user(signal)
+    c = Cluster(data=target, sockdir=sockdir)
+    c.configure(archive_mode="off", restore_command=f"{WALRUS} --config {config} wal-fetch %f %p",
+                max_wal_senders=MAX_WAL_SENDERS, autovacuum="off")
+    clusters.append(c)
+    try:
+        c.start()
+        c.wait_until("SELECT pg_is_in_recovery()", "f", timeout=3600)
+        got = content_digest(c)
+    except AssertionError as e:
+        with open(os.path.join(logs, f"{name}-verify.log"), "w") as f:
+            f.write(f"{e}\n\n{c.log()}")
+        return f"FAILED (recovery; see logs/{name}-verify.log)"
+    finally:
+        c.stop()
+        clusters.remove(c)
+    if got != expected:
+        return f"MISMATCH ({sum(got.get(t) != d for t, d in expected.items())} tables differ)"
+    return "verified"
 
 
 ARCHIVE_STALL_S = 300.0
@@ -368,27 +410,7 @@ class Bench:
 
     def verify(self, tool: Tool, target: str, expected: dict[str, str]) -> str:
         """Start the restored cluster, recover to the end of the walrus archive, compare the digest."""
-        signal = os.path.join(target, "recovery.signal")
-        open(signal, "a").close()
-        chown_to_user(signal)
-        c = Cluster(data=target, sockdir=self.root)
-        c.configure(archive_mode="off", restore_command=f"{WALRUS} --config {self.archive_config} wal-fetch %f %p",
-                    max_wal_senders=MAX_WAL_SENDERS, autovacuum="off")
-        self.clusters.append(c)
-        try:
-            c.start()
-            c.wait_until("SELECT pg_is_in_recovery()", "f", timeout=3600)
-            got = content_digest(c)
-        except AssertionError as e:
-            with open(os.path.join(self.logs, f"{tool.name}-verify.log"), "w") as f:
-                f.write(f"{e}\n\n{c.log()}")
-            return f"FAILED (recovery; see logs/{tool.name}-verify.log)"
-        finally:
-            c.stop()
-            self.clusters.remove(c)
-        if got != expected:
-            return f"MISMATCH ({sum(got.get(t) != d for t, d in expected.items())} tables differ)"
-        return "verified"
+        return verify_restore(target, self.root, self.archive_config, expected, self.logs, tool.name, self.clusters)
 
     def row(self, tool: Tool, operation: str, runs: list[tuple[StepMetrics, int]]) -> dict:
         """The run with the median wall time (the lower median for an even count) stands for the tool."""
@@ -517,11 +539,13 @@ def background_note(rows: list[dict], nproc: int) -> str:
 
 
 def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warnings: list[str], stamp: str,
-             duration_s: float, loadavg: list[tuple[float, float, float]]) -> dict:
-    """The run's metadata; also stamps each row with tool version, settings and machine facts."""
+             duration_s: float, loadavg: list[tuple[float, float, float]], d=None) -> dict:
+    """The run's metadata; also stamps each row with tool version, settings and machine facts.
+    d: the delta operation's bench.delta.DeltaBench, when it ran."""
     rows = (b.rows if b else []) + (w.rows if w else [])
     add_ratios(rows)
-    machine = report.machine_facts(os.path.dirname((b or w).root))
+    rows += d.rows if d else []
+    machine = report.machine_facts(os.path.dirname((b or w or d).root))
     machine["cold_read_mib_s"] = round(b.disk_read_mib_s, 1) if b and b.disk_read_mib_s else None
     facts = {f"machine_{k}": v for k, v in machine.items()}
     versions: dict[str, str] = {}
@@ -542,13 +566,22 @@ def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warn
             r.update(tool_version=by_name[r["tool_name"]], compression=args.compression, workers=args.workers,
                      wal_scale=args.wal_scale, wal_segment_mib=args.wal_segsize, **facts)
         out_notes += w.notes(warnings) + w.errors
+    if d:
+        delta_versions = d.versions()
+        delta_versions["walrus"] += f" ({walrus_source()})"
+        for r in d.rows:
+            r.update(tool_version=delta_versions["pgBackRest" if r["tool_name"] == "pgbackrest" else "walrus"],
+                     scale=args.scale, compression=args.compression, workers=args.workers, **facts)
+        for k, v in delta_versions.items():
+            versions.setdefault(k, v)
+        out_notes += d.notes() + ([] if b or w else warnings)
     return {"started_utc": stamp, "args": vars(args), "machine": machine, "versions": versions,
             "loadavg_before": loadavg[0], "loadavg_after": loadavg[1], "duration_s": round(duration_s, 1),
-            "targets": w.targets() if w else [],
+            "targets": w.targets() if w else [], **({"delta": d.facts} if d else {}),
             "notes": out_notes + [background_note(rows, machine["nproc"])]}
 
 
-def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: dict) -> str:
+def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: dict, d=None) -> str:
     machine = meta["machine"]
     text = []
     for op in ("backup", "restore"):
@@ -558,6 +591,8 @@ def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: 
                      report.table(rows, op), ""]
     if w:
         text += w.tables()
+    if d:
+        text += d.tables()
     if meta["targets"]:
         text += ["targets:"] + [f"- {t}" for t in meta["targets"]] + [""]
     text += ["notes:"] + [f"- {n}" for n in meta["notes"]]
@@ -567,16 +602,20 @@ def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: 
     return "\n".join(text) + "\n"
 
 
-def write_results(out: str, text: str, meta: dict, b: Bench | None, w: WalBench | None, plt) -> None:
+def write_results(out: str, text: str, meta: dict, b: Bench | None, w: WalBench | None, plt, d=None) -> None:
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(text)
-    rows = (b.rows if b else []) + (w.rows if w else [])
+    rows = (b.rows if b else []) + (w.rows if w else []) + (d.rows if d else [])
     report.write_json(os.path.join(out, "results.json"), meta, rows)
     report.write_csv(os.path.join(out, "results.csv"), rows)
     with open(os.path.join(out, "samples.json"), "w") as f:
-        json.dump({**(b.samples if b else {}), **(w.samples if w else {})}, f)
+        json.dump({**(b.samples if b else {}), **(w.samples if w else {}), **(d.samples if d else {})}, f)
     if plt is None:
         say("matplotlib is not available: no plots (pip install matplotlib)")
+        return
+    if d:
+        d.plot(plt, out)
+    if not (b or w):
         return
     args = (b or w).args
     for op in ("backup", "restore") if b else ():
@@ -626,9 +665,33 @@ def run_wal(args: argparse.Namespace, out: str, warnings: list[str]) -> WalBench
     return w
 
 
+def run_delta(args: argparse.Namespace, out: str):
+    """The delta operation (bench/delta.py); None if it could not run to the end of its setup."""
+    from bench.delta import DeltaBench, StepFailed as DeltaStepFailed  # imported here: bench.delta imports this module
+
+    d = DeltaBench(args, out, say)
+    try:
+        d.run_all()
+    except (DeltaStepFailed, RuntimeError, AssertionError, psycopg.Error) as e:
+        say(f"ERROR: {e}")
+        return None
+    finally:
+        d.close()
+    return d
+
+
 def _terminate(signum: int, _frame) -> None:
     """SIGTERM unwinds like Ctrl-C: every finally stops its clusters and daemons and removes its cgroups."""
     raise SystemExit(128 + signum)
+
+
+def compile_walrus() -> None:
+    """Byte-compile walrus's modules, as its packages do at install (packaging/build.py): a source
+    tree run as another user, or with PYTHONDONTWRITEBYTECODE, would compile every changed module
+    in every archive_command and backup, a cost no installed walrus pays."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(REPO_ROOT, "walrus")], env=env,
+                   check=True, stdout=subprocess.DEVNULL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -643,21 +706,26 @@ def main(argv: list[str] | None = None) -> int:
     if "backup" in args.ops and not tools:
         say("no tool to run")
         return 2
+    if "delta" in args.ops and args.storage != "file":
+        say("WARNING: delta runs on file storage only; --storage applies to backup and restore")
     plt = report.load_matplotlib(install=not args.smoke)
+    compile_walrus()
     load_before, started = os.getloadavg(), time.monotonic()
-    b = w = None
+    b = w = d = None
     if "backup" in args.ops and (b := run_backups(args, tools, out)) is None:
         return 2
     if any(op in WAL_OPS for op in args.ops) and (w := run_wal(args, out, warnings)) is None:
         return 2
-    meta = describe(args, b, w, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()])
-    text = render(args, b, w, meta)
+    if "delta" in args.ops and (d := run_delta(args, out)) is None:
+        return 2
+    meta = describe(args, b, w, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()], d)
+    text = render(args, b, w, meta, d)
     say("\n" + text)
-    write_results(out, text, meta, b, w, plt)
+    write_results(out, text, meta, b, w, plt, d)
     say(f"results in {out}")
-    rows = (b.rows if b else []) + (w.rows if w else [])
+    rows = (b.rows if b else []) + (w.rows if w else []) + (d.rows if d else [])
     ok = all(not r.get("error") for r in rows) and not (w and w.errors) and all(
-        r["verified"] == "verified" for r in rows if r["operation"] in ("restore", "drain", "replay"))
+        r["verified"] == "verified" for r in rows if r["operation"] in ("restore", "drain", "replay", "delta-restore"))
     return 0 if ok else 1
 
 

@@ -270,12 +270,14 @@ def test_an_increment_of_a_file_that_shrank_lays_zero_pages(tmp_path, io_mode):
         assert body.read() == pages[0] + bytes(2 * 8192)
 
 
-@pytest.mark.parametrize("lanes", [1, 2, 3])
-def test_increments_of_parts_side_by_side_never_starve_the_pool(tmp_path, lanes):
+@pytest.mark.parametrize("lanes, compressing", [(1, 1), (2, 4), (3, 4), (2, 8)])
+def test_increments_of_parts_side_by_side_never_starve_the_pool(tmp_path, lanes, compressing):
     """Parts sharing one pool (a backup's lanes) each lay increments whose pages are read a window
-    at a time: a window waits for a fill buffer while it holds its own, so the windows together may
-    never hold the buffers the fills need (window_quota). The smallest pool a plan makes (4 a lane)."""
+    at a time: a window waits for a fill buffer while it holds its own, and each part's compression
+    stage keeps its last `compressing` buffers until the next comes, so the windows together may
+    never hold the buffers the fills need (window_quota). The smallest pool a plan makes."""
     from array import array
+    from collections import deque
 
     from walrus.pg.pages import read_increment_head
     from walrus.tar.write import window_quota
@@ -284,10 +286,10 @@ def test_increments_of_parts_side_by_side_never_starve_the_pool(tmp_path, lanes)
     blocks = array("I", range(0, 64, 2))  # runs of one page: many pieces, a window of several buffers
 
     async def main():
-        count = 4 * lanes
+        count = lanes * (compressing + 2)  # PoolPlan's floor: the compression jobs and two buffers a lane
         pool = BufferPool(count, 16384)
         reader = open_reader("preadv")
-        windows = asyncio.Semaphore(window_quota(count, lanes))
+        windows = asyncio.Semaphore(window_quota(count, lanes, compressing))
         try:
             async def lane(n: int) -> bytes:
                 entries = []
@@ -297,15 +299,18 @@ def test_increments_of_parts_side_by_side_never_starve_the_pool(tmp_path, lanes)
                     entries.append(file_entry(path))
                     entries[-1].blocks = array("I", blocks)
                 stream = TarPartStream(iter(entries), pool, reader, depth=1, windows=windows)
-
-                async def slow(stream):  # an upload slower than the reads: the fills wait on it
-                    out = bytearray()
-                    async for buf in stream:
-                        await asyncio.sleep(0.001)
-                        out += buf.data
-                        buf.release()
-                    return bytes(out)
-                return await slow(stream)
+                out, held = bytearray(), deque()
+                async for buf in stream:  # as the compression stage: the oldest goes when one more comes
+                    await asyncio.sleep(0.001)
+                    held.append(buf)
+                    if len(held) > compressing - 1:
+                        done = held.popleft()
+                        out += done.data
+                        done.release()
+                for done in held:
+                    out += done.data
+                    done.release()
+                return bytes(out)
 
             raws = await asyncio.wait_for(asyncio.gather(*(lane(n) for n in range(lanes))), 30)
             assert pool.available() == count

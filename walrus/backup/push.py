@@ -32,7 +32,7 @@ from walrus.runtime import cpu_count, raise_nofile_limit
 from walrus.storage import layout
 from walrus.storage.base import Storage
 from walrus.stream.upload import PoolPlan, Uploader, upload_threads
-from walrus.stream.stages import Counter
+from walrus.stream.stages import Counter, blocks_in_flight
 
 UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
 
@@ -256,7 +256,8 @@ async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgB
     disk = RateLimiter(settings.disk_rate_limit) if settings.disk_rate_limit is not None else None
     return _Push(settings, storage, pgdata, session, info, start, start_time, name,
                  codec.extension(settings.compression_method), plan, lanes, disk=disk, base=choice.base,
-                 block_map=block_map, windows=asyncio.Semaphore(window_quota(plan.count, lanes)))
+                 block_map=block_map,
+                 windows=asyncio.Semaphore(window_quota(plan.count, lanes, blocks_in_flight(plan.parallel))))
 
 
 async def _upload_data(push: _Push, uploader: Uploader) -> None:

@@ -122,8 +122,9 @@ class TarPartStream:
         self._pool = pool
         # buffers the delta reads (page scans, increments' pages) may hold at once, shared by every
         # part of the backup: window_quota() leaves the parts' fills and compression jobs enough of
-        # the pool to go on, so a window waiting for a fill can never hold the last buffers
-        self._windows = windows if windows is not None else asyncio.Semaphore(window_quota(pool.count, 1))
+        # the pool to go on, so a window waiting for a fill can never hold the last buffers (one
+        # buffer at a time where the caller does not say how the pool is shared)
+        self._windows = windows if windows is not None else asyncio.Semaphore(1)
         self._reader = reader
         self._threshold = threshold
         self._direct_min = direct_min
@@ -395,11 +396,13 @@ class TarPartStream:
         return fill.buf
 
 
-def window_quota(pool_buffers: int, lanes: int) -> int:
-    """Pool buffers the delta's read windows of `lanes` parts may hold together. The rest is at least
-    two per lane and one more: each lane's fill, and buffers queued or compressing, which the upload
-    frees by itself; so a lane that holds a window and waits for a fill always gets one."""
-    return max(1, pool_buffers - 2 * lanes - 1)
+def window_quota(pool_buffers: int, lanes: int, compressing: int) -> int:
+    """Pool buffers the delta's read windows of `lanes` parts may hold together. A lane that holds a
+    window waits for a fill buffer, and meanwhile its compression stage keeps up to `compressing`
+    buffers (blocks_in_flight: it frees its oldest only when the next one comes), so the rest of
+    the pool is at least that plus a fill per lane, and one more: a fill is then always free or
+    freed by a queued buffer's compression, whatever the windows hold."""
+    return max(1, pool_buffers - lanes * (compressing + 1) - 1)
 
 
 def _extents(blocks: array) -> list[tuple[int, int]]:
