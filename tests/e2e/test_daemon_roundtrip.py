@@ -10,6 +10,8 @@ import pytest
 
 from tests.pgcluster import (WALRUS, Cluster, as_user, make_workdir, pg_bindir, remove_tree, run, walrus,
                              write_config)
+from walrus.pg.walmap import SegmentMap
+from walrus.pg.xlog import parse_wal_file_name
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +35,7 @@ def test_archive_through_daemon_survives_a_kill_and_restores(ready_rename: str) 
     storage = os.path.join(root, "storage")
     config = write_config(os.path.join(root, "walg.json"), {
         "WALG_FILE_PREFIX": storage, "WALG_PG_WAL_SIZE": "1", "WALG_UPLOAD_CONCURRENCY": "4",
-        "PG_READY_RENAME": ready_rename})
+        "PG_READY_RENAME": ready_rename, "WALG_DELTA_MAX_STEPS": "2"})
     sock = os.path.join(root, "walrus.sock")
     daemon_log = os.path.join(root, "daemon.log")
     clusters: list[Cluster] = []
@@ -75,6 +77,12 @@ def test_archive_through_daemon_survives_a_kill_and_restores(ready_rename: str) 
                        if len(n.split(".")[0]) == 24 and ".backup" not in n and ".tmp." not in n)
         first, final = int(names[0][16:], 16), int(last[16:], 16)
         assert [int(n[16:], 16) for n in names if int(n[16:], 16) <= final] == list(range(first, final + 1))
+        # and each has its block map (deltas are on), also those whose push the kill cut short
+        maps = os.path.join(storage, "blockmap_005")
+        for name in names:
+            timeline, segno = parse_wal_file_name(name, 1 << 20)
+            with open(os.path.join(maps, name + ".zst"), "rb") as f:
+                assert SegmentMap.decode(f.read(), name, timeline, 1 << 20, segno << 20).records > 0
 
         # restore, with restore_command through a daemon serving the restored directory
         restored_dir = os.path.join(root, "restored")
