@@ -45,10 +45,11 @@ async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base
     first, last = segment_of(base.lsn, size), segment_of(start_lsn, size)
     union = BlockMap()
     edges: dict[int, SegmentMap] = {}  # each segment's map without its references: the records across its edges
-    found = {"pg_wal": 0}
+    from_pg_wal = 0
 
     async def one(segno: int) -> str | None:
         """Adds segment segno's map; else says why it has none."""
+        nonlocal from_pg_wal
         name = wal_file_name(timeline, segno, size)
         stop = start_lsn if segno == last else 0
         try:
@@ -58,7 +59,7 @@ async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base
                 if segment is None:
                     return f"{name} has no block map (archived while maps were off, or its map failed) " \
                            "and is no longer in pg_wal"
-                found["pg_wal"] += not stop
+                from_pg_wal += not stop
         except (MapError, CorruptObject) as e:
             return f"{name}: {e.message if isinstance(e, WalrusError) else e}"
         union.add(segment.refs)
@@ -79,7 +80,7 @@ async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base
     except MapError as e:
         return MapChoice(None, str(e))
     return MapChoice(union, f"the WAL block map from {format_lsn(base.lsn)} to {format_lsn(start_lsn)} "
-                            f"({len(segnos)} segments, {len(union)} blocks)", len(segnos), found["pg_wal"])
+                            f"({len(segnos)} segments, {len(union)} blocks)", len(segnos), from_pg_wal)
 
 
 async def _stored(storage: Storage, name: str, timeline: int, size: int, start: int) -> SegmentMap | None:

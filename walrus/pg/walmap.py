@@ -112,7 +112,7 @@ class SegmentParser:
             raise MapError(f"{_STATUS.get(status, f'error {status}')} at {st.error_lsn >> 32:X}/{st.error_lsn & 0xFFFFFFFF:X}")
         if status == 0 and st.pos < self.segment_size and st.need == 0:
             raise MapError(f"only {st.pos} of {self.segment_size} bytes were read")
-        refs = array("I", bytes(self._ffi.buffer(st.refs, 16 * st.nrefs)) if st.nrefs else b"")
+        refs = _refs_of(self._ffi, st)
         tail_len = st.rec_len if st.need and not st.foreign and not st.decoded else 0
         tail = bytes(self._ffi.buffer(st.head, min(st.got, len(st.head)))) if tail_len else b""
         cont = bytes(self._ffi.buffer(st.cont, st.cont_got))
@@ -130,6 +130,11 @@ def join_record(tail: SegmentMap, cont: SegmentMap) -> array:
     if status < 0:
         raise MapError(f"the record crossing into the segment at {cont.start:X}: {_STATUS.get(status, status)}")
     lib.walrus_walmap_finish(st)
+    return _refs_of(ffi, st)
+
+
+def _refs_of(ffi, st) -> array:
+    """A copy of a finished parse's references (the C state's own array is freed with it)."""
     return array("I", bytes(ffi.buffer(st.refs, 16 * st.nrefs)) if st.nrefs else b"")
 
 
