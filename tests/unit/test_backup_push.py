@@ -135,3 +135,93 @@ def test_the_wrong_server_is_refused_before_any_upload(env):
 async def no_names(settings):
     """The scripted session stands for one connection: no per-database catalog to read."""
     return None
+
+
+class ArchivingSession(ScriptedSession):
+    """A primary with archive_mode on: the backup's WAL must be durable before its sentinel."""
+
+    def server_info(self) -> ServerInfo:
+        self.calls.append("server_info")
+        return ServerInfo(self.data_directory, 150004, 7000000000000000001, SEGMENT, False, "on", "walrus wal-push %p")
+
+
+def _wal_files(pgdata: str, status: dict[str, str]) -> None:
+    """pg_wal files of the backup (START_LSN to STOP_LSN: segments 3 and 4, and the history file),
+    each with the archive status given (.ready or .done)."""
+    for name, state in status.items():
+        with open(os.path.join(pgdata, "pg_wal", name), "wb") as f:
+            f.write(random.Random(name).randbytes(SEGMENT if "." not in name else 300))
+        open(os.path.join(pgdata, "pg_wal", "archive_status", f"{name}.{state}"), "w").close()
+
+
+HISTORY = "000000010000000000000003.00000028.backup"
+
+
+def test_backup_push_stores_the_wal_it_needs_before_its_sentinel(env):
+    """The segments and history file PostgreSQL marked .ready are stored by backup-push itself (not
+    awaited from the archiver), before the sentinel; one the archiver already stored (.done) is left
+    alone; and the archiver's own call afterwards finds identical bytes and succeeds."""
+    from walrus.wal.push import WalPusher, store_for_backup
+
+    settings, pgdata, _, tmp_path = env
+    os.remove(os.path.join(pgdata, "pg_wal", "000000010000000000000003"))
+    _wal_files(pgdata, {"000000010000000000000003": "done", "000000010000000000000004": "ready", HISTORY: "ready"})
+    storage = RecordingFs(str(tmp_path / "store"))
+    stored: list[list[str]] = []
+
+    async def archive(s, st, wal_dir, names):
+        stored.append(names)
+        await store_for_backup(s, st, wal_dir, names)
+
+    result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: ArchivingSession(pgdata),
+                                     names=no_names, archive=archive))
+    assert stored == [[HISTORY, "000000010000000000000004"]]
+    wal = [k for k in storage.puts if k.startswith("wal_005/")]
+    assert sorted(wal) == [f"wal_005/{HISTORY}.lz4", "wal_005/000000010000000000000004.lz4"]
+    assert storage.puts.index(layout.sentinel_key(result.name)) > max(storage.puts.index(k) for k in wal)
+
+    async def archiver():
+        pusher = WalPusher(settings)
+        try:
+            return [(await pusher.push(storage, os.path.join(pgdata, "pg_wal", n))).status
+                    for n in ("000000010000000000000004", HISTORY)]
+        finally:
+            pusher.close()
+    assert asyncio.run(archiver()) == ["already archived", "already archived"]
+
+
+def test_backup_push_awaits_the_archiver_where_it_cannot_store_the_wal(env):
+    """A file not marked complete yet is the archiver's to store; and a failure to store is a warning
+    followed by the archiver's result: either way the backup completes once the archiver is done."""
+    settings, pgdata, _, tmp_path = env
+    os.remove(os.path.join(pgdata, "pg_wal", "000000010000000000000003"))
+    _wal_files(pgdata, {"000000010000000000000003": "ready", "000000010000000000000004": "ready", HISTORY: "ready"})
+    os.remove(os.path.join(pgdata, "pg_wal", "archive_status", "000000010000000000000004.ready"))
+    status = os.path.join(pgdata, "pg_wal", "archive_status")
+
+    async def never(s, st, wal_dir, names):
+        raise AssertionError("not every file is complete: nothing may be stored by backup-push")
+
+    async def archiver_later():
+        await asyncio.sleep(0.3)  # PostgreSQL's archiver finishes the files meanwhile
+        for name in ("000000010000000000000003", "000000010000000000000004", HISTORY):
+            open(os.path.join(status, name + ".done"), "w").close()
+
+    async def run(archive):
+        later = asyncio.create_task(archiver_later())
+        try:
+            return await backup_push(settings, RecordingFs(str(tmp_path / "store")), pgdata,
+                                     connect=lambda s: ArchivingSession(pgdata), names=no_names, archive=archive)
+        finally:
+            await later
+
+    assert asyncio.run(run(never)).name == "base_000000010000000000000003"
+    for name in os.listdir(status):
+        if name.endswith(".done"):
+            os.remove(os.path.join(status, name))
+    open(os.path.join(status, "000000010000000000000004.ready"), "w").close()
+
+    async def failing(s, st, wal_dir, names):
+        raise StorageError("the storage refused the WAL", detail="injected")
+
+    assert asyncio.run(run(failing)).name.startswith("base_")

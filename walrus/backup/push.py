@@ -21,7 +21,7 @@ from walrus.backup.mark import backup_mark
 from walrus.backup.partial import databases_by_names
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
-from walrus.errors import BackupError, ConfigError
+from walrus.errors import BackupError, ConfigError, WalrusError
 from walrus.log import log
 from walrus.pg.pages import increment_size, is_paged_file
 from walrus.pg.walmap import BlockMap
@@ -121,10 +121,40 @@ def _archiving_applies(info) -> bool:
 
 
 def _backup_wal_files(timeline: int, start_lsn: int, stop_lsn: int, segment_size: int) -> list[str]:
-    """The backup history file and the last WAL segment a restore of this backup needs."""
+    """The backup history file and the WAL segments a restore of this backup needs, first to last."""
     start_segment = wal_file_name(timeline, segment_of(start_lsn, segment_size), segment_size)
     history = f"{start_segment}.{start_lsn % segment_size:08X}.backup"
-    return [history, wal_file_name(timeline, segment_of(stop_lsn - 1, segment_size), segment_size)]
+    return [history] + [wal_file_name(timeline, segno, segment_size)
+                        for segno in range(segment_of(start_lsn, segment_size), segment_of(stop_lsn - 1, segment_size) + 1)]
+
+
+# Stores WAL files of pg_wal (names) into storage as archive_command would: the wal-push engine's,
+# handed down by the command (an engine does not import another).
+ArchiveWal = Callable[[Settings, Storage, str, list[str]], Awaitable[None]]
+
+
+async def _await_wal(push: _Push, archive: ArchiveWal | None) -> None:
+    """The WAL the backup needs is durable before its sentinel. Files the archiver has not stored yet
+    are stored here, from pg_wal, once PostgreSQL has marked them complete (.ready): a backup then
+    does not wait for archive_command to start and run once per file. Where that is not possible
+    (no .ready yet, a file gone meanwhile, a failure), the archiver's own result is awaited."""
+    info, stop = push.info, push.stop
+    if not _archiving_applies(info):
+        return
+    names = _backup_wal_files(push.start.timeline, push.start.lsn, stop.lsn, info.segment_size)
+    wal_dir = os.path.join(push.pgdata, "pg_wal")
+    status = os.path.join(wal_dir, "archive_status")
+    pending = [n for n in names if not os.path.exists(os.path.join(status, n + ".done"))
+               and os.path.exists(os.path.join(wal_dir, n))]
+    if archive is not None and pending and all(os.path.exists(os.path.join(status, n + ".ready")) for n in pending):
+        try:
+            await archive(push.settings, push.storage, wal_dir, pending)
+        except WalrusError as e:
+            log.warning(f"could not store the backup's WAL ({e.message}); waiting for the archiver instead")
+        else:
+            log.info(f"WAL up to {names[-1]} is stored ({len(pending)} file(s) stored by backup-push)")
+            return
+    await wait_for_archiver(push.pgdata, names)
 
 
 async def wait_for_archiver(pgdata: str, names: list[str], poll: float = 0.02, warn_every: float = 60.0) -> None:
@@ -202,12 +232,13 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       user_data: Any = None, full: bool = False, delta_from_name: str | None = None,
                       delta_from_user_data: Any = None,
                       connect: Callable[[Settings], PgBackupSession] = PgSession,
-                      names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names
-                      ) -> BackupPushResult:
+                      names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names,
+                      archive: ArchiveWal | None = None) -> BackupPushResult:
     """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
     checked against it), upload data (the walk's tar parts; a delta skips and increments files), upload control files
-    (pg_control.tar, pg_backup_stop, backup_label.tar, the archiver's wait), finish (the metadata,
-    then the sentinel, last: a backup exists if and only if its sentinel does)."""
+    (pg_control.tar, pg_backup_stop, backup_label.tar), WAL (what the backup needs is stored: by
+    `archive`, else by the archiver, awaited), finish (the metadata, then the sentinel, last: a
+    backup exists if and only if its sentinel does)."""
     began = time.monotonic()
     if not os.path.isdir(pgdata):
         raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
@@ -223,6 +254,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             push.reader = uploader.reader.name
             await _upload_data(push, uploader)
             await _upload_control_files(push, uploader)
+        await _await_wal(push, archive)  # after the pool is unmapped: storing WAL uses buffers of its own
         await _finish(push, permanent, user_data, names)
     finally:
         await asyncio.to_thread(session.close)
@@ -278,14 +310,13 @@ async def _upload_data(push: _Push, uploader: Uploader) -> None:
 
 
 async def _upload_control_files(push: _Push, uploader: Uploader) -> None:
-    """pg_control.tar, then pg_backup_stop and backup_label.tar, then the wait for the WAL the
-    backup needs to be archived."""
+    """pg_control.tar, then pg_backup_stop and backup_label.tar."""
     if push.walk.pg_control is None:
         raise BackupError(f"{push.pgdata} has no global/pg_control", hint="is this a PostgreSQL data directory?")
     await _upload_part(push, uploader, iter([push.walk.pg_control]),
                        layout.with_extension(layout.PG_CONTROL_TAR, push.ext), None)
-    # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it and waits
-    # for the same condition itself, polling the archive status every 20 ms
+    # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it and makes
+    # the WAL durable itself (_await_wal)
     info = push.info
     push.stop = stop = await asyncio.to_thread(push.session.backup_stop, info.version_num, False)
     label, spcmap = stop.label.encode(), stop.tablespace_map.encode()
@@ -293,9 +324,6 @@ async def _upload_control_files(push: _Push, uploader: Uploader) -> None:
                      Entry("tablespace_map", "file", len(spcmap), 0o600, data=spcmap)]
     await _upload_part(push, uploader, iter(label_entries), layout.with_extension(layout.BACKUP_LABEL_TAR, push.ext),
                        None)
-    if _archiving_applies(info):
-        await wait_for_archiver(push.pgdata, _backup_wal_files(push.start.timeline, push.start.lsn, stop.lsn,
-                                                               info.segment_size))
 
 
 async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry], object_name: str,

@@ -119,6 +119,7 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
                     target_storage: str | None, as_json: bool) -> None:
     """Take a base backup of the running server whose data directory is PGDATA (default: the PGDATA setting)."""
     from walrus.backup.push import backup_push
+    from walrus.wal.push import store_for_backup
 
     for flag, given in (("--verify", verify), ("--store-all-corrupt", store_all_corrupt)):
         if given:
@@ -154,7 +155,8 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
             raise WalrusError("--delta-from-user-data is not valid JSON", detail=str(e),
                               hint="give the JSON user data of the backup to build on") from None
     result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
-                                                delta_from_name=delta_from_name, delta_from_user_data=base_data),
+                                                delta_from_name=delta_from_name, delta_from_user_data=base_data,
+                                                archive=store_for_backup),
                  settings)
     log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
     emit(result, as_json, None)

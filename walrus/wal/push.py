@@ -280,6 +280,20 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
         pusher.close()
 
 
+async def store_for_backup(settings: Settings, storage: Storage, wal_dir: str, names: list[str]) -> None:
+    """Store WAL files a backup-push needs (its segments and history file, complete in pg_wal) as the
+    archiver's wal-push would, one after the other, before the backup's sentinel. The archiver still
+    archives them as usual, with its own settings: its call finds them stored with identical bytes
+    (and records a segment's block map if this call did not). A file the archiver stored meanwhile
+    is found identical too; different bytes are never overwritten (an error, as in wal-push)."""
+    pusher = WalPusher(settings, slots=1, register=False)
+    try:
+        for name in names:
+            await pusher.push(storage, os.path.join(wal_dir, name))
+    finally:
+        pusher.close()
+
+
 def pushed_in_background(path: str) -> WalPushResult | None:
     """The result for a segment an earlier call stored in the background (its marker taken), else
     None. Needs no storage: the command answers such a call without opening one."""
