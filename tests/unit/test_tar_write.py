@@ -324,3 +324,64 @@ def test_increments_of_parts_side_by_side_never_starve_the_pool(tmp_path, lanes,
                 body = io.BytesIO(tf.extractfile(member).read())
                 assert list(read_increment_head(body.read, member.size, member.name).blocks) == list(blocks)
                 assert body.read() == b"".join(pages[b * 8192:(b + 1) * 8192] for b in blocks)
+
+
+def test_an_abandoned_increment_keeps_buffers_its_reads_still_land_in(tmp_path):
+    """A part given up (a failed upload, SIGTERM) while its increment's reads are in flight: each
+    buffer a read may still land in goes back to the pool only once that read completed, never
+    while the kernel may write into it (another part would have taken it)."""
+    from array import array
+
+    pages = b"".join(_page(1) for _ in range(32))
+    (tmp_path / "16385").write_bytes(pages)
+    entry = file_entry(tmp_path / "16385")
+    entry.blocks = array("I", range(32))
+
+    class GatedReader:
+        """preadv behind a gate: reads issued before it opens complete only after."""
+
+        def __init__(self):
+            self.inner = open_reader("preadv")
+            self.gate = asyncio.Event()
+            self.issued = 0
+
+        async def read_batch(self, requests):
+            self.issued += 1
+            await self.gate.wait()
+            return await self.inner.read_batch(requests)
+
+        def close(self):
+            self.inner.close()
+
+    async def main():
+        pool = BufferPool(8, 16384)
+        reader = GatedReader()
+        stream = TarPartStream(iter([entry]), pool, reader, depth=1, windows=asyncio.Semaphore(4))
+
+        async def consume():
+            async for buf in stream:
+                buf.release()
+
+        async def window_in_flight():  # four buffers' reads issued, none landed
+            while reader.issued < 4:
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(consume())
+        try:
+            await asyncio.wait_for(window_in_flight(), 5)
+        finally:
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        held = pool.available()
+        reader.gate.set()
+        for _ in range(100):
+            if pool.available() == 8:
+                break
+            await asyncio.sleep(0.01)
+        reader.close()
+        return held, pool.available()
+
+    held, after = asyncio.run(main())
+    assert held == 8 - 4  # the in-flight reads' buffers stay out of the pool
+    assert after == 8  # and come back once those reads have landed

@@ -242,10 +242,16 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
     began = time.monotonic()
     if not os.path.isdir(pgdata):
         raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
-    choice = await choose_base(settings, storage, permanent=permanent, full=full, from_name=delta_from_name,
-                               from_user_data=delta_from_user_data)
+    # the connection (and the client library's import) is made while the base is chosen
+    connecting = asyncio.ensure_future(asyncio.to_thread(connect, settings))
+    try:
+        choice = await choose_base(settings, storage, permanent=permanent, full=full, from_name=delta_from_name,
+                                   from_user_data=delta_from_user_data)
+    except BaseException:
+        _discard(connecting)
+        raise
     log.info(f"backup-push: {choice.reason}" if choice.base else f"full backup: {choice.reason}")
-    session = await asyncio.to_thread(connect, settings)
+    session = await connecting
     try:
         push = await _start(settings, storage, pgdata, session, choice)
         raise_nofile_limit()  # parts keep the files of their in-flight buffers open
@@ -254,8 +260,15 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             push.reader = uploader.reader.name
             await _upload_data(push, uploader)
             await _upload_control_files(push, uploader)
-        await _await_wal(push, archive)  # after the pool is unmapped: storing WAL uses buffers of its own
-        await _finish(push, permanent, user_data, names)
+        # the catalog as the backup ended, read while its WAL is stored
+        catalog = None if settings.disable_partial_restore else asyncio.ensure_future(names(settings))
+        try:
+            await _await_wal(push, archive)  # after the pool is unmapped: storing WAL uses buffers of its own
+            await _finish(push, permanent, user_data, None if catalog is None else await catalog)
+        finally:
+            if catalog is not None and not catalog.done():
+                catalog.cancel()
+                await asyncio.gather(catalog, return_exceptions=True)
     finally:
         await asyncio.to_thread(session.close)
     return BackupPushResult(name=push.name, start_lsn=push.start.lsn, finish_lsn=push.stop.lsn,
@@ -265,6 +278,16 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                             delta_from=push.base.name if push.base else None,
                             delta_method=None if push.base is None else
                             "block map" if push.block_map and push.block_map.map is not None else "page scan")
+
+
+def _discard(connecting: asyncio.Future) -> None:
+    """Close a session no longer wanted once its connection is made, without waiting for it (a
+    SIGTERM must not wait for a connect); a connection that failed has nothing to close."""
+    def close(made: asyncio.Future) -> None:
+        if not made.cancelled() and made.exception() is None:
+            made.result().close()
+
+    connecting.add_done_callback(close)
 
 
 async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
@@ -338,9 +361,9 @@ async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry]
     log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
 
 
-async def _finish(push: _Push, permanent: bool, user_data: Any,
-                  names: Callable[[Settings], Awaitable[dict[str, Any] | None]]) -> None:
-    """metadata.json and files_metadata.json, then the sentinel, last."""
+async def _finish(push: _Push, permanent: bool, user_data: Any, catalog: dict[str, Any] | None) -> None:
+    """metadata.json and files_metadata.json, then the sentinel, last. `catalog`: the databases'
+    relations by name (None: partial restore off, or they could not be read)."""
     info, start, stop, storage, base = push.info, push.start, push.stop, push.storage, push.base
     finish_time = now_utc_micro()
     spec = TablespaceSpec(base_prefix=os.path.realpath(push.pgdata).rstrip("/"),
@@ -363,10 +386,9 @@ async def _finish(push: _Push, permanent: bool, user_data: Any,
     # the catalog as the backup ended, as WAL-G reads it (a relation rewritten during the backup has
     # its new file number, which recovery recreates); a failure here is a warning, never the backup's
     files_metadata = FilesMetadata(files=push.collected.files, tar_file_sets=push.collected.tar_file_sets,
-                                   databases_by_names=None if push.settings.disable_partial_restore
-                                   else await names(push.settings))
+                                   databases_by_names=catalog)
     if permanent and base is not None:  # before this backup's metadata: marks go up the chain in order
         await backup_mark(push.settings, storage, base.name, permanent=True)
-    await storage.put_bytes(layout.backup_key(push.name, layout.METADATA), metadata.to_json())
-    await storage.put_bytes(layout.backup_key(push.name, layout.FILES_METADATA), files_metadata.to_json())
+    await gather_all([storage.put_bytes(layout.backup_key(push.name, layout.METADATA), metadata.to_json()),
+                      storage.put_bytes(layout.backup_key(push.name, layout.FILES_METADATA), files_metadata.to_json())])
     await storage.put_bytes(layout.sentinel_key(push.name), sentinel.to_json())

@@ -138,48 +138,62 @@ def _refs_of(ffi, st) -> array:
     return array("I", bytes(ffi.buffer(st.refs, 16 * st.nrefs)) if st.nrefs else b"")
 
 
+def _merge(a: array, b: array) -> array:
+    """The union of two sorted, unique reference runs."""
+    ffi, lib = _compiled()
+    out = array("I", bytes(4 * (len(a) + len(b))))
+    n = lib.walrus_walmap_merge(ffi.from_buffer("uint32_t[]", a), len(a) // 4, ffi.from_buffer("uint32_t[]", b),
+                                len(b) // 4, ffi.from_buffer("uint32_t[]", out))
+    del out[4 * n:]
+    return out
+
+
 class BlockMap:
     """The union of segments' references: which blocks of which relation file changed. References
-    are added in batches (sorted and deduplicated together, then merged into the union), so memory
-    holds the union and one batch, whatever the number of segments."""
+    come in sorted runs (a segment's map, a crossing record's) and are merged pairwise into the
+    union in batches, so memory holds the union and one batch, whatever the number of segments."""
 
     BATCH = 1 << 20  # references gathered before they are merged in
 
     def __init__(self) -> None:
         self.refs = array("I")  # sorted, unique quadruples
-        self._pending = array("I")
+        self._runs: list[array] = []
+        self._pending = 0  # references in _runs
 
     def __len__(self) -> int:
         return len(self.refs) // 4
 
     def add(self, refs: array) -> None:
-        self._pending.extend(refs)
-        if len(self._pending) >= 4 * self.BATCH:
+        """Adds references, each run sorted and unique as a parse or a decoded map gives them
+        (another run is sorted here first)."""
+        if not refs:
+            return
+        if not _is_sorted(refs):
+            ffi, lib = _compiled()
+            refs = array("I", refs)
+            del refs[4 * lib.walrus_walmap_unique(ffi.from_buffer("uint32_t[]", refs), len(refs) // 4):]
+        self._runs.append(refs)
+        self._pending += len(refs) // 4
+        if self._pending >= self.BATCH:
             self.seal()
 
     def seal(self) -> None:
-        """Merge what was added into the union (the compiled module's sort and linear merge)."""
-        if not self._pending:
+        """Merge what was added into the union: runs merged two at a time (the compiled module's
+        linear merge), so n references in k runs cost n log k steps rather than a sort's."""
+        if not self._runs:
             return
-        ffi, lib = _compiled()
-        pending, self._pending = self._pending, array("I")
-        n = lib.walrus_walmap_unique(ffi.from_buffer("uint32_t[]", pending), len(pending) // 4)
-        del pending[4 * n:]
-        if not self.refs:
-            self.refs = pending
-            return
-        out = array("I", bytes(4 * (len(self.refs) + len(pending))))
-        n = lib.walrus_walmap_merge(ffi.from_buffer("uint32_t[]", self.refs), len(self.refs) // 4,
-                                    ffi.from_buffer("uint32_t[]", pending), len(pending) // 4,
-                                    ffi.from_buffer("uint32_t[]", out))
-        del out[4 * n:]
-        self.refs = out
+        runs = self._runs + ([self.refs] if self.refs else [])
+        self._runs, self._pending = [], 0
+        while len(runs) > 1:
+            merged = [_merge(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
+            runs = merged + runs[len(merged) * 2:]
+        self.refs = runs[0]
 
     def blocks(self, relpath: str, size: int) -> array | None:
         """The blocks of relation file `relpath` (inside the data directory) that changed, numbered
         within the file and below its size; None where the whole file must be copied (its relation
         or database was created anew in the range, or the path is not a relation file's)."""
-        assert not self._pending, "seal() the map before reading it"
+        assert not self._runs, "seal() the map before reading it"
         key = relation_of(relpath)
         if key is None:
             return None

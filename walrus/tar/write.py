@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import grp
 import os
@@ -21,7 +22,7 @@ from walrus.ratelimit import RateLimiter
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)  # Go's archive/tar ends with two zero blocks and no record padding
-SCAN_WINDOW = 16  # buffers a delta's page scan reads at once (more only when the pool has them free)
+SCAN_WINDOW = 16  # buffers of a delta's reads (page scan, increments' pages) in flight ahead of a lane
 
 
 @dataclass(slots=True)
@@ -181,13 +182,21 @@ class TarPartStream:
             await self._lay_bytes(END_OF_ARCHIVE)
             await self._submit()
         except asyncio.CancelledError:
+            self._drop_fill()
             raise  # the consumer is going away: nobody to tell, and its queue may be full
         except BaseException as e:  # the consumer re-raises it when it reaches this item
+            self._drop_fill()
             fut = asyncio.get_running_loop().create_future()
             fut.set_exception(e)
             await self._queue.put(fut)
             return
         await self._queue.put(None)
+
+    def _drop_fill(self) -> None:
+        """The buffer being filled back to the pool: not submitted, so no read lands in it."""
+        fill, self._fill = self._fill, None
+        if fill is not None:
+            fill.buf.release()
 
     async def _add(self, entry: Entry) -> None:
         if entry.kind == "file" and entry.path is not None and entry.size > 0:
@@ -281,43 +290,61 @@ class TarPartStream:
 
     async def _read_pieces(self, f: _OpenFile, pieces: list[tuple[int, int]]):
         """(offset, buffer view, bytes read into it) of each (offset, length) piece of f, in order:
-        whole pages, at most a buffer each, packed into pool buffers and read a window of buffers
-        per batch (more than one buffer only when the pool has them free); fewer bytes where the
-        file ended. A view is valid until the next item."""
+        whole pages, at most a buffer each, packed into pool buffers; fewer bytes where the file
+        ended. A view is valid until the next item.
+
+        Up to SCAN_WINDOW buffers' reads are in flight ahead of the caller, so the disk and the
+        caller (page selection, copying into the part) overlap, and each buffer goes back to the
+        pool once the caller is past it. Only a lane with nothing in flight waits for a buffer: one
+        that holds some reads ahead with the buffers free at once (see window_quota)."""
         i = 0
-        while i < len(pieces):
-            taken: list[Buffer] = []
-            requests: list[ReadRequest] = []
-            used = self._pool.size
-            try:
-                while i < len(pieces) and (len(taken) < SCAN_WINDOW or used + pieces[i][1] <= self._pool.size):
-                    offset, n = pieces[i]
-                    if used + n > self._pool.size:
-                        if taken and (not self._pool.available() or self._windows.locked()):
-                            break
-                        await self._windows.acquire()
-                        try:
-                            taken.append(await self._pool.acquire())
-                        except BaseException:
-                            self._windows.release()
-                            raise
-                        used = 0
-                    if self._limiter is not None:
-                        await self._limiter.take(n)
-                    requests.append(ReadRequest(f.fd, offset, taken[-1].view[used:used + n]))
-                    used += n
-                    i += 1
+        flight: collections.deque[_Window] = collections.deque()
+        try:
+            while flight or i < len(pieces):
+                while i < len(pieces) and len(flight) < SCAN_WINDOW:
+                    window, i = await self._window(f, pieces, i, wait=not flight)
+                    if window is None:
+                        break
+                    flight.append(window)
                 try:
-                    counts = await self._reader.read_batch(requests)
+                    counts = await asyncio.shield(flight[0].reads)
                 except OSError as e:
                     raise BackupError("read failed during the backup", detail=f"{e.strerror or e}",
                                       hint="check the data directory's disk and permissions") from None
-                for req, got in zip(requests, counts):
+                for req, got in zip(flight[0].requests, counts):
                     yield req.offset, req.view, min(got, len(req.view))
-            finally:
-                for buf in taken:
-                    buf.release()
-                    self._windows.release()
+                flight.popleft().done()
+        finally:
+            for window in flight:
+                window.done()
+
+    async def _window(self, f: _OpenFile, pieces: list[tuple[int, int]], i: int,
+                      wait: bool) -> tuple["_Window | None", int]:
+        """A pool buffer holding pieces i.. (as many as fit), their reads submitted, and the index of
+        the first piece left out. With `wait` false, None unless a buffer is free at once."""
+        if not wait and (not self._pool.available() or self._windows.locked()):
+            return None, i
+        await self._windows.acquire()
+        try:
+            buf = await self._pool.acquire()
+        except BaseException:
+            self._windows.release()
+            raise
+        requests: list[ReadRequest] = []
+        used = 0
+        try:
+            while i < len(pieces) and used + pieces[i][1] <= self._pool.size:
+                offset, n = pieces[i]
+                if self._limiter is not None:
+                    await self._limiter.take(n)
+                requests.append(ReadRequest(f.fd, offset, buf.view[used:used + n]))
+                used += n
+                i += 1
+        except BaseException:
+            buf.release()
+            self._windows.release()
+            raise
+        return _Window(buf, requests, asyncio.ensure_future(self._reader.read_batch(requests)), self._windows), i
 
     async def _current(self) -> _Fill:
         if self._fill is None:
@@ -394,6 +421,27 @@ class TarPartStream:
             if owner.laid_out and owner.pending == 0:
                 self._close(owner.fd)
         return fill.buf
+
+
+class _Window:
+    """A pool buffer of a delta read and the reads into it. The buffer goes back to the pool only
+    once the caller is done with it and no read can still land in it: reads in flight when the
+    caller gives up (an error, a cancelled backup) keep it until they complete."""
+
+    def __init__(self, buf: Buffer, requests: list[ReadRequest], reads: asyncio.Future, windows: asyncio.Semaphore):
+        self.buf, self.requests, self.reads, self._windows = buf, requests, reads, windows
+
+    def done(self) -> None:
+        if self.reads.done():
+            self._give_back()
+        else:
+            self.reads.add_done_callback(lambda _: self._give_back())
+
+    def _give_back(self) -> None:
+        if not self.reads.cancelled():
+            self.reads.exception()  # retrieved: an abandoned read's error is not reported as never retrieved
+        self.buf.release()
+        self._windows.release()
 
 
 def window_quota(pool_buffers: int, lanes: int, compressing: int) -> int:
