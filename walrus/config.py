@@ -239,6 +239,10 @@ SETTINGS: tuple[Setting, ...] = (
       "File bytes per tar part before a new part starts."),
     S("WALG_UPLOAD_CONCURRENCY", "upload_concurrency", parse_positive_int, 16,
       "Parallel uploads; above 1, wal-push also archives further .ready segments in the background."),
+    S("WALG_INTEGRITY_MAX_DELAYED_WALS", "integrity_max_delayed_wals", _non_negative_int, 0,
+      "wal-verify integrity: the newest segments missing from the archive that count as MISSING_DELAYED "
+      "(a warning), before WALG_UPLOAD_CONCURRENCY more count as MISSING_UPLOADING (a warning) and the "
+      "rest as MISSING_LOST (a failure)."),
     S("WALG_DOWNLOAD_CONCURRENCY", "download_concurrency", parse_positive_int, 10,
       "Parallel downloads: tar parts extracted at once by backup-fetch."),
     S("WALG_UPLOAD_DISK_CONCURRENCY", "upload_disk_concurrency", parse_positive_int, 1,
@@ -409,6 +413,7 @@ class Settings:
     zstd_level: str | None
     tar_size_threshold: int
     upload_concurrency: int
+    integrity_max_delayed_wals: int
     download_concurrency: int
     upload_disk_concurrency: int
     tar_disable_fsync: bool

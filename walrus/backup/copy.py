@@ -20,9 +20,6 @@ from walrus.storage.base import ByteStream, Storage
 # sentinel (what makes it exist) only once its parts, its files_metadata.json, its metadata.json
 # and its WAL are all there; a delta's sentinel after its base's (the depth is added).
 PAYLOAD, METADATA, SENTINEL = 0, 1, 2
-# Extensions stripped from an archived WAL file's name, whatever codecs the build has: WAL-G's, and
-# the trailing dot of v3.0.8's uncompressed keys.
-_COMPRESSION_EXTENSIONS = (".br", ".gz", ".lz4", ".lzma", ".lzo", ".zst", ".")
 
 
 @dataclass(frozen=True)
@@ -139,7 +136,7 @@ async def _add_wal(source: Storage, objects: dict[str, int], plan: dict[str, Ent
         if not key.startswith(layout.WAL + "/"):
             continue
         archived = key.rsplit("/", 1)[-1]
-        archived = next((archived[:-len(e)] for e in _COMPRESSION_EXTENSIONS if archived.endswith(e)), archived)
+        archived = layout.archived_name(archived)
         logical = archived.split(".", 1)[0]
         # .history files are small and any timeline's may be asked for: always copied, as WAL-G does
         if not archived.endswith(".history") and (logical < first or (not with_history and logical > last)):

@@ -14,6 +14,7 @@ from walrus.log import log
 from walrus.pg.xlog import BACKUP_NAME_RE, first_wal_name_in, format_lsn
 from walrus.storage import layout
 from walrus.storage.base import ObjectInfo, Storage
+from walrus.table import box_table
 
 
 @dataclass
@@ -178,18 +179,11 @@ def render(backups: list[BackupInfo], detail: bool, pretty: bool, as_json: bool)
         lines = [[name for name, _, _, _ in rows[0]]] + [[value for _, _, value, _ in row] for row in rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
         return "\n".join(" ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
-    # go-pretty's default style: +-| box, upper-case header, rows numbered from 0 (right-aligned)
-    header = ["#"] + [pretty_name.upper() for _, pretty_name, _, _ in rows[0]]
+    # go-pretty's default style, rows numbered from 0 (right-aligned)
+    header = ["#"] + [pretty_name for _, pretty_name, _, _ in rows[0]]
     body = [[str(i)] + [shown if shown is not None else value for _, _, value, shown in row]
             for i, row in enumerate(rows)]
-    widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
-    rule = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
-
-    def line(cells: list[str], numbered: bool) -> str:
-        first = cells[0].rjust(widths[0]) if numbered else cells[0].ljust(widths[0])
-        return "| " + " | ".join([first] + [c.ljust(w) for c, w in zip(cells[1:], widths[1:])]) + " |"
-
-    return "\n".join([rule, line(header, False), rule] + [line(r, True) for r in body] + [rule])
+    return box_table(header, body, [True] + [False] * (len(header) - 1))
 
 
 async def read_files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> FilesMetadata | None:

@@ -230,6 +230,66 @@ def backup_list_cmd(ctx, detail: bool, pretty: bool, as_json: bool, target_stora
         click.echo(text)
 
 
+@cli.command("wal-show", context_settings=CONTEXT)
+@click.option("--detailed-json", is_flag=True, help="Print JSON (each timeline's missing segments and backups).")
+@click.option("--without-backups", is_flag=True, help="Do not look up which backups lie on each timeline.")
+@target_storage_option
+@click.pass_context
+def wal_show_cmd(ctx, detailed_json: bool, without_backups: bool, target_storage: str | None) -> None:
+    """Show the archived WAL by timeline: its range, missing segments, parent and backups."""
+    from walrus.archive.walshow import wal_show
+
+    check_target_storage(target_storage)
+    result = run(ctx, lambda s, st: wal_show(s, st, with_backups=not without_backups))
+    click.echo(result.json_text() if detailed_json else result.text())
+
+
+@cli.command("wal-verify", context_settings=CONTEXT)
+@click.argument("checks", nargs=-1, metavar="integrity|timeline...")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--timeline", type=int, help="The server's timeline, with --lsn (else asked of PostgreSQL).")
+@click.option("--lsn", metavar="X/X", help="The server's WAL position, with --timeline (else asked of PostgreSQL).")
+@click.option("--backup-name", metavar="NAME", help="integrity: check from this backup's start, not the oldest one's.")
+@target_storage_option
+@click.pass_context
+def wal_verify_cmd(ctx, checks: tuple[str, ...], as_json: bool, timeline: int | None, lsn: str | None,
+                   backup_name: str | None, target_storage: str | None) -> None:
+    """Check that the archive holds every WAL segment from the oldest backup to the server's position
+    (integrity) and that its newest timeline is the server's (timeline). Exits 1 when a check fails."""
+    from walrus.pg.client import PgSession
+    from walrus.pg.xlog import parse_lsn
+    from walrus.archive.walverify import CHECKS, Position, wal_verify
+
+    check_target_storage(target_storage)
+    if not checks:
+        raise click.UsageError(f"name at least one check of: {', '.join(CHECKS)}")
+    unknown = [c for c in checks if c not in CHECKS]
+    if unknown:
+        raise click.UsageError(f"invalid check {unknown[0]!r}: choose from {', '.join(CHECKS)}")
+    if (lsn is None) != (timeline is None):
+        raise click.UsageError("--lsn and --timeline go together")
+    position = None
+    if lsn is not None:
+        try:
+            position = Position(timeline, parse_lsn(lsn))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--lsn") from None
+
+    def locate(settings):
+        session = PgSession(settings)
+        try:
+            return session.wal_position()
+        finally:
+            session.close()
+
+    result = run(ctx, lambda s, st: wal_verify(s, st, list(checks), locate=locate, position=position,
+                                               backup_name=backup_name))
+    click.echo(result.json_text() if as_json else result.text())
+    failure = result.failure()
+    if failure is not None:
+        raise failure
+
+
 @cli.command("delete", context_settings={**CONTEXT, "ignore_unknown_options": False})
 @click.argument("args", nargs=-1, metavar="MODE [ARGS]...")
 @click.option("--confirm", is_flag=True, help="Delete; without it the command only shows what it would delete.")

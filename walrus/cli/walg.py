@@ -89,8 +89,6 @@ def refuse(flag: str, why: str, hint: str) -> WalrusError:
 
 # WAL-G's PostgreSQL commands walrus does not have, with what to do instead.
 MISSING_COMMANDS = {
-    "wal-show": "walrus does not show WAL timelines yet; `walrus st ls wal_005` lists the archive",
-    "wal-verify": "walrus does not verify the archive yet; `walrus st ls wal_005` lists it",
     "wal-receive": "walrus does not stream WAL over replication; archive with archive_command = 'walrus wal-push %p'",
     "wal-restore": "walrus does not restore WAL between clusters; use pg_rewind with restore_command = "
                    "'walrus wal-fetch %f %p'",

@@ -87,6 +87,21 @@ class PgSession:
                                             (wait_for_archive,))
         return BackupStop(parse_lsn(lsn_text), label or "", spcmap or "")
 
+    def wal_position(self) -> tuple[int, int, int]:
+        """(timeline, LSN, WAL segment size) of the server now: a primary's write position on its
+        timeline; a standby's last WAL received (else replayed) on its last checkpoint's timeline."""
+        in_recovery, segment_size, checkpoint_timeline = self._one(
+            "SELECT pg_is_in_recovery(), (SELECT bytes_per_wal_segment FROM pg_control_init()),"
+            " (SELECT timeline_id FROM pg_control_checkpoint())")
+        if not in_recovery:
+            lsn_text, name = self._one("SELECT lsn::text, pg_walfile_name(lsn) FROM pg_current_wal_lsn() AS lsn")
+            return int(name[:8], 16), parse_lsn(lsn_text), int(segment_size)
+        (lsn_text,) = self._one("SELECT coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text")
+        if lsn_text is None:
+            raise BackupError("the standby reports no WAL position yet",
+                              hint="give the position with --lsn and --timeline")
+        return int(checkpoint_timeline), parse_lsn(lsn_text), int(segment_size)
+
     def timeline(self) -> int:
         (timeline,) = self._one("SELECT timeline_id FROM pg_control_checkpoint()")
         return int(timeline)

@@ -44,6 +44,16 @@ def wal_key(name: str) -> str:
     return join_key(WAL, name)
 
 
+# Extensions stripped from an archived WAL file's object name, whatever codecs the build has: WAL-G's,
+# and the trailing dot of v3.0.8's uncompressed keys.
+COMPRESSION_EXTENSIONS = (".br", ".gz", ".lz4", ".lzma", ".lzo", ".zst", ".")
+
+
+def archived_name(object_name: str) -> str:
+    """The WAL file name an object of wal_005/ holds: its name without a compression extension."""
+    return next((object_name[:-len(e)] for e in COMPRESSION_EXTENSIONS if object_name.endswith(e)), object_name)
+
+
 def blockmap_key(segment: str) -> str:
     return join_key(BLOCKMAP, segment + ".zst")
 

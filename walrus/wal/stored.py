@@ -91,3 +91,14 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
             discard(fd, tmp)
         raise
     return key, size
+
+
+async def read_archived(settings: Settings, storage: Storage, name: str) -> bytes | None:
+    """A small archived file (a .history file) decoded whole into memory; None when it is not archived."""
+    found = await open_archived(storage, name, settings)
+    if found is None:
+        return None
+    key, ext, stream = found
+    out = bytearray()
+    await copy_decoded(stream, ext, key, settings.crypter, out.extend)
+    return bytes(out)
