@@ -141,10 +141,10 @@ class Cluster:
     bindir: str = field(default_factory=pg_bindir)
 
     @classmethod
-    def init(cls, root: str, *, wal_segsize_mb: int = 16) -> "Cluster":
+    def init(cls, root: str, *, wal_segsize_mb: int = 16, checksums: bool = False) -> "Cluster":
         data = os.path.join(root, "data")
         run([os.path.join(pg_bindir(), "initdb"), "-D", data, "-A", "trust", "-E", "UTF8", "--no-sync",
-             f"--wal-segsize={wal_segsize_mb}"])
+             f"--wal-segsize={wal_segsize_mb}"] + (["--data-checksums"] if checksums else []))
         return cls(data=data, sockdir=root)
 
     def configure(self, **settings) -> None:

@@ -119,3 +119,40 @@ def test_an_increment_cannot_write_beyond_its_file():
     with pytest.raises(CorruptObject) as e:
         read_increment_head(io.BytesIO(member).read, len(member), "base/1/2")
     assert "block 2 of a file of 16384 bytes" in e.value.detail
+
+
+def test_page_checksums_compiled_and_python_agree_and_catch_damage():
+    import random
+    import struct
+
+    from walrus.pg import pages as P
+
+    rng = random.Random(7)
+    page = bytearray(rng.randbytes(8192))
+    struct.pack_into("<IIHHHHHH", page, 0, 0, 0x1000, 0, 0, 40, 8000, 8192, 8192 | 4)  # a sane header
+    struct.pack_into("<H", page, 8, P.page_checksum(page, 70))  # as PostgreSQL stamps block 70
+    assert P.check_pages(bytes(page), 70) == [] and P._page_ok(memoryview(page), 70)
+    assert P.check_pages(bytes(page), 71) == [71]  # the same page at another block: transposed
+    damaged = bytearray(page)
+    damaged[5000] ^= 1
+    new = bytes(8192)
+    not_new = bytearray(8192)
+    not_new[100] = 1  # pd_upper 0 but not all zeros
+    assert P.check_pages(bytes(page) + bytes(damaged) + new + bytes(not_new), 70) == [71, 73]
+    assert [b for b in range(4) if not P._page_ok(memoryview(bytes(page) + bytes(damaged) + new + bytes(not_new))
+                                                  [b * 8192:(b + 1) * 8192], 70 + b)] == [1, 3]
+
+
+def test_checksummed_files_and_pg_control():
+    from walrus.pg.control import data_checksum_version
+    from walrus.pg.pages import checksummed_block0
+
+    assert checksummed_block0("base/5/16384") == 0 and checksummed_block0("base/5/16384.2") == 2 * 131072
+    assert checksummed_block0("global/1262_vm") == 0 and checksummed_block0("pg_tblspc/16400/PG_15_1/5/16384_fsm.1") == 131072
+    assert checksummed_block0("global/pg_control") is None and checksummed_block0("pg_xact/0000") is None
+    assert checksummed_block0("base/5/pg_filenode.map") is None and checksummed_block0("base/pgsql_tmp/1") is None
+    import struct
+    control = bytes(200) + struct.pack("=8I", 8192, 131072, 8192, 16 << 20, 64, 32, 1996, 2048) + b"\x01\0\0\0"
+    assert data_checksum_version(control + struct.pack("=I", 1) + bytes(40)) == 1
+    assert data_checksum_version(control + struct.pack("=I", 0) + bytes(40)) == 0
+    assert data_checksum_version(bytes(300)) is None

@@ -230,6 +230,32 @@ def backup_list_cmd(ctx, detail: bool, pretty: bool, as_json: bool, target_stora
         click.echo(text)
 
 
+@cli.command("backup-verify", context_settings=CONTEXT)
+@click.argument("name", required=False, metavar="[NAME|LATEST]")
+@click.option("--all", "every", is_flag=True, help="Verify every backup.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+def backup_verify_cmd(ctx, name: str | None, every: bool, as_json: bool) -> None:
+    """Read a backup back and check it: every tar part decoded and walked, its files against
+    files_metadata.json, page checksums (a cluster with data checksums), and the WAL from its start
+    to its finish archived and whole. Exits 1 on any fault."""
+    from walrus.archive.backupverify import backup_verify
+    from walrus.backup.list import resolve_backup
+
+    if every and name:
+        raise click.UsageError("give a backup NAME or --all, not both")
+
+    async def engine(settings, storage):
+        names = None if every else [await resolve_backup(storage, name or "LATEST")]
+        return await backup_verify(settings, storage, names)
+
+    result = run(ctx, engine)
+    emit(result, as_json, result.text())
+    failure = result.failure()
+    if failure is not None:
+        raise failure
+
+
 @cli.command("wal-show", context_settings=CONTEXT)
 @click.option("--detailed-json", is_flag=True, help="Print JSON (each timeline's missing segments and backups).")
 @click.option("--without-backups", is_flag=True, help="Do not look up which backups lie on each timeline.")

@@ -133,3 +133,80 @@ def _select_in_python(pages: memoryview, count: int, first_block: int, lsn: int,
         elif not valid:
             return first_block + i
     return None
+
+
+# -- data page checksums
+
+RELSEG_BLOCKS = 131072  # blocks in a relation's 1 GiB file segment (RELSEG_SIZE)
+_FORK_FILE = re.compile(r"\d+(?:_(?:fsm|vm|init))?(?:\.(\d+))?")  # PostgreSQL's relation file names, every fork
+
+
+def checksummed_block0(relpath: str) -> int | None:
+    """The block number of the first page of a relation file whose pages PostgreSQL checksums (any
+    fork, under base/, global/ or a tablespace: pg_checksums' set), counted across the relation's
+    1 GiB segments; None for any other file (pg_control, maps, SLRU, temporary files)."""
+    top = relpath.split("/", 1)[0]
+    match = _FORK_FILE.fullmatch(posixpath.basename(relpath))
+    if top not in ("base", "global", "pg_tblspc") or match is None or "pgsql_tmp" in relpath:
+        return None
+    return int(match.group(1) or 0) * RELSEG_BLOCKS
+
+
+@functools.cache
+def _checker() -> tuple | None:
+    try:
+        from walrus._uring._liburing import ffi, lib
+        return ffi, lib.walrus_check_pages
+    except (ImportError, AttributeError) as e:
+        log.info(f"page checksums in Python (the compiled module is unavailable: {e})")
+        return None
+
+
+def check_pages(pages: memoryview | bytes, first_block: int) -> list[int]:
+    """The block numbers of the whole pages in `pages` (block `first_block` onwards) that fail
+    PostgreSQL's check of a page read from disk: a new page that is not all zeros, a page header out
+    of bounds, or a checksum that is not the page's (cluster initialised with data checksums)."""
+    count = len(pages) // BLOCK_SIZE
+    compiled = _checker()
+    if compiled is None:
+        return [first_block + i for i in range(count)
+                if not _page_ok(memoryview(pages)[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE], first_block + i)]
+    ffi, check = compiled
+    bad = array("I", bytes(4 * count))
+    n = check(ffi.from_buffer("unsigned char[]", pages), count, first_block, ffi.from_buffer("uint32_t[]", bad))
+    return list(bad[:n])
+
+
+_SUM_BASE = (0x5B1F36E9, 0xB8525960, 0x02AB50AA, 0x1DE66D2A, 0x79FF467A, 0x9BB9F8A3, 0x217E7CD2, 0x83E13D2C,
+             0xF8D4474F, 0xE39EB970, 0x42C6AE16, 0x993216FA, 0x7B093B5D, 0x98DAFF3C, 0xF718902A, 0x0B1C9CDB,
+             0xE58F764B, 0x187636BC, 0x5D7B3BB1, 0xE73DE7DE, 0x92BEC979, 0xCCA6C0B2, 0x304A0979, 0x85AA43D4,
+             0x783125BB, 0x6CA8EAA2, 0xE407EAC6, 0x4B5CFC3E, 0x9FBF8C76, 0x15CA20BE, 0xF2CA9FD3, 0x959BD756)
+
+
+def page_checksum(page: memoryview | bytes, block: int) -> int:
+    """PostgreSQL's checksum of an 8 KiB page at `block` (the compiled module's twin, for tests and
+    builds without it)."""
+    data = bytearray(page)
+    data[8:10] = b"\0\0"  # pd_checksum counts as zero
+    words = array("I", data)  # the host's byte order, as PostgreSQL reads the page
+    sums = list(_SUM_BASE)
+    for i in range(0, len(words), 32):
+        for j in range(32):
+            t = sums[j] ^ words[i + j]
+            sums[j] = (t * 16777619 & 0xFFFFFFFF) ^ (t >> 17)
+    for _ in range(2):
+        for j in range(32):
+            t = sums[j]
+            sums[j] = (t * 16777619 & 0xFFFFFFFF) ^ (t >> 17)
+    result = 0
+    for v in sums:
+        result ^= v
+    return (result ^ block) % 65535 + 1
+
+
+def _page_ok(page: memoryview, block: int) -> bool:
+    _, _, checksum, flags, lower, upper, special, _ = _PAGE_HEAD.unpack_from(page)
+    if upper == 0:
+        return not any(page)
+    return (flags & 7 == flags and lower <= upper <= special <= BLOCK_SIZE and special % 8 == 0
+            and checksum == page_checksum(page, block))

@@ -206,6 +206,12 @@ class BlockMap:
         hi = self._find(spc, db, rel, end)
         return array("I", (self.refs[4 * i + 3] - first for i in range(lo, hi)))
 
+    def touches(self, spc: int, db: int, rel: int, block: int) -> bool:
+        """Whether the WAL changed block `block` (numbered across the relation's segments) of the
+        relation's main fork, or the relation or its database whole."""
+        assert not self._runs, "seal() the map before reading it"
+        return self._has(spc, db, rel, block) or self._has(spc, db, rel, WHOLE) or self._has(spc, db, 0, WHOLE)
+
     def _has(self, spc: int, db: int, rel: int, blk: int) -> bool:
         i = self._find(spc, db, rel, blk)
         return i < len(self) and tuple(self.refs[4 * i:4 * i + 4]) == (spc, db, rel, blk)
