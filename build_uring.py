@@ -78,7 +78,8 @@ void io_uring_cq_advance(struct io_uring *ring, unsigned nr);
 
 long walrus_select_pages(const unsigned char *pages, size_t count, unsigned page_size, uint64_t lsn,
                          uint32_t first_block, uint32_t *out, size_t *selected);
-size_t walrus_check_pages(const unsigned char *pages, size_t count, uint32_t first_block, uint32_t *bad);
+size_t walrus_check_pages(const unsigned char *pages, size_t count, uint32_t first_block, uint64_t lsn,
+                          int checksums, uint32_t *bad);
 
 struct walrus_walmap {
     uint64_t pos; int status; int error; uint64_t error_lsn; uint64_t records; int switched;
@@ -172,13 +173,22 @@ static uint16_t walrus_page_checksum(const unsigned char *page, uint32_t block)
 
 /* PostgreSQL's verification of a page read from disk (PageIsVerifiedExtended): a new page (pd_upper
    0) must be all zeros; any other must have a sane header and the checksum of its block number.
-   Writes the block numbers of the pages that fail to `bad`; returns how many. */
-static size_t walrus_check_pages(const unsigned char *pages, size_t count, uint32_t first_block, uint32_t *bad)
+   Without `checksums` (a cluster without them) the checksum is not compared. A page whose LSN is
+   `lsn` or later is not checked (0: every page): recovery replaces it from the WAL, and a backup may
+   read it torn by a concurrent write. Writes the block numbers of the pages that fail to `bad`;
+   returns how many. */
+static size_t walrus_check_pages(const unsigned char *pages, size_t count, uint32_t first_block, uint64_t lsn,
+                                 int checksums, uint32_t *bad)
 {
     size_t n = 0;
     for (size_t i = 0; i < count; i++) {
         const unsigned char *p = pages + i * (size_t)8192;
         uint16_t checksum, flags, lower, upper, special;
+        uint32_t xlogid, xrecoff;
+        memcpy(&xlogid, p, 4);
+        memcpy(&xrecoff, p + 4, 4);
+        if (lsn && (((uint64_t)xlogid << 32) | xrecoff) >= lsn)
+            continue;
         memcpy(&checksum, p + 8, 2);
         memcpy(&flags, p + 10, 2);
         memcpy(&lower, p + 12, 2);
@@ -191,7 +201,7 @@ static size_t walrus_check_pages(const unsigned char *pages, size_t count, uint3
                 ok = p[k] == 0;
         } else {
             ok = (flags & 7) == flags && lower <= upper && upper <= special && special <= 8192
-                 && (special & 7) == 0 && checksum == walrus_page_checksum(p, first_block + (uint32_t)i);
+                 && (special & 7) == 0 && (!checksums || checksum == walrus_page_checksum(p, first_block + (uint32_t)i));
         }
         if (!ok)
             bad[n++] = first_block + (uint32_t)i;

@@ -249,6 +249,11 @@ SETTINGS: tuple[Setting, ...] = (
       "Tar parts filled from disk at once by backup-push."),
     S("WALG_TAR_DISABLE_FSYNC", "tar_disable_fsync", parse_bool, False,
       "Do not fsync restored files (faster, unsafe on power loss)."),
+    S("WALG_VERIFY_PAGE_CHECKSUMS", "verify_page_checksums", parse_bool, False,
+      "backup-push checks each page it reads as PostgreSQL does (header, and checksum where the cluster has "
+      "data checksums); corrupt blocks are logged and recorded in files_metadata.json, and the backup completes."),
+    S("WALG_STORE_ALL_CORRUPT_BLOCKS", "store_all_corrupt_blocks", parse_bool, False,
+      "With WALG_VERIFY_PAGE_CHECKSUMS: record every corrupt block of a file in files_metadata.json, not the first 10."),
     S("WALG_DELTA_MAX_STEPS", "delta_max_steps", _non_negative_int, 0,
       "Delta backups in a row before backup-push takes a full one again; 0 takes full backups only."),
     S("WALG_DELTA_ORIGIN", "delta_origin", _delta_origin, "LATEST",
@@ -417,6 +422,8 @@ class Settings:
     download_concurrency: int
     upload_disk_concurrency: int
     tar_disable_fsync: bool
+    verify_page_checksums: bool
+    store_all_corrupt_blocks: bool
     delta_max_steps: int
     delta_origin: str
     delta_from_name: str | None

@@ -94,9 +94,6 @@ OTHER_SETTINGS: tuple[WalgSetting, ...] = (
     # backups: features walrus does not have yet
     W("WALG_USE_WAL_DELTA", IGNORED, "walrus does not record WAL delta maps yet", _is_true),
     W("WALG_FORCE_WAL_DELTA", IGNORED, "walrus does not record WAL delta maps yet", _is_true),
-    W("WALG_VERIFY_PAGE_CHECKSUMS", REFUSED, "walrus does not verify page checksums yet; unset it, or back up with "
-      "WAL-G where verification is required", _is_true),
-    W("WALG_STORE_ALL_CORRUPT_BLOCKS", REFUSED, "walrus does not verify page checksums yet", _is_true),
     W("WALG_USE_RATING_COMPOSER", IGNORED, "walrus fills parts its own way (the backup's format is the same)", _is_true),
     W("WALG_USE_COPY_COMPOSER", IGNORED, "walrus fills parts its own way (the backup's format is the same)", _is_true),
     W("WALG_USE_DATABASE_COMPOSER", IGNORED, "walrus fills parts its own way (the backup's format is the same)",

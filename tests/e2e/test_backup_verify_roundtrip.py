@@ -1,6 +1,8 @@
-"""backup-verify on a real PostgreSQL 15 with data checksums, backed up by walrus under a write load:
-a clean backup passes with its pages checksummed; a damaged tar part, a damaged WAL segment, a
-missing WAL segment and a page corrupted on disk before the backup are each found, named, and exit 1."""
+"""backup-verify and backup-push --verify on a real PostgreSQL 15 with data checksums, backed up by
+walrus under a write load: a clean backup passes with its pages checksummed (no torn page taken for
+damage); a damaged tar part, a damaged WAL segment, a missing WAL segment and a page corrupted on
+disk before the backup are each found, named, and exit 1; backup-push --verify reports that page by
+block number, records it in files_metadata.json as WAL-G does, and completes."""
 from __future__ import annotations
 
 import json
@@ -52,11 +54,13 @@ def test_backup_verify_finds_damage_and_passes_a_clean_backup() -> None:
         writer = threading.Thread(target=load)
         writer.start()
         try:
-            pushed = json.loads(walrus(["backup-push", cluster.data, "--json"], config=config, env=cluster.env).stdout)
+            pushed = json.loads(walrus(["backup-push", "--verify", cluster.data, "--json"], config=config,
+                                       env=cluster.env).stdout)
         finally:
             stop.set()
             writer.join()
         name = pushed["backup_name"]
+        assert pushed["corrupt_blocks"] == {}  # pages written while they were read are no false alarm
         rc, clean, err = verify(config)
         [report] = clean["backups"]
         assert rc == 0 and report["status"] == "OK", (err, report)
@@ -94,9 +98,15 @@ def test_backup_verify_finds_damage_and_passes_a_clean_backup() -> None:
             f.seek(3 * 8192 + 4000)
             f.write(b"\x00garbage\x00")
         cluster.start()
-        corrupt = walrus(["backup-push", cluster.data, "--json"], config=config, env=cluster.env, check=False)
-        second = json.loads(corrupt.stdout)["backup_name"] if corrupt.returncode == 0 else None
-        assert second is not None, corrupt.stderr.decode()
+        corrupt = walrus(["backup-push", cluster.data, "--json"], config=config, env={**cluster.env,
+                         "WALG_VERIFY_PAGE_CHECKSUMS": "true"}, check=False)
+        assert corrupt.returncode == 0, corrupt.stderr.decode()  # reported, and the backup completes
+        pushed = json.loads(corrupt.stdout)
+        second = pushed["backup_name"]
+        assert pushed["corrupt_blocks"] == {f"/{relpath}": [3]}
+        assert f"{relpath}: 1 corrupt block(s): 3" in corrupt.stderr.decode()
+        described = json.load(open(os.path.join(storage, "basebackups_005", second, "files_metadata.json")))
+        assert described["Files"][f"/{relpath}"]["CorruptBlocks"] == {"CorruptBlocksCount": 1, "SomeCorruptBlocks": [3]}
         rc, found, err = verify(config, second)
         faults = found["backups"][0]["faults"]
         assert rc == 1 and [f["problem"] for f in faults] == ["block 3 fails its page checksum or header check"]

@@ -119,11 +119,10 @@ def test_unknown_ignored_refused_and_exported_settings(tmp_path):
     assert quiet == []
     from walrus.errors import ConfigError
 
-    for env in ({"WALG_SWIFT_PREFIX": "swift://b/p"}, {"WALG_VERIFY_PAGE_CHECKSUMS": "true"},
-                {"WALG_PG_BLOCK_SIZE": "16384"}):
+    for env in ({"WALG_SWIFT_PREFIX": "swift://b/p"}, {"WALG_PG_BLOCK_SIZE": "16384"}):
         with pytest.raises(ConfigError, match="walrus does not support it"):
             load_settings(env)
-    load_settings({"WALG_PG_BLOCK_SIZE": "8192", "WALG_VERIFY_PAGE_CHECKSUMS": "false"})
+    assert load_settings({"WALG_PG_BLOCK_SIZE": "8192", "WALG_VERIFY_PAGE_CHECKSUMS": "true"}).verify_page_checksums
 
 
 def test_wale_spellings_are_read():

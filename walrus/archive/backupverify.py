@@ -285,7 +285,8 @@ class _Verify:
             if (start_lsn and lsn >= start_lsn) or in_wal:
                 self.report.replayed_pages += 1
                 continue
-            self.fault(f"{self.report.name}/{relpath}", f"block {block} fails its page checksum or header check")
+            local = block - (checksummed_block0(relpath) or 0)  # within the file, as pg_checksums counts
+            self.fault(f"{self.report.name}/{relpath}", f"block {local} fails its page checksum or header check")
 
 
 def _check(relpath: str, data, blocks) -> list[tuple[str, int, int]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import socket
@@ -19,6 +20,7 @@ from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata,
                                now_utc_micro, system_identifier_from_pg)
 from walrus.backup.mark import backup_mark
 from walrus.backup.partial import databases_by_names
+from walrus.backup.verifypages import PageVerification
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError, WalrusError
@@ -51,13 +53,15 @@ class BackupPushResult:
     storage: str
     delta_from: str | None = None  # the base of a delta backup
     delta_method: str | None = None  # a delta's: "block map" or "page scan"
+    corrupt_blocks: dict[str, list[int]] | None = None  # --verify: {file: blocks that failed}; None: not verified
 
     def as_json(self) -> dict[str, Any]:
         return {"backup_name": self.name, "start_lsn": format_lsn(self.start_lsn),
                 "finish_lsn": format_lsn(self.finish_lsn), "uncompressed_size": self.uncompressed_size,
                 "compressed_size": self.compressed_size, "parts": self.parts, "files": self.files,
                 "seconds": round(self.seconds, 3), "reader": self.reader, "storage": self.storage,
-                "delta_from": self.delta_from, "delta_method": self.delta_method}
+                "delta_from": self.delta_from, "delta_method": self.delta_method,
+                **({} if self.corrupt_blocks is None else {"corrupt_blocks": self.corrupt_blocks})}
 
 
 @dataclass
@@ -226,6 +230,8 @@ class _Push:
     base: DeltaBase | None = None  # a delta's base; None for a full backup
     block_map: MapChoice | None = None  # a delta's WAL block map, or why it scans pages
     windows: asyncio.Semaphore | None = None  # pool buffers the parts' delta reads may hold at once
+    pages: PageVerification | None = None  # --verify's checks
+    corrupt: dict[str, list[int]] | None = None  # what they found
 
 
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
@@ -260,6 +266,11 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             push.reader = uploader.reader.name
             await _upload_data(push, uploader)
             await _upload_control_files(push, uploader)
+        if push.pages is not None:
+            push.corrupt = await asyncio.to_thread(push.pages.corrupt_blocks)
+            for name, blocks in push.corrupt.items():
+                push.collected.files[name] = dataclasses.replace(push.collected.files[name],
+                                                                 corrupt_blocks=push.pages.record(blocks))
         # the catalog as the backup ended, read while its WAL is stored
         catalog = None if settings.disable_partial_restore else asyncio.ensure_future(names(settings))
         try:
@@ -277,7 +288,8 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                             seconds=time.monotonic() - began, reader=push.reader, storage=storage.describe(),
                             delta_from=push.base.name if push.base else None,
                             delta_method=None if push.base is None else
-                            "block map" if push.block_map and push.block_map.map is not None else "page scan")
+                            "block map" if push.block_map and push.block_map.map is not None else "page scan",
+                            corrupt_blocks=push.corrupt)
 
 
 def _discard(connecting: asyncio.Future) -> None:
@@ -309,10 +321,13 @@ async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgB
     # each part's buffers are compressed on every core, so the last part is not left to one
     plan = PoolPlan.for_settings(settings, lanes, parallel=cpu_count(), reserved=storage.upload_memory)
     disk = RateLimiter(settings.disk_rate_limit) if settings.disk_rate_limit is not None else None
+    pages = (PageVerification(pgdata, start.lsn, settings.store_all_corrupt_blocks)
+             if settings.verify_page_checksums else None)
     return _Push(settings, storage, pgdata, session, info, start, start_time, name,
                  codec.extension(settings.compression_method), plan, lanes, disk=disk, base=choice.base,
                  block_map=block_map,
-                 windows=asyncio.Semaphore(window_quota(plan.count, lanes, blocks_in_flight(plan.parallel))))
+                 windows=asyncio.Semaphore(window_quota(plan.count, lanes, blocks_in_flight(plan.parallel))),
+                 pages=pages)
 
 
 async def _upload_data(push: _Push, uploader: Uploader) -> None:
@@ -354,7 +369,8 @@ async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry]
     s = push.settings
     stream = TarPartStream(entries, uploader.pool, uploader.reader, threshold=threshold, depth=push.plan.depth,
                            direct_min=s.direct_io_min if s.direct_io else None, on_member=push.collected.record,
-                           limiter=push.disk, windows=push.windows)
+                           limiter=push.disk, windows=push.windows,
+                           checker=push.pages.checker if push.pages is not None else None)
     await uploader.upload(push.storage, layout.part_key(push.name, object_name), stream, push.counter,
                           push.plan.parallel)
     push.collected.tar_file_sets[object_name] = stream.members

@@ -1,6 +1,7 @@
 """The `walrus` command line: thin click commands over the engine modules, one error-to-exit-code map."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -98,8 +99,10 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
 @click.option("-f", "--full", is_flag=True, help="A full backup, even where WALG_DELTA_MAX_STEPS allows a delta.")
 @click.option("--add-user-data", "user_data", metavar="JSON",
               help="JSON stored as the sentinel's UserData (default: WALG_SENTINEL_USER_DATA).")
-@click.option("-v", "--verify", is_flag=True, help="Not supported yet: an error (WAL-G: verify page checksums).")
-@click.option("-s", "--store-all-corrupt", is_flag=True, help="Not supported yet: an error (WAL-G: with --verify).")
+@click.option("-v", "--verify", is_flag=True,
+              help="Check each page read (header, and checksum where the cluster has them): WALG_VERIFY_PAGE_CHECKSUMS.")
+@click.option("-s", "--store-all-corrupt", is_flag=True,
+              help="Record every corrupt block in files_metadata.json, not the first 10: WALG_STORE_ALL_CORRUPT_BLOCKS.")
 @click.option("-r", "--rating-composer", is_flag=True, help="Accepted, ignored with a warning (walrus fills parts its own way).")
 @click.option("-c", "--copy-composer", is_flag=True, help="Accepted, ignored with a warning (walrus fills parts its own way).")
 @click.option("-b", "--database-composer", is_flag=True,
@@ -121,12 +124,11 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
     from walrus.backup.push import backup_push
     from walrus.wal.push import store_for_backup
 
-    for flag, given in (("--verify", verify), ("--store-all-corrupt", store_all_corrupt)):
-        if given:
-            raise refuse(flag, "walrus does not verify page checksums during backup-push yet",
-                         f"leave {flag} out, or take this backup with WAL-G")
     check_target_storage(target_storage)
     settings = settings_of(ctx)
+    if verify or store_all_corrupt:
+        settings = dataclasses.replace(settings, verify_page_checksums=settings.verify_page_checksums or verify,
+                                       store_all_corrupt_blocks=settings.store_all_corrupt_blocks or store_all_corrupt)
     for flag, given in (("--rating-composer", rating_composer), ("--copy-composer", copy_composer),
                         ("--database-composer", database_composer), ("--without-files-metadata", without_files_metadata)):
         if given:

@@ -162,18 +162,21 @@ def _checker() -> tuple | None:
         return None
 
 
-def check_pages(pages: memoryview | bytes, first_block: int) -> list[int]:
+def check_pages(pages: memoryview | bytes, first_block: int, lsn: int = 0, checksums: bool = True) -> list[int]:
     """The block numbers of the whole pages in `pages` (block `first_block` onwards) that fail
     PostgreSQL's check of a page read from disk: a new page that is not all zeros, a page header out
-    of bounds, or a checksum that is not the page's (cluster initialised with data checksums)."""
+    of bounds, or (with `checksums`: a cluster initialised with them) a checksum that is not the
+    page's. Pages whose LSN is `lsn` or later are not checked (0: all): recovery replaces them."""
     count = len(pages) // BLOCK_SIZE
     compiled = _checker()
     if compiled is None:
+        view = memoryview(pages)
         return [first_block + i for i in range(count)
-                if not _page_ok(memoryview(pages)[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE], first_block + i)]
+                if not _page_ok(view[i * BLOCK_SIZE:(i + 1) * BLOCK_SIZE], first_block + i, lsn, checksums)]
     ffi, check = compiled
     bad = array("I", bytes(4 * count))
-    n = check(ffi.from_buffer("unsigned char[]", pages), count, first_block, ffi.from_buffer("uint32_t[]", bad))
+    n = check(ffi.from_buffer("unsigned char[]", pages), count, first_block, lsn, int(checksums),
+              ffi.from_buffer("uint32_t[]", bad))
     return list(bad[:n])
 
 
@@ -204,9 +207,46 @@ def page_checksum(page: memoryview | bytes, block: int) -> int:
     return (result ^ block) % 65535 + 1
 
 
-def _page_ok(page: memoryview, block: int) -> bool:
-    _, _, checksum, flags, lower, upper, special, _ = _PAGE_HEAD.unpack_from(page)
+def _page_ok(page: memoryview, block: int, lsn: int = 0, checksums: bool = True) -> bool:
+    xlogid, xrecoff, checksum, flags, lower, upper, special, _ = _PAGE_HEAD.unpack_from(page)
+    if lsn and (xlogid << 32 | xrecoff) >= lsn:
+        return True
     if upper == 0:
         return not any(page)
     return (flags & 7 == flags and lower <= upper <= special <= BLOCK_SIZE and special % 8 == 0
-            and checksum == page_checksum(page, block))
+            and (not checksums or checksum == page_checksum(page, block)))
+
+
+class FileChecker:
+    """Checks a relation file's pages as pieces of it arrive, in any order (the reads of a backup
+    complete out of order): whole pages at once, a page split between two pieces once both are in.
+    Memory: the split pages waiting for their other piece, at most one per piece boundary."""
+
+    def __init__(self, relpath: str, block0: int, lsn: int, checksums: bool):
+        self.relpath, self.block0, self.lsn, self.checksums = relpath, block0, lsn, checksums
+        self.bad: list[int] = []  # block numbers within the file
+        self._split: dict[int, list[tuple[int, bytes]]] = {}  # page index -> (offset in page, bytes)
+
+    def feed(self, offset: int, data: memoryview | bytes) -> None:
+        end = offset + len(data)
+        first = -(-offset // BLOCK_SIZE) * BLOCK_SIZE  # the first whole page's offset
+        last = end // BLOCK_SIZE * BLOCK_SIZE  # where the whole pages end
+        if first > last:  # inside one page
+            self._piece(offset // BLOCK_SIZE, offset % BLOCK_SIZE, data)
+            return
+        if first < last:
+            self._check(data[first - offset:last - offset], first // BLOCK_SIZE)
+        if offset % BLOCK_SIZE:  # the end of a page that began in another piece
+            self._piece(offset // BLOCK_SIZE, offset % BLOCK_SIZE, data[:first - offset])
+        if end % BLOCK_SIZE:  # the start of a page that ends in another piece
+            self._piece(last // BLOCK_SIZE, 0, data[last - offset:])
+
+    def _piece(self, page: int, at: int, data) -> None:
+        pieces = self._split.setdefault(page, [])
+        pieces.append((at, bytes(data)))
+        if sum(len(b) for _, b in pieces) == BLOCK_SIZE:
+            del self._split[page]
+            self._check(b"".join(b for _, b in sorted(pieces)), page)
+
+    def _check(self, pages, first_page: int) -> None:
+        self.bad += [b - self.block0 for b in check_pages(pages, self.block0 + first_page, self.lsn, self.checksums)]

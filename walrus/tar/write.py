@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 from walrus.errors import BackupError
 from walrus.fileio import Buffer, BufferPool, FileReader, ReadRequest, dio_length, open_for_backup
 from walrus.log import log
-from walrus.pg.pages import BLOCK_SIZE, increment_head, select_pages
+from walrus.pg.pages import BLOCK_SIZE, FileChecker, increment_head, select_pages
 from walrus.ratelimit import RateLimiter
 
 BLOCK = 512
@@ -93,6 +93,7 @@ class _OpenFile:
     pending: int = 0  # read requests not yet completed
     laid_out: bool = False  # every request of the file has been issued
     shrank: bool = False
+    checker: FileChecker | None = None  # its pages checked as their reads land (backup-push --verify)
 
 
 @dataclass
@@ -118,7 +119,8 @@ class TarPartStream:
     def __init__(self, entries: Iterator[Entry], pool: BufferPool, reader: FileReader, *,
                  threshold: int | None = None, depth: int = 4, direct_min: int | None = None,
                  on_member: Callable[[Entry], None] | None = None, limiter: RateLimiter | None = None,
-                 windows: asyncio.Semaphore | None = None):
+                 windows: asyncio.Semaphore | None = None,
+                 checker: Callable[[Entry], FileChecker | None] | None = None):
         self._entries = entries
         self._pool = pool
         # buffers the delta reads (page scans, increments' pages) may hold at once, shared by every
@@ -132,6 +134,7 @@ class TarPartStream:
         self._queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, depth))
         self._on_member = on_member
         self._limiter = limiter
+        self._checker = checker  # a checker of the pages of a file, where they are to be checked
         self._open: set[int] = set()
         self.data_size = 0
         self.members: list[str] = []
@@ -207,7 +210,7 @@ class TarPartStream:
                 return
             fd, direct = found
             self._open.add(fd)
-            opened = _OpenFile(entry, fd, direct)
+            opened = _OpenFile(entry, fd, direct, checker=self._checker(entry) if self._checker else None)
             if entry.delta_lsn is not None or entry.blocks is not None:
                 began = time.monotonic()
                 blocks = entry.blocks if entry.blocks is not None else await self._scan(opened, entry.delta_lsn)
@@ -283,7 +286,9 @@ class TarPartStream:
         for offset, length in _extents(blocks):
             pieces += [(o, min(chunk, offset + length - o)) for o in range(offset, offset + length, chunk)]
         async with contextlib.aclosing(self._read_pieces(f, pieces)) as read:
-            async for _, view, got in read:
+            async for offset, view, got in read:
+                if f.checker is not None:
+                    f.checker.feed(offset, view[:got])
                 await self._lay_bytes(view[:got])
                 if got < len(view):
                     await self._lay_bytes(bytes(len(view) - got))
@@ -411,6 +416,8 @@ class TarPartStream:
                               hint="check the data directory's disk and permissions") from None
         for req, owner, want, got in zip(fill.requests, fill.owners, fill.lengths, counts):
             end = min(got, want)
+            if owner.checker is not None:
+                owner.checker.feed(req.offset, req.view[:end])
             if end < len(req.view):
                 req.view[end:] = bytes(len(req.view) - end)  # zero fill: a shrunk file, or tar padding
             if got < want:
