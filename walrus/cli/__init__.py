@@ -232,6 +232,54 @@ def backup_list_cmd(ctx, detail: bool, pretty: bool, as_json: bool, target_stora
         click.echo(text)
 
 
+@cli.command("restore", context_settings=CONTEXT)
+@click.argument("directory")
+@click.option("--target-time", metavar="TIME", help="Recover to this time (ISO 8601 with a zone).")
+@click.option("--target-lsn", metavar="X/X", help="Recover to this WAL position.")
+@click.option("--target-xid", metavar="XID", help="Recover to this transaction's commit.")
+@click.option("--target-name", metavar="NAME", help="Recover to this restore point (pg_create_restore_point).")
+@click.option("--immediate", is_flag=True, help="Recover only until the backup is consistent.")
+@click.option("--target-action", type=click.Choice(["promote", "pause", "shutdown"]), default="promote",
+              show_default=True, help="What the server does at the target.")
+@click.option("--backup", "backup_name", metavar="NAME", help="Restore this backup (default: the newest that can "
+                                                              "reach the target).")
+@click.option("--daemon-socket", metavar="PATH", help="restore_command through the daemon serving on this socket.")
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Another setting for the restored server's postgresql.auto.conf (repeatable), e.g. port=5433.")
+@click.option("--start", is_flag=True, help="Start the server and wait until recovery reaches the target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def restore_cmd(ctx, directory: str, target_time: str | None, target_lsn: str | None, target_xid: str | None,
+                target_name: str | None, immediate: bool, target_action: str, backup_name: str | None,
+                daemon_socket: str | None, extra: tuple[str, ...], start: bool, as_json: bool) -> None:
+    """Restore a server to a point in time into the empty DIRECTORY: the newest backup that can reach
+    the target, recovery.signal, restore_command (this configuration) and the recovery target; with
+    --start, start it and follow recovery to the target. Without a target: the end of the archive."""
+    from walrus.archive.restore import command_for, parse_target, restore
+
+    given = [(k, v) for k, v in (("time", target_time), ("lsn", target_lsn), ("xid", target_xid),
+                                 ("name", target_name), ("immediate", "immediate" if immediate else None)) if v]
+    if len(given) > 1:
+        raise click.UsageError("give one target: --target-time, --target-lsn, --target-xid, --target-name or --immediate")
+    settings_pairs = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        settings_pairs[key.strip()] = value
+    kind, value = given[0] if given else (None, None)
+    target = parse_target(kind, value, target_action)
+    config_path = ctx.find_root().obj.config_path
+    if config_path is None and daemon_socket is None:
+        log.warning("no --config: the restored server's restore_command finds walrus's settings in its own environment")
+    executable = os.path.abspath(sys.argv[0])
+    walrus = executable if os.path.basename(executable) == "walrus" else f"{sys.executable} -m walrus"
+    command = command_for(walrus, os.path.abspath(config_path) if config_path else None, daemon_socket)
+    result = run(ctx, lambda s, st: restore(s, st, directory, target, restore_command=command, backup=backup_name,
+                                            extra=settings_pairs, start=start))
+    emit(result, as_json, None)
+
+
 @cli.command("backup-verify", context_settings=CONTEXT)
 @click.argument("name", required=False, metavar="[NAME|LATEST]")
 @click.option("--all", "every", is_flag=True, help="Verify every backup.")
