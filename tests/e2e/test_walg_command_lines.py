@@ -80,6 +80,10 @@ class State:
         return self.backups[-1]
 
 
+RETAIN_GAP = 5.0  # seconds between the two backups $RETAIN_TIME falls between: its second's rounding and
+# the check's one-second margins on each side still leave each backup clearly before or after it
+
+
 def read_state(storage: str) -> State:
     files = {}
     for dirpath, _dirs, names in os.walk(storage):
@@ -364,7 +368,14 @@ class World:
             v["BACKUP_NAME"], v["FIRST_BACKUP"] = before.newest, before.backups[0]
             v["FIRST_NON_PERMANENT_BACKUP"] = next((b for b in before.backups if b not in before.permanent), "")
             if len(before.backups) >= 3:
-                t = (before.mtimes[before.backups[-3]] + before.mtimes[before.backups[-2]]) / 2
+                older, newer = before.backups[-3], before.backups[-2]
+                short = RETAIN_GAP - (before.mtimes[newer] - before.mtimes[older])
+                if short > 0:  # taken within seconds: spread in time (their order stays), so a whole-second
+                    for b in before.backups[:-2]:  # time between them leaves each clearly on its side
+                        path = os.path.join(self.storage, "basebackups_005", f"{b}_backup_stop_sentinel.json")
+                        before.mtimes[b] -= short
+                        os.utime(path, (before.mtimes[b], before.mtimes[b]))
+                t = (before.mtimes[older] + before.mtimes[newer]) / 2
                 v["RETAIN_TIME"] = datetime.fromtimestamp(int(t), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         segments = sorted(before.segments)
         with_next = [s for s in segments[:-1] if next_segment(s) in before.segments]
@@ -559,6 +570,32 @@ def retain(n: int) -> Callable[[World, Result], None]:
 def nothing_written(r: Result) -> None:
     assert r.rc == 0, f"exit {r.rc}\n{r.err[-3000:]}"
     assert r.after.files == r.before.files
+
+
+def check_backup_push_verify(w: World, r: Result) -> None:
+    assert r.rc == 0, r.err
+    deadline = time.monotonic() + 120  # nohup ... &: the backup goes on after the line returns
+    while (now := read_state(w.storage)).backups == r.before.backups:
+        assert time.monotonic() < deadline, "the background backup-push wrote no sentinel in 120 s"
+        time.sleep(0.2)
+    [name] = [b for b in now.backups if b not in r.before.backups]
+    assert sentinel(w, name).get("UserData") == {"project_id": 7, "backup_id": 42}
+    described = json.load(open(os.path.join(w.storage, "basebackups_005", name, "files_metadata.json")))
+    assert not [f for f, d in described["Files"].items() if "CorruptBlocks" in d]
+    assert "verifying data pages" in open(os.path.join(w.logs, "backup-push.log")).read()
+
+
+def check_wal_verify(w: World, r: Result) -> None:
+    nothing_written(r)
+    assert "[wal-verify] integrity check status: OK" in r.out and "[wal-verify] timeline check status: OK" in r.out
+    assert "Current cluster timeline: 1" in r.out
+
+
+def check_wal_show(w: World, r: Result) -> None:
+    nothing_written(r)
+    rows = [line for line in r.out.splitlines() if line.startswith("|   1 |")]
+    assert len(rows) == 1 and "| OK " in rows[0], r.out
+    assert rows[0].rstrip(" |").split("|")[-1].strip() == str(len(r.before.backups)), r.out
 
 
 def archived_as(ext: str, log: str | None = None) -> Callable[[World, Result], None]:
@@ -861,6 +898,9 @@ CHECKS: dict[str, Callable[[World, Result], None]] = {
     "daemon-service": check_daemon_service,
     "archive-daemon-client": archived_as("lz4"),
     "archive-ansible-role": archived_as("br", "wal-g-archive.log"),
+    "backup-push-verify-supabase": check_backup_push_verify,
+    "wal-verify": check_wal_verify,
+    "wal-show": check_wal_show,
     "backup-push-docs": check_backup_push_docs,
     "backup-push-cron-su": check_backup_push_cron_su,
     "backup-push-systemd": check_backup_push_systemd,

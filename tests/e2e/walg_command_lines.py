@@ -298,13 +298,14 @@ LINES: tuple[Line, ...] = (
 
     # ---------------------------------------------------------------- what walrus does not have yet
     Line("wal-verify", "wal-g wal-verify integrity timeline", WALG + "docs/PostgreSQL.md (wal-verify)",
-         MANUAL, NOT_IMPLEMENTED, "wal-verify"),
-    Line("wal-show", "wal-g wal-show", WALG + "docs/PostgreSQL.md (wal-show)", MANUAL, NOT_IMPLEMENTED, "wal-show"),
+         MANUAL, OK, "both checks OK: every segment from the oldest backup to the primary's, on its timeline"),
+    Line("wal-show", "wal-g wal-show", WALG + "docs/PostgreSQL.md (wal-show)", MANUAL, OK,
+         "timeline 1's range, OK, with its backups counted"),
     Line("backup-push-verify-supabase",
          'WALG_SENTINEL_USER_DATA="{ \\"project_id\\": $1, \\"backup_id\\": $2 }" nohup wal-g backup-push $PGDATA '
          "--config $WALG_CONFIG_JSON --verify >> $LOG_DIR/backup-push.log 2>&1 &",
          "https://github.com/supabase/postgres (ansible/files/admin_api_scripts/commence_walg_backup.sh)",
-         MANUAL, NOT_IMPLEMENTED, "--verify", args=("7", "42")),
+         MANUAL, OK, "one new backup with that user data, its pages checked (none corrupt)", args=("7", "42")),
     Line("backup-push-delta-from-name",
          "wal-g backup-push $PGDATA --delta-from-name base_000000010000000100000072_D_000000010000000100000063",
          WALG + "docs/PostgreSQL.md (delta backup from a specific backup)", MANUAL, OK,
