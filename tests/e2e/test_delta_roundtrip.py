@@ -53,8 +53,9 @@ def full_then_deltas_then_restore(storage: Callable[[str], dict[str, str]],
             _pgbench(primary, "-n", "-t", "300")  # touches a few pages of every pgbench table
             primary.psql("CHECKPOINT")
             # the last delta is taken while pgbench writes: blocks changed between the last archived
-            # segment and the backup's start come from the map parsed out of pg_wal
-            writer = _pgbench(primary, "-n", "-T", "4", background=True) if step == 2 else None
+            # segment and the backup's start come from the map parsed out of pg_wal. Its rate is capped, so
+            # that how many pages it dirties (and the size bound below) does not depend on the machine
+            writer = _pgbench(primary, "-n", "-T", "4", "-R", "200", background=True) if step == 2 else None
             delta = push(**({"WALRUS_BLOCK_MAP": "false"} if method == "page scan" else {}))
             if writer is not None:
                 assert writer.wait(timeout=60) == 0, writer.stderr.read()
