@@ -74,3 +74,46 @@ def test_restore_to_a_point_between_two_commits(request, kind: str) -> None:
                 c.stop()
         source.stop()
         remove_tree(root)
+
+
+def test_restore_to_the_end_of_the_archive_takes_the_wal_fed_ahead_of_recovery() -> None:
+    """The failover: the source gone, restore --start to the end of the archive. Each segment after
+    the backup comes through the feed (restore_command renames it), the server ends promoted with the
+    source's contents, and the feed's directory is gone."""
+    root = make_workdir("walrus-e2e-pitr-feed-")
+    config = write_config(os.path.join(root, "walg.json"), {"WALG_FILE_PREFIX": os.path.join(root, "storage"),
+                                                            "WALG_COMPRESSION_METHOD": "lz4"})
+    source = Cluster.init(root)
+    restored = None
+    try:
+        source.configure(archive_mode="on", archive_command=f"{WALRUS} --config {config} wal-push %p")
+        source.start()
+        source.psql("CREATE TABLE rows(id int, body text)")
+        walrus(["backup-push", source.data], config=config, env=source.env)
+        for step in range(6):  # six segments or more of WAL after the backup
+            source.psql(f"INSERT INTO rows SELECT g, md5(g::text) FROM generate_series({step * 40000}, "
+                        f"{step * 40000 + 39999}) g; SELECT pg_switch_wal()")
+        last = source.psql("SELECT pg_walfile_name(pg_switch_wal())")
+        source.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        expected = source.psql("SELECT count(*), md5(string_agg(body, ',' ORDER BY id)) FROM rows")
+        source.stop()
+
+        port = free_port()
+        directory = os.path.join(root, "restored")
+        result = json.loads(walrus(["restore", directory, "--start", "--json", "--set", f"port={port}",
+                                    "--set", f"unix_socket_directories={root}", "--set", "archive_mode=off"],
+                                   config=config).stdout)
+        restored = Cluster(data=directory, sockdir=root, port=port)
+        assert result["reached"] == "promoted", result
+        assert result["restore_command"].startswith("f=pg_wal/.walrus-feed/%f;"), result
+        assert result["wal_fed"] >= 6, result
+        assert restored.psql("SELECT count(*), md5(string_agg(body, ',' ORDER BY id)) FROM rows") == expected
+        assert not os.path.exists(os.path.join(directory, "pg_wal", ".walrus-feed"))
+        with open(os.path.join(directory, "walrus-restore.log")) as f:
+            assert f.read().count("restored log file") >= 6
+    finally:
+        if restored is not None and os.path.exists(os.path.join(restored.data, "postmaster.pid")):
+            restored.stop()
+        if os.path.exists(os.path.join(source.data, "postmaster.pid")):
+            source.stop()
+        remove_tree(root)

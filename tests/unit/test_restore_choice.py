@@ -13,7 +13,7 @@ from walrus.storage.fs import FsStorage
 
 def choose(archive: Archive, kind, value, backup=None):
     return asyncio.run(_choose(archive.settings(), FsStorage(str(archive.root)), parse_target(kind, value, "promote"),
-                               backup)).name
+                               backup))[0].name
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
+from walrus.archive import feed
 from walrus.backup.fetch import backup_fetch
 from walrus.backup.list import BackupInfo, list_backups, load_details
 from walrus.config import Settings
@@ -19,7 +20,7 @@ from walrus.errors import WalrusError
 from walrus.log import log
 from walrus.pg.xlog import format_lsn, parse_lsn, segment_of, timeline_from_backup_name
 from walrus.storage.base import Storage
-from walrus.wal.timelines import list_archived
+from walrus.wal.timelines import ArchivedWal, list_archived
 
 KINDS = ("time", "lsn", "xid", "name", "immediate")
 ACTIONS = ("promote", "pause", "shutdown")
@@ -82,6 +83,7 @@ class RestoreResult:
     started: bool = False
     reached: str | None = None  # what --start saw at the end: "promoted", "paused", "shut down"
     replayed_lsn: int | None = None
+    fed: int | None = None  # segments recovery took from the WAL feed; None: no feed
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -89,7 +91,7 @@ class RestoreResult:
         return {"directory": self.directory, "backup_name": self.backup,
                 "target": {"kind": self.target.kind, "value": self.target.value, "action": self.target.action},
                 "restore_command": self.restore_command, "fetch": self.fetched.as_json() if self.fetched else None,
-                "started": self.started, "reached": self.reached,
+                "started": self.started, "reached": self.reached, "wal_fed": self.fed,
                 "replayed_lsn": format_lsn(self.replayed_lsn) if self.replayed_lsn is not None else None,
                 "seconds": round(self.seconds, 3)}
 
@@ -100,9 +102,9 @@ async def restore(settings: Settings, storage: Storage, directory: str, target: 
     """Phases: choose (the newest backup that can reach the target, checked against the archive,
     before anything is written); fetch (backup-fetch into `directory`); configure (recovery.signal,
     restore_command, the target and `extra` into postgresql.auto.conf); start (with `start`: the
-    server started and followed until recovery reaches the target)."""
+    server started and followed until recovery reaches the target, the WAL fed ahead of it)."""
     began = time.monotonic()
-    chosen = await _choose(settings, storage, target, backup)
+    chosen, archived = await _choose(settings, storage, target, backup)
     say(f"restoring {chosen.name} (finished {chosen.metadata.finish_time.isoformat()}, "
         f"LSN {format_lsn(chosen.metadata.finish_lsn)}) into {directory}")
     result = RestoreResult(directory, chosen.name, target, restore_command)
@@ -110,17 +112,28 @@ async def restore(settings: Settings, storage: Storage, directory: str, target: 
     _configure(directory, target, restore_command, extra or {})
     if start:
         result.started = True
-        result.reached, result.replayed_lsn = await asyncio.to_thread(_start_and_follow, directory, target, say)
+        feeder = _feeder(settings, storage, directory, chosen, archived)
+        feeding = asyncio.ensure_future(feeder.run()) if feeder is not None else None
+        try:
+            result.reached, result.replayed_lsn = await asyncio.to_thread(_start_and_follow, directory, target, say)
+        finally:
+            if feeding is not None:
+                feeding.cancel()
+                await asyncio.gather(feeding, return_exceptions=True)
+        if feeder is not None:  # (after a failure the server may still be recovering: the feed stays)
+            result.fed = feeder.fed - feed.waiting(feed.location(directory))
+            feed.remove(directory)
     result.seconds = time.monotonic() - began
     return result
 
 
 # -- choose --------------------------------------------------------------------------------------
 
-async def _choose(settings: Settings, storage: Storage, target: Target, name: str | None) -> BackupInfo:
+async def _choose(settings: Settings, storage: Storage, target: Target,
+                  name: str | None) -> tuple[BackupInfo, ArchivedWal]:
     """The newest backup that finished before the target (time, LSN); the newest of all where the
     metadata cannot tell (xid, name, immediate, the end of the archive). Its WAL from its start to
-    its finish, and to a target LSN, must be in the archive."""
+    its finish, and to a target LSN, must be in the archive (returned as listed)."""
     backups = await list_backups(storage)
     if not backups:
         raise RestoreError("there are no backups to restore", hint="take one with backup-push")
@@ -149,11 +162,10 @@ async def _choose(settings: Settings, storage: Storage, target: Target, name: st
                                detail=f"the oldest backup ends at {format_lsn(min(b.metadata.finish_lsn for b in candidates))}")
         candidates = reachable
     chosen = max(candidates, key=lambda b: (b.metadata.finish_lsn, b.metadata.finish_time))
-    await _check_archive(settings, storage, chosen, lsn)
-    return chosen
+    return chosen, await _check_archive(settings, storage, chosen, lsn)
 
 
-async def _check_archive(settings: Settings, storage: Storage, chosen: BackupInfo, lsn: int | None) -> None:
+async def _check_archive(settings: Settings, storage: Storage, chosen: BackupInfo, lsn: int | None) -> ArchivedWal:
     """The WAL the backup needs to become consistent, and up to a target LSN, is archived (on the
     backup's timeline or one after it): else recovery could not get there, and nothing is restored."""
     size = settings.segment_size
@@ -170,6 +182,21 @@ async def _check_archive(settings: Settings, storage: Storage, chosen: BackupInf
                            detail=f"{len(missing)} segment(s) missing from the archive, the first at segment "
                                   f"number {missing[0]:X} (wal-verify and wal-show show the gaps)",
                            hint="choose an earlier target, or another backup (--backup)")
+    return archived
+
+
+def _feeder(settings: Settings, storage: Storage, directory: str, chosen: BackupInfo,
+            archived: ArchivedWal) -> feed.Feed | None:
+    """The WAL feed (archive.feed) of the segments from the backup's start to the end of its timeline
+    in the archive, as listed when the backup was chosen; None where recovery may leave that timeline
+    (a newer one is archived), so that what it would ask for is not what the feed holds."""
+    timeline = timeline_from_backup_name(chosen.name)
+    if archived.highest_timeline() != timeline:
+        return None
+    first = last = segment_of(chosen.metadata.start_lsn, settings.segment_size)
+    while archived.has(timeline, last + 1):
+        last += 1
+    return feed.Feed(settings, storage, directory, timeline, first, last)
 
 
 # -- configure -----------------------------------------------------------------------------------
@@ -291,10 +318,12 @@ def _parse_time(text: str | None) -> datetime | None:
     return t if t.tzinfo is not None else None  # a zone is required: the server's own may differ from ours
 
 
-def command_for(walrus: str, config_path: str | None, daemon_socket: str | None) -> str:
-    """restore_command for the restored server: the daemon's client where one serves, else wal-fetch."""
+def command_for(walrus: str, config_path: str | None, daemon_socket: str | None, fed: bool = False) -> str:
+    """restore_command for the restored server: the daemon's client where one serves, else wal-fetch;
+    `fed` (restore --start) puts the feed's rename of a fed segment first."""
     program = walrus if " " in walrus else shlex.quote(walrus)  # "python -m walrus" stays as given
+    prefix = feed.feed_prefix() if fed else ""
     if daemon_socket:
-        return f"{program} daemon-client {shlex.quote(daemon_socket)} wal-fetch %f %p"
+        return f"{prefix}{program} daemon-client {shlex.quote(daemon_socket)} wal-fetch %f %p"
     config = f" --config {shlex.quote(config_path)}" if config_path else ""
-    return f"{program}{config} wal-fetch %f %p"
+    return f"{prefix}{program}{config} wal-fetch %f %p"

@@ -274,7 +274,7 @@ def restore_cmd(ctx, directory: str, target_time: str | None, target_lsn: str | 
         log.warning("no --config: the restored server's restore_command finds walrus's settings in its own environment")
     executable = os.path.abspath(sys.argv[0])
     walrus = executable if os.path.basename(executable) == "walrus" else f"{sys.executable} -m walrus"
-    command = command_for(walrus, os.path.abspath(config_path) if config_path else None, daemon_socket)
+    command = command_for(walrus, os.path.abspath(config_path) if config_path else None, daemon_socket, fed=start)
     result = run(ctx, lambda s, st: restore(s, st, directory, target, restore_command=command, backup=backup_name,
                                             extra=settings_pairs, start=start))
     emit(result, as_json, None)
