@@ -254,6 +254,9 @@ SETTINGS: tuple[Setting, ...] = (
       "data checksums); corrupt blocks are logged and recorded in files_metadata.json, and the backup completes."),
     S("WALG_STORE_ALL_CORRUPT_BLOCKS", "store_all_corrupt_blocks", parse_bool, False,
       "With WALG_VERIFY_PAGE_CHECKSUMS: record every corrupt block of a file in files_metadata.json, not the first 10."),
+    S("WALG_STOP_BACKUP_TIMEOUT", "stop_backup_timeout", parse_duration, 600.0,
+      "Longest backup-push waits, after pg_backup_stop, for the WAL its backup needs to be archived (a "
+      "duration: 10m, 1h); 0 waits without limit. WAL-G's own default is no limit."),
     S("WALG_DELTA_MAX_STEPS", "delta_max_steps", _non_negative_int, 0,
       "Delta backups in a row before backup-push takes a full one again; 0 takes full backups only."),
     S("WALG_DELTA_ORIGIN", "delta_origin", _delta_origin, "LATEST",
@@ -424,6 +427,7 @@ class Settings:
     tar_disable_fsync: bool
     verify_page_checksums: bool
     store_all_corrupt_blocks: bool
+    stop_backup_timeout: float
     delta_max_steps: int
     delta_origin: str
     delta_from_name: str | None

@@ -100,7 +100,6 @@ OTHER_SETTINGS: tuple[WalgSetting, ...] = (
       _is_true),
     W("WALG_WITHOUT_FILES_METADATA", IGNORED, "walrus always writes files_metadata.json (its memory stays bounded)",
       _is_true),
-    W("WALG_STOP_BACKUP_TIMEOUT", IGNORED, "walrus waits for pg_backup_stop without a timeout of its own"),
     W("WALG_ALIVE_CHECK_INTERVAL", ACCEPTED, "walrus's backup-push fails at once when its PostgreSQL session ends"),
     W("WALG_STREAM_CREATE_COMMAND", REFUSED, "walrus takes PostgreSQL backups only (not stream backups)"),
     W("WALG_STREAM_RESTORE_COMMAND", REFUSED, "walrus takes PostgreSQL backups only (not stream backups)"),

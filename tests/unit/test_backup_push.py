@@ -3,6 +3,7 @@ files, pushed to file storage and restored by backup-fetch."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 
@@ -93,7 +94,9 @@ def test_the_phases_make_a_backup_that_restores(env):
     settings, pgdata, files, tmp_path = env
     session = ScriptedSession(pgdata)
     storage = RecordingFs(str(tmp_path / "store"))
-    result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
+    # a server that does not archive: --no-archive-check (archive_check=False) takes the backup anyway
+    result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names,
+                                     archive_check=False))
     assert session.calls == ["server_info", "backup_start", "backup_stop", "close"]
     assert result.name == "base_000000010000000000000003"
     # data parts (at least two: the threshold splits them), pg_control.tar and backup_label.tar, then
@@ -117,7 +120,8 @@ def test_a_failed_part_leaves_no_sentinel_and_never_stops_the_backup(env):
     session = ScriptedSession(pgdata)
     storage = RecordingFs(str(tmp_path / "store"), fail_key="part_002.tar.lz4")
     with pytest.raises(StorageError, match="part_002"):
-        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names,
+                                archive_check=False))
     # closing the session without pg_backup_stop ends PostgreSQL's non-exclusive backup
     assert session.calls == ["server_info", "backup_start", "close"]
     assert not any(k.endswith(layout.SENTINEL_SUFFIX) or k.endswith(".json") for k in storage.puts)
@@ -128,13 +132,76 @@ def test_the_wrong_server_is_refused_before_any_upload(env):
     session = ScriptedSession(pgdata, data_directory="/var/lib/postgresql/15/other")
     storage = RecordingFs(str(tmp_path / "store"))
     with pytest.raises(BackupError, match="is not the data directory"):
-        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names,
+                                archive_check=False))
     assert session.calls == ["server_info", "close"] and storage.puts == []
 
 
 async def no_names(settings):
     """The scripted session stands for one connection: no per-database catalog to read."""
     return None
+
+
+class InfoSession(ScriptedSession):
+    """A ScriptedSession whose server_info says what `info` gives (the archiving settings)."""
+
+    def __init__(self, pgdata: str, **info):
+        super().__init__(pgdata)
+        self.info = info
+
+    def server_info(self) -> ServerInfo:
+        self.calls.append("server_info")
+        return ServerInfo(self.data_directory, 150004, 7000000000000000001, SEGMENT, **self.info)
+
+
+@pytest.mark.parametrize("info, refused", [
+    (dict(in_recovery=False, archive_mode="off", archive_command=""), "WAL archiving is off"),
+    (dict(in_recovery=False, archive_mode="on", archive_command=""), "WAL archiving is off"),
+    (dict(in_recovery=False, archive_mode="on", archive_command="walrus wal-push %p",
+          archiver_failure="000000010000000000000002 at 2026-12-05 10:00:00+00"), "the WAL archiver is failing"),
+])
+def test_a_backup_that_could_not_be_restored_is_refused_before_it_starts(env, info, refused):
+    settings, pgdata, _, tmp_path = env
+    session = InfoSession(pgdata, **info)
+    storage = RecordingFs(str(tmp_path / "store"))
+    with pytest.raises(BackupError, match=refused) as caught:
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
+    assert "--no-archive-check" in caught.value.hint
+    if "archiver_failure" in info:
+        assert "000000010000000000000002" in caught.value.detail  # names pg_stat_archiver's failure
+    assert session.calls == ["server_info", "close"]  # pg_backup_start never ran
+    assert storage.puts == []
+
+
+def test_a_standby_or_an_archive_library_is_not_refused(env):
+    settings, pgdata, _, tmp_path = env
+    for info in (dict(in_recovery=True, archive_mode="off", archive_command=""),
+                 dict(in_recovery=False, archive_mode="on", archive_command="", archive_library="basic_archive")):
+        session = InfoSession(pgdata, **info)
+        storage = RecordingFs(str(tmp_path / "store"))
+        if info["in_recovery"]:
+            asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: session, names=no_names))
+            assert any(k.endswith(layout.SENTINEL_SUFFIX) for k in storage.puts)
+        else:  # archiving applies: the wait for the backup's WAL (not archived here) is bounded
+            bounded = dataclasses.replace(settings, stop_backup_timeout=0.3)
+            with pytest.raises(BackupError, match="not archived within"):
+                asyncio.run(backup_push(bounded, storage, pgdata, connect=lambda s: session, names=no_names))
+            assert not any(k.endswith(layout.SENTINEL_SUFFIX) for k in storage.puts)
+
+
+def test_the_wait_for_the_archiver_times_out_without_a_sentinel(env):
+    settings, pgdata, _, tmp_path = env
+    # segment 4 (the backup's last) is in pg_wal, neither .ready nor .done: the archiver's to store
+    with open(os.path.join(pgdata, "pg_wal", "000000010000000000000004"), "wb") as f:
+        f.write(b"w" * 1000)
+    session = InfoSession(pgdata, in_recovery=False, archive_mode="on", archive_command="walrus wal-push %p")
+    storage = RecordingFs(str(tmp_path / "store"))
+    bounded = dataclasses.replace(settings, stop_backup_timeout=0.3)
+    with pytest.raises(BackupError, match="000000010000000000000003 was not archived within") as caught:
+        asyncio.run(backup_push(bounded, storage, pgdata, connect=lambda s: session, names=no_names))
+    assert "WALG_STOP_BACKUP_TIMEOUT" in caught.value.hint
+    assert not any(k.endswith(layout.SENTINEL_SUFFIX) for k in storage.puts)
+    assert session.calls[-1] == "close"
 
 
 class ArchivingSession(ScriptedSession):

@@ -244,7 +244,7 @@ def test_disk_limit_slows_backup_push_reads(backup_env):
     storage = FsStorage(str(tmp_path / "store"))
     began = time.monotonic()
     result = asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: ScriptedSession(pgdata),
-                                     names=no_names))
+                                     names=no_names, archive_check=False))
     elapsed = time.monotonic() - began
     assert result.uncompressed_size >= data_bytes  # the files, and backup_label from memory
     burst = RateLimiter(rate).burst
@@ -259,7 +259,7 @@ def test_a_disk_limited_backup_push_stops_at_once_when_cancelled(backup_env):
 
     async def main():
         push = asyncio.create_task(backup_push(settings, FsStorage(str(tmp_path / "store")), pgdata,
-                                               connect=lambda s: session, names=no_names))
+                                               connect=lambda s: session, names=no_names, archive_check=False))
         await asyncio.sleep(0.5)
         began = time.monotonic()
         push.cancel()
@@ -277,7 +277,7 @@ def test_turbo_lifts_the_disk_limit(backup_env):
     assert settings.disk_rate_limit is None
     result = asyncio.run(asyncio.wait_for(
         backup_push(settings, FsStorage(str(tmp_path / "store")), pgdata, connect=lambda s: ScriptedSession(pgdata),
-                    names=no_names),
+                    names=no_names, archive_check=False),
         timeout=30))
     assert result.uncompressed_size >= data_bytes  # the files, and backup_label from memory
 

@@ -158,12 +158,14 @@ async def _await_wal(push: _Push, archive: ArchiveWal | None) -> None:
         else:
             log.info(f"WAL up to {names[-1]} is stored ({len(pending)} file(s) stored by backup-push)")
             return
-    await wait_for_archiver(push.pgdata, names)
+    await wait_for_archiver(push.pgdata, names, push.settings.stop_backup_timeout)
 
 
-async def wait_for_archiver(pgdata: str, names: list[str], poll: float = 0.02, warn_every: float = 60.0) -> None:
+async def wait_for_archiver(pgdata: str, names: list[str], timeout: float, poll: float = 0.02,
+                            warn_every: float = 60.0) -> None:
     """Wait until each WAL file is archived, by PostgreSQL's own test (XLogArchiveIsBusy): its
-    archive_status/<name>.done exists, or the file is gone from pg_wal (archived and recycled)."""
+    archive_status/<name>.done exists, or the file is gone from pg_wal (archived and recycled).
+    Gives up after `timeout` seconds (0: never), as WAL-G's statement_timeout on pg_backup_stop does."""
     wal = os.path.join(pgdata, "pg_wal")
     began = time.monotonic()
     warned = began
@@ -171,6 +173,12 @@ async def wait_for_archiver(pgdata: str, names: list[str], poll: float = 0.02, w
         while not os.path.exists(os.path.join(wal, "archive_status", name + ".done")) \
                 and os.path.exists(os.path.join(wal, name)):
             now = time.monotonic()
+            if timeout and now - began >= timeout:
+                raise BackupError(f"{name} was not archived within {timeout:.0f} s of the backup's end",
+                                  detail="the backup needs it to be restorable; it is not stored, and no sentinel "
+                                         "was written",
+                                  hint="check that archive_command succeeds (pg_stat_archiver, the server log); "
+                                       "WALG_STOP_BACKUP_TIMEOUT sets how long to wait")
             if now - warned >= warn_every:
                 warned = now
                 log.warning(f"still waiting for {name} to be archived after {now - began:.0f} s; "
@@ -179,7 +187,7 @@ async def wait_for_archiver(pgdata: str, names: list[str], poll: float = 0.02, w
     log.info(f"WAL up to {names[-1]} is archived")
 
 
-def _check_server(info, pgdata: str, settings: Settings) -> None:
+def _check_server(info, pgdata: str, settings: Settings, archive_check: bool = True) -> None:
     if os.path.realpath(pgdata) != os.path.realpath(info.data_directory):
         raise BackupError(f"{pgdata} is not the data directory of the server walrus connected to",
                           detail=f"the server's data_directory is {info.data_directory}",
@@ -189,9 +197,32 @@ def _check_server(info, pgdata: str, settings: Settings) -> None:
                           detail=f"the server uses {info.segment_size >> 20} MiB segments, "
                                  f"WALG_PG_WAL_SIZE is {settings.pg_wal_size}",
                           hint=f"set WALG_PG_WAL_SIZE={info.segment_size >> 20}")
-    if info.archive_mode == "off" or not info.archive_command.strip():
-        log.warning("archive_mode or archive_command is off: this backup cannot be restored "
-                    "without the WAL written during it")
+    _check_archiving(info, archive_check)
+
+
+def _check_archiving(info, archive_check: bool) -> None:
+    """A backup is restorable only with the WAL written while it ran: refuse (without archive_check:
+    warn) when a primary does not archive, or when the archiver's last attempt failed."""
+    if info.archive_mode == "off" or not (info.archive_command.strip() or info.archive_library.strip()):
+        if info.in_recovery:  # a standby's primary may archive the WAL: not this server's to tell
+            return
+        message = "WAL archiving is off: this backup could not be restored"
+        detail = (f"archive_mode = {info.archive_mode}, archive_command = {info.archive_command!r}"
+                  f"{', archive_library = ' + repr(info.archive_library) if info.archive_library else ''}")
+        if archive_check:
+            raise BackupError(message, detail=detail,
+                              hint="set archive_mode = on and archive_command = 'walrus wal-push %p' (archive_mode "
+                                   "needs a restart), or pass --no-archive-check to take it anyway")
+        log.warning(f"{message} ({detail}); going on, as --no-archive-check asks")
+        return
+    if info.archiver_failure and _archiving_applies(info):
+        message = "the WAL archiver is failing: this backup's WAL might never be archived"
+        detail = f"pg_stat_archiver's last failure: {info.archiver_failure}, and no success since"
+        if archive_check:
+            raise BackupError(message, detail=detail,
+                              hint="the server log says why archive_command fails; fix it, or pass "
+                                   "--no-archive-check to take the backup anyway")
+        log.warning(f"{message} ({detail}); going on, as --no-archive-check asks")
 
 
 class PgBackupSession(Protocol):
@@ -239,7 +270,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       delta_from_user_data: Any = None,
                       connect: Callable[[Settings], PgBackupSession] = PgSession,
                       names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names,
-                      archive: ArchiveWal | None = None) -> BackupPushResult:
+                      archive: ArchiveWal | None = None, archive_check: bool = True) -> BackupPushResult:
     """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
     checked against it), upload data (the walk's tar parts; a delta skips and increments files), upload control files
     (pg_control.tar, pg_backup_stop, backup_label.tar), WAL (what the backup needs is stored: by
@@ -259,7 +290,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
     log.info(f"backup-push: {choice.reason}" if choice.base else f"full backup: {choice.reason}")
     session = await connecting
     try:
-        push = await _start(settings, storage, pgdata, session, choice)
+        push = await _start(settings, storage, pgdata, session, choice, archive_check)
         raise_nofile_limit()  # parts keep the files of their in-flight buffers open
         with Uploader(settings, push.plan.count, push.plan.buffer_size, push.lanes * upload_threads(push.plan.parallel),
                       register=True, name="walrus-compress") as uploader:
@@ -303,9 +334,9 @@ def _discard(connecting: asyncio.Future) -> None:
 
 
 async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
-                 choice: DeltaChoice) -> _Push:
+                 choice: DeltaChoice, archive_check: bool = True) -> _Push:
     info = await asyncio.to_thread(session.server_info)
-    _check_server(info, pgdata, settings)
+    _check_server(info, pgdata, settings, archive_check)
     start_time = now_utc_micro()
     start = await asyncio.to_thread(session.backup_start, start_time.isoformat(), info.version_num)
     name = backup_name_for(start.timeline, start.lsn, info.segment_size)

@@ -111,6 +111,8 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
               help="Build the delta on backup NAME (default: WALG_DELTA_FROM_NAME, else LATEST).")
 @click.option("--delta-from-user-data", metavar="JSON",
               help="Build the delta on the backup with this user data (default: WALG_DELTA_FROM_USER_DATA).")
+@click.option("--no-archive-check", is_flag=True,
+              help="Take the backup even when WAL archiving is off or failing (it may not be restorable).")
 @click.option("--without-files-metadata", is_flag=True,
               help="Accepted, ignored with a warning (walrus always writes files_metadata.json).")
 @target_storage_option
@@ -118,8 +120,8 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
 @click.pass_context
 def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_data: str | None, verify: bool,
                     store_all_corrupt: bool, rating_composer: bool, copy_composer: bool, database_composer: bool,
-                    delta_from_name: str | None, delta_from_user_data: str | None, without_files_metadata: bool,
-                    target_storage: str | None, as_json: bool) -> None:
+                    delta_from_name: str | None, delta_from_user_data: str | None, no_archive_check: bool,
+                    without_files_metadata: bool, target_storage: str | None, as_json: bool) -> None:
     """Take a base backup of the running server whose data directory is PGDATA (default: the PGDATA setting)."""
     from walrus.backup.push import backup_push
     from walrus.wal.push import store_for_backup
@@ -158,7 +160,7 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
                               hint="give the JSON user data of the backup to build on") from None
     result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
                                                 delta_from_name=delta_from_name, delta_from_user_data=base_data,
-                                                archive=store_for_backup),
+                                                archive=store_for_backup, archive_check=not no_archive_check),
                  settings)
     log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
     emit(result, as_json, None)

@@ -17,6 +17,8 @@ class ServerInfo:
     in_recovery: bool
     archive_mode: str
     archive_command: str
+    archive_library: str = ""  # PostgreSQL 15's archive module ("" before 15, or none)
+    archiver_failure: str | None = None  # pg_stat_archiver's last failure, when none has succeeded since
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,10 @@ class PgSession:
             "SELECT current_setting('data_directory'), current_setting('server_version_num')::int,"
             " (SELECT system_identifier FROM pg_control_system()),"
             " (SELECT bytes_per_wal_segment FROM pg_control_init()),"
-            " pg_is_in_recovery(), current_setting('archive_mode'), current_setting('archive_command')")
+            " pg_is_in_recovery(), current_setting('archive_mode'), current_setting('archive_command'),"
+            " coalesce(current_setting('archive_library', true), ''),"
+            " (SELECT last_failed_wal || ' at ' || last_failed_time::text FROM pg_stat_archiver"
+            "  WHERE last_failed_time > coalesce(last_archived_time, '-infinity'))")
         return ServerInfo(*row)
 
     def backup_start(self, label: str, version_num: int) -> BackupStart:
