@@ -209,20 +209,16 @@ def _check_archiving(info, archive_check: bool) -> None:
         message = "WAL archiving is off: this backup could not be restored"
         detail = (f"archive_mode = {info.archive_mode}, archive_command = {info.archive_command!r}"
                   f"{', archive_library = ' + repr(info.archive_library) if info.archive_library else ''}")
-        if archive_check:
-            raise BackupError(message, detail=detail,
-                              hint="set archive_mode = on and archive_command = 'walrus wal-push %p' (archive_mode "
-                                   "needs a restart), or pass --no-archive-check to take it anyway")
-        log.warning(f"{message} ({detail}); going on, as --no-archive-check asks")
-        return
-    if info.archiver_failure and _archiving_applies(info):
+        fix = "set archive_mode = on and archive_command = 'walrus wal-push %p' (archive_mode needs a restart)"
+    elif info.archiver_failure and _archiving_applies(info):
         message = "the WAL archiver is failing: this backup's WAL might never be archived"
         detail = f"pg_stat_archiver's last failure: {info.archiver_failure}, and no success since"
-        if archive_check:
-            raise BackupError(message, detail=detail,
-                              hint="the server log says why archive_command fails; fix it, or pass "
-                                   "--no-archive-check to take the backup anyway")
-        log.warning(f"{message} ({detail}); going on, as --no-archive-check asks")
+        fix = "the server log says why archive_command fails; fix it"
+    else:
+        return
+    if archive_check:
+        raise BackupError(message, detail=detail, hint=f"{fix}, or pass --no-archive-check to take the backup anyway")
+    log.warning(f"{message} ({detail}); going on, as --no-archive-check asks")
 
 
 class PgBackupSession(Protocol):

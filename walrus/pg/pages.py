@@ -94,13 +94,13 @@ def _bad(name: str, detail: str) -> CorruptObject:
 # -- the page scan
 
 @functools.cache
-def _compiled() -> tuple | None:
-    """(ffi, walrus_select_pages) of the compiled module, or None (logged once) without it."""
+def _compiled(function: str = "walrus_select_pages", what: str = "delta page scan") -> tuple | None:
+    """(ffi, the compiled module's `function`), or None (logged once) without it: `what` runs in Python."""
     try:
         from walrus._uring._liburing import ffi, lib
-        return ffi, lib.walrus_select_pages
+        return ffi, getattr(lib, function)
     except (ImportError, AttributeError) as e:
-        log.info(f"delta page scan in Python (the compiled module is unavailable: {e})")
+        log.info(f"{what} in Python (the compiled module is unavailable: {e})")
         return None
 
 
@@ -152,14 +152,8 @@ def checksummed_block0(relpath: str) -> int | None:
     return int(match.group(1) or 0) * RELSEG_BLOCKS
 
 
-@functools.cache
 def _checker() -> tuple | None:
-    try:
-        from walrus._uring._liburing import ffi, lib
-        return ffi, lib.walrus_check_pages
-    except (ImportError, AttributeError) as e:
-        log.info(f"page checksums in Python (the compiled module is unavailable: {e})")
-        return None
+    return _compiled("walrus_check_pages", "page checksums")
 
 
 def check_pages(pages: memoryview | bytes, first_block: int, lsn: int = 0, checksums: bool = True) -> list[int]:
