@@ -29,19 +29,29 @@ def s3_backend(moto_server, s3_bucket, tmp_path) -> Backend:
     return Backend(s3_storage(moto_server.endpoint, s3_bucket, tmp_path), pending, atomic)
 
 
-@pytest.fixture
-def log_lines():
-    """The messages walrus logs at INFO and above while the test runs."""
+def _collected(level: int):
     lines: list[str] = []
 
     class Collect(logging.Handler):
         def emit(self, record):
             lines.append(record.getMessage())
 
-    handler = Collect(logging.INFO)
+    handler = Collect(level)
     old_level = log.level
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(level)
     yield lines
     log.removeHandler(handler)
     log.setLevel(old_level)
+
+
+@pytest.fixture
+def log_lines():
+    """The messages walrus logs at INFO and above while the test runs."""
+    yield from _collected(logging.INFO)
+
+
+@pytest.fixture
+def devel_log_lines():
+    """The messages walrus logs at DEVEL (debug) and above while the test runs: routine facts too."""
+    yield from _collected(logging.DEBUG)

@@ -447,7 +447,7 @@ def test_closed_pool_is_unregistered_and_a_new_pool_reads_plainly(tmp_path, open
 
 
 @needs_uring
-def test_refused_registration_falls_back_with_one_log_line(pool, tmp_path, opened, log_lines):
+def test_refused_registration_falls_back_with_one_log_line(pool, tmp_path, opened, devel_log_lines):
     data = make_file(tmp_path / "f", BUF)
     fd = opened(tmp_path / "f")
     r = _uring_reader()
@@ -458,7 +458,7 @@ def test_refused_registration_falls_back_with_one_log_line(pool, tmp_path, opene
     r._ring.register_buffers = refuse
     try:
         assert r.register(pool) is False
-        assert len(log_lines) == 1 and "using unregistered reads" in log_lines[0]
+        assert len(devel_log_lines) == 1 and "using unregistered reads" in devel_log_lines[0]
         assert run(r.read_batch([ReadRequest(fd, 0, pool.buffers[0].view)])) == [BUF]
         assert bytes(pool.buffers[0].view) == data and r.fixed_reads == 0
     finally:
@@ -466,7 +466,7 @@ def test_refused_registration_falls_back_with_one_log_line(pool, tmp_path, opene
 
 
 @needs_uring
-def test_a_pool_over_the_memlock_limit_registers_the_buffers_that_fit(pool, tmp_path, opened, log_lines):
+def test_a_pool_over_the_memlock_limit_registers_the_buffers_that_fit(pool, tmp_path, opened, devel_log_lines):
     data = make_file(tmp_path / "f", BUF)
     fd = opened(tmp_path / "f")
     r = _uring_reader()
@@ -483,7 +483,7 @@ def test_a_pool_over_the_memlock_limit_registers_the_buffers_that_fit(pool, tmp_
     try:
         assert r.register(pool) and r.registered
         assert asked[0] == pool.count and asked[-1] == 3
-        assert len(log_lines) == 1 and f"registered 3 of {pool.count} pool buffers" in log_lines[0]
+        assert len(devel_log_lines) == 1 and f"registered 3 of {pool.count} pool buffers" in devel_log_lines[0]
         last = pool.buffers[pool.count - 1]
         counts = run(r.read_batch([ReadRequest(fd, 0, pool.buffers[2].view), ReadRequest(fd, 0, last.view)]))
         assert counts == [BUF, BUF] and r.fixed_reads == 1  # buffer 2 is fixed, the last one is not

@@ -375,7 +375,7 @@ def test_close_without_finish_waits_for_writes_and_closes_fds(tmp_path):
 
 
 @needs_uring
-def test_refused_registration_is_logged_once_per_process(monkeypatch, tmp_path, log_lines):
+def test_refused_registration_is_logged_once_per_process(monkeypatch, tmp_path, devel_log_lines):
     def refuse(*_):
         raise OSError(errno.ENOMEM, "Cannot allocate memory")
 
@@ -386,7 +386,7 @@ def test_refused_registration_is_logged_once_per_process(monkeypatch, tmp_path, 
         (tmp_path / str(k)).mkdir()
         assert_files(write_files(s, tmp_path / str(k), [BUF + 1, 2]))
         assert s.fixed_writes == 0 and s.completions == 3
-    assert len(log_lines) == 1 and "using unregistered writes" in log_lines[0]
+    assert len(devel_log_lines) == 1 and "using unregistered writes" in devel_log_lines[0]
 
 
 # --- extract_tar end to end ---

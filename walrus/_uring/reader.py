@@ -169,11 +169,11 @@ class UringReader:
             soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
             limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft >> 10} KiB"
             if count == 0:
-                log.info("io_uring: cannot register the %d KiB buffer pool as fixed buffers "
+                log.debug("io_uring: cannot register the %d KiB buffer pool as fixed buffers "
                          "(%s; RLIMIT_MEMLOCK %s); using unregistered reads",
                          (pool.count * pool.size) >> 10, refusal.strerror, limit)
                 return False
-            log.info("io_uring: registered %d of %d pool buffers (%d KiB) as fixed buffers, as many as "
+            log.debug("io_uring: registered %d of %d pool buffers (%d KiB) as fixed buffers, as many as "
                      "RLIMIT_MEMLOCK %s allows; the others use unregistered reads",
                      count, pool.count, (count * pool.size) >> 10, limit)
         self._fixed = _FixedBuffers(pool, base, pool.size, count)

@@ -32,12 +32,13 @@ _logged: set[str] = set()  # the once-per-process notices already given
 
 
 def _log_once(key: str, message: str, *args: object) -> None:
-    """One log line per process for `key`: every extraction thread opens its own sink per tar part."""
+    """One DEVEL log line per process for `key` (routine facts of the host, not failures): every
+    extraction thread opens its own sink per tar part."""
     with _log_lock:
         if key in _logged:
             return
         _logged.add(key)
-    log.info(message, *args)
+    log.debug(message, *args)
 
 
 def _path_of(fd: int) -> str:
