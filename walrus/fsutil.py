@@ -159,3 +159,22 @@ class WorkerResource:
             self._released = True
             if not self._running:
                 self._close()
+
+
+def user_name(uid: int) -> str:
+    """The account name of uid, or the number when it has none (as ls shows)."""
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

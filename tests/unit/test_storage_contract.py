@@ -44,6 +44,22 @@ def test_put_get_round_trip(backend):
     assert info.size == sum(map(len, data)) and info.name == "a.lz4"
 
 
+def test_owners_where_objects_have_them(backend):
+    """File storage reports who owns an object (group readable); the clouds have no owners. Neither
+    objects to this process writing (root in another user's repository: tests/unit/test_fs_ownership.py)."""
+    storage, run = backend.storage, backend.run
+    run(storage.put_bytes("walrus-check/probe", b"x"))
+    owner = storage.object_owner("walrus-check/probe")
+    inner = storage
+    while hasattr(inner, "inner"):  # under retry or rate-limit wrappers
+        inner = inner.inner
+    if isinstance(inner, FsStorage):
+        assert owner is not None and owner[0] == os.geteuid() and owner[2] == 0o640
+    else:
+        assert owner is None
+    assert storage.owner_problem() is None
+
+
 def test_empty_object(backend):
     storage, run = backend.storage, backend.run
     assert run(storage.put("empty", chunks())) == 0

@@ -107,6 +107,15 @@ class Storage(abc.ABC):
     async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
         """Remove what abandoned_uploads found; an upload already gone is fine."""
 
+    def owner_problem(self) -> str | None:
+        """Why this process should not write here (file storage: root in a repository another user
+        owns), or None; None where objects have no owners."""
+        return None
+
+    def object_owner(self, key: str) -> tuple[int, int, int] | None:
+        """(uid, gid, permission bits) of a stored object where objects have owners (file storage)."""
+        return None
+
     async def exists(self, key: str) -> bool:
         return await self.stat(key) is not None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import re
 import secrets
@@ -14,7 +15,8 @@ from urllib.parse import urlparse
 
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError, StorageMissing
-from walrus.fsutil import WorkerResource, discard, fsync_dir, rename_noreplace, start_writeback, writev_all
+from walrus.fsutil import (WorkerResource, discard, fsync_dir, group_name, rename_noreplace, start_writeback,
+                           user_name, writev_all)
 from walrus.storage.base import ByteStream, ObjectInfo, Storage, Upload, checked_key, join_key
 
 # WAL-G's temporary names: <path>.tmp.<YYYYMMDDTHHMMSSZ>-<8 hex>; listings hide them.
@@ -28,6 +30,26 @@ WRITE_BATCH_CHUNKS = 256
 WRITEBACK_EVERY = 8 << 20
 
 
+# Objects are 0640 and folders 0750 whatever the umask, so the storage's group (the group of a
+# setgid root folder, inherited below it; else the writer's) can read everything: a restore or a
+# `backup-list --detail` by another member of that group must not fail on one object.
+OBJECT_MODE = 0o640
+FOLDER_MODE = 0o750
+
+
+@functools.cache
+def _umask() -> int:
+    """The process's umask, read once without changing it (os.umask would, racing other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o077  # unknown: assume the strictest, which only costs a chmod per object
+
+
 def _makedirs(path: str) -> None:
     """mkdir -p that fsyncs each parent it creates, so a new folder survives a crash too."""
     missing = []
@@ -36,16 +58,36 @@ def _makedirs(path: str) -> None:
         path = os.path.dirname(path)
     for p in reversed(missing):
         try:
-            os.mkdir(p, 0o750)
+            os.mkdir(p, FOLDER_MODE)
         except FileExistsError:
             continue
+        if _umask() & FOLDER_MODE:  # keep the setgid bit the folder inherited
+            os.chmod(p, FOLDER_MODE | (os.stat(p).st_mode & stat.S_ISGID))
         fsync_dir(os.path.dirname(p))
+
+
+def _existing(path: str) -> str:
+    """path, or its nearest ancestor that exists."""
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def _owned(path: str) -> str:
+    """`user:group mode` of path (or of its nearest existing ancestor), for a permission hint."""
+    path = _existing(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return f"{path} is {user_name(st.st_uid)}:{group_name(st.st_gid)} {stat.S_IMODE(st.st_mode):04o}"
 
 
 class FsStorage(Storage):
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.name = "default"
+        self._writer_checked = False
 
     def describe(self) -> str:
         return f"file storage {self.root}"
@@ -60,8 +102,15 @@ class FsStorage(Storage):
         elif e.errno == errno.EROFS:
             hint = f"the filesystem holding {self.root} is mounted read-only"
         elif e.errno in (errno.EACCES, errno.EPERM):
-            hint = (f"this user may not {what} there: {self.root} must be readable and writable by the "
-                    "user walrus runs as (the server's OS user, for archive_command and restore_command)")
+            path = self._path(key) if key else self.root
+            me = user_name(os.geteuid())
+            if what in _READS:
+                hint = (f"{me} may not read it ({_owned(path)}): everything under {self.root} must be readable "
+                        "by the user walrus runs as (the server's OS user, for restore_command); objects "
+                        "written by another user, such as root, need a chown to that user")
+            else:
+                hint = (f"{me} may not write there ({_owned(os.path.dirname(path))}): {self.root} must be "
+                        "writable by the user walrus runs as (the server's OS user, for archive_command)")
         elif e.errno == errno.ENOTDIR:
             hint = f"a file is where a folder should be under {self.root}: check WALG_FILE_PREFIX"
         else:
@@ -84,14 +133,48 @@ class FsStorage(Storage):
                                 hint="WALG_FILE_PREFIX must name a directory")
         return ObjectNotFound(key)
 
+    def object_owner(self, key: str) -> tuple[int, int, int] | None:
+        st = os.stat(self._path(key))
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    def owner_problem(self) -> str | None:
+        """Why this process should not write here, or None. Root writing into a repository another
+        user owns would leave objects and folders that user (the server's OS user, which archives
+        and restores) can neither read nor delete."""
+        if os.geteuid() != 0:
+            return None
+        top = _existing(self.root)
+        try:
+            owner = os.stat(top).st_uid
+        except OSError:
+            return None
+        if owner == 0:
+            return None
+        return f"{top} belongs to {user_name(owner)}"
+
+    def _check_writer(self) -> None:
+        if self._writer_checked:
+            return
+        problem = self.owner_problem()
+        if problem:
+            owner = problem.rsplit(" ", 1)[1]
+            raise StorageError(f"refusing to write to {self.describe()} as root: {problem}",
+                               detail=f"objects written by root would be root's, and {owner} could then not read "
+                                      "or delete them",
+                               hint=f"run walrus as {owner} (sudo -u {owner} walrus ...), as archive_command does")
+        self._writer_checked = True
+
     async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:
+        self._check_writer()
         path = self._path(key)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         tmp = f"{path}.tmp.{stamp}-{secrets.token_hex(4)}"
         for attempt in range(3):  # a delete may remove the emptied folder between the two calls
             try:
                 await asyncio.to_thread(_makedirs, os.path.dirname(path))
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, OBJECT_MODE)
+                if _umask() & OBJECT_MODE:
+                    os.fchmod(fd, OBJECT_MODE)
                 break
             except FileNotFoundError as e:
                 if attempt == 2:
@@ -251,6 +334,7 @@ class FsStorage(Storage):
 
 
 LIST_BATCH = 1000
+_READS = ("open", "read", "stat", "list")  # the rest ("create", "write", "delete") change the storage
 
 
 def _temporaries(base: str, folder: str, before: float, limit: int = 100_000) -> list[tuple[str, float]]:

@@ -197,5 +197,11 @@ class RetryingStorage(Storage):
         keys = list(keys)
         await self.policy.run("delete", lambda _: self.inner.delete(keys), bounded=False)
 
+    def owner_problem(self) -> str | None:
+        return self.inner.owner_problem()
+
+    def object_owner(self, key: str) -> tuple[int, int, int] | None:
+        return self.inner.object_owner(key)
+
     async def close(self) -> None:
         await self.inner.close()
