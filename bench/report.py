@@ -10,6 +10,9 @@ import subprocess
 import sys
 
 MIB = 2 ** 20
+# walrus's peak RSS for a backup or a restore, whatever the database size (the issues' target;
+# the data path's own share is WALRUS_MEMORY_BUDGET, the rest is the interpreter and its libraries)
+RSS_BUDGET_MIB = 128
 
 COLUMNS = [  # (header, row key, format)
     ("tool", "tool", "{}"),
@@ -130,8 +133,10 @@ def load_matplotlib(install: bool):
     return plt
 
 
-def plot_memory(plt, path: str, operation: str, series: dict[str, list[list[float]]], title: str) -> None:
-    """One figure per operation: summed RSS (top) and summed virtual size (bottom) over time, a line per tool.
+def plot_memory(plt, path: str, operation: str, series: dict[str, list[list[float]]], title: str,
+                budget_mib: float = RSS_BUDGET_MIB) -> None:
+    """One figure per operation: summed RSS (top) and summed virtual size (bottom) over time, a line per tool,
+    and walrus's peak RSS budget as a dashed line across the RSS panel.
 
     series maps a tool label to samples [t_s, rss_bytes, vmsize_bytes].
     """
@@ -140,13 +145,16 @@ def plot_memory(plt, path: str, operation: str, series: dict[str, list[list[floa
         t = [s[0] for s in samples]
         ax_rss.plot(t, [s[1] / MIB for s in samples], label=label, linewidth=1.4)
         ax_vm.plot(t, [s[2] / MIB for s in samples], label=label, linewidth=1.4)
+    ax_rss.axhline(budget_mib, color="red", linestyle="--", linewidth=1.2,
+                   label=f"walrus budget: {budget_mib:.0f} MiB peak RSS")
     ax_rss.set_ylabel("RSS, MiB (sum over process tree)")
     ax_vm.set_ylabel("virtual size, MiB (sum)")
     ax_vm.set_xlabel("seconds since the tool started")
     for ax in (ax_rss, ax_vm):
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
-    ax_rss.legend(loc="upper right", fontsize=9)
+    ax_rss.set_ylim(top=max(ax_rss.get_ylim()[1], budget_mib * 1.15))  # the budget line in view, with its label
+    ax_rss.legend(loc="lower right", fontsize=9)
     fig.suptitle(f"{operation}: memory over time - {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -174,9 +182,12 @@ def plot_backlog(plt, path: str, series: dict[str, list[list[float]]], title: st
     if progress:
         axes[1][0].set_ylabel("segments: written (dashed), archived")
     axes[-1][0].set_xlabel("seconds since the step started")
+    from matplotlib.ticker import MaxNLocator
+
     for (ax,) in axes:
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # segments come whole
         if mark_s is not None:
             ax.axvline(mark_s, color="grey", linestyle=":", linewidth=1.2)
     ax_ready.legend(loc="upper right", fontsize=9)

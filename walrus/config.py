@@ -131,6 +131,21 @@ def _verbatim(text: str) -> str:
     return text
 
 
+def _host_port(text: str) -> str:
+    host, colon, port = text.strip().rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, such as 127.0.0.1:8125")
+    return text.strip()
+
+
+def _string_map(text: str) -> dict:
+    """A JSON object of names to values (WAL-G reads a map setting's environment value as JSON)."""
+    value = _json(text)
+    if not isinstance(value, dict):
+        raise ValueError('expected a JSON object, such as {"host": "db1"}')
+    return {str(k): str(v) for k, v in value.items()}
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str  # the WAL-G environment / config-file name
@@ -331,6 +346,14 @@ SETTINGS: tuple[Setting, ...] = (
       "NORMAL, DEVEL (debug) or ERROR."),
     S("WALG_LOG_DESTINATION", "log_destination", _text, None,
       "A file the log is appended to instead of standard error (stderr: standard error)."),
+    # metrics (docs/METRICS.md), after every command; not sending or writing them never fails the command
+    S("WALG_STATSD_ADDRESS", "statsd_address", _host_port, None,
+      "Send WAL-G's metrics (walg_*) over UDP to this statsd or statsd_exporter, as HOST:PORT."),
+    S("WALG_STATSD_EXTRA_TAGS", "statsd_extra_tags", _string_map, None,
+      'Tags added to every statsd metric: a JSON object, such as {"host": "db1"}.'),
+    S("WALRUS_METRICS_FILE", "metrics_file", _text, None,
+      "A Prometheus textfile (node_exporter's textfile collector: DIR/NAME.prom) updated atomically after "
+      "every command: last success and failure times, durations, runs, bytes, WAL segments pushed."),
     # PostgreSQL connection (libpq names)
     S("PGHOST", "pg_host", _text, None, "PostgreSQL host or socket directory."),
     S("PGPORT", "pg_port", parse_positive_int, None, "PostgreSQL port."),
@@ -462,6 +485,9 @@ class Settings:
     yc_cse_kms_key_id: str | None
     log_level: str
     log_destination: str | None
+    statsd_address: str | None
+    statsd_extra_tags: dict | None
+    metrics_file: str | None
     pg_host: str | None
     pg_port: int | None
     pg_user: str | None
@@ -553,6 +579,8 @@ def read_config_file(path: str) -> dict[str, str]:
                           hint='write it as {"WALG_FILE_PREFIX": "/backups", ...}')
     out = {}
     for key, value in data.items():
+        if isinstance(value, dict) and str(key).upper() == "WALG_STATSD_EXTRA_TAGS":
+            value = json.dumps(value)  # a map in the file, as WAL-G takes it; JSON in the environment
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config file {path}: {key} must be a scalar value")
         if isinstance(value, bool):

@@ -20,13 +20,25 @@ class _WalgFormatter(logging.Formatter):
         return f"{_LEVEL_NAMES.get(record.levelno, 'INFO')}: {stamp}.{micros:06d} {record.getMessage()}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Standard error, stepping around a progress status line (walrus.progress) while one is drawn."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        progress = sys.modules.get("walrus.progress")  # loaded only by the commands that may draw one
+        line = progress.active() if progress is not None else None
+        if line is None:
+            super().emit(record)
+        else:
+            line.around(lambda: super(_StderrHandler, self).emit(record))
+
+
 def setup_logging(level: str = "normal", destination: str | None = None) -> None:
     """destination (WALG_LOG_DESTINATION): a file appended to instead of stderr. The final error
     of a failed command is still written to stderr too, where PostgreSQL's log receives it."""
     if destination and destination != "stderr":
         handler: logging.Handler = logging.FileHandler(destination, encoding="utf-8")
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_WalgFormatter())
     log.handlers[:] = [handler]
     log.setLevel(_LEVELS.get(level, logging.INFO))

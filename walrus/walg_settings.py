@@ -128,8 +128,6 @@ OTHER_SETTINGS: tuple[WalgSetting, ...] = (
     W("HTTP_LISTEN", IGNORED, "walrus has no HTTP endpoint"),
     W("HTTP_EXPOSE_EXPVAR", IGNORED, "walrus has no HTTP endpoint", _is_true),
     W("HTTP_EXPOSE_PPROF", IGNORED, "walrus has no HTTP endpoint", _is_true),
-    W("WALG_STATSD_ADDRESS", IGNORED, "walrus does not send statsd metrics"),
-    W("WALG_STATSD_EXTRA_TAGS", ACCEPTED, "used only with WALG_STATSD_ADDRESS"),
 )
 del W
 

@@ -24,10 +24,12 @@ from walrus.errors import BackupError, CorruptObject
 from walrus.fileio import open_sink
 from walrus.fsutil import fsync_dir, syncfs
 from walrus.log import log
+from walrus.progress import Progress
 from walrus.runtime import raise_nofile_limit
 from walrus.storage import layout
 from walrus.storage.base import ObjectInfo, Storage
 from walrus.stream.download import consume_decoded
+from walrus.stream.stages import metered
 
 # Restored whatever files_metadata.json lists (WAL-G's UtilityFilePaths).
 UTILITY_RELPATHS = frozenset({"global/pg_control", "backup_label", "tablespace_map"})
@@ -84,14 +86,15 @@ MAX_CHAIN = 1000  # levels a chain may have before it is taken for a loop
 
 async def backup_fetch(settings: Settings, storage: Storage, directory: str, name: str, *,
                        restore_spec: str | None = None, mask: str | None = None,
-                       restore_only: list[str] | None = None) -> BackupFetchResult:
+                       restore_only: list[str] | None = None, progress: Progress | None = None) -> BackupFetchResult:
     """mask (WAL-G's --mask): restore only the files whose path in the data directory matches this
     shell pattern (Go's filepath.Match: `*` stops at `/`), and download only the parts holding one.
     restore_only (WAL-G's --restore-only, one name a string): only these databases and tables, and
     the system ones (walrus.backup.partial); with mask, a file is restored if both keep it.
     A delta is restored through its chain, the full backup first, each level writing only the
     files the levels above it skip or increment (WAL-G's order); pg_control, backup_label and the
-    tablespace links come from the backup asked for."""
+    tablespace links come from the backup asked for. `progress`: a status line fed the bytes of
+    the parts as they are downloaded (of the sum of their stored sizes)."""
     began = time.monotonic()
     # init: every level's documents and parts, checked before anything is written
     name = await resolve_backup(storage, name)
@@ -110,6 +113,9 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
         if keeps is not None and files is not None and files.tar_file_sets:
             level.parts.data = [p for p in level.parts.data
                                 if any(keeps(member_relpath(m)) for m in files.tar_file_sets.get(p.name, ()))]
+    if progress is not None:
+        fetched = [p for level in chain for p in level.parts.data] + leaf.parts.label + leaf.parts.control
+        progress.set_total(sum(p.size for p in fetched), parts=len(fetched), note="compressed")
 
     # prepare: an empty target, its tablespace links
     directory = os.path.abspath(directory)
@@ -131,6 +137,7 @@ async def backup_fetch(settings: Settings, storage: Storage, directory: str, nam
             extraction = _Extraction(settings, storage, directory, level.files, restore_spec is not None, chosen,
                                      incremented=_incremented(level) if level.sentinel.is_delta else None)
             extraction.allowed_links = links
+            extraction.progress = progress
             await gather_all([extraction.part(info, directory) for info in level.parts.data])
             if level is leaf:
                 await gather_all([extraction.part(info, directory) for info in level.parts.label])
@@ -265,6 +272,7 @@ class _Extraction:
         self.selected = selected  # --mask: only the files it matches (utility files too, as in WAL-G)
         self.incremented = incremented  # a delta's files stored as `wi1` increments
         self.allowed_links: frozenset[str] = frozenset()
+        self.progress: Progress | None = None  # fed each part's stored bytes as they arrive
         self.totals = ExtractStats()
         self.writer = ""  # the sinks' kind, once one is open
         concurrency = settings.download_concurrency
@@ -303,8 +311,12 @@ class _Extraction:
                     raise _write_failed(info.name, dest, e) from None
 
         async with self._slots:
-            stats = await consume_decoded(await self.storage.get(info.key), ext, info.key, settings.crypter, extract,
-                                          self._executor)
+            stream = await self.storage.get(info.key)
+            if self.progress is not None:
+                stream = metered(stream, self.progress.add)
+            stats = await consume_decoded(stream, ext, info.key, settings.crypter, extract, self._executor)
+        if self.progress is not None:
+            self.progress.part_done()
         self.totals.files += stats.files
         self.totals.bytes += stats.bytes
         self.totals.restored |= stats.restored

@@ -12,6 +12,7 @@ from walrus.backup.retention import Backup, RetentionError, segment_range, wal_t
 from walrus.errors import BackupError, CorruptObject, ObjectNotFound
 from walrus.log import log
 from walrus.pg.xlog import BACKUP_NAME_RE, first_wal_name_in, format_lsn
+from walrus.progress import format_size
 from walrus.storage import layout
 from walrus.storage.base import ObjectInfo, Storage
 from walrus.table import box_table
@@ -149,8 +150,25 @@ def _columns(b: BackupInfo, detail: bool) -> list[tuple[str, str, str, str | Non
                    ("pg_version", "PG version", str(m.pg_version), None),
                    ("start_lsn", "Start LSN", format_lsn(m.start_lsn), None),
                    ("finish_lsn", "Finish LSN", format_lsn(m.finish_lsn), None),
-                   ("is_permanent", "Permanent", "true" if m.is_permanent else "false", None)]
+                   ("is_permanent", "Permanent", "true" if m.is_permanent else "false", None),
+                   # walrus's own, after WAL-G's: raw numbers in the columns, readable ones in the table
+                   ("uncompressed_size", "Uncompressed size", str(m.uncompressed_size),
+                    format_size(m.uncompressed_size)),
+                   ("compressed_size", "Compressed size", str(m.compressed_size), format_size(m.compressed_size)),
+                   ("duration", "Duration", *_duration(m.start_time, m.finish_time))]
     return fields
+
+
+RIGHT_ALIGNED = frozenset({"uncompressed_size", "compressed_size", "duration"})
+
+
+def _duration(start: datetime, finish: datetime) -> tuple[str, str]:
+    """finish - start: seconds (to the millisecond), and h:mm:ss; "-" where a time is missing."""
+    if start.year <= 1 or finish.year <= 1:
+        return "-", "-"
+    seconds = max(0.0, (finish - start).total_seconds())
+    whole = int(seconds + 0.5)
+    return f"{seconds:.3f}", f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _rfc3339(dt: datetime) -> str:
@@ -183,7 +201,7 @@ def render(backups: list[BackupInfo], detail: bool, pretty: bool, as_json: bool)
     header = ["#"] + [pretty_name for _, pretty_name, _, _ in rows[0]]
     body = [[str(i)] + [shown if shown is not None else value for _, _, value, shown in row]
             for i, row in enumerate(rows)]
-    return box_table(header, body, [True] + [False] * (len(header) - 1))
+    return box_table(header, body, [True] + [name in RIGHT_ALIGNED for name, _, _, _ in rows[0]])
 
 
 async def read_files_metadata(storage: Storage, name: str, sentinel: Sentinel) -> FilesMetadata | None:

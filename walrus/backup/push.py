@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,7 +15,7 @@ from typing import Any, Awaitable, Callable, Iterator, Protocol
 
 from walrus import codec
 from walrus.aio import gather_all
-from walrus.tar.write import Entry, TarPartStream, window_quota
+from walrus.tar.write import BLOCK, Entry, TarPartStream, padding, window_quota
 from walrus.backup.blockmap import MapChoice, load_block_map, log_choice
 from walrus.backup.delta import DeltaBase, DeltaChoice, check_base, choose_base, delta_name
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
@@ -26,6 +28,7 @@ from walrus.config import Settings
 from walrus.errors import BackupError, ConfigError, WalrusError
 from walrus.log import log
 from walrus.pg.pages import increment_size, is_paged_file
+from walrus.progress import Progress
 from walrus.pg.walmap import BlockMap
 from walrus.pg.client import BackupStart, BackupStop, PgSession, ServerInfo
 from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
@@ -34,7 +37,7 @@ from walrus.runtime import cpu_count, raise_nofile_limit
 from walrus.storage import layout
 from walrus.storage.base import Storage
 from walrus.stream.upload import PoolPlan, Uploader, upload_threads
-from walrus.stream.stages import Counter, blocks_in_flight
+from walrus.stream.stages import Counter, blocks_in_flight, metered
 
 UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
 
@@ -259,6 +262,7 @@ class _Push:
     windows: asyncio.Semaphore | None = None  # pool buffers the parts' delta reads may hold at once
     pages: PageVerification | None = None  # --verify's checks
     corrupt: dict[str, list[int]] | None = None  # what they found
+    progress: Progress | None = None  # the status line on a terminal, fed the parts' buffers
 
 
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
@@ -266,7 +270,8 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       delta_from_user_data: Any = None,
                       connect: Callable[[Settings], PgBackupSession] = PgSession,
                       names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names,
-                      archive: ArchiveWal | None = None, archive_check: bool = True) -> BackupPushResult:
+                      archive: ArchiveWal | None = None, archive_check: bool = True,
+                      progress: Progress | None = None) -> BackupPushResult:
     """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
     checked against it), upload data (the walk's tar parts; a delta skips and increments files), upload control files
     (pg_control.tar, pg_backup_stop, backup_label.tar), WAL (what the backup needs is stored: by
@@ -287,6 +292,9 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
     session = await connecting
     try:
         push = await _start(settings, storage, pgdata, session, choice, archive_check)
+        if progress is not None:
+            push.progress = progress
+            _estimate_total(push)
         raise_nofile_limit()  # parts keep the files of their in-flight buffers open
         with Uploader(settings, push.plan.count, push.plan.buffer_size, push.lanes * upload_threads(push.plan.parallel),
                       register=True, name="walrus-compress") as uploader:
@@ -301,6 +309,8 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
         # the catalog as the backup ended, read while its WAL is stored
         catalog = None if settings.disable_partial_restore else asyncio.ensure_future(names(settings))
         try:
+            if progress is not None:
+                progress.note = "storing the backup's WAL"
             await _await_wal(push, archive)  # after the pool is unmapped: storing WAL uses buffers of its own
             await _finish(push, permanent, user_data, None if catalog is None else await catalog)
         finally:
@@ -398,10 +408,63 @@ async def _upload_part(push: _Push, uploader: Uploader, entries: Iterator[Entry]
                            direct_min=s.direct_io_min if s.direct_io else None, on_member=push.collected.record,
                            limiter=push.disk, windows=push.windows,
                            checker=push.pages.checker if push.pages is not None else None)
-    await uploader.upload(push.storage, layout.part_key(push.name, object_name), stream, push.counter,
+    buffers = stream if push.progress is None else metered(stream, push.progress.add, _buffer_length)
+    await uploader.upload(push.storage, layout.part_key(push.name, object_name), buffers, push.counter,
                           push.plan.parallel)
     push.collected.tar_file_sets[object_name] = stream.members
+    if push.progress is not None:
+        push.progress.part_done()
     log.info(f"uploaded {object_name} ({stream.data_size} bytes of files)")
+
+
+def _buffer_length(buf) -> int:
+    return buf.length
+
+
+def _estimate_total(push: _Push) -> None:
+    """The progress line's total, from a walk of its own on a thread, set once it is done (the
+    backup's walk goes along with the reads, so its total is known only at the end)."""
+    block_map = push.block_map.map if push.block_map else None
+    if push.base is not None and block_map is None:
+        return  # a page scan finds a delta's pages as it reads them: no total to show
+    progress = push.progress
+    assert progress is not None
+
+    def estimated(job: asyncio.Future) -> None:
+        if not job.cancelled() and job.exception() is None:
+            progress.set_total(job.result())
+
+    asyncio.ensure_future(asyncio.to_thread(_tar_bytes, push.pgdata, push.base, block_map)).add_done_callback(estimated)
+
+
+def _tar_bytes(pgdata: str, base: DeltaBase | None, block_map: BlockMap | None) -> int:
+    """The bytes the parts will carry as the data directory stands: each member's header and its
+    bytes (a delta's unchanged files none, its increments their changed pages), pg_control's part
+    and backup_label's. Its walk's warnings are left to the backup's walk."""
+    quiet = _QuietThread()
+    log.addFilter(quiet)
+    try:
+        entries: Iterator[Entry] = walk_data_directory(pgdata, WalkResult())
+        if base is not None:
+            entries = delta_entries(entries, base, _Collected(), block_map)
+        total = 2 * (BLOCK + 8192 + 2 * BLOCK)  # pg_control.tar and backup_label.tar, about
+        for entry in entries:
+            size = increment_size(len(entry.blocks)) if entry.blocks is not None else entry.size
+            total += BLOCK + size + padding(size)
+        return total
+    finally:
+        log.removeFilter(quiet)
+
+
+class _QuietThread(logging.Filter):
+    """Drops the records of the thread that made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
 
 
 async def _finish(push: _Push, permanent: bool, user_data: Any, catalog: dict[str, Any] | None) -> None:

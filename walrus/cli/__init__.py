@@ -1,6 +1,7 @@
 """The `walrus` command line: thin click commands over the engine modules, one error-to-exit-code map."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,13 +12,13 @@ import traceback
 
 import click
 
-from walrus import __version__, interrupts
+from walrus import __version__, interrupts, metrics
 from walrus.cli.base import CONTEXT, EXIT_GRACE, emit, run, settings_of, target_storage_option
 from walrus.cli.st import register as register_st
 from walrus.cli.walg import GlobalFlags, HelpGroup, check_target_storage, refuse, split_global_flags
 from walrus.cli.walg import register as register_walg
 from walrus.config import settings_help
-from walrus.errors import EXIT_FAILURE, Stopped, WalrusError
+from walrus.errors import EXIT_FAILURE, ConfigError, Stopped, WalrusError
 from walrus.log import log
 from walrus.runtime import tune_process
 
@@ -115,15 +116,18 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
               help="Take the backup even when WAL archiving is off or failing (it may not be restorable).")
 @click.option("--without-files-metadata", is_flag=True,
               help="Accepted, ignored with a warning (walrus always writes files_metadata.json).")
+@click.option("--no-progress", is_flag=True, help="No status line on a terminal's standard error.")
 @target_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_data: str | None, verify: bool,
                     store_all_corrupt: bool, rating_composer: bool, copy_composer: bool, database_composer: bool,
                     delta_from_name: str | None, delta_from_user_data: str | None, no_archive_check: bool,
-                    without_files_metadata: bool, target_storage: str | None, as_json: bool) -> None:
+                    without_files_metadata: bool, target_storage: str | None, as_json: bool,
+                    no_progress: bool = False) -> None:
     """Take a base backup of the running server whose data directory is PGDATA (default: the PGDATA setting)."""
     from walrus.backup.push import backup_push
+    from walrus.progress import for_command
     from walrus.wal.push import store_for_backup
 
     check_target_storage(target_storage)
@@ -158,10 +162,13 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
         except ValueError as e:
             raise WalrusError("--delta-from-user-data is not valid JSON", detail=str(e),
                               hint="give the JSON user data of the backup to build on") from None
-    result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
-                                                delta_from_name=delta_from_name, delta_from_user_data=base_data,
-                                                archive=store_for_backup, archive_check=not no_archive_check),
-                 settings)
+    line = for_command("backup-push", settings.log_destination, no_progress)
+    with line or contextlib.nullcontext():
+        result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
+                                                    delta_from_name=delta_from_name, delta_from_user_data=base_data,
+                                                    archive=store_for_backup, archive_check=not no_archive_check,
+                                                    progress=line),
+                     settings)
     log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
     emit(result, as_json, None)
 
@@ -180,16 +187,19 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
               help="Accepted: walrus restores a delta's chain full backup first, and the result is the same.")
 @click.option("--skip-redundant-tars", is_flag=True,
               help="Accepted: walrus never downloads a part that holds no file to restore.")
+@click.option("--no-progress", is_flag=True, help="No status line on a terminal's standard error.")
 @target_storage_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def backup_fetch_cmd(ctx, directory: str, name: str | None, target_user_data: str | None, mask: str | None,
                      restore_spec: str | None, restore_only: tuple[str, ...], reverse_unpack: bool,
-                     skip_redundant_tars: bool, target_storage: str | None, as_json: bool) -> None:
+                     skip_redundant_tars: bool, target_storage: str | None, as_json: bool,
+                     no_progress: bool = False) -> None:
     """Restore backup NAME (default LATEST), or the one with --target-user-data, into the empty DIRECTORY."""
     from walrus.backup.delete import parse_user_data
     from walrus.backup.fetch import backup_fetch
     from walrus.backup.list import resolve_by_user_data
+    from walrus.progress import for_command
 
     check_target_storage(target_storage)
     settings = settings_of(ctx)
@@ -203,9 +213,11 @@ def backup_fetch_cmd(ctx, directory: str, name: str | None, target_user_data: st
     async def engine(s, storage):
         target = await resolve_by_user_data(storage, wanted, s.segment_size) if raw else (name or "LATEST")
         return await backup_fetch(s, storage, directory, target, restore_spec=restore_spec, mask=mask,
-                                  restore_only=only)
+                                  restore_only=only, progress=line)
 
-    result = run(ctx, engine, settings)
+    line = for_command("backup-fetch", settings.log_destination, no_progress)
+    with line or contextlib.nullcontext():
+        result = run(ctx, engine, settings)
     log.info(f"restored {result.name} into {result.directory}: {result.files} files, {result.bytes} bytes")
     emit(result, as_json, None)
 
@@ -426,12 +438,37 @@ def backup_mark_cmd(ctx, name: str, impermanent: bool, as_json: bool) -> None:
     emit(result, as_json, None)
 
 
+@cli.command("check", context_settings=CONTEXT)
+@click.option("--timeout", type=click.FloatRange(min=1), default=60.0, show_default=True, metavar="SECONDS",
+              help="How long a switched WAL segment may take to arrive in storage.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.pass_context
+def check_cmd(ctx, timeout: float, as_json: bool) -> None:
+    """Check this host's setup before relying on it: the settings load; the storage takes a probe
+    object (write, read back, delete); the user owns what it writes; PostgreSQL answers;
+    archive_mode and archive_command send WAL to walrus; a forced WAL switch arrives in storage.
+    One line per check; exits 1 when any failed."""
+    from walrus.archive.check import FAILED, check, settings_failed
+
+    try:
+        settings = settings_of(ctx)
+        result = run(ctx, lambda s, st: check(s, st, timeout=timeout), settings)
+    except ConfigError as e:  # the settings, or the storage they name, cannot be used: nothing else can be checked
+        result = settings_failed(e)
+    emit(result, as_json, result.render())
+    failed = [c.name for c in result.checks if c.status == FAILED]
+    if failed:
+        raise WalrusError(f"{len(failed)} of {len(result.checks)} checks failed: {', '.join(failed)}",
+                          hint="each failed check's HINT says what to change; run walrus check again after")
+
+
 @cli.command("daemon", context_settings=CONTEXT)
 @click.argument("socket_path", metavar="SOCKET")
 @click.pass_context
 def daemon_cmd(ctx, socket_path: str) -> None:
     """Serve wal-push and wal-fetch on a Unix socket (WAL-G's protocol; archive_command =
-    'walrus daemon-client SOCKET wal-push %f'). Needs PGDATA."""
+    'walg-daemon-client SOCKET wal-push %p'), or on the socket systemd passes in (socket
+    activation: walrus-daemon.socket). Needs PGDATA."""
     from walrus.daemon.server import run_daemon
 
     run(ctx, lambda s, st: run_daemon(s, st, socket_path))
@@ -454,6 +491,8 @@ register_st(cli)
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every failure ends here, printed PostgreSQL-style, mapped to its exit code."""
     signum = None  # a signal stopped the command: the process ends by it, once all is said
+    began = time.monotonic()
+    args: list[str] | None = None  # the command line without WAL-G's global flags, once taken apart
     try:
         interrupts.hold()  # until _run's engine task can be cancelled by them
         tune_process()
@@ -485,6 +524,7 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print("HINT: set WALG_LOG_LEVEL=DEVEL for a traceback and report it", file=sys.stderr)
         code = EXIT_FAILURE
+    metrics.finish(code, began, args)  # WALG_STATSD_ADDRESS, WALRUS_METRICS_FILE: never fails, bounded wait
     _exit(code, signum or interrupts.pending_stop())
 
 

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import click
 
-from walrus import interrupts
+from walrus import interrupts, metrics
 from walrus.cli.walg import GlobalFlags
 from walrus.config import Settings, load_settings
 from walrus.errors import Stopped
@@ -37,6 +37,7 @@ def settings_of(ctx: click.Context) -> Settings:
     for text in warnings:
         log.warning(text)
     os.environ.update(settings.exports)  # for botocore and libpq, which read them there (as WAL-G exports them)
+    metrics.configure(settings, ctx.command_path)  # reported when the command ends (cli.main)
     return settings
 
 
@@ -92,6 +93,7 @@ class Result(Protocol):
 
 
 def emit(result: Result, as_json: bool, text: str | None) -> None:
+    metrics.record(result)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=None))
     elif text:

@@ -56,6 +56,30 @@ def sd_notify(message: str) -> None:
         s.sendto(message.encode(), address)
 
 
+def inherited_listener() -> socket.socket | None:
+    """The listening socket systemd passed in (socket activation: walrus-daemon.socket), else None.
+
+    systemd's protocol: LISTEN_PID is this process's pid and LISTEN_FDS counts the sockets passed
+    from fd 3 on; the daemon serves the first. The variables are removed either way, so a process
+    this one starts never takes them for its own.
+    """
+    pid, count = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid != str(os.getpid()) or not count or not count.isdigit() or int(count) < 1:
+        return None
+    try:
+        sock = socket.socket(fileno=3)
+    except OSError as e:
+        raise ConfigError("LISTEN_FDS says a socket was passed as descriptor 3, but it is not one",
+                          detail=str(e), hint="start the daemon from walrus-daemon.socket, or unset LISTEN_FDS") from e
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise ConfigError("the socket passed as descriptor 3 is not a Unix stream socket",
+                          hint="walrus-daemon.socket must use ListenStream= with a path")
+    sock.set_inheritable(False)
+    return sock
+
+
 @dataclass
 class _Pushes:
     """Uploads under way or finished, by WAL file name; a finished one stays until PostgreSQL asks
@@ -84,10 +108,13 @@ class Daemon:
         self._over_limit = [0, 0]  # connections closed idle, refused busy, since the last report
         self._limit_logged: float | None = None
         self._window = prefetcher.Window(settings, storage)
+        self._listener: socket.socket | None = None  # passed in by systemd (socket activation)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def run(self) -> None:
-        self._claim_socket()
+        self._listener = inherited_listener()
+        if self._listener is None:
+            self._claim_socket()
         self._max_connections = _connection_bound()
         codec.preload(self.settings.compression_method)  # the first segment should not wait on imports
         self._pusher = WalPusher(self.settings, slots=WalPusher.slots_for(self.settings, self.storage))
@@ -102,13 +129,21 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
-        old_umask = os.umask(0o117)  # the socket is rw for the owner and its group only
-        try:
-            server = await asyncio.start_unix_server(self._connection, path=self.socket_path)
-        finally:
-            os.umask(old_umask)
+        if self._listener is not None:  # systemd made, owns and removes the socket file
+            server = await asyncio.start_unix_server(self._connection, sock=self._listener)
+            name = self._listener.getsockname()
+            where = f"{name or self.socket_path} (passed in by systemd)"
+            if name and name != self.socket_path:
+                log.warning(f"the daemon was given {self.socket_path} but serves the socket systemd passed in, {name}")
+        else:
+            old_umask = os.umask(0o117)  # the socket is rw for the owner and its group only
+            try:
+                server = await asyncio.start_unix_server(self._connection, path=self.socket_path)
+            finally:
+                os.umask(old_umask)
+            where = self.socket_path
         watchdog = asyncio.create_task(self._watchdog())
-        log.info(f"walrus daemon listening on {self.socket_path} for {self.pgdata} ({self.storage.describe()})")
+        log.info(f"walrus daemon listening on {where} for {self.pgdata} ({self.storage.describe()})")
         sd_notify("READY=1")
         try:
             await self._stopping.wait()
@@ -130,8 +165,9 @@ class Daemon:
             await server.wait_closed()
             if any(self._over_limit):
                 self._report_limit()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+            if self._listener is None:  # an inherited socket stays: systemd listens on it for the next start
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.socket_path)
             log.info("walrus daemon stopped")
 
     def stop(self) -> None:

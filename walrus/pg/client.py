@@ -107,6 +107,16 @@ class PgSession:
                               hint="give the position with --lsn and --timeline")
         return int(checkpoint_timeline), parse_lsn(lsn_text), int(segment_size)
 
+    def switch_wal(self) -> str:
+        """Close the current WAL segment so the archiver takes it; returns its name. A restore point
+        first makes sure there is WAL to close (an idle server's switch would close nothing)."""
+        try:
+            self._one("SELECT pg_create_restore_point('walrus check')")
+        except BackupError:
+            pass  # not granted: the switch alone still closes any WAL written since the last one
+        (name,) = self._one("SELECT pg_walfile_name(pg_switch_wal())")
+        return str(name)
+
     def timeline(self) -> int:
         (timeline,) = self._one("SELECT timeline_id FROM pg_control_checkpoint()")
         return int(timeline)

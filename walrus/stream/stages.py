@@ -1,4 +1,4 @@
-"""Byte-stream stages (compress, count, pipe) chained between the disk reader and the storage."""
+"""Byte-stream stages (compress, count, meter, pipe) chained between the disk reader and the storage."""
 from __future__ import annotations
 
 import asyncio
@@ -6,7 +6,7 @@ import concurrent.futures
 import threading
 from collections import deque
 from concurrent.futures import Executor
-from typing import AsyncIterable, AsyncIterator, TypeVar
+from typing import AsyncIterable, AsyncIterator, Callable, TypeVar
 
 from walrus.fileio import Buffer
 
@@ -142,6 +142,21 @@ class Counter:
         async for chunk in stream:
             self.bytes += len(chunk)
             yield chunk
+
+
+async def metered(items: AsyncIterable[T], add: Callable[[int], None],
+                  size: Callable[[T], int] = len) -> AsyncIterator[T]:
+    """Pass items through, telling `add` the size of each (a progress line's bytes): one call per
+    pool buffer or stored chunk, never per page. The upstream is closed with this stage."""
+    upstream = aiter(items)
+    try:
+        async for item in upstream:
+            add(size(item))
+            yield item
+    finally:
+        aclose = getattr(upstream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def piped(stream: AsyncIterable, depth: int) -> AsyncIterator:
