@@ -22,6 +22,14 @@ ARCHES = {"x86_64": ("amd64", "x86_64"), "aarch64": ("arm64", "aarch64")}
 ELFDEPS = "/usr/lib/rpm/elfdeps"
 # extras a database host needs at run time: a package cannot have them added later as pip can
 EXTRAS = "[crypto]"
+# psycopg's binary wheel bundles its own libpq, OpenSSL, Kerberos and LDAP libraries, which the
+# distribution's security updates would never reach: the package's psycopg is the pure-Python one,
+# on the distribution's libpq (a declared dependency)
+BUNDLED_LIBPQ = "psycopg[binary]"
+DISTRO_LIBPQ = {"deb": "libpq5", "rpm": "libpq.so.5()(64bit)"}
+# what /opt/walrus/bin keeps: the interpreter links and walrus's two programs (not pip's activate
+# scripts, nor the console scripts of dependencies, which nothing runs)
+KEEP_BIN = ("python", "python3", "walrus", "walg-daemon-client")
 # not part of the wheel: build products, environments and caches of a working tree
 SOURCE_IGNORE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so",
                                        ".pytest_cache", "results")
@@ -81,10 +89,19 @@ def build_wheel(tools_python: Path, work: Path) -> Path:
     for path in (src, wheels):
         shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(ROOT, src, ignore=SOURCE_IGNORE, symlinks=True)
+    use_distro_libpq(src / "pyproject.toml")
     run([str(tools_python), "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
          "-w", str(wheels), str(src)], cwd=work)
     (wheel,) = wheels.glob("walrus_pg-*.whl")
     return wheel
+
+
+def use_distro_libpq(pyproject: Path) -> None:
+    """The copy's requirement on psycopg without the binary extra (see BUNDLED_LIBPQ)."""
+    text = pyproject.read_text()
+    if f'"{BUNDLED_LIBPQ}' not in text:
+        raise BuildError(f"pyproject.toml no longer requires {BUNDLED_LIBPQ}: update packaging/build.py")
+    pyproject.write_text(text.replace(f'"{BUNDLED_LIBPQ}', '"psycopg'))
 
 
 def make_venv(python: Path, tools_python: Path, wheel: Path, venv: Path) -> Path:
@@ -97,7 +114,7 @@ def make_venv(python: Path, tools_python: Path, wheel: Path, venv: Path) -> Path
     return venv / "bin/python"
 
 
-def relocate(venv: Path) -> None:
+def relocate(venv: Path, python_version: str) -> None:
     """Rewrites the staging path to /opt/walrus where a virtualenv records its own location.
 
     That is the scripts' shebangs, the activate scripts and pyvenv.cfg; the interpreter links point
@@ -112,26 +129,102 @@ def relocate(venv: Path) -> None:
     for path in venv.glob("lib/python*/site-packages/*.dist-info/direct_url.json"):
         path.unlink()
     # The daemon client's sh prelude looks for the python beside the script, because a wheel does not
-    # know where it is installed; the package does. Running that python straight from the shebang
+    # know where it is installed; the package does. Running the interpreter straight from the shebang
     # saves the shell, 3 ms of every segment PostgreSQL archives or restores (14 -> 11 ms a call).
+    # The client needs the standard library only (-IS: no site-packages), so that is the
+    # distribution's own /usr/bin/pythonX.Y, which the package depends on, not the virtualenv's.
     # The prelude's other lines stay: to Python they are the module's first string.
     client = venv / "bin" / "walg-daemon-client"
     text = client.read_bytes()
     if not text.startswith(b"#!/bin/sh\n"):
         raise SystemExit(f"{client} does not start with the sh prelude build_uring.py writes")
-    client.write_bytes(f"#!{PREFIX}/bin/python3 -IS\n".encode() + text[len(b"#!/bin/sh\n"):])
+    client.write_bytes(f"#!/usr/bin/python{python_version} -IS\n".encode() + text[len(b"#!/bin/sh\n"):])
 
 
-def strip_own_modules(venv: Path) -> None:
-    """Strips walrus's compiled module, as distributions strip what they build (debug info names the build tree).
+def prune(venv: Path) -> None:
+    """What a virtualenv holds that a package must not ship.
 
-    Only walrus's own: the wheels' libraries come stripped, and auditwheel patched some of them in
-    ways strip can break.
+    /opt/walrus/bin keeps KEEP_BIN (and pythonX.Y); the test suites some dependencies ship inside
+    their package (site-packages/PKG/tests or test) go, unless the package's own code imports them.
+    walrus's own modules are never touched.
+    """
+    bin_dir = venv / "bin"
+    for path in bin_dir.iterdir():
+        if path.name not in KEEP_BIN and not path.name.startswith("python3."):
+            path.unlink()
+    (site,) = venv.glob("lib/python3*/site-packages")
+    for suite in sorted([*site.glob("*/tests"), *site.glob("*/test")]):
+        package = suite.parent.name
+        if not suite.is_dir() or package == "walrus" or package.endswith(".dist-info"):
+            continue
+        importers = [str(f) for f in suite.parent.rglob("*.py") if suite not in f.parents
+                     and f"{package}.{suite.name}" in f.read_text(errors="replace")]
+        if importers:
+            raise BuildError(f"{suite} is imported by {importers[0]}: it cannot be pruned")
+        shutil.rmtree(suite)
+
+
+def zero_gzip_mtimes(root: Path) -> None:
+    """Clears the time stamp in the header of the dependencies' .gz data files (botocore's models).
+
+    Readers ignore it; lintian flags it, as it makes the package's bytes depend on when a wheel was
+    built. Only the header's MTIME field changes; a file with a header checksum (FHCRC) is left alone.
+    """
+    for path in root.rglob("*.gz"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        with open(path, "r+b") as f:
+            header = f.read(10)
+            if len(header) == 10 and header[:3] == b"\x1f\x8b\x08" and not header[3] & 0x02 \
+                    and header[4:8] != b"\0\0\0\0":
+                f.seek(4)
+                f.write(b"\0\0\0\0")
+
+
+# Run by the virtualenv's python: which of the extension modules named on stdin import.
+IMPORTABLE = """
+import importlib, sys
+for name in sys.stdin.read().split():
+    try:
+        importlib.import_module(name)
+    except Exception:
+        continue
+    print(name)
+"""
+
+
+def extension_modules(venv: Path) -> list[str]:
+    """The dotted names of the compiled modules in site-packages (not the bundled libraries)."""
+    (site,) = venv.glob("lib/python3*/site-packages")
+    names = []
+    for path in elf_files(site):
+        rel = path.relative_to(site)
+        if rel.suffix == ".so" and all(part.isidentifier() for part in rel.parts[:-1]):
+            names.append(".".join([*rel.parts[:-1], rel.name.split(".", 1)[0]]))
+    return sorted(names)
+
+
+def importable(venv_python: Path, modules: list[str]) -> set[str]:
+    out = run([str(venv_python), "-c", IMPORTABLE], cwd=venv_python.parent, capture=True,
+              stdin="\n".join(modules), env={"PYTHONDONTWRITEBYTECODE": "1"})
+    return set(out.split())
+
+
+def strip_binaries(venv: Path, venv_python: Path) -> None:
+    """Strips every shared object, as distributions strip what they ship: the wheels' modules carry
+    symbol tables and debug info that only make the package bigger (and name their build trees).
+
+    Every extension module that imported before must import after: a library auditwheel patched
+    that strip damaged fails the build here, not on an admin's machine.
     """
     if shutil.which("strip") is None:
         raise BuildError("strip not found: apt-get install binutils")
-    modules = [str(p) for p in elf_files(venv) if "/site-packages/walrus/" in str(p)]
-    run(["strip", "--strip-unneeded", *modules], cwd=venv)
+    modules = extension_modules(venv)
+    before = importable(venv_python, modules)
+    run(["strip", "--strip-unneeded", *map(str, elf_files(venv))], cwd=venv)
+    broken = before - importable(venv_python, modules)
+    if broken:
+        raise BuildError(f"stripped modules no longer import: {', '.join(sorted(broken))}")
 
 
 def check_relocated(stage: Path, work: Path) -> None:
@@ -143,13 +236,50 @@ def check_relocated(stage: Path, work: Path) -> None:
         raise BuildError(f"staged files still name {work}: {', '.join(leaks[:10])}")
 
 
-def write_manpage(venv_python: Path, stage: Path) -> None:
-    page = run([str(venv_python), str(HERE / "manpage.py")], cwd=stage, capture=True,
-               env={"PYTHONDONTWRITEBYTECODE": "1"})
-    target = stage / "usr/share/man/man1/walrus.1.gz"
+def write_gzip(target: Path, data: bytes) -> None:
+    """gzip -9n: no name, no time stamp, so the same input gives the same bytes."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
-        gz.write(page.encode())
+    with open(target, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
+                                                  compresslevel=9) as gz:
+        gz.write(data)
+
+
+def write_manpage(venv_python: Path, stage: Path) -> None:
+    """walrus(1) and walg-daemon-client(1), from the click commands they document."""
+    for name in ("walrus", "walg-daemon-client"):
+        page = run([str(venv_python), str(HERE / "manpage.py"), name], cwd=stage, capture=True,
+                   env={"PYTHONDONTWRITEBYTECODE": "1"})
+        write_gzip(stage / f"usr/share/man/man1/{name}.1.gz", page.encode())
+
+
+def write_completion(venv_python: Path, stage: Path) -> None:
+    """bash completion of walrus's commands and options, as click generates it."""
+    script = run([str(venv_python), "-c", "from walrus.cli import cli; cli(prog_name='walrus')"], cwd=stage,
+                 capture=True, env={"_WALRUS_COMPLETE": "bash_source", "PYTHONDONTWRITEBYTECODE": "1"})
+    if "complete " not in script:
+        raise BuildError(f"no bash completion script from click: {script[:200]!r}")
+    target = stage / "usr/share/bash-completion/completions/walrus"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(script)
+
+
+def write_changelog(work: Path, version: str, release: str) -> Path:
+    """packaging/changelog.yml with its newest entry, which must be this version's, for this release.
+
+    The packages' changelogs name the full version, 0.1.0-1 (Debian's and RPM's version-release).
+    """
+    lines = (HERE / "changelog.yml").read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("- semver:"):
+            newest = line.split(":", 1)[1].strip()
+            if newest != version:
+                raise BuildError(f"packaging/changelog.yml's newest entry is {newest}, not {version}: "
+                                 "add an entry for this version at its top")
+            lines[i] = f"- semver: {version}-{release}\n"
+            target = work / "changelog.yml"
+            target.write_text("".join(lines))
+            return target
+    raise BuildError("packaging/changelog.yml has no entry")
 
 
 def write_package_list(tools_python: Path, venv_python: Path, stage: Path) -> None:
@@ -201,7 +331,8 @@ def deb_depends(stage: Path, work: Path, python_version: str) -> list[str]:
     found = out.strip().removeprefix("shlibs:Depends=").split(", ")
     if not any(dep.startswith("liburing") for dep in found):
         raise BuildError(f"dpkg-shlibdeps did not find the package of liburing (found: {', '.join(found)})")
-    return ["postgresql-common", f"python{python_version}", *found]
+    # libpq5: psycopg loads the distribution's libpq at run time, which dpkg-shlibdeps cannot see
+    return ["postgresql-common", f"python{python_version}", DISTRO_LIBPQ["deb"], *found]
 
 
 def _soname(dep: str) -> str:
@@ -222,11 +353,16 @@ def rpm_requires(stage: Path, python_version: str) -> list[str]:
     found = sorted({line for line in requires if _soname(line) not in own})
     if not any(dep.startswith("liburing.so") for dep in found):
         raise BuildError(f"no liburing requirement found for the io_uring module (found: {', '.join(found)})")
-    return [f"/usr/bin/python{python_version}", "shadow-utils", *found]
+    # libpq: loaded by psycopg at run time; logrotate: /etc/logrotate.d/walrus
+    return [f"/usr/bin/python{python_version}", "shadow-utils", DISTRO_LIBPQ["rpm"], "logrotate", *found]
 
 
-def nfpm_config(work: Path, depends: dict[str, list[str]]) -> Path:
+def nfpm_config(work: Path, depends: dict[str, list[str]], changelog: Path) -> Path:
     text = (HERE / "nfpm.yaml").read_text()
+    marker = "changelog: packaging/changelog.yml"
+    if marker not in text:
+        raise BuildError(f"packaging/nfpm.yaml lacks the line `{marker}`")
+    text = text.replace(marker, f"changelog: {json.dumps(str(changelog))}")
     for fmt, deps in depends.items():
         marker = f"depends: []  # build.py: {fmt}-depends"
         if marker not in text:
@@ -268,13 +404,17 @@ def build(args: argparse.Namespace) -> list[Path]:
     tools_python = ensure_tools(work / "tools", python)
     wheel = build_wheel(tools_python, work)
     version = wheel.name.split("-")[1]
+    changelog = write_changelog(work, version, args.release)
     stage = work / "stage"
     shutil.rmtree(stage, ignore_errors=True)
     venv = stage / PREFIX.lstrip("/")
     venv_python = make_venv(python, tools_python, wheel, venv)
-    relocate(venv)
-    strip_own_modules(venv)
+    relocate(venv, python_version)
+    prune(venv)
+    strip_binaries(venv, venv_python)
+    zero_gzip_mtimes(venv)
     write_manpage(venv_python, stage)
+    write_completion(venv_python, stage)
     write_package_list(tools_python, venv_python, stage)
     compile_bytecode(venv_python, stage, venv)
     check_relocated(stage, work)
@@ -284,7 +424,7 @@ def build(args: argparse.Namespace) -> list[Path]:
         depends["deb"] = deb_depends(stage, work, python_version)
     if "rpm" in args.formats:
         depends["rpm"] = rpm_requires(stage, python_version)
-    config = nfpm_config(work, depends)
+    config = nfpm_config(work, depends, changelog)
     env = {"WALRUS_ARCH": nfpm_arch, "WALRUS_VERSION": version, "WALRUS_RELEASE": args.release,
            "WALRUS_STAGE": str(stage)}
     names = {"deb": f"walrus_{version}-{args.release}_{nfpm_arch}.deb",

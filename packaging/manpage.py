@@ -1,4 +1,5 @@
-"""Renders walrus(1) in troff from the click commands and the settings table, so the page never drifts from --help."""
+"""Renders walrus(1) in troff from the click commands and the settings table, so the page never drifts from --help,
+and walg-daemon-client(1) from the client's own usage: `manpage.py [walrus|walg-daemon-client]`."""
 from __future__ import annotations
 
 import os
@@ -24,6 +25,8 @@ FILES = [
                         "Never deleted by the package manager."),
     ("/var/log/walrus/backup-push.log", "Log of the scheduled backups, rotated by /etc/logrotate.d/walrus."),
     ("walrus-daemon.service", "walrus daemon on /run/walrus/walrus.sock as postgres (Type=notify); disabled."),
+    ("walrus-daemon.socket", "Listens on /run/walrus/walrus.sock (postgres:postgres 0660) and starts "
+                             "walrus-daemon.service on the first request; disabled."),
     ("walrus-backup.service, walrus-backup.timer", "A daily backup-push of PGDATA as postgres; disabled."),
     ("/opt/walrus", "The virtualenv holding walrus and its Python dependencies."),
 ]
@@ -70,8 +73,8 @@ Schedule daily backups, or serve WAL from the daemon:
 .RS
 .nf
 systemctl enable \\-\\-now walrus\\-backup.timer
-systemctl enable \\-\\-now walrus\\-daemon.service
-archive_command = '/usr/bin/walg\\-daemon\\-client /run/walrus/walrus.sock wal\\-push %f'
+systemctl enable \\-\\-now walrus\\-daemon.socket
+archive_command = '/usr/bin/walg\\-daemon\\-client /run/walrus/walrus.sock wal\\-push %p'
 .fi
 .RE
 """
@@ -90,6 +93,14 @@ def paragraph(text: str) -> str:
 
 def tagged(tag: str, body: str) -> list[str]:
     return [".TP", f"\\fB{esc(tag)}\\fR", paragraph(body)]
+
+
+def tagged_section(title: str, items) -> list[str]:
+    """A .SH section of tagged paragraphs, one per (tag, body)."""
+    lines = [f".SH {title}"]
+    for tag, body in items:
+        lines += tagged(tag, body)
+    return lines
 
 
 def command_section(ctx: click.Context) -> list[str]:
@@ -139,17 +150,70 @@ def render() -> str:
         default = "" if s.default is None else f" Default: {s.default}."
         aliases = f" Also read as {', '.join(s.aliases)}." if s.aliases else ""
         lines += tagged(s.name, s.doc + default + aliases)
-    lines.append(".SH FILES")
-    for path, doc in FILES:
-        lines += tagged(path, doc)
-    lines.append(".SH EXIT STATUS")
-    for code, doc in EXIT_STATUS:
-        lines += tagged(code, doc)
+    lines += tagged_section("FILES", FILES)
+    lines += tagged_section("EXIT STATUS", EXIT_STATUS)
     lines += [".SH EXAMPLES", EXAMPLES.rstrip("\n"),
               ".SH SEE ALSO", "\\fBpostgres\\fR(1), \\fBpg_basebackup\\fR(1), \\fBsystemctl\\fR(1), "
               "\\fBlogrotate\\fR(8), /usr/share/doc/walrus/README.md"]
     return "\n".join(lines) + "\n"
 
 
+CLIENT_DESCRIPTION = (
+    "Sends one request to a walrus daemon (walrus daemon, or walrus-daemon.service started by "
+    "walrus-daemon.socket) over its Unix socket and exits with the daemon's answer. It is WAL-G's "
+    "daemon client: PostgreSQL runs it as archive_command and restore_command, once per WAL file, so "
+    "it imports nothing but the standard library and starts in milliseconds; the daemon does the work "
+    "with the settings it was started with.")
+CLIENT_COMMANDS = [
+    ("wal-push WAL", "Archive WAL, a file name (%f) or a path relative to the daemon's PGDATA (%p)."),
+    ("wal-fetch WAL DESTINATION", "Restore WAL from the archive to DESTINATION (%p, relative to PGDATA)."),
+]
+CLIENT_OPTIONS = [
+    ("-timeout DURATION", "How long to wait for the daemon's answer: 500ms, 60s, 2m, 1h or seconds. Default: 60s."),
+    ("-connection-timeout DURATION", "How long to wait to connect to the socket. Default: 5s."),
+]
+CLIENT_EXIT_STATUS = [
+    ("0", "The daemon did it."),
+    ("1", "The daemon failed, could not be reached, or the usage was wrong; the daemon's log says why it failed."),
+    ("74", "wal-fetch: the WAL file is not in the archive (PostgreSQL reads this as the end of the archive)."),
+]
+CLIENT_EXAMPLES = """\
+postgresql.conf, with walrus\\-daemon.socket enabled (systemctl enable \\-\\-now walrus\\-daemon.socket):
+.PP
+.RS
+.nf
+archive_mode = on
+archive_command = '/usr/bin/walg\\-daemon\\-client /run/walrus/walrus.sock wal\\-push %p'
+restore_command = '/usr/bin/walg\\-daemon\\-client /run/walrus/walrus.sock wal\\-fetch %f %p'
+.fi
+.RE
+"""
+
+
+def render_client() -> str:
+    lines = [
+        f'.TH WALG\\-DAEMON\\-CLIENT 1 "{DATE}" "walrus {__version__}" "User Commands"',
+        ".SH NAME",
+        "walg\\-daemon\\-client \\- send wal\\-push and wal\\-fetch requests to the walrus daemon",
+        ".SH SYNOPSIS",
+        ".B walg\\-daemon\\-client",
+        "\\fISOCKET\\fR \\fBwal\\-push\\fR \\fIWAL\\fR [\\fIOPTIONS\\fR]",
+        ".br",
+        ".B walg\\-daemon\\-client",
+        "\\fISOCKET\\fR \\fBwal\\-fetch\\fR \\fIWAL\\fR \\fIDESTINATION\\fR [\\fIOPTIONS\\fR]",
+        ".SH DESCRIPTION",
+        paragraph(CLIENT_DESCRIPTION),
+    ]
+    lines += tagged_section("COMMANDS", CLIENT_COMMANDS)
+    lines += tagged_section("OPTIONS", CLIENT_OPTIONS)
+    lines += tagged_section("EXIT STATUS", CLIENT_EXIT_STATUS)
+    lines += [".SH EXAMPLES", CLIENT_EXAMPLES.rstrip("\n"),
+              ".SH SEE ALSO", "\\fBwalrus\\fR(1), \\fBsystemctl\\fR(1), /usr/share/doc/walrus/README.md"]
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    page = sys.argv[1] if len(sys.argv) > 1 else "walrus"
+    if page not in ("walrus", "walg-daemon-client"):
+        sys.exit(f"usage: {sys.argv[0]} [walrus|walg-daemon-client]")
+    sys.stdout.write(render_client() if page == "walg-daemon-client" else render())

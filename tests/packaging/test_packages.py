@@ -1,6 +1,7 @@
 """The .deb and .rpm of packaging/build.py: contents and dependencies; the .deb installed, archiving WAL, upgraded, removed, purged."""
 from __future__ import annotations
 
+import contextlib
 import grp
 import gzip
 import json
@@ -8,11 +9,13 @@ import os
 import platform
 import pwd
 import re
+import select
 import shlex
 import shutil
+import socket
 import stat
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +31,16 @@ CONFIG = "/etc/walrus/walrus.yaml"
 WALRUS = "/usr/bin/walrus"
 ELFDEPS = "/usr/lib/rpm/elfdeps"
 BACKUP_UNIT = "/usr/lib/systemd/system/walrus-backup.service"
+DAEMON_UNIT = "/usr/lib/systemd/system/walrus-daemon.service"
+SOCKET_UNIT = "/usr/lib/systemd/system/walrus-daemon.socket"
+SERVICES = ("walrus-daemon.service", "walrus-backup.service")
+CLIENT = "/usr/bin/walg-daemon-client"
+DAEMON_SOCKET = "/run/walrus/walrus.sock"
+# what the shipped configuration tells the admin to put in postgresql.conf
+DAEMON_ARCHIVE_COMMAND = f"{CLIENT} {DAEMON_SOCKET} wal-push %p"
+DAEMON_RESTORE_COMMAND = f"{CLIENT} {DAEMON_SOCKET} wal-fetch %f %p"
+# the highest `systemd-analyze security` exposure a shipped service may have
+MAX_EXPOSURE = 4.0
 RETAIN = "/usr/libexec/walrus/retain"
 # walrus-backup.service's retention step, after backup-push (ExecStartPost=)
 RETAIN_STEP = f"{RETAIN} {WALRUS} --config {CONFIG}"
@@ -90,16 +103,26 @@ def test_deb_declares_its_dependencies_and_conffiles(packages):
     assert deb.name == f"walrus_{__version__}-1_{arch}.deb"
     depends = [d.strip() for d in _sh("dpkg-deb", "-f", str(deb), "Depends").stdout.split(",")]
     names = {d.split()[0] for d in depends}
-    # the io_uring module links the distribution's liburing; the virtualenv its python3.X
-    assert {"liburing2", f"python{_python_version()}", "postgresql-common", "libc6"} <= names, depends
+    # the io_uring module links the distribution's liburing; the virtualenv its python3.X; psycopg
+    # loads the distribution's libpq
+    assert {"liburing2", f"python{_python_version()}", "postgresql-common", "libc6", "libpq5"} <= names, depends
+    assert _sh("dpkg-deb", "-f", str(deb), "Recommends").stdout.strip() == "logrotate"
+    # xz: Debian 11's dpkg cannot unpack zstd
+    assert _sh("ar", "t", str(deb)).stdout.split() == ["debian-binary", "control.tar.gz", "data.tar.xz"]
     conffiles = _sh("dpkg-deb", "--info", str(deb), "conffiles").stdout.split()
     assert sorted(conffiles) == ["/etc/logrotate.d/walrus", "/etc/walrus/walrus.env", CONFIG]
 
     listing = _sh("dpkg-deb", "-c", str(deb)).stdout
     for entry in ("./usr/bin/walrus -> /opt/walrus/bin/walrus", "./opt/walrus/pyvenv.cfg",
-                  "./usr/lib/systemd/system/walrus-daemon.service", "./usr/lib/systemd/system/walrus-backup.timer",
-                  "./usr/share/man/man1/walrus.1.gz", "/site-packages/walrus/_uring/_liburing.abi3.so"):
+                  f".{DAEMON_UNIT}", f".{SOCKET_UNIT}", "./usr/lib/systemd/system/walrus-backup.timer",
+                  "./usr/share/man/man1/walrus.1.gz", "./usr/share/man/man1/walg-daemon-client.1.gz",
+                  "./usr/share/doc/walrus/changelog.Debian.gz", "./usr/share/bash-completion/completions/walrus",
+                  "./usr/share/lintian/overrides/walrus", "/site-packages/walrus/_uring/_liburing.abi3.so",
+                  "/site-packages/psycopg/"):
         assert entry in listing, entry
+    # no bundled libpq and OpenSSL, no activate scripts or dependencies' console scripts, no test suites
+    for absent in ("psycopg_binary", "/bin/activate", "/bin/Activate", "/bin/normalizer", "/tests/"):
+        assert absent not in listing, absent
     assert re.search(rf"^-rwxr-xr-x root/root .* \.{RETAIN}$", listing, re.M), listing[-2000:]
     assert "./etc/systemd/" not in listing  # units ship disabled: no .wants symlinks
     assert "/bin/pip" not in listing
@@ -116,6 +139,13 @@ def test_rpm_declares_its_requirements_and_config(packages):
     assert not {"/usr/bin", "/usr/lib/systemd/system", "/usr/libexec"} & set(files), files
     requires = _sh("rpm", "-qp", "--requires", str(rpm)).stdout.split("\n")
     assert "liburing.so.2()(64bit)" in requires and f"/usr/bin/python{_python_version()}" in requires, requires
+    assert {"logrotate", "libpq.so.5()(64bit)"} <= set(requires), requires
+    assert _sh("rpm", "-qp", "--qf", "%{PAYLOADCOMPRESSOR}", str(rpm)).stdout == "xz"
+    assert f"- {__version__}-1\n" in _sh("rpm", "-qp", "--changelog", str(rpm)).stdout
+    docs = _sh("rpm", "-qpd", str(rpm)).stdout.split()
+    assert {"/usr/share/man/man1/walrus.1.gz", "/usr/share/man/man1/walg-daemon-client.1.gz",
+            "/usr/share/doc/walrus/README.md"} <= set(docs), docs
+    assert _sh("rpm", "-qpL", str(rpm)).stdout.split() == ["/usr/share/licenses/walrus/copyright"]
     # the wheels' bundled libraries (auditwheel's libfoo-<hash>.so names) are the package's own
     assert not [r for r in requires if re.search(r"-[0-9a-f]{8}\.so", r)], requires
 
@@ -125,6 +155,98 @@ def test_rpm_declares_its_requirements_and_config(packages):
     assert attrs["/var/lib/walrus"].split()[:2] == ["drwxr-x---", "postgres:postgres"]
     assert attrs[RETAIN].split() == ["-rwxr-xr-x", "root:root", RETAIN]  # no flags: not a config file
     assert "useradd" in _sh("rpm", "-qp", "--scripts", str(rpm)).stdout
+
+
+# -- what distributions' checkers say ---------------------------------------------------------
+
+def test_lintian_reports_nothing_not_overridden_with_a_reason(packages):
+    lintian = _tool("lintian", "lintian")
+    proc = _sh(lintian, "--tag-display-limit", "0", str(packages["deb"]), check=False)
+    # errors and warnings (lintian's default), unused or mismatched overrides included
+    hints = [line for line in proc.stdout.splitlines() if re.match(r"[EWX]: ", line)]
+    assert not hints, "\n".join(hints[:50])
+    assert proc.returncode == 0, proc.stderr
+    overrides = (ROOT / "packaging/lintian-overrides").read_text().split("\n\n")
+    for block in overrides[1:]:  # after the file's own header: each override has its reason above it
+        lines = block.strip().splitlines()
+        assert lines[0].startswith("# ") and not lines[-1].startswith("#"), block
+
+
+def test_rpmlint_reports_nothing_not_filtered_with_a_reason(packages):
+    rpm = _needs_rpm(packages)
+    rpmlint = _tool("rpmlint", "rpmlint")
+    config = ROOT / "packaging/rpmlint.toml"
+    proc = _sh(rpmlint, "-c", str(config), str(rpm), check=False)
+    hints = [line for line in proc.stdout.splitlines() if re.search(r": [EW]: ", line)]
+    assert not hints, "\n".join(hints[:50])
+    assert "0 errors, 0 warnings" in proc.stdout, proc.stdout[-2000:]
+    # every filter has a comment above it
+    lines = config.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("'"):
+            assert lines[i - 1].strip().startswith(("#", "'")), line
+            j = i - 1
+            while lines[j].strip().startswith("'"):
+                j -= 1
+            assert lines[j].strip().startswith("#"), line
+
+
+def test_shared_objects_are_stripped_and_modules_import(deb_tree):
+    readelf = _tool("readelf", "binutils")
+    objects = sorted(str(p) for p in (deb_tree / "opt/walrus").rglob("*.so*") if p.is_file())
+    assert objects
+    sections = _sh(readelf, "-S", "-W", *objects).stdout
+    assert ".symtab" not in sections and ".debug_" not in sections
+
+
+def test_gzip_files_carry_no_time_stamp(deb_tree):
+    stamped = []
+    for path in deb_tree.rglob("*.gz"):
+        with open(path, "rb") as f:
+            if f.read(8)[4:8] != b"\0\0\0\0":
+                stamped.append(str(path.relative_to(deb_tree)))
+    assert not stamped, stamped[:10]
+    changelog = gzip.decompress((deb_tree / "usr/share/doc/walrus/changelog.Debian.gz").read_bytes()).decode()
+    assert changelog.startswith(f"walrus ({__version__}-1) ")
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_services_are_sandboxed(deb_tree, unit):
+    systemd_analyze = _tool("systemd-analyze", "systemd")
+    path = deb_tree / "usr/lib/systemd/system" / unit
+    proc = _sh(systemd_analyze, "security", "--offline=true", str(path), check=False)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout[-2000:] + proc.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, proc.stdout
+    settings = _unit_settings(path.read_text())
+    # what must keep working: io_uring's system calls (in @system-service), its locked memory, the
+    # storage and log directories, a bounded start
+    assert settings["SystemCallFilter"][0] == "@system-service"
+    assert settings["LimitMEMLOCK"] == ["64M"] and settings["TimeoutStartSec"]
+    assert "/var/lib/walrus /var/log/walrus" in settings["ReadWritePaths"]
+    # the units' own comments point archive_command at the daemon client
+    assert "#   archive_command = '/usr/bin/walg-daemon-client /run/walrus/walrus.sock wal-push %p'" \
+        in (deb_tree / DAEMON_UNIT.lstrip("/")).read_text()
+
+
+def test_socket_unit_hands_the_daemon_its_socket(deb_tree):
+    sock = _unit_settings((deb_tree / SOCKET_UNIT.lstrip("/")).read_text())
+    assert sock["ListenStream"] == [DAEMON_SOCKET]
+    assert (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"]) == (["postgres"], ["postgres"], ["0660"])
+    assert sock["WantedBy"] == ["sockets.target"]
+    service = _unit_settings((deb_tree / DAEMON_UNIT.lstrip("/")).read_text())
+    assert service["ExecStart"] == [f"{WALRUS} --config {CONFIG} daemon {DAEMON_SOCKET}"]
+    # the service's runtime directory holds the socket's file: kept when the daemon stops
+    assert service["RuntimeDirectoryPreserve"] == ["yes"]
+
+
+def test_completion_and_client_page(deb_tree):
+    completion = (deb_tree / "usr/share/bash-completion/completions/walrus").read_text()
+    assert "_WALRUS_COMPLETE" in completion and "complete " in completion
+    page = gzip.decompress((deb_tree / "usr/share/man/man1/walg-daemon-client.1.gz").read_bytes()).decode()
+    assert page.startswith(".TH WALG\\-DAEMON\\-CLIENT 1 ")
+    for shipped in (deb_tree / "etc/walrus/walrus.yaml", ROOT / "packaging/walrus.env.rpm", deb_tree / "etc/walrus/walrus.env"):
+        assert DAEMON_ARCHIVE_COMMAND in shipped.read_text(), shipped
 
 
 # -- walrus-backup.service's retention (WALRUS_RETAIN) -----------------------------------------
@@ -299,6 +421,46 @@ def _assert_config_owned_by_postgres() -> None:
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 0, grp.getgrnam("postgres").gr_gid)
 
 
+# What systemd does for walrus-daemon.socket's service between fork and exec: the listening socket
+# as descriptor 3, LISTEN_FDS=1, and LISTEN_PID naming the process that execs the daemon (setpriv
+# then walrus keep that pid, where runuser would fork).
+ACTIVATE = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+            "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); os.execv(sys.argv[2], sys.argv[2:])")
+
+
+def _env_file(path: str) -> dict[str, str]:
+    """An EnvironmentFile='s KEY=value lines (the shipped ones quote nothing that is set)."""
+    pairs = (line.split("=", 1) for line in Path(path).read_text().splitlines() if line and not line.startswith("#"))
+    return {k: v.strip('"') for k, v in pairs}
+
+
+def _listen_as_the_socket_unit(unit: dict[str, list[str]]) -> socket.socket:
+    """walrus-daemon.socket's socket, made as systemd makes it from the unit's settings."""
+    (path,) = unit["ListenStream"]
+    os.makedirs(os.path.dirname(path), mode=int(unit["DirectoryMode"][0], 8), exist_ok=True)
+    if os.path.lexists(path):
+        os.unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    os.chown(path, pwd.getpwnam(unit["SocketUser"][0]).pw_uid, grp.getgrnam(unit["SocketGroup"][0]).gr_gid)
+    os.chmod(path, int(unit["SocketMode"][0], 8))
+    listener.listen(64)
+    return listener
+
+
+def _activate_service(unit: dict[str, list[str]], listener: socket.socket, pgdata: str) -> subprocess.Popen:
+    """walrus-daemon.service as walrus-daemon.socket starts it: its ExecStart= as User=/Group=, with
+    its EnvironmentFile= (PGDATA pointed at the test's cluster), the socket passed in."""
+    (env_file,) = unit["EnvironmentFile"]
+    env = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", **_env_file(env_file), "PGDATA": pgdata}
+    (user,), (group,) = unit["User"], unit["Group"]
+    (command,) = unit["ExecStart"]
+    argv = [sys.executable, "-c", ACTIVATE, str(listener.fileno()), shutil.which("setpriv"), f"--reuid={user}",
+            f"--regid={group}", "--init-groups", "--", *shlex.split(command)]
+    return subprocess.Popen(argv, env=env, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
 def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
     _root_only()
     if _dpkg_status():
@@ -321,20 +483,35 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
         ldd = _sh("ldd", module).stdout
         assert "liburing.so.2 => /" in ldd
         as_postgres("/opt/walrus/bin/python", "-c", "import nacl.bindings, cryptography")  # the crypto extra
-        units = [f"/usr/lib/systemd/system/walrus-{u}" for u in ("daemon.service", "backup.service", "backup.timer")]
+        units = [f"/usr/lib/systemd/system/walrus-{u}" for u in ("daemon.service", "daemon.socket", "backup.service",
+                                                                 "backup.timer")]
         # --man=no: verify would look Documentation= up with man(1), which a build host need not
         # have; that page is the file groff must render cleanly below
         verified = _sh(systemd_analyze, "verify", "--man=no", *units)
         assert not verified.stderr, verified.stderr  # warnings included: none expected
         for unit in units:
-            assert "\nDocumentation=man:walrus(1)\n" in Path(unit).read_text(), unit
-        page = gzip.decompress(Path("/usr/share/man/man1/walrus.1.gz").read_bytes())
-        proc = subprocess.run([groff, "-man", "-ww", "-z", "-Tutf8"], input=page, capture_output=True)
-        assert proc.returncode == 0 and not proc.stderr, proc.stderr
+            assert re.search(r"^Documentation=man:walrus\(1\)( |$)", Path(unit).read_text(), re.M), unit
+        for name in ("walrus", "walg-daemon-client"):
+            page = gzip.decompress(Path(f"/usr/share/man/man1/{name}.1.gz").read_bytes())
+            proc = subprocess.run([groff, "-man", "-ww", "-z", "-Tutf8"], input=page, capture_output=True)
+            assert proc.returncode == 0 and not proc.stderr, (name, proc.stderr)
 
-        # the installed binary as archive_command, with the installed config edited by the admin
-        with open(CONFIG, "w") as f:  # in place: keeps the file's owner and mode
-            f.write(f"# edited by the test\nWALG_FILE_PREFIX: {store}\nWALG_COMPRESSION_METHOD: zstd\n")
+        # The new user's walkthrough, the README's steps in order (here in the README still)
+        readme = (ROOT / "README.md").read_text()
+        for step in ("apt install ./walrus_", f"editor {CONFIG}",
+                     "systemctl enable --now walrus-daemon.socket walrus-backup.timer",
+                     f"ALTER SYSTEM SET archive_command = '{DAEMON_ARCHIVE_COMMAND}'",
+                     f"sudo -u postgres walrus --config {CONFIG} check"):
+            assert step in readme, f"the README's walkthrough lost a step this test runs: {step}"
+        # the one edit, the storage in /etc/walrus/walrus.yaml,
+        # in place (keeps the file's owner and mode), and the compression the test reads back
+        shipped = Path(CONFIG).read_text()
+        assert "\nWALG_FILE_PREFIX: /var/lib/walrus/backups\n" in shipped
+        with open(CONFIG, "w") as f:
+            f.write("# edited by the test\n" + shipped.replace("\nWALG_FILE_PREFIX: /var/lib/walrus/backups\n",
+                                                           f"\nWALG_FILE_PREFIX: {store}\n")
+                    .replace("\nWALG_COMPRESSION_METHOD: lz4\n", "\nWALG_COMPRESSION_METHOD: zstd\n"))
+        # the installed binary as archive_command
         cluster = Cluster.init(pgroot)
         cluster.configure(archive_mode="on", archive_command=f"{WALRUS} --config {CONFIG} wal-push %p",
                           wal_keep_size="512MB")
@@ -351,26 +528,56 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
                               check=False)
         assert missing.returncode == 74, missing.stderr
 
-        # the daemon and /usr/bin/walg-daemon-client, which runs the package's python -IS without a shell
-        with open("/usr/bin/walg-daemon-client", "rb") as f:
-            assert f.readline() == b"#!/opt/walrus/bin/python3 -IS\n"
-        sock = os.path.join(pgroot, "walrus.sock")
-        daemon = subprocess.Popen(["runuser", "-u", "postgres", "--", "env", f"PGDATA={cluster.data}", WALRUS,
-                                   "--config", CONFIG, "daemon", sock], stderr=subprocess.PIPE)
+        # The walkthrough goes on: the socket and the timer enabled (offline when systemd is not PID 1
+        # here, as in a container: the same symlinks), archive_command pointed at the daemon client
+        _sh("systemctl", "enable", "walrus-daemon.socket", "walrus-backup.timer")
+        for link in ("sockets.target.wants/walrus-daemon.socket", "timers.target.wants/walrus-backup.timer"):
+            assert os.path.islink(f"/etc/systemd/system/{link}"), link
+        # the client runs the distribution's python -IS: no shell, no virtualenv, no site-packages
+        with open(CLIENT, "rb") as f:
+            assert f.readline() == f"#!/usr/bin/python{_python_version()} -IS\n".encode()
+        had_run_dir = os.path.exists(os.path.dirname(DAEMON_SOCKET))
+        listener = _listen_as_the_socket_unit(_unit_settings(Path(SOCKET_UNIT).read_text()))
+        daemon = None
         try:
-            deadline = time.monotonic() + 30
-            while not os.path.exists(sock) and daemon.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
+            cluster.psql(f"ALTER SYSTEM SET archive_command = '{DAEMON_ARCHIVE_COMMAND}'")
+            cluster.psql("SELECT pg_reload_conf()")
+            cluster.psql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 1000) g")
+            segment = cluster.psql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+            cluster.psql("SELECT pg_switch_wal()")
+            # the archiver's first call connects: that is what starts the service
+            assert select.select([listener], [], [], 60)[0], "archive_command never connected to the socket"
+            daemon = _activate_service(_unit_settings(Path(DAEMON_UNIT).read_text()), listener, cluster.data)
+            cluster.wait_until(f"SELECT coalesce(last_archived_wal, '') >= '{segment}' FROM pg_stat_archiver", "t", 60)
+            assert os.path.exists(os.path.join(store, "wal_005", f"{segment}.zst"))
+            # the walkthrough's check, as postgres, of the cluster this test runs (a real host's
+            # default cluster needs no PG* settings)
+            checked = as_postgres("env", f"PGDATA={cluster.data}", f"PGHOST={pgroot}", f"PGPORT={cluster.port}",
+                                  WALRUS, "--config", CONFIG, "check", check=False)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+            assert len(checked.stdout.strip().splitlines()) >= 3, checked.stdout
+            # restore_command's half, through the same daemon
             via_daemon = os.path.join(pgroot, "via-daemon")
-            as_postgres("/usr/bin/walg-daemon-client", sock, "wal-fetch", segment, via_daemon)
-            assert Path(via_daemon).read_bytes() == Path(fetched).read_bytes()
-            absent = as_postgres("/usr/bin/walg-daemon-client", sock, "wal-fetch", "0000000100000000000000FF",
-                                 via_daemon + ".x", check=False)
+            as_postgres(CLIENT, DAEMON_SOCKET, "wal-fetch", segment, via_daemon)
+            assert Path(via_daemon).read_bytes() == Path(cluster.data, "pg_wal", segment).read_bytes()
+            absent = as_postgres(CLIENT, DAEMON_SOCKET, "wal-fetch", "0000000100000000000000FF", via_daemon + ".x",
+                                 check=False)
             assert absent.returncode == 74, absent.stderr
         finally:
-            daemon.terminate()  # runuser passes SIGTERM on and then ends by it
-            daemon.wait(30)
-        assert not os.path.exists(sock), daemon.stderr.read().decode()[-2000:]  # the daemon stopped cleanly
+            if daemon is not None:
+                daemon.terminate()
+                log = daemon.communicate(timeout=60)[1].decode()
+            left = os.path.exists(DAEMON_SOCKET)  # systemd's file: the daemon leaves it
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(DAEMON_SOCKET)
+            if not had_run_dir:
+                shutil.rmtree(os.path.dirname(DAEMON_SOCKET), ignore_errors=True)
+        assert daemon.returncode == 0, log[-2000:]
+        assert "(passed in by systemd)" in log, log[-2000:]
+        assert left
+        cluster.psql(f"ALTER SYSTEM SET archive_command = '{WALRUS} --config {CONFIG} wal-push %p'")
+        cluster.psql("SELECT pg_reload_conf()")
 
         # walrus-backup.service's steps, as systemd runs them with WALRUS_RETAIN="FULL 1" in its
         # EnvironmentFile=: ExecStart=, then ExecStartPost= once that exited 0. Twice: the second
@@ -416,6 +623,7 @@ def test_deb_install_archive_upgrade_remove_purge(packages, tmp_path):
         # purge: configuration, logs and ownership overrides go; backups never do
         _sh("dpkg", "-P", "walrus")
         assert _dpkg_status() == ""
+        assert not list(Path("/etc/systemd/system").glob("*.wants/walrus-*"))  # the units the admin enabled
         assert not os.path.exists("/etc/walrus") and not os.path.exists("/var/log/walrus")
         assert "walrus" not in _sh("dpkg-statoverride", "--list").stdout
         assert Path("/var/lib/walrus/backups/keep").read_text() == "a backup"
