@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
-from tests.pgcluster import WALRUS, Cluster, make_workdir, remove_tree, walrus, write_config
+from tests.pgcluster import WALRUS, Cluster, _user_env, make_workdir, remove_tree, run_user, walrus, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +105,29 @@ def test_settings_that_do_not_load_fail_alone(setup):
     rc, checks, _ = _check(config, cluster, env={"WALG_COMPRESSION_METHOD": "lz5"})
     assert rc == 1 and list(checks) == ["settings"]
     assert "WALG_COMPRESSION_METHOD" in checks["settings"]["detail"]
+
+
+@pytest.mark.skipif(run_user() is None, reason="needs root and the unprivileged user the cluster runs as")
+def test_backup_push_as_root_into_the_servers_repository_is_refused(setup):
+    """`sudo walrus backup-push`: refused before anything is stored, as the objects would be root's and
+    the server's user (which archives and restores) could not read them; walrus check says so too."""
+    root, storage, config, cluster = setup
+    walrus(["check", "--timeout", "60"], config=config, env=cluster.env)  # the storage exists, the user's
+    before = sorted(os.listdir(storage))
+
+    # PGUSER: the server's role, as a real `sudo walrus backup-push` would reach it (PGPASSWORD, .pgpass)
+    env = _user_env({**cluster.env, "PGUSER": run_user()})
+    as_root = subprocess.run([WALRUS, "--config", config, "backup-push", cluster.data], env=env,
+                             capture_output=True, text=True, timeout=120)
+
+    assert as_root.returncode == 1, as_root.stderr
+    assert "refusing to write to file storage" in as_root.stderr and "as root" in as_root.stderr
+    assert f"sudo -u {run_user()} walrus" in as_root.stderr
+    assert not os.path.exists(os.path.join(storage, "basebackups_005"))
+    assert sorted(os.listdir(storage)) == before
+    assert "connect" not in as_root.stderr  # refused before the server was asked for anything
+    checked = subprocess.run([WALRUS, "--config", config, "check", "--json"], env=env, capture_output=True,
+                             text=True, timeout=120)
+    checks = {c["name"]: c for c in json.loads(checked.stdout)["checks"]}
+    assert checked.returncode == 1
+    assert checks["storage"]["status"] == "failed" and "as root" in checks["storage"]["detail"]

@@ -280,6 +280,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
     began = time.monotonic()
     if not os.path.isdir(pgdata):
         raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
+    storage.check_writer()  # before the server is asked for anything
     # the connection (and the client library's import) is made while the base is chosen
     connecting = asyncio.ensure_future(asyncio.to_thread(connect, settings))
     try:

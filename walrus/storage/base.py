@@ -107,10 +107,10 @@ class Storage(abc.ABC):
     async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
         """Remove what abandoned_uploads found; an upload already gone is fine."""
 
-    def owner_problem(self) -> str | None:
-        """Why this process should not write here (file storage: root in a repository another user
-        owns), or None; None where objects have no owners."""
-        return None
+    def check_writer(self) -> None:
+        """Raise StorageError where this process must not write (file storage: root in a repository
+        another user owns); nothing where objects have no owners. A command that writes calls it
+        before anything else, so the refusal comes before a backup starts."""
 
     def object_owner(self, key: str) -> tuple[int, int, int] | None:
         """(uid, gid, permission bits) of a stored object where objects have owners (file storage)."""

@@ -137,35 +137,26 @@ class FsStorage(Storage):
         st = os.stat(self._path(key))
         return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
 
-    def owner_problem(self) -> str | None:
-        """Why this process should not write here, or None. Root writing into a repository another
-        user owns would leave objects and folders that user (the server's OS user, which archives
-        and restores) can neither read nor delete."""
-        if os.geteuid() != 0:
-            return None
+    def check_writer(self) -> None:
+        """Root writing into a repository another user owns (the server's OS user, which archives
+        and restores) would leave objects and folders that user can neither read nor delete."""
+        if self._writer_checked or os.geteuid() != 0:
+            return
         top = _existing(self.root)
         try:
             owner = os.stat(top).st_uid
         except OSError:
-            return None
-        if owner == 0:
-            return None
-        return f"{top} belongs to {user_name(owner)}"
-
-    def _check_writer(self) -> None:
-        if self._writer_checked:
-            return
-        problem = self.owner_problem()
-        if problem:
-            owner = problem.rsplit(" ", 1)[1]
-            raise StorageError(f"refusing to write to {self.describe()} as root: {problem}",
-                               detail=f"objects written by root would be root's, and {owner} could then not read "
+            owner = 0  # nothing to read the owner of: the write itself will say what is wrong
+        if owner != 0:
+            name = user_name(owner)
+            raise StorageError(f"refusing to write to {self.describe()} as root: {top} belongs to {name}",
+                               detail=f"objects written by root would be root's, and {name} could then not read "
                                       "or delete them",
-                               hint=f"run walrus as {owner} (sudo -u {owner} walrus ...), as archive_command does")
+                               hint=f"run walrus as {name} (sudo -u {name} walrus ...), as archive_command does")
         self._writer_checked = True
 
     async def put(self, key: str, stream: AsyncIterable[bytes], *, exclusive: bool = False) -> int:
-        self._check_writer()
+        self.check_writer()
         path = self._path(key)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         tmp = f"{path}.tmp.{stamp}-{secrets.token_hex(4)}"

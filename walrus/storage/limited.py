@@ -79,8 +79,8 @@ class LimitedStorage(Storage):
     async def discard_uploads(self, uploads: Iterable[Upload]) -> None:
         await self.inner.discard_uploads(uploads)
 
-    def owner_problem(self) -> str | None:
-        return self.inner.owner_problem()
+    def check_writer(self) -> None:
+        self.inner.check_writer()
 
     def object_owner(self, key: str) -> tuple[int, int, int] | None:
         return self.inner.object_owner(key)

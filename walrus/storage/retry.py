@@ -197,8 +197,8 @@ class RetryingStorage(Storage):
         keys = list(keys)
         await self.policy.run("delete", lambda _: self.inner.delete(keys), bounded=False)
 
-    def owner_problem(self) -> str | None:
-        return self.inner.owner_problem()
+    def check_writer(self) -> None:
+        self.inner.check_writer()
 
     def object_owner(self, key: str) -> tuple[int, int, int] | None:
         return self.inner.object_owner(key)
