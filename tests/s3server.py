@@ -136,6 +136,7 @@ class _Schedule:
     seen: int = 0  # requests counted towards the next slot
     taken: int = 0  # faults applied or handed out and not yet given back; never above limit
     owed: list[str] = field(default_factory=list)  # given back: the next requests take them first
+    last: int = -2  # `seen` of the last request a fault took effect on
 
 
 @dataclass
@@ -144,6 +145,7 @@ class _Fault:
     action: str
     source: _Rule | _Schedule
     settled: bool = False
+    at: int = 0  # the schedule's count of requests when it was handed out
 
 
 @dataclass
@@ -225,15 +227,17 @@ class FaultProxy:
             s = self._schedule
             if s is None or s.taken >= s.limit:
                 return None
-            if s.owed:
-                action = s.owed.pop(0)
-            else:
-                s.seen += 1
-                if s.seen % s.every:
-                    return None
-                action = s.actions[(s.seen // s.every) % len(s.actions)]
+            s.seen += 1
+            if s.seen % s.every == 0:  # a slot: its fault, or owed behind the others when too close
+                s.owed.append(s.actions[(s.seen // s.every) % len(s.actions)])
+            # Never faults on two requests in a row: owed faults would otherwise fall on one retrying
+            # request, each of its attempts in turn, until its retries ran out (a burst no real
+            # storage sends, and a failure the schedule, not the code under test, made).
+            if not s.owed or s.seen - s.last < 2:
+                return None
+            action = s.owed.pop(0)
             s.taken += 1
-            return _Fault(action, s)
+            return _Fault(action, s, at=s.seen)
 
     def _settle(self, fault: _Fault, request: Request, took_effect: bool) -> None:
         """Records a fault that took effect; gives one that did not back to its rule or schedule.
@@ -244,6 +248,8 @@ class FaultProxy:
             fault.settled = True
             if took_effect:
                 self.applied.append((fault.action, request))
+                if isinstance(fault.source, _Schedule):
+                    fault.source.last = max(fault.source.last, fault.at)
             elif isinstance(fault.source, _Rule):
                 fault.source.count += 1
             else:

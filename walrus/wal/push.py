@@ -6,14 +6,13 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from walrus import codec
 from walrus.config import WAL_BLOCK_MIN, Settings
 from walrus.errors import CorruptObject, ObjectExists, StorageError, StorageMissing, WalOverwriteError, WalrusError
 from walrus.fileio import file_buffers, open_for_backup
 from walrus.log import log
-from walrus.pg.walmap import MapError, SegmentParser
 from walrus.pg.xlog import classify_wal_name, parse_wal_file_name
 from walrus.storage import layout
 from walrus.storage.base import ByteStream, Storage
@@ -22,6 +21,9 @@ from walrus.stream.upload import Uploader, buffer_size, upload_threads
 from walrus.stream.stages import Counter, blocks_in_flight
 from walrus.wal import ready
 from walrus.wal.stored import open_archived
+
+if TYPE_CHECKING:
+    from walrus.pg.walmap import SegmentParser
 
 # Cores a lone push compresses on (lz4 blocks or zstd frames at once). Concurrent pushes (the
 # daemon) use the cores by running side by side, one core each.
@@ -155,6 +157,8 @@ class WalPusher:
         if not (settings.block_map and settings.delta_max_steps > 0) or classify_wal_name(name) != "segment" \
                 or size != settings.segment_size:
             return None
+        from walrus.pg.walmap import MapError, SegmentParser  # here: only where deltas may use maps
+
         timeline, segno = parse_wal_file_name(name, settings.segment_size)
         try:
             return SegmentParser(timeline, settings.segment_size, segno * settings.segment_size)
@@ -244,6 +248,8 @@ async def _store_block_map(storage: Storage, name: str, mapper: SegmentParser | 
     scans pages instead."""
     if mapper is None:
         return
+    from walrus.pg.walmap import MapError
+
     try:
         encoded = mapper.finish().encode()
         await storage.put_bytes(layout.blockmap_key(name), encoded)
