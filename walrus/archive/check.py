@@ -96,10 +96,8 @@ async def check(settings: Settings, storage: Storage, *, timeout: float,
 def _settings(settings: Settings, storage: Storage, result: CheckResult) -> None:
     path = settings.config_path
     source = f"config {path}" if path and os.path.exists(path) else "no config file (the environment only)"
-    encrypted = any(getattr(settings, n, None) for n in ("libsodium_key", "libsodium_key_path", "pgp_key",
-                                                         "pgp_key_path", "gpg_key_id"))
     result.add("settings", OK, f"{source}; {storage.describe()}, compression {settings.compression_method}, "
-                               f"{'encrypted' if encrypted else 'not encrypted'}")
+                               f"{'encrypted' if settings.crypter is not None else 'not encrypted'}")
 
 
 async def _storage(storage: Storage, result: CheckResult) -> str | None:
