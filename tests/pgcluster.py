@@ -189,6 +189,12 @@ class Cluster:
             time.sleep(0.2)
         raise AssertionError(f"timed out waiting for {sql!r} = {expected!r} (last: {last})\n{self.log()[-4000:]}")
 
+    def wait_archived(self, segment: str, timeout: float = 120) -> None:
+        """Wait until the archiver has archived `segment`: its last_archived_wal reaches it or passes it
+        (autovacuum may write further segments, and the archiver moves on while we poll)."""
+        self.wait_until("SELECT coalesce(left(last_archived_wal, 24) > '%s' OR last_archived_wal = '%s', false)"
+                        " FROM pg_stat_archiver" % (segment, segment), "t", timeout)
+
     def digest(self, db: str = "postgres") -> dict[str, str]:
         """md5 of every user table's rows in a stable order: what a restore must reproduce."""
         tables = self.psql("SELECT quote_ident(schemaname)||'.'||quote_ident(relname) FROM pg_stat_user_tables "

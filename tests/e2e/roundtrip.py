@@ -150,7 +150,7 @@ def backup_and_point_in_time_restore(method: str, segsize: int, storage: Callabl
         digest_b = primary.digest()
         assert digest_a != digest_b
         last = primary.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        primary.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        primary.wait_archived(last)
         failed = primary.psql("SELECT failed_count || ' ' || coalesce(last_failed_wal, '') FROM pg_stat_archiver")
         assert failed.split()[0] == "0", f"archive_command failed ({failed}):\n{primary.log()[-6000:]}"
         segments = [n for n in wal_names(root) if len(n.split(".")[0]) == 24]

@@ -78,7 +78,7 @@ def full_then_deltas_then_restore(storage: Callable[[str], dict[str, str]],
         _pgbench(primary, "-n", "-t", "200")
         digest = primary.digest()
         last = primary.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        primary.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        primary.wait_archived(last)
 
         data = os.path.join(root, "restore")
         fetched = json.loads(walrus(["backup-fetch", data, pushed[-1]["backup_name"], "--json"],

@@ -91,7 +91,7 @@ def source():
         primary.psql("INSERT INTO t4 SELECT g FROM generate_series(1, 1000) g", "db2")
         primary.psql("VACUUM t5", "db2")
         last = primary.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        primary.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        primary.wait_archived(last)
         yield src
     finally:
         for c in [primary, *src.restored]:

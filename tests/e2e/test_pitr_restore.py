@@ -44,7 +44,7 @@ def test_restore_to_a_point_between_two_commits(request, kind: str) -> None:
         time.sleep(1.1)  # the second commit is well after the time target
         source.psql("INSERT INTO marks VALUES ('second')")
         last = source.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        source.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        source.wait_archived(last)
 
         targets = [("--target-time", at)] if kind == "s3" else [
             ("--target-time", at), ("--target-lsn", lsn), ("--target-xid", xid), ("--target-name", "between")]
@@ -94,7 +94,7 @@ def test_restore_to_the_end_of_the_archive_takes_the_wal_fed_ahead_of_recovery()
             source.psql(f"INSERT INTO rows SELECT g, md5(g::text) FROM generate_series({step * 40000}, "
                         f"{step * 40000 + 39999}) g; SELECT pg_switch_wal()")
         last = source.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        source.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        source.wait_archived(last)
         expected = source.psql("SELECT count(*), md5(string_agg(body, ',' ORDER BY id)) FROM rows")
         source.stop()
 

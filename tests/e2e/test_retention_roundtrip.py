@@ -127,7 +127,7 @@ def test_delete_retain_keeps_restorable_backups(request, kind: str, segsize: int
         source.psql("INSERT INTO events(batch) VALUES (-1)")
         expected = source.digest()
         last = source.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        source.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        source.wait_archived(last)
         assert source.psql("SELECT failed_count FROM pg_stat_archiver") == "0"
         source.stop()
         clusters.remove(source)

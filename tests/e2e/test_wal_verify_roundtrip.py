@@ -29,7 +29,7 @@ def test_wal_verify_finds_a_deleted_segment_and_wal_show_the_gap() -> None:
         for i in range(8):  # a segment each
             cluster.psql("INSERT INTO t(body) SELECT repeat(md5(g::text), 20) FROM generate_series(1, 3000) g")
             last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())")
-        cluster.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        cluster.wait_archived(last)
 
         whole = walrus(["wal-verify", "integrity", "timeline", "--json"], config=config, env=cluster.env)
         report = json.loads(whole.stdout)
@@ -50,7 +50,7 @@ def test_wal_verify_finds_a_deleted_segment_and_wal_show_the_gap() -> None:
         cluster.psql("INSERT INTO t(body) SELECT repeat(md5(g::text), 20) FROM generate_series(1, 3000) g")
         last = cluster.psql("SELECT pg_walfile_name(pg_switch_wal())")
         assert last.startswith("00000002")
-        cluster.wait_until("SELECT last_archived_wal FROM pg_stat_archiver", last)
+        cluster.wait_archived(last)
         report = json.loads(walrus(["wal-verify", "integrity", "timeline", "--json"], config=config,
                                    env=cluster.env).stdout)
         assert report["timeline"]["details"] == {"current_timeline_id": 2, "highest_storage_timeline_id": 2}
