@@ -11,7 +11,7 @@ from array import array
 import pytest
 
 from tests.unit.walgen import PAGE, Record, Ref, dbase_copy, filler, smgr_create, switch, wal_stream
-from walrus.backup.blockmap import load_block_map
+from walrus.backup.blockmap import load_block_map, prefetch_stored_maps
 from walrus.config import load_settings
 from walrus.errors import CorruptObject
 from walrus.pg.walmap import (WHOLE, BlockMap, MapError, SegmentMap, SegmentParser, join_record,
@@ -214,3 +214,41 @@ def test_load_block_map_from_storage_and_pg_wal(tmp_path):
     assert choice.map is None and "WALRUS_BLOCK_MAP is off" in choice.reason
     choice = asyncio.run(load_block_map(settings, None, str(pgdata), base, start_lsn, 2))
     assert choice.map is None and "another timeline" in choice.reason
+
+
+def test_stored_maps_are_prefetched_before_the_start_lsn_is_known(tmp_path):
+    """backup-push fetches a delta's stored maps while it connects: up to the first window with a
+    segment that has none; load_block_map then takes them from there (here: with the objects gone
+    from storage) and still parses pg_wal for what was not stored. A damaged stored map is reported
+    when the range needs it."""
+    pgdata = tmp_path / "pgdata"
+    (pgdata / "pg_wal").mkdir(parents=True)
+    settings = load_settings(env={"WALG_FILE_PREFIX": str(tmp_path / "storage"), "WALG_DELTA_MAX_STEPS": "3",
+                                  "WALG_PG_WAL_SIZE": "1"}, config_path=None)
+    records = [Record(refs=[Ref(1663, 5, 1, b, data=900)]) for b in range(4000)]
+    data, lsns = wal_stream(records, START, 4, SEG)
+    start_lsn = [lsn for lsn in lsns if lsn // SEG == 43][0]
+    names = [wal_file_name(1, 40 + i, SEG) for i in range(4)]
+    base = _Base("base_" + wal_file_name(1, 40, SEG), START + 100)
+    for i in (2, 3):
+        (pgdata / "pg_wal" / names[i]).write_bytes(data[i * SEG:(i + 1) * SEG])
+
+    async def run(damaged: bool):
+        storage = open_storage(settings)
+        try:
+            for i in range(2):
+                encoded = parse(data[i * SEG:(i + 1) * SEG], START + i * SEG).encode()
+                await storage.put_bytes(f"blockmap_005/{names[i]}.zst", b"garbage" if damaged and i else encoded)
+            stored = await prefetch_stored_maps(settings, storage, base)
+            for i in range(2):
+                await storage.delete([f"blockmap_005/{names[i]}.zst"])
+            return stored, await load_block_map(settings, storage, str(pgdata), base, start_lsn, 1, stored)
+        finally:
+            await storage.close()
+
+    stored, choice = asyncio.run(run(False))
+    assert stored[40] is not None and stored[41] is not None and stored[42] is None
+    assert choice.map is not None and choice.segments == 4 and choice.from_pg_wal == 1, choice.reason
+    assert list(choice.map.blocks("base/5/1", 4000 * PAGE)) == [b for b, lsn in enumerate(lsns) if lsn < start_lsn]
+    stored, choice = asyncio.run(run(True))
+    assert choice.map is None and names[1] in choice.reason

@@ -19,6 +19,7 @@ from walrus.storage import layout
 from walrus.storage.base import Storage
 
 READ_CHUNK = 1 << 20  # bytes of a pg_wal file parsed at a time
+PREFETCH_WINDOW = 32  # stored maps fetched at once ahead of the start LSN
 
 
 @dataclass
@@ -31,12 +32,42 @@ class MapChoice:
     from_pg_wal: int = 0  # of which parsed from pg_wal (no map in storage)
 
 
+Stored = dict[int, "SegmentMap | None | WalrusError"]  # segment number -> its stored map, none, or why it is unusable
+
+
+async def prefetch_stored_maps(settings: Settings, storage: Storage, base: DeltaBase) -> Stored:
+    """The stored maps of the segments from `base`'s start on, fetched before the new backup's start
+    LSN is known (while the server connection is made): a window at a time, up to the first window
+    with a segment that has none (archiving has not reached it, or it has no map)."""
+    size, timeline = settings.segment_size, timeline_from_backup_name(base.name)
+    found: Stored = {}
+    if not settings.block_map or timeline is None:
+        return found
+
+    async def one(segno: int) -> None:
+        try:
+            found[segno] = await _stored(storage, wal_file_name(timeline, segno, size), timeline, size, segno * size)
+        except (MapError, CorruptObject) as e:
+            found[segno] = e if isinstance(e, WalrusError) else CorruptObject(str(e))
+
+    window = max(PREFETCH_WINDOW, settings.download_concurrency)  # maps are small: a storage's own limit caps it
+    segno = segment_of(base.lsn, size)
+    while True:
+        batch = range(segno, segno + window)
+        await asyncio.gather(*(one(n) for n in batch))
+        if any(found[n] is None for n in batch):
+            return found
+        segno += window
+
+
 async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base: DeltaBase, start_lsn: int,
-                         timeline: int) -> MapChoice:
+                         timeline: int, stored: Stored | None = None) -> MapChoice:
     """The blocks WAL records touched from `base`'s start LSN up to `start_lsn`: the records before
     the base's start were on disk when the base read its files, and those from `start_lsn` on are
     replayed by any restore of this backup. Needs a map for every segment in between, in storage or
-    parsed from pg_wal (the segment `start_lsn` is in is always parsed there, up to it)."""
+    parsed from pg_wal (the segment `start_lsn` is in is always parsed there, up to it). `stored`:
+    maps prefetch_stored_maps fetched already (the others are fetched here)."""
+    stored = stored or {}
     if not settings.block_map:
         return MapChoice(None, "WALRUS_BLOCK_MAP is off")
     size = settings.segment_size
@@ -53,7 +84,14 @@ async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base
         name = wal_file_name(timeline, segno, size)
         stop = start_lsn if segno == last else 0
         try:
-            segment = None if stop else await _stored(storage, name, timeline, size, segno * size)
+            if stop:
+                segment = None
+            elif segno in stored:
+                segment = stored[segno]
+                if isinstance(segment, WalrusError):
+                    raise segment
+            else:
+                segment = await _stored(storage, name, timeline, size, segno * size)
             if segment is None:
                 segment = await asyncio.to_thread(_parse_pg_wal, pgdata, name, timeline, size, segno * size, stop)
                 if segment is None:

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Iterator, Protocol
 from walrus import codec
 from walrus.aio import gather_all
 from walrus.tar.write import BLOCK, Entry, TarPartStream, padding, window_quota
-from walrus.backup.blockmap import MapChoice, load_block_map, log_choice
+from walrus.backup.blockmap import MapChoice, Stored, load_block_map, log_choice, prefetch_stored_maps
 from walrus.backup.delta import DeltaBase, DeltaChoice, check_base, choose_base, delta_name
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
@@ -290,9 +290,15 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
         _discard(connecting)
         raise
     log.info(f"backup-push: {choice.reason}" if choice.base else f"full backup: {choice.reason}")
-    session = await connecting
+    # a delta's stored block maps are fetched while the connection is made
+    maps = asyncio.ensure_future(prefetch_stored_maps(settings, storage, choice.base)) if choice.base else None
     try:
-        push = await _start(settings, storage, pgdata, session, choice, archive_check)
+        session = await connecting
+    except BaseException:
+        await _cancelled(maps)
+        raise
+    try:
+        push = await _start(settings, storage, pgdata, session, choice, archive_check, maps)
         if progress is not None:
             push.progress = progress
             _estimate_total(push)
@@ -330,6 +336,12 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                             corrupt_blocks=push.corrupt)
 
 
+async def _cancelled(task: asyncio.Future | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def _discard(connecting: asyncio.Future) -> None:
     """Close a session no longer wanted once its connection is made, without waiting for it (a
     SIGTERM must not wait for a connect); a connection that failed has nothing to close."""
@@ -341,7 +353,16 @@ def _discard(connecting: asyncio.Future) -> None:
 
 
 async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
-                 choice: DeltaChoice, archive_check: bool = True) -> _Push:
+                 choice: DeltaChoice, archive_check: bool = True,
+                 maps: "asyncio.Future[Stored] | None" = None) -> _Push:
+    try:
+        return await _begin(settings, storage, pgdata, session, choice, archive_check, maps)
+    finally:
+        await _cancelled(maps)
+
+
+async def _begin(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
+                 choice: DeltaChoice, archive_check: bool, maps: "asyncio.Future[Stored] | None") -> _Push:
     info = await asyncio.to_thread(session.server_info)
     _check_server(info, pgdata, settings, archive_check)
     start_time = now_utc_micro()
@@ -351,7 +372,8 @@ async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgB
     if choice.base is not None:
         check_base(choice.base, start.lsn, system_identifier_from_pg(info.system_identifier))
         name = delta_name(name, choice.base)
-        block_map = await load_block_map(settings, storage, pgdata, choice.base, start.lsn, start.timeline)
+        block_map = await load_block_map(settings, storage, pgdata, choice.base, start.lsn, start.timeline,
+                                         None if maps is None else await maps)
     log.info(f"backup {name} started at {format_lsn(start.lsn)} (timeline {start.timeline})")
     if block_map is not None:
         log_choice(block_map)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import grp
 import os
 import pwd
@@ -16,13 +17,14 @@ from typing import Callable, Iterator
 
 from walrus.errors import BackupError
 from walrus.fileio import Buffer, BufferPool, FileReader, ReadRequest, dio_length, open_for_backup
+from walrus.fileio.direct import DIO_ALIGN
 from walrus.log import log
 from walrus.pg.pages import BLOCK_SIZE, FileChecker, increment_head, select_pages
 from walrus.ratelimit import RateLimiter
 
 BLOCK = 512
 END_OF_ARCHIVE = bytes(2 * BLOCK)  # Go's archive/tar ends with two zero blocks and no record padding
-SCAN_WINDOW = 16  # buffers of a delta's reads (page scan, increments' pages) in flight ahead of a lane
+SCAN_WINDOW = 16  # buffers of a page scan's reads in flight ahead of a lane
 
 
 @dataclass(slots=True)
@@ -123,7 +125,7 @@ class TarPartStream:
                  checker: Callable[[Entry], FileChecker | None] | None = None):
         self._entries = entries
         self._pool = pool
-        # buffers the delta reads (page scans, increments' pages) may hold at once, shared by every
+        # buffers the page scans' reads may hold at once, shared by every
         # part of the backup: window_quota() leaves the parts' fills and compression jobs enough of
         # the pool to go on, so a window waiting for a fill can never hold the last buffers (one
         # buffer at a time where the caller does not say how the pool is shared)
@@ -148,7 +150,9 @@ class TarPartStream:
                 item = await self._queue.get()
                 if item is None:
                     break
-                yield await item
+                if isinstance(item, BaseException):
+                    raise item
+                yield await self._complete(*item)
             await producer
         finally:
             if not producer.done():
@@ -163,14 +167,14 @@ class TarPartStream:
             self._open.clear()
 
     async def _drain(self) -> None:
+        """Buffers still queued back to the pool once their reads have landed (before the files
+        they read from are closed)."""
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if item is not None:
-                try:
-                    buf = await item
-                    buf.release()
-                except BaseException:
-                    pass
+            if isinstance(item, tuple):
+                fill, reads = item
+                await asyncio.gather(reads, return_exceptions=True)
+                fill.buf.release()
 
     # -- producer side -------------------------------------------------------------------
     async def _produce(self) -> None:
@@ -189,9 +193,7 @@ class TarPartStream:
             raise  # the consumer is going away: nobody to tell, and its queue may be full
         except BaseException as e:  # the consumer re-raises it when it reaches this item
             self._drop_fill()
-            fut = asyncio.get_running_loop().create_future()
-            fut.set_exception(e)
-            await self._queue.put(fut)
+            await self._queue.put(e)
             return
         await self._queue.put(None)
 
@@ -240,7 +242,7 @@ class TarPartStream:
 
     async def _add_increment(self, f: _OpenFile, blocks: array) -> None:
         """The file as a `wi1` member: WAL-G's head, then the pages of `blocks`, read into the part's
-        buffers (through a bounce buffer where O_DIRECT cannot read in place)."""
+        buffers in place."""
         entry = f.entry
         entry.incremented, entry.blocks = True, blocks
         head = increment_head(entry.size, blocks)
@@ -248,10 +250,7 @@ class TarPartStream:
         await self._lay_bytes(header_bytes(entry, size))
         await self._lay_bytes(head)
         began = time.monotonic()
-        try:
-            await self._lay_pages(f, blocks)
-        finally:
-            self._close(f.fd)
+        await self._lay_pages(f, blocks)
         if blocks:
             log.debug(f"{entry.path}: {len(blocks)} pages read and laid in {time.monotonic() - began:.2f} s")
         await self._lay_bytes(bytes(padding(size)))
@@ -277,21 +276,12 @@ class TarPartStream:
         return blocks
 
     async def _lay_pages(self, f: _OpenFile, blocks: array) -> None:
-        """Lay the pages of `blocks` after an increment's head: read a window at a time into pool
-        buffers, runs of consecutive pages packed at page offsets (O_DIRECT reads them there; the
-        head leaves the member's bytes at offsets it could not read into), then copied in. A page
-        past a shrunk file's end is laid as zeros."""
-        chunk = self._pool.size // BLOCK_SIZE * BLOCK_SIZE
-        pieces: list[tuple[int, int]] = []
+        """Lay the pages of `blocks` after an increment's head, read straight into the part's buffers
+        as a whole file's bytes are, a run of consecutive pages at a time. A page past a shrunk
+        file's end is laid as zeros."""
         for offset, length in _extents(blocks):
-            pieces += [(o, min(chunk, offset + length - o)) for o in range(offset, offset + length, chunk)]
-        async with contextlib.aclosing(self._read_pieces(f, pieces)) as read:
-            async for offset, view, got in read:
-                if f.checker is not None:
-                    f.checker.feed(offset, view[:got])
-                await self._lay_bytes(view[:got])
-                if got < len(view):
-                    await self._lay_bytes(bytes(len(view) - got))
+            await self._lay_range(f, offset, length)
+        self._laid_out(f)
 
     async def _read_pieces(self, f: _OpenFile, pieces: list[tuple[int, int]]):
         """(offset, buffer view, bytes read into it) of each (offset, length) piece of f, in order:
@@ -299,7 +289,7 @@ class TarPartStream:
         ended. A view is valid until the next item.
 
         Up to SCAN_WINDOW buffers' reads are in flight ahead of the caller, so the disk and the
-        caller (page selection, copying into the part) overlap, and each buffer goes back to the
+        caller (page selection) overlap, and each buffer goes back to the
         pool once the caller is past it. Only a lane with nothing in flight waits for a buffer: one
         that holds some reads ahead with the buffers free at once (see window_quota)."""
         i = 0
@@ -370,12 +360,22 @@ class TarPartStream:
 
     async def _lay_file(self, f: _OpenFile) -> None:
         """Lay the file's bytes, as reads straight into the buffers."""
-        offset, remaining = 0, f.entry.size
-        while remaining:
+        await self._lay_range(f, 0, f.entry.size)
+        self._laid_out(f)
+
+    async def _lay_range(self, f: _OpenFile, offset: int, length: int) -> None:
+        """Lay `length` bytes of f from `offset` (a page boundary), as reads into the buffers being
+        filled. O_DIRECT reads into block-aligned memory only: a buffer whose fill ends off a block
+        (an increment's head, or the padding after an increment's pages) goes out short first, so
+        the bytes start a fresh buffer."""
+        if f.direct and self._fill is not None and self._fill.buf.length % DIO_ALIGN:
+            await self._submit()
+        while length:
             fill = await self._current()
             start = fill.buf.length
-            n = min(self._pool.size - start, remaining)
-            # fits: the buffer ends on a block boundary and tar padding follows the file's last byte
+            n = min(self._pool.size - start, length)
+            # fits: the buffer ends on a block boundary, and what follows the range's last byte is
+            # tar padding (a whole file) or the next page (an increment)
             ask = dio_length(n, f.direct)
             fill.requests.append(ReadRequest(f.fd, offset, fill.buf.view[start:start + ask]))
             fill.owners.append(f)
@@ -383,9 +383,11 @@ class TarPartStream:
             f.pending += 1
             fill.buf.length += n
             offset += n
-            remaining -= n
+            length -= n
             if fill.buf.length == self._pool.size:
                 await self._submit()
+
+    def _laid_out(self, f: _OpenFile) -> None:
         f.laid_out = True
         if f.pending == 0:
             self._close(f.fd)
@@ -396,6 +398,7 @@ class TarPartStream:
             os.close(fd)
 
     async def _submit(self) -> None:
+        """The buffer being filled to the consumer, its reads issued at once."""
         fill, self._fill = self._fill, None
         if fill is None:
             return
@@ -405,11 +408,19 @@ class TarPartStream:
             except BaseException:
                 fill.buf.release()
                 raise
-        await self._queue.put(asyncio.ensure_future(self._complete(fill)))
-
-    async def _complete(self, fill: _Fill) -> Buffer:
+        reads = asyncio.ensure_future(self._reader.read_batch(fill.requests))
         try:
-            counts = await self._reader.read_batch(fill.requests)
+            await self._queue.put((fill, reads))
+        except BaseException:  # cancelled while the queue was full: the buffer returns once its reads land
+            reads.add_done_callback(functools.partial(_landed, buf=fill.buf))
+            raise
+
+    async def _complete(self, fill: _Fill, reads: asyncio.Future) -> Buffer:
+        try:
+            counts = await asyncio.shield(reads)
+        except asyncio.CancelledError:  # the part was given up: as in _submit
+            reads.add_done_callback(functools.partial(_landed, buf=fill.buf))
+            raise
         except OSError as e:
             fill.buf.release()
             raise BackupError("read failed during the backup", detail=f"{e.strerror or e}",
@@ -430,6 +441,12 @@ class TarPartStream:
         return fill.buf
 
 
+def _landed(reads: asyncio.Future, buf: Buffer) -> None:
+    if not reads.cancelled():
+        reads.exception()  # retrieved: an abandoned read's error is not reported as never retrieved
+    buf.release()
+
+
 class _Window:
     """A pool buffer of a delta read and the reads into it. The buffer goes back to the pool only
     once the caller is done with it and no read can still land in it: reads in flight when the
@@ -445,9 +462,7 @@ class _Window:
             self.reads.add_done_callback(lambda _: self._give_back())
 
     def _give_back(self) -> None:
-        if not self.reads.cancelled():
-            self.reads.exception()  # retrieved: an abandoned read's error is not reported as never retrieved
-        self.buf.release()
+        _landed(self.reads, self.buf)
         self._windows.release()
 
 
