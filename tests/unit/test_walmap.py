@@ -173,15 +173,21 @@ class _Base:
         self.name, self.lsn = name, lsn
 
 
-def test_load_block_map_from_storage_and_pg_wal(tmp_path):
+def _four_segments(tmp_path):
+    """A data directory's pg_wal, settings of 1 MiB segments, and four segments (40 to 43) of WAL
+    touching blocks 0..3999 of one relation, one block a record."""
     pgdata = tmp_path / "pgdata"
     (pgdata / "pg_wal").mkdir(parents=True)
     settings = load_settings(env={"WALG_FILE_PREFIX": str(tmp_path / "storage"), "WALG_DELTA_MAX_STEPS": "3",
                                   "WALG_PG_WAL_SIZE": "1"}, config_path=None)
+    records = [Record(refs=[Ref(1663, 5, 1, b, data=900)]) for b in range(4000)]
+    return pgdata, settings, *wal_stream(records, START, 4, SEG)
+
+
+def test_load_block_map_from_storage_and_pg_wal(tmp_path):
     # four segments: 40 and 41 have maps in storage, 42 is only in pg_wal (not archived yet), 43 is
     # the one the backup starts in: parsed from pg_wal up to its start
-    records = [Record(refs=[Ref(1663, 5, 1, b, data=900)]) for b in range(4000)]
-    data, lsns = wal_stream(records, START, 4, SEG)
+    pgdata, settings, data, lsns = _four_segments(tmp_path)
     in_segment = {i: [b for b, lsn in enumerate(lsns) if lsn // SEG == 40 + i] for i in range(4)}
     assert all(in_segment.values())
     start_lsn = lsns[in_segment[3][len(in_segment[3]) // 2]]
@@ -221,12 +227,7 @@ def test_stored_maps_are_prefetched_before_the_start_lsn_is_known(tmp_path):
     segment that has none; load_block_map then takes them from there (here: with the objects gone
     from storage) and still parses pg_wal for what was not stored. A damaged stored map is reported
     when the range needs it."""
-    pgdata = tmp_path / "pgdata"
-    (pgdata / "pg_wal").mkdir(parents=True)
-    settings = load_settings(env={"WALG_FILE_PREFIX": str(tmp_path / "storage"), "WALG_DELTA_MAX_STEPS": "3",
-                                  "WALG_PG_WAL_SIZE": "1"}, config_path=None)
-    records = [Record(refs=[Ref(1663, 5, 1, b, data=900)]) for b in range(4000)]
-    data, lsns = wal_stream(records, START, 4, SEG)
+    pgdata, settings, data, lsns = _four_segments(tmp_path)
     start_lsn = [lsn for lsn in lsns if lsn // SEG == 43][0]
     names = [wal_file_name(1, 40 + i, SEG) for i in range(4)]
     base = _Base("base_" + wal_file_name(1, 40, SEG), START + 100)
