@@ -5,7 +5,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections import deque
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import AsyncIterable, AsyncIterator, Callable, TypeVar
 
 from walrus.fileio import Buffer
@@ -53,17 +53,20 @@ def blocks_in_flight(parallel: int) -> int:
 
 async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executor: Executor,
                              parallel: int) -> AsyncIterator[bytes]:
+    """Encode jobs on `executor`, in any order; the running checksum on a thread of this object's own,
+    which takes the buffers in input order as they come, so the one serial part of the codec runs
+    beside the encodes instead of each job waiting for the sum of the one before."""
     loop = asyncio.get_running_loop()
-    # (buffer, the job reading it) in input order. Invariant: a buffer goes back to the pool only
-    # once no job reads it any more, even when the stream is abandoned half way.
-    jobs: deque[tuple[Buffer, concurrent.futures.Future]] = deque()
+    summer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-sum")
+    # (buffer, its encode job, its checksum job) in input order. Invariant: a buffer goes back to the
+    # pool only once no job reads it any more, even when the stream is abandoned half way.
+    jobs: deque[tuple[Buffer, concurrent.futures.Future, concurrent.futures.Future]] = deque()
     in_flight = blocks_in_flight(parallel)
-    summed = threading.Event()  # the previous chunk is in the checksum (none yet: go)
-    summed.set()
 
     async def next_block() -> bytes:
-        buf, job = jobs[0]
-        out = await asyncio.wrap_future(job)
+        buf, encoding, summing = jobs[0]
+        out = await asyncio.wrap_future(encoding)
+        await asyncio.wrap_future(summing)
         jobs.popleft()
         buf.release()
         return out
@@ -72,50 +75,40 @@ async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executo
         if head := compressor.start():
             yield head
         async for buf in buffers:
-            mine = threading.Event()
-            job = executor.submit(_sum_then_encode, compressor, buf.data, summed, mine)
-            # A job that never runs (cancelled by an executor shutdown) must not hold up the next one.
-            job.add_done_callback(lambda _job, event=mine: event.set())
-            jobs.append((buf, job))
-            summed = mine
+            data = buf.data
+            jobs.append((buf, executor.submit(compressor.encode, data), summer.submit(compressor.checksum, data)))
             if len(jobs) >= in_flight:
                 yield await next_block()
         while jobs:
             yield await next_block()
-        yield await loop.run_in_executor(executor, compressor.finish)
+        yield await asyncio.wrap_future(summer.submit(compressor.finish))  # after every sum: one thread, in order
     finally:
         while jobs:
-            _release_after(*jobs.popleft(), loop)
+            _release_after(*jobs.popleft(), loop=loop)
+        summer.shutdown(wait=False, cancel_futures=True)
 
 
-def _sum_then_encode(compressor, data, before: threading.Event, mine: threading.Event) -> bytes:
-    """One chunk's job: add it to the running checksum after the chunk before it, then encode it.
-
-    The checksums follow the input order while the encodes overlap. Jobs start in submission
-    order (the executor's queue is FIFO), so the job waited for has started or was cancelled;
-    either way it sets its event, and no worker waits forever.
-    """
-    before.wait()
-    try:
-        compressor.checksum(data)
-    finally:
-        mine.set()
-    return compressor.encode(data)
-
-
-def _release_after(buf: Buffer, job: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
-    """Return `buf` to its pool (a loop-thread object) once `job` has stopped reading it."""
-    if job.done():
+def _release_after(buf: Buffer, *jobs: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
+    """Return `buf` to its pool (a loop-thread object) once none of `jobs` reads it any more."""
+    pending = [job for job in jobs if not job.done()]
+    if not pending:
         buf.release()
         return
+    left = [len(pending)]
+    lock = threading.Lock()
 
-    def on_loop(_job) -> None:
+    def on_done(_job) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
         try:
             loop.call_soon_threadsafe(buf.release)
         except RuntimeError:  # the loop is closed: the pool is gone with it
             pass
 
-    job.add_done_callback(on_loop)
+    for job in pending:
+        job.add_done_callback(on_done)
 
 
 async def encrypted(chunks: AsyncIterable[bytes], encryptor, executor: Executor) -> AsyncIterator[bytes]:
