@@ -325,6 +325,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                 catalog.cancel()
                 await asyncio.gather(catalog, return_exceptions=True)
     finally:
+        await _cancelled(maps)  # when the backup failed before it needed them
         await asyncio.to_thread(session.close)
     return BackupPushResult(name=push.name, start_lsn=push.start.lsn, finish_lsn=push.stop.lsn,
                             uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
@@ -355,14 +356,6 @@ def _discard(connecting: asyncio.Future) -> None:
 async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
                  choice: DeltaChoice, archive_check: bool = True,
                  maps: "asyncio.Future[Stored] | None" = None) -> _Push:
-    try:
-        return await _begin(settings, storage, pgdata, session, choice, archive_check, maps)
-    finally:
-        await _cancelled(maps)
-
-
-async def _begin(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
-                 choice: DeltaChoice, archive_check: bool, maps: "asyncio.Future[Stored] | None") -> _Push:
     info = await asyncio.to_thread(session.server_info)
     _check_server(info, pgdata, settings, archive_check)
     start_time = now_utc_micro()
