@@ -160,7 +160,7 @@ def test_damaged_backup_objects(pg_env, workdir):
 SEGMENT_SIZE = 1 << 20
 METHODS = ("lz4", "zstd", "brotli", "lzma", "none")
 ENCRYPTIONS = ("none", "libsodium", "openpgp")
-CHECKSUMMED = {"lz4", "zstd"}  # lz4 frames with a content checksum, zstd frames with checksums
+CHECKSUMMED = {"lz4", "zstd"}  # lz4 objects with walrus's seal, zstd frames with checksums
 
 
 def encryption_env(kind: str, workdir: str) -> dict[str, str]:

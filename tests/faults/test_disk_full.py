@@ -186,7 +186,7 @@ def partial_objects(store: str) -> list[str]:
                 problems.append(f"{key} is a partial JSON document")
         elif ".tar." in key:
             try:
-                harness.decompress(data, "lz4")  # the frame's end mark and content checksum: whole or not
+                harness.decompress(data, "lz4")  # the frame's end mark and the seal: whole or not
             except Exception as e:
                 problems.append(f"{key} is partial: it does not decode ({type(e).__name__}: {e})")
     return problems

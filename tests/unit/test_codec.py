@@ -16,6 +16,7 @@ import brotli
 import lz4.block
 import lz4.frame
 import pytest
+import xxhash
 import zstandard
 
 from walrus.codec import (
@@ -129,31 +130,46 @@ def test_reader_survives_one_byte_reads_from_the_source(method):
 # --- WAL-G framing -----------------------------------------------------------------------------
 
 
-def test_lz4_header_is_pierrec_default():
+def _seal_of(frame: bytes) -> bytes:
+    """walrus's seal as the format note in walrus.codec.lz4 defines it, built here independently."""
+    return struct.pack("<II8sQ", 0x184D2A5E, 16, b"walrus\x00\x01", xxhash.xxh3_64(frame).intdigest())
+
+
+def test_lz4_header_is_walgs_without_the_content_checksum():
     blob = compress("lz4", b"x" * 100)
-    assert blob[:7] == bytes.fromhex("04224D18 6470B9")
+    assert blob[:7] == bytes.fromhex("04224D18 607073")  # FLG 0x60: WAL-G's 0x64 less the checksum bit
 
 
-def test_lz4_empty_stream_is_the_walg_vector():
-    assert compress("lz4", b"") == bytes.fromhex("04224D18 6470B9 00000000 055DCC02")
+def test_lz4_empty_stream_is_a_header_an_end_mark_and_the_seal():
+    frame = bytes.fromhex("04224D18 607073 00000000")
+    assert compress("lz4", b"") == frame + _seal_of(frame)
 
 
-def test_lz4_writes_exactly_one_frame():
+def test_lz4_writes_exactly_one_frame_then_its_seal():
     data = _mixed(9 * MiB, seed=11)
     blob = compress("lz4", data)
     decoded, consumed = lz4.frame.decompress(blob, return_bytes_read=True)
-    assert decoded == data and consumed == len(blob)
+    assert decoded == data
+    assert blob[consumed:] == _seal_of(blob[:consumed])
+
+
+def test_lz4_cli_reads_the_frame_and_skips_the_seal(tmp_path):
+    """The seal is a well-formed skippable frame: liblz4's own tool decodes the object whole."""
+    data = _mixed(3 * MiB, seed=12)
+    (tmp_path / "x.lz4").write_bytes(compress("lz4", data))
+    subprocess.run(["lz4", "-d", "-q", "-f", str(tmp_path / "x.lz4"), str(tmp_path / "x")], check=True)
+    assert (tmp_path / "x").read_bytes() == data
 
 
 def _lz4_blocks(blob: bytes) -> list[tuple[int, bool]]:
-    """(decoded size, stored compressed?) of each block of a one-frame object with WAL-G's header."""
+    """(decoded size, stored compressed?) of each block of a one-frame object with walrus's header."""
     pos, blocks = 7, []
     while (word := struct.unpack_from("<I", blob, pos)[0]) != 0:
         size, packed = word & 0x7FFFFFFF, not word >> 31
         body = blob[pos + 4:pos + 4 + size]
         blocks.append((len(lz4.block.decompress(body, uncompressed_size=4 * MiB)) if packed else size, packed))
         pos += 4 + size
-    assert len(blob) == pos + 8  # end mark and content checksum
+    assert len(blob) == pos + 4 + 24  # end mark, then the seal
     return blocks
 
 
@@ -165,24 +181,47 @@ def test_lz4_blocks_are_at_most_4_mib_and_incompressible_ones_are_stored():
     assert lz4.frame.decompress(blob) == bytes(10 * MiB) + noise
 
 
-def test_lz4_block_form_makes_the_same_frame_in_any_encoding_order():
+def test_lz4_block_form_makes_the_same_object_in_any_encoding_order():
     chunks = [_mixed(MiB, seed=n) for n in range(5)]
     c = new_compressor("lz4")
     expected = b"".join(c.compress(x) for x in chunks) + c.finish()
     c = new_compressor("lz4")
+    head = c.start()
     encoded = {i: c.encode(chunks[i]) for i in (3, 0, 4, 1, 2)}  # threads finish in any order
-    for x in chunks:
-        c.checksum(x)
-    assert c.start() + b"".join(encoded[i] for i in range(5)) + c.finish() == expected
+    for i in range(5):
+        c.digest(encoded[i])
+    assert head + b"".join(encoded[i] for i in range(5)) + c.finish() == expected
     assert c.start() == b""  # the header once per frame
 
 
-def test_lz4_content_checksum_is_checked_on_read():
+@pytest.mark.parametrize("where", ["header", "block", "end mark", "seal tag", "seal digest"])
+def test_lz4_damage_anywhere_fails_the_seal(where):
     data = _mixed(3 * MiB)
     blob = bytearray(compress("lz4", data))
-    blob[-1] ^= 0x40
+    at = {"header": 5, "block": len(blob) // 2, "end mark": len(blob) - 26,
+          "seal tag": len(blob) - 12, "seal digest": len(blob) - 1}[where]
+    blob[at] ^= 0x40
+    with pytest.raises(CorruptObject, match="not a valid|truncated"):  # a bad end mark reads on into the seal
+        read_all("lz4", Trickle(bytes(blob), sizes=(7, 1 << 16)))
+
+
+def test_lz4_seal_cut_short_is_a_truncated_object():
+    blob = compress("lz4", _mixed(MiB))
+    for cut in (1, 10, 23):
+        with pytest.raises(CorruptObject, match="truncated"):
+            read_all("lz4", io.BytesIO(blob[:-cut]))
+
+
+def test_lz4_frames_without_a_seal_are_still_read():
+    """WAL-G's frames (content checksum, checked by liblz4) and ones with no checksum at all."""
+    data = _mixed(2 * MiB, seed=5)
+    walg = lz4.frame.compress(data, content_checksum=True, block_size=lz4.frame.BLOCKSIZE_MAX4MB)
+    bare = lz4.frame.compress(data, content_checksum=False)
+    assert decode("lz4", walg) == data and decode("lz4", bare) == data
+    damaged = bytearray(walg)
+    damaged[-1] ^= 0x01
     with pytest.raises(CorruptObject):
-        read_all("lz4", io.BytesIO(bytes(blob)))
+        read_all("lz4", io.BytesIO(bytes(damaged)))
 
 
 def _zstd_frames(blob: bytes) -> list[bytes]:
@@ -409,7 +448,7 @@ def test_bytes_after_the_end_are_corrupt_archive(method):
 @pytest.mark.parametrize("method", ["lz4", "zstd", "gzip"])
 def test_checksum_mismatch_is_corrupt_archive(method):
     blob = bytearray(_sample(method))
-    blob[-6 if method == "gzip" else -2] ^= 0x01  # inside the content checksum / gzip CRC32
+    blob[-6 if method == "gzip" else -2] ^= 0x01  # inside the seal's digest / zstd checksum / gzip CRC32
     with pytest.raises(CorruptObject, match="not a valid"):
         read_all(method_ext(method), Trickle(bytes(blob)))
 

@@ -26,15 +26,18 @@ class Compressor(Protocol):
 
 
 class BlockCompressor(Compressor, Protocol):
-    """A format of independent blocks (lz4, zstd): start() is the object's head; for each chunk in
-    order, checksum(chunk) feeds the running content checksum, and encode(chunk), from any thread
-    in any order, its block; finish() is the tail. compress(chunk) is checksum then encode."""
+    """A format of independent blocks (lz4, zstd): start() is the object's head; encode(chunk) makes a
+    chunk's blocks, on any thread in any order; where `digests` is true, digest(encoded) feeds each
+    chunk's blocks, in input order, to the object's running checksum; finish() is the tail.
+    compress(chunk) is encode then digest."""
+
+    digests: ClassVar[bool]
 
     def start(self) -> bytes: ...
 
-    def checksum(self, data: BytesLike) -> None: ...
-
     def encode(self, data: BytesLike) -> bytes: ...
+
+    def digest(self, encoded: BytesLike) -> None: ...
 
 
 class Reader(Protocol):

@@ -57,10 +57,11 @@ class ZstdCompressor:
     end). Independent frames let the chunks of one object compress on several threads at once
     (walrus.stream.stages.compressed), and one-shot compression of a known-size chunk is faster than
     a streaming frame over the same chunks, at the same ratio (docs/DESIGN.md).
-    The block form: start() and checksum() have nothing to do; encode() runs on any thread.
+    The block form: start() and digest() have nothing to do; encode() runs on any thread.
     """
 
     independent_blocks = True
+    digests = False  # each frame carries its own checksum
 
     def __init__(self, level: str | None = None):
         self._level = zstd_level(level)
@@ -69,7 +70,7 @@ class ZstdCompressor:
     def start(self) -> bytes:
         return b""
 
-    def checksum(self, data: BytesLike) -> None:
+    def digest(self, encoded: BytesLike) -> None:
         """Each frame carries its own checksum."""
 
     def encode(self, data: BytesLike) -> bytes:

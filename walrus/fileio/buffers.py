@@ -33,6 +33,12 @@ class BufferPool:
     The mapping is page aligned (O_DIRECT and io_uring fixed buffers need that) and allocated
     once; acquire() waits when every buffer is in use, which is the backpressure that keeps
     memory flat whatever the size of the database.
+
+    Free buffers are handed out last released first, so a pipeline that is not using the whole
+    pool keeps cycling the same few buffers, whose memory is still in the CPU caches (a device
+    copying or DMAing into it, then the compressor reading it, both run faster than on memory
+    cold for 32 buffers). The mapping asks for transparent huge pages: a 1 MiB read into 4 KiB
+    pages is 256 scattered segments, which a virtio disk (254 segments a request) splits in two.
     """
 
     def __init__(self, count: int, size: int):
@@ -41,10 +47,11 @@ class BufferPool:
         self.count = count
         self.size = size
         self._map = mmap.mmap(-1, count * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        _ask_huge_pages(self._map)
         self._whole = memoryview(self._map)
-        self._free: asyncio.Queue[Buffer] = asyncio.Queue()
+        self._free: asyncio.LifoQueue[Buffer] = asyncio.LifoQueue()
         self.buffers = [Buffer(self, i, self._whole[i * size:(i + 1) * size]) for i in range(count)]
-        for b in self.buffers:
+        for b in reversed(self.buffers):  # buffer 0 first
             self._free.put_nowait(b)
 
     @property
@@ -60,3 +67,14 @@ class BufferPool:
     def close(self) -> None:
         """Unmap now; if a slice of a buffer is still referenced somewhere, leave it to the GC."""
         unmap(self._map, [*(b.view for b in self.buffers), self._whole])
+
+
+def _ask_huge_pages(mapping: mmap.mmap) -> None:
+    """Transparent huge pages for the mapping where the kernel offers them (THP "madvise" mode);
+    a refusal only costs speed."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            mapping.madvise(advice)
+        except OSError:
+            pass

@@ -18,7 +18,7 @@ async def compressed(buffers: AsyncIterable[Buffer], compressor, executor: Execu
                      parallel: int = 1) -> AsyncIterator[bytes]:
     """Compress pool buffers on worker threads (the codecs release the GIL) and release each one.
 
-    A codec with independent blocks (lz4 and zstd: start/checksum/encode, see walrus.codec.lz4) gets
+    A codec with independent blocks (lz4 and zstd: start/encode/digest, see walrus.codec.base) gets
     up to blocks_in_flight(parallel) buffers in encode jobs at once, so one object keeps `parallel`
     cores busy; its output still comes out in input order and its running checksum is fed in input
     order. Any other codec is a stream and runs one buffer at a time. With compression 'none' the
@@ -53,20 +53,22 @@ def blocks_in_flight(parallel: int) -> int:
 
 async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executor: Executor,
                              parallel: int) -> AsyncIterator[bytes]:
-    """Encode jobs on `executor`, in any order; the running checksum on a thread of this object's own,
-    which takes the buffers in input order as they come, so the one serial part of the codec runs
-    beside the encodes instead of each job waiting for the sum of the one before."""
+    """Encode jobs on `executor`, in any order; the running checksum (codecs that keep one) on a
+    thread of this object's own, which takes each job's blocks in input order once they are encoded,
+    so the one serial part of the codec runs beside the encodes, never on the event loop."""
     loop = asyncio.get_running_loop()
-    summer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-sum")
-    # (buffer, its encode job, its checksum job) in input order. Invariant: a buffer goes back to the
-    # pool only once no job reads it any more, even when the stream is abandoned half way.
-    jobs: deque[tuple[Buffer, concurrent.futures.Future, concurrent.futures.Future]] = deque()
+    summer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="walrus-sum") if compressor.digests else None
+    # (buffer, its encode job, its checksum job or None) in input order. Invariant: a buffer goes
+    # back to the pool only once its encode job no longer reads it, even when the stream is
+    # abandoned half way; a checksum job reads only the encoded bytes.
+    jobs: deque[tuple[Buffer, concurrent.futures.Future, concurrent.futures.Future | None]] = deque()
     in_flight = blocks_in_flight(parallel)
 
     async def next_block() -> bytes:
         buf, encoding, summing = jobs[0]
         out = await asyncio.wrap_future(encoding)
-        await asyncio.wrap_future(summing)
+        if summing is not None:
+            await asyncio.wrap_future(summing)  # bounds the encoded bytes the checksum holds
         jobs.popleft()
         buf.release()
         return out
@@ -75,17 +77,27 @@ async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executo
         if head := compressor.start():
             yield head
         async for buf in buffers:
-            data = buf.data
-            jobs.append((buf, executor.submit(compressor.encode, data), summer.submit(compressor.checksum, data)))
+            encoding = executor.submit(compressor.encode, buf.data)
+            summing = summer.submit(_digest_once_encoded, compressor, encoding) if summer else None
+            jobs.append((buf, encoding, summing))
             if len(jobs) >= in_flight:
                 yield await next_block()
         while jobs:
             yield await next_block()
-        yield await asyncio.wrap_future(summer.submit(compressor.finish))  # after every sum: one thread, in order
+        if summer is not None:  # after every digest: one thread, in order
+            yield await asyncio.wrap_future(summer.submit(compressor.finish))
+        else:
+            yield compressor.finish()
     finally:
         while jobs:
-            _release_after(*jobs.popleft(), loop=loop)
-        summer.shutdown(wait=False, cancel_futures=True)
+            buf, encoding, _ = jobs.popleft()
+            _release_after(buf, encoding, loop=loop)
+        if summer is not None:
+            summer.shutdown(wait=False, cancel_futures=True)
+
+
+def _digest_once_encoded(compressor, encoding: concurrent.futures.Future) -> None:
+    compressor.digest(encoding.result())
 
 
 def _release_after(buf: Buffer, *jobs: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
