@@ -285,6 +285,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, and 100-continue answered as a server would
     disable_nagle_algorithm = True  # headers and body go out in separate writes
     owner: FaultProxy
+    _counted: "Request | None" = None  # the request being served, while it counts as in flight
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         return
@@ -307,7 +308,12 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.rfile.readline()  # the CRLF after the chunk
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def send_response(self, code, message=None) -> None:
+        self._left()  # the answer starts: the client may send its next request before this returns
+        super().send_response(code, message)
+
     def _drop(self) -> None:
+        self._left()
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -319,6 +325,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.owner.classify is not None:
             request.label = self.owner.classify(request)
         self.owner.entered(request, +1)
+        self._counted = request
         fault = None
         try:
             fault = self.owner._decide(request)
@@ -326,7 +333,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         finally:
             if fault is not None:  # not settled by now (the client hung up first, say): it had no effect
                 self.owner._settle(fault, request, took_effect=False)
-            self.owner.entered(request, -1)
+            self._left()
+
+    def _left(self) -> None:
+        """The request no longer counts as in flight: before the client can hear from it (an
+        answer, or the connection closed under it), whose next request or retry would otherwise
+        be counted while this one still is (a false peak)."""
+        if self._counted is not None:
+            self.owner.entered(self._counted, -1)
+            self._counted = None
 
     def _serve(self, request: Request, fault: _Fault | None) -> None:
         action = fault.action if fault is not None else None
