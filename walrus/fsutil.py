@@ -102,6 +102,18 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
     _libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+def ask_huge_pages(mapping: mmap.mmap) -> None:
+    """Transparent huge pages for an I/O buffer mapping where the kernel offers them (THP "madvise"
+    mode); a refusal only costs speed. A 1 MiB direct read or write into 4 KiB pages is 256
+    scattered segments, over virtio-blk's 254 a request, so the kernel splits each one in two."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None:
+        try:
+            mapping.madvise(advice)
+        except OSError:
+            pass
+
+
 def unmap(mapping: mmap.mmap, views: Iterable[memoryview]) -> None:
     """Release the views carved from `mapping`, then unmap it now; where something still holds a
     slice of it (a traceback's frame, a job still reading), the mapping stays until the GC frees it."""

@@ -12,7 +12,7 @@ import threading
 from collections import deque
 
 from walrus._uring.support import UringUnavailable, _explain, probe
-from walrus.fsutil import unmap
+from walrus.fsutil import ask_huge_pages, unmap
 from walrus.log import log
 from walrus.pull import Payload
 
@@ -158,6 +158,7 @@ class UringSink:
             if not self._ring.supports(lib.IORING_OP_WRITE, lib.IORING_OP_WRITE_FIXED):
                 raise UringUnavailable("the kernel's io_uring lacks IORING_OP_WRITE (needs Linux 5.6)")
             self._map = mmap.mmap(-1, buffers * buffer_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            ask_huge_pages(self._map)
         except BaseException:
             self._ring.close()
             raise
@@ -168,7 +169,8 @@ class UringSink:
         self._base = ffi.cast("char *", address)
         self._whole = memoryview(self._map)
         self._slabs = [_Slab(i, self._whole[i * buffer_size:(i + 1) * buffer_size]) for i in range(buffers)]
-        self._free: deque[_Slab] = deque(self._slabs)
+        # the slab freed last is taken first (its memory is still in the caches), as in BufferPool
+        self._free: deque[_Slab] = deque(reversed(self._slabs))
         self._current: _Slab | None = None  # the slab being filled
         self._files: set[_File] = set()  # every descriptor the sink still owns
         self._writes: dict[int, _Write] = {}  # user_data -> write, queued or in flight
@@ -266,7 +268,7 @@ class UringSink:
                 raise RuntimeError("io_uring sink: no free buffer and no write in flight")
             self._pump(wait=True)
             self._raise_error()
-        slab = self._current = self._free.popleft()
+        slab = self._current = self._free.pop()
         return slab, 0, min(want, self._size)
 
     def _retire(self, slab: _Slab) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 
-from walrus.fsutil import unmap
+from walrus.fsutil import ask_huge_pages, unmap
 
 
 class Buffer:
@@ -47,7 +47,7 @@ class BufferPool:
         self.count = count
         self.size = size
         self._map = mmap.mmap(-1, count * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        _ask_huge_pages(self._map)
+        ask_huge_pages(self._map)
         self._whole = memoryview(self._map)
         self._free: asyncio.LifoQueue[Buffer] = asyncio.LifoQueue()
         self.buffers = [Buffer(self, i, self._whole[i * size:(i + 1) * size]) for i in range(count)]
@@ -68,13 +68,3 @@ class BufferPool:
         """Unmap now; if a slice of a buffer is still referenced somewhere, leave it to the GC."""
         unmap(self._map, [*(b.view for b in self.buffers), self._whole])
 
-
-def _ask_huge_pages(mapping: mmap.mmap) -> None:
-    """Transparent huge pages for the mapping where the kernel offers them (THP "madvise" mode);
-    a refusal only costs speed."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is not None:
-        try:
-            mapping.madvise(advice)
-        except OSError:
-            pass
