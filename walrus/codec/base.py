@@ -27,11 +27,9 @@ class Compressor(Protocol):
 
 class BlockCompressor(Compressor, Protocol):
     """A format of independent blocks (lz4, zstd): start() is the object's head; encode(chunk) makes a
-    chunk's blocks, on any thread in any order; where `digests` is true, digest(encoded) feeds each
-    chunk's blocks, in input order, to the object's running checksum; finish() is the tail.
-    compress(chunk) is encode then digest."""
-
-    digests: ClassVar[bool]
+    chunk's blocks, on any thread in any order; digest(encoded) feeds each chunk's blocks, in input
+    order, to the object's running checksum (a no-op where the format has none); finish() is the
+    tail. compress(chunk) is encode then digest."""
 
     def start(self) -> bytes: ...
 

@@ -73,7 +73,6 @@ class Lz4Compressor:
     """
 
     independent_blocks = True
-    digests = True
 
     def __init__(self) -> None:
         self._digest = xxhash.xxh3_64()

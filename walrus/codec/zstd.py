@@ -61,7 +61,6 @@ class ZstdCompressor:
     """
 
     independent_blocks = True
-    digests = False  # each frame carries its own checksum
 
     def __init__(self, level: str | None = None):
         self._level = zstd_level(level)

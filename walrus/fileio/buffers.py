@@ -37,8 +37,7 @@ class BufferPool:
     Free buffers are handed out last released first, so a pipeline that is not using the whole
     pool keeps cycling the same few buffers, whose memory is still in the CPU caches (a device
     copying or DMAing into it, then the compressor reading it, both run faster than on memory
-    cold for 32 buffers). The mapping asks for transparent huge pages: a 1 MiB read into 4 KiB
-    pages is 256 scattered segments, which a virtio disk (254 segments a request) splits in two.
+    cold for 32 buffers). The mapping asks for huge pages (fsutil.ask_huge_pages).
     """
 
     def __init__(self, count: int, size: int):
@@ -67,4 +66,3 @@ class BufferPool:
     def close(self) -> None:
         """Unmap now; if a slice of a buffer is still referenced somewhere, leave it to the GC."""
         unmap(self._map, [*(b.view for b in self.buffers), self._whole])
-

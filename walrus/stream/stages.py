@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 from collections import deque
 from concurrent.futures import Executor
 from typing import AsyncIterable, AsyncIterator, Callable, TypeVar
@@ -53,8 +52,8 @@ def blocks_in_flight(parallel: int) -> int:
 
 async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executor: Executor,
                              parallel: int) -> AsyncIterator[bytes]:
-    """Encode jobs on `executor`, in any order; each job's blocks go to the running checksum (codecs
-    that keep one) here, in input order, as they are handed on. The checksum is the one serial part
+    """Encode jobs on `executor`, in any order; each job's blocks go to the running checksum (a no-op
+    for codecs without one) here, in input order, as they are handed on. The checksum is the one serial part
     of the codec, and it is cheap (lz4's seal: XXH3 of the encoded bytes): a thread of its own for
     it cost each buffer two more hand-offs than it saved (a part ~15% slower)."""
     loop = asyncio.get_running_loop()
@@ -68,8 +67,7 @@ async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executo
         out = await asyncio.wrap_future(encoding)
         jobs.popleft()
         buf.release()
-        if compressor.digests:
-            compressor.digest(out)
+        compressor.digest(out)
         return out
 
     try:
@@ -84,30 +82,22 @@ async def _compressed_blocks(buffers: AsyncIterable[Buffer], compressor, executo
         yield compressor.finish()
     finally:
         while jobs:
-            _release_after(*jobs.popleft(), loop=loop)
+            _release_after(*jobs.popleft(), loop)
 
 
-def _release_after(buf: Buffer, *jobs: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
-    """Return `buf` to its pool (a loop-thread object) once none of `jobs` reads it any more."""
-    pending = [job for job in jobs if not job.done()]
-    if not pending:
+def _release_after(buf: Buffer, job: concurrent.futures.Future, loop: asyncio.AbstractEventLoop) -> None:
+    """Return `buf` to its pool (a loop-thread object) once `job` has stopped reading it."""
+    if job.done():
         buf.release()
         return
-    left = [len(pending)]
-    lock = threading.Lock()
 
     def on_done(_job) -> None:
-        with lock:
-            left[0] -= 1
-            if left[0]:
-                return
         try:
             loop.call_soon_threadsafe(buf.release)
         except RuntimeError:  # the loop is closed: the pool is gone with it
             pass
 
-    for job in pending:
-        job.add_done_callback(on_done)
+    job.add_done_callback(on_done)
 
 
 async def encrypted(chunks: AsyncIterable[bytes], encryptor, executor: Executor) -> AsyncIterator[bytes]:
