@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from walrus.codec import WRITABLE_METHODS
+from walrus.configfile import default_config_path
 from walrus.errors import ConfigError
 from walrus.walg_settings import ACCEPTED, EXPORTED, IGNORED, OTHER_SETTINGS, READ_OUTSIDE_TABLE, REFUSED, WALE_ALIASES
 
@@ -569,21 +570,6 @@ WAL_BLOCKS_PER_PUSH = 6
 def minimum_memory_budget(buffer_size: int) -> int:
     """The least WALRUS_MEMORY_BUDGET the data path can keep to: one WAL push's blocks."""
     return WAL_BLOCKS_PER_PUSH * max(WAL_BLOCK_MIN, buffer_size - buffer_size % 4096)
-
-
-def default_config_path(env: Mapping[str, str]) -> str | None:
-    if env.get("WALG_CONFIG_PATH"):
-        return env["WALG_CONFIG_PATH"]
-    home = env.get("HOME") or os.path.expanduser("~")
-    for ext in CONFIG_TYPES:
-        candidate = os.path.join(home, f".walg.{ext}")
-        if os.path.exists(candidate):
-            return candidate
-    return None
-
-
-# The config file types WAL-G's viper reads, by extension, in the order ~/.walg.<ext> is looked for.
-CONFIG_TYPES = ("json", "toml", "yaml", "yml", "properties", "props", "prop", "env", "dotenv", "ini")
 
 
 def read_config_file(path: str) -> dict[str, str]:

@@ -1,12 +1,11 @@
 """SIGTERM and SIGINT at any instant: held until the work can be cancelled cleanly, then noted once it is decided."""
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-from typing import TYPE_CHECKING, Iterator
 
-if TYPE_CHECKING:  # not imported at run time: wal-fetch of a prefetched segment never loads asyncio
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: wal-fetch of a prefetched segment
+if TYPE_CHECKING:  # needs neither it nor asyncio
     import asyncio
 
 SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -55,18 +54,24 @@ def _cancel_unless_finished(task: asyncio.Task) -> None:
         task.cancel()
 
 
-@contextlib.contextmanager
-def cancelling(task: asyncio.Task) -> Iterator[None]:
-    """While in this block a signal cancels `task` (the command's engine); one held so far does now."""
-    global _running
-    install()  # again: a daemon's own handlers, gone with its loop, reset them
-    _running = (task.get_loop(), task)
-    if received is not None:  # taken before the task existed (signals were not held)
-        task.get_loop().call_soon(_cancel_unless_finished, task)
-    release()
-    try:
-        yield
-    finally:
+class cancelling:
+    """`with cancelling(task):` while in the block a signal cancels `task` (the command's engine); one
+    held so far does now. (A class, not contextlib's decorator: the quickest answers import this
+    module, and contextlib would add to every archive_command's start-up.)"""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+
+    def __enter__(self) -> None:
+        global _running
+        install()  # again: a daemon's own handlers, gone with its loop, reset them
+        _running = (self.task.get_loop(), self.task)
+        if received is not None:  # taken before the task existed (signals were not held)
+            self.task.get_loop().call_soon(_cancel_unless_finished, self.task)
+        release()
+
+    def __exit__(self, *exc: object) -> None:
+        global _running
         _running = None
 
 

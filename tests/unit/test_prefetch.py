@@ -154,3 +154,128 @@ def test_prefetcher_follows_the_cursor_and_exits_when_recovery_stops(tmp_path, m
 
     assert asyncio.run(main()) == 5
     assert prefetch.cursor(location) == seg(3)
+
+
+# -- the quickest answer: a prefetched segment taken without the settings -------------------------
+
+def long_header_wal(name: str, size: int = SEGSIZE, **changes) -> bytes:
+    """A segment whose first page carries PostgreSQL's long header, as a real one does."""
+    _tli, segno = prefetch.parse_wal_file_name(name, size)
+    fields = {"magic": 0xD110, "info": prefetch.XLP_LONG_HEADER, "pageaddr": segno * size, "seg_size": size}
+    fields.update(changes)
+    head = prefetch.LONG_PAGE_HEAD.pack(fields["magic"], fields["info"], 1, fields["pageaddr"], 0, 7,
+                                        fields["seg_size"], 8192)
+    return head + b"\x5a" * (size - len(head))
+
+
+def pg_wal_with(tmp_path, name: str, data: bytes):
+    pg_wal = tmp_path / "pg_wal"
+    location = pg_wal / ".wal-g" / "prefetch"
+    (location / "running").mkdir(parents=True)
+    (location / name).write_bytes(data)
+    return pg_wal, location
+
+
+def test_quickest_answer_takes_a_whole_segment_by_its_own_header(tmp_path):
+    pg_wal, location = pg_wal_with(tmp_path, seg(0x25), long_header_wal(seg(0x25)))
+    dest = pg_wal / "RECOVERYXLOG"
+    where = prefetch.take_unresolved(seg(0x25), str(dest), None, {"HOME": str(tmp_path)})
+    assert where == str(location)
+    assert dest.read_bytes() == long_header_wal(seg(0x25))
+    assert not (location / seg(0x25)).exists()
+
+
+def test_quickest_answer_leaves_anything_not_plainly_whole_to_the_full_command(tmp_path):
+    name = seg(0x25)
+    cases = {
+        "another segment's page address": long_header_wal(name, pageaddr=0x24 * SEGSIZE),
+        "a size its header does not state": long_header_wal(name)[:-8192],
+        "no long header": long_header_wal(name, info=0),
+        "not WAL": long_header_wal(name, magic=0x1234),
+        "a segment size PostgreSQL does not allow": long_header_wal(name, size=SEGSIZE + 8192),
+        "shorter than a header": b"\x10\xd1",
+    }
+    for why, data in cases.items():
+        pg_wal, location = pg_wal_with(tmp_path / why.replace(" ", "-"), name, data)
+        dest = pg_wal / "RECOVERYXLOG"
+        assert prefetch.take_unresolved(name, str(dest), None, {"HOME": str(tmp_path)}) is None, why
+        assert (location / name).read_bytes() == data and not dest.exists(), why
+    # a name that is not a segment's
+    pg_wal, location = pg_wal_with(tmp_path / "history", "00000002.history", b"1\t0/0\tno reason\n")
+    assert prefetch.take_unresolved("00000002.history", str(pg_wal / "RECOVERYHISTORY"), None, {}) is None
+
+
+def test_quickest_answer_defers_to_the_settings_where_they_move_the_folder(tmp_path):
+    name = seg(0x25)
+    pg_wal, location = pg_wal_with(tmp_path, name, long_header_wal(name))
+    dest = pg_wal / "RECOVERYXLOG"
+    config = tmp_path / "walg.yaml"
+    config.write_text("WALG_FILE_PREFIX: /somewhere\nwalg_prefetch_dir: /elsewhere\n")
+    assert prefetch.take_unresolved(name, str(dest), str(config), {"HOME": str(tmp_path)}) is None
+    # the same file found through $WALG_CONFIG_PATH, and an unreadable one: the full command decides
+    assert prefetch.take_unresolved(name, str(dest), None, {"WALG_CONFIG_PATH": str(config)}) is None
+    assert prefetch.take_unresolved(name, str(dest), str(tmp_path / "absent.yaml"), {}) is None
+    assert (location / name).exists() and not dest.exists()
+    # the environment wins over any file: its folder is the one taken from
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / ".wal-g" / "prefetch").mkdir(parents=True)
+    os.rename(location / name, elsewhere / ".wal-g" / "prefetch" / name)
+    where = prefetch.take_unresolved(name, str(dest), str(config), {"WALG_PREFETCH_DIR": str(elsewhere)})
+    assert where == str(elsewhere / ".wal-g" / "prefetch") and dest.read_bytes() == long_header_wal(name)
+    # a config file that does not name it: the default folder beside DEST
+    config.write_text("WALG_FILE_PREFIX: /somewhere\n")
+    (location / name).write_bytes(long_header_wal(name))
+    dest.unlink()
+    assert prefetch.take_unresolved(name, str(dest), str(config), {}) == str(location)
+
+
+def test_quickest_answer_refuses_a_file_from_before_the_last_boot(tmp_path):
+    name = seg(0x25)
+    pg_wal, location = pg_wal_with(tmp_path, name, long_header_wal(name))
+    before_boot = prefetch._boot_time() - 60
+    os.utime(location / name, (before_boot, before_boot))
+    assert prefetch.take_unresolved(name, str(pg_wal / "RECOVERYXLOG"), None, {"HOME": str(tmp_path)}) is None
+    assert (location / name).exists()
+
+
+HEAVY = ("walrus.config", "click", "asyncio", "re", "signal", "logging", "walrus.storage")
+
+
+def imported(stderr: str) -> set[str]:
+    return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines() if line.startswith("import time:")}
+
+
+def test_executable_answers_a_prefetched_segment_without_the_heavy_imports(tmp_path):
+    """restore_command's call while the prefetcher runs (it holds the lock): the segment moved, the
+    cursor advanced, and nothing imported that the answer does not need (replay waits for each call)."""
+    import fcntl
+
+    name = seg(0x25)
+    pg_wal, location = pg_wal_with(tmp_path, name, long_header_wal(name))
+    config = tmp_path / "walg.json"
+    config.write_text('{"WALG_FILE_PREFIX": "%s", "WALG_PG_WAL_SIZE": "1"}' % (tmp_path / "store"))
+    dest = pg_wal / "RECOVERYXLOG"
+    with open(location / "running" / prefetch.LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a prefetcher at work: none is started
+        proc = subprocess.run([f"{BIN}/walrus", "--config", str(config), "wal-fetch", name, str(dest)],
+                              env={**env_for(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert dest.read_bytes() == long_header_wal(name)
+    assert prefetch.cursor(str(location)) == name
+    modules = imported(proc.stderr)
+    assert "walrus.wal.prefetch" in modules
+    assert not modules & set(HEAVY), sorted(modules & set(HEAVY))
+    # the same call where the config file moves the prefetch folder: the full command, same answer
+    (location / name).write_bytes(long_header_wal(name))
+    dest.unlink()
+    config.write_text('{"WALG_FILE_PREFIX": "%s", "WALG_PG_WAL_SIZE": "1", "WALG_PREFETCH_DIR": "%s"}'
+                      % (tmp_path / "store", pg_wal))
+    with open(location / "running" / prefetch.LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run([f"{BIN}/walrus", "--config", str(config), "wal-fetch", name, str(dest)],
+                              env={**env_for(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert dest.read_bytes() == long_header_wal(name)
+    assert "walrus.config" in imported(proc.stderr)

@@ -144,7 +144,10 @@ def test_parse_wal_file_name_rejects_offsets_beyond_the_segment_size() -> None:
 @pytest.mark.parametrize(
     "name",
     ["", "00000001000000000000000", "0000000100000000000000001", "00000001000000000000000G",
-     "0x000001000000000000000001", "00000001_00000000_0000001", "000000010000000000000001.partial"],
+     "0x000001000000000000000001", "00000001_00000000_0000001", "000000010000000000000001.partial",
+     # 24 characters that int(..., 16) would take field by field: none is a name
+     "0000_0010000000000000001", "+00000010000000000000001", " 00000010000000000000001",
+     "\u0660" * 7 + "10000000000000000000000"[:17]],
 )
 def test_parse_wal_file_name_rejects_non_names(name: str) -> None:
     with pytest.raises(ValueError):

@@ -4,24 +4,20 @@ from __future__ import annotations
 import re
 
 from walrus.errors import ConfigError
+from walrus.pg.segname import (MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, is_segment_name, parse_wal_file_name,
+                               segments_per_xlogid)
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
-MIN_SEGMENT_SIZE = 1024 * 1024
-MAX_SEGMENT_SIZE = 1024 * 1024 * 1024
-XLOGID_SPAN = 0x100000000  # bytes of WAL covered by one value of the name's middle field
 UINT32_MAX = 0xFFFFFFFF
 UINT64_MAX = 0xFFFFFFFFFFFFFFFF
 
 BACKUP_NAME_PREFIX = "base_"
 
 _LSN_RE = re.compile(r"([0-9A-Fa-f]{1,8})/([0-9A-Fa-f]{1,8})")
-# WAL-G parses the three fields with strconv.ParseUint(..., 16), which accepts either case.
-_WAL_NAME_RE = re.compile(r"([0-9A-Fa-f]{8})([0-9A-Fa-f]{8})([0-9A-Fa-f]{8})")
 _WAL_NAME_SEARCH_RE = re.compile(r"[0-9A-F]{24}")  # listings only look for uppercase names
 _BACKUP_TIMELINE_RE = re.compile(r"base_([0-9A-Fa-f]{8})")
 
 # Classification follows PostgreSQL's own predicates (xlog_internal.h): uppercase hex only.
-_SEGMENT_RE = re.compile(r"[0-9A-F]{24}")
 _HISTORY_RE = re.compile(r"[0-9A-F]{8}\.history")
 _BACKUP_HISTORY_RE = re.compile(r"[0-9A-F]{24}\.[0-9A-F]{8}\.backup")
 _PARTIAL_RE = re.compile(r"[0-9A-F]{24}\.partial")
@@ -58,11 +54,6 @@ def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & UINT32_MAX:X}"
 
 
-def segments_per_xlogid(segment_size: int) -> int:
-    """Number of segments named under one value of the name's middle (xlogid) field."""
-    return XLOGID_SPAN // segment_size
-
-
 def segment_of(lsn: int, segment_size: int) -> int:
     """Number of the segment that contains the byte at lsn."""
     _check_range("LSN", lsn, UINT64_MAX)
@@ -76,21 +67,6 @@ def wal_file_name(timeline: int, segno: int, segment_size: int) -> str:
     _check_range("segment number", segno, (UINT32_MAX + 1) * per_id - 1)
     xlogid, offset = divmod(segno, per_id)
     return f"{timeline:08X}{xlogid:08X}{offset:08X}"
-
-
-def parse_wal_file_name(name: str, segment_size: int) -> tuple[int, int]:
-    """(timeline, segno) of a 24-hex-digit WAL file name; ValueError if it is not one."""
-    match = _WAL_NAME_RE.fullmatch(name)
-    if match is None:
-        raise ValueError(f"not a WAL file name: {name!r} (expected 24 hex digits)")
-    timeline, xlogid, offset = (int(part, 16) for part in match.groups())
-    per_id = segments_per_xlogid(segment_size)
-    if offset >= per_id:
-        raise ValueError(
-            f"not a WAL file name for {segment_size // MIN_SEGMENT_SIZE} MiB segments: {name!r} "
-            f"(last field must be below {per_id:08X})"
-        )
-    return timeline, xlogid * per_id + offset
 
 
 def next_wal_file_name(name: str, segment_size: int) -> str:
@@ -112,7 +88,7 @@ def backup_name_for(timeline: int, start_lsn: int, segment_size: int) -> str:
 
 def classify_wal_name(name: str) -> str:
     """Kind of a file PostgreSQL archives: segment, history, backup, partial or other."""
-    if _SEGMENT_RE.fullmatch(name):
+    if is_segment_name(name):
         return "segment"
     if _HISTORY_RE.fullmatch(name):
         return "history"

@@ -9,6 +9,7 @@ from walrus.config import Settings
 from walrus.errors import WalrusError
 from walrus.storage.base import Storage
 from walrus.wal import prefetch
+from walrus.wal.stored import download
 
 
 @dataclass
@@ -24,21 +25,7 @@ class WalFetchResult:
                 "seconds": round(self.seconds, 3)}
 
 
-def take_prefetched(settings: Settings, name: str, destination: str) -> WalFetchResult | None:
-    """wal-fetch's fast path, before any storage or event loop exists: the segment is prefetched."""
-    began = time.monotonic()
-    _check_name(name)
-    location = prefetch.location(settings, destination)
-    size = prefetch.take_ready(location, name, destination, settings.segment_size)
-    if size is None:
-        return None
-    return WalFetchResult(name, "prefetched", destination, size, time.monotonic() - began)
-
-
 async def wal_fetch(settings: Settings, storage: Storage, name: str, destination: str) -> WalFetchResult:
-    # here, not at the top: restore_command start-up when the segment was prefetched (take_prefetched)
-    from walrus.wal.stored import download
-
     began = time.monotonic()
     _check_name(name)
     location = prefetch.location(settings, destination)

@@ -1,20 +1,22 @@
 """WAL prefetch in WAL-G's layout (pg_wal/.wal-g/prefetch/): taking prefetched files, starting the prefetcher.
 
-Nothing here imports asyncio or a storage: a restore_command whose segment was prefetched needs only
-this module. The downloads are prefetcher.py's.
+Nothing here imports asyncio, a storage or the settings table: a restore_command whose segment was
+prefetched needs only this module (take_unresolved). The downloads are prefetcher.py's.
 """
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import struct
-import subprocess
-import sys
 
-from walrus.config import Settings
-from walrus.log import log
-from walrus.pg.xlog import classify_wal_name, parse_wal_file_name
+from walrus.configfile import default_config_path
+from walrus.pg.segname import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE, is_segment_name, parse_wal_file_name
+
+TYPE_CHECKING = False  # typing's, without importing typing (see take_unresolved)
+if TYPE_CHECKING:
+    from typing import Mapping
+
+    from walrus.config import Settings
 
 PREFETCH = os.path.join(".wal-g", "prefetch")
 RUNNING = "running"
@@ -23,6 +25,10 @@ CURSOR = ".prefetcher.cursor"  # the segment recovery asked for last (advance(),
 WAL_MAGIC_MIN = 0xD061  # the oldest WAL page magic PostgreSQL 9.x wrote; anything lower is not WAL
 WAIT_POLL = 0.002
 WAIT_GIVE_UP = 100  # polls without growth of a running download (WAL-G waits the same ~200 ms)
+# A segment's first page: XLogLongPageHeaderData (magic, info, timeline, page address, remaining
+# length, padding, system identifier, segment size, block size)
+LONG_PAGE_HEAD = struct.Struct("<HHIQI4xQII")
+XLP_LONG_HEADER = 0x0002
 
 
 def location(settings: Settings, destination: str) -> str:
@@ -32,7 +38,7 @@ def location(settings: Settings, destination: str) -> str:
 
 
 def wanted(name: str, settings: Settings) -> bool:
-    return classify_wal_name(name) == "segment" and settings.download_concurrency > 1
+    return is_segment_name(name) and settings.download_concurrency > 1
 
 
 async def take(location: str, name: str, destination: str, segment_size: int) -> int | None:
@@ -64,15 +70,17 @@ def take_ready(location: str, name: str, destination: str, segment_size: int) ->
         return None
     if st.st_mtime < _boot_time():
         # written without fsync before a crash or reboot: its bytes may be torn, so never trust it
+        from walrus.log import log
+
         log.info(f"prefetched {name} dates from before the last boot; downloading it again")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ready)
+        _unlink(ready)
         return None
     size = st.st_size
     if size != segment_size or len(head) < 4 or struct.unpack("<I", head)[0] < WAL_MAGIC_MIN:
+        from walrus.log import log
+
         log.warning(f"prefetched {name} is not a whole WAL segment; downloading it again")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(ready)
+        _unlink(ready)
         return None
     try:
         os.rename(ready, destination)
@@ -81,15 +89,74 @@ def take_ready(location: str, name: str, destination: str, segment_size: int) ->
     return size
 
 
+def take_unresolved(name: str, destination: str, config_path: str | None, env: Mapping[str, str]) -> str | None:
+    """wal-fetch's quickest answer, for restore_command while the prefetcher keeps ahead of recovery:
+    a prefetched `name` moved to DEST (its prefetch folder returned, for advance() and spawn()),
+    without resolving the settings (a call costs little more than the interpreter's start, and replay
+    waits for every call). Only where the settings have no say: the prefetch folder is
+    WALG_PREFETCH_DIR from the environment (which wins over any file), else beside DEST when the
+    config file does not name that setting; the file must be a whole segment by its own first page.
+    Anything else is None with nothing changed, and the full command decides, logs and downloads as
+    usual (it also reports settings in error, which a prefetcher started by an earlier call resolved)."""
+    if not is_segment_name(name):
+        return None
+    base = env.get("WALG_PREFETCH_DIR")
+    if not base:
+        path = config_path or default_config_path(env)
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    if b"prefetch_dir" in f.read().lower():
+                        return None
+            except OSError:
+                return None
+        base = os.path.dirname(os.path.realpath(destination))
+    where = os.path.join(base, PREFETCH)
+    ready = os.path.join(where, name)
+    try:
+        with open(ready, "rb") as f:
+            head = f.read(LONG_PAGE_HEAD.size)
+            st = os.fstat(f.fileno())
+    except OSError:
+        return None
+    if not _whole_segment(name, head, st.st_size) or st.st_mtime < _boot_time():
+        return None
+    try:
+        os.rename(ready, destination)
+    except OSError:
+        return None
+    return where
+
+
+def _whole_segment(name: str, head: bytes, size: int) -> bool:
+    """The file is segment `name` in full, by its long page header: a WAL magic, the segment size it
+    states (a power of two PostgreSQL allows) equal to the file's, and the page address of the
+    segment's start."""
+    if len(head) < LONG_PAGE_HEAD.size:
+        return False
+    magic, info, _tli, pageaddr, _rem, _sysid, seg_size, _blcksz = LONG_PAGE_HEAD.unpack(head)
+    if magic < WAL_MAGIC_MIN or not info & XLP_LONG_HEADER or size != seg_size:
+        return False
+    if not MIN_SEGMENT_SIZE <= seg_size <= MAX_SEGMENT_SIZE or seg_size & (seg_size - 1):
+        return False
+    try:
+        _timeline, segno = parse_wal_file_name(name, seg_size)
+    except ValueError:  # a name that does not fit the size
+        return False
+    return pageaddr == segno * seg_size
+
+
 def advance(location: str, name: str) -> None:
     """Record `name` as the segment recovery asked for last: the running prefetcher follows it."""
-    with contextlib.suppress(OSError):
+    try:
         os.makedirs(os.path.join(location, RUNNING), 0o700, exist_ok=True)
         fd = os.open(os.path.join(location, RUNNING, CURSOR), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             os.pwrite(fd, name.encode(), 0)  # names have one length: one small write, never seen torn
         finally:
             os.close(fd)
+    except OSError:
+        pass
 
 
 def cursor(location: str) -> str | None:
@@ -99,7 +166,7 @@ def cursor(location: str) -> str | None:
             text = f.read(64).decode("ascii", "replace")
     except OSError:
         return None
-    return text if classify_wal_name(text) == "segment" else None
+    return text if is_segment_name(text) else None
 
 
 def present(location: str, segment: str) -> bool:
@@ -122,13 +189,16 @@ def clean(location: str, name: str, segment_size: int) -> None:
     """Remove prefetched files older than `name`: recovery has moved past them."""
     timeline, segno = parse_wal_file_name(name, segment_size)
     for folder in (location, os.path.join(location, RUNNING)):
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.listdir(folder):
-                try:
-                    if parse_wal_file_name(entry, segment_size) < (timeline, segno):
-                        os.unlink(os.path.join(folder, entry))
-                except (ValueError, FileNotFoundError, IsADirectoryError):
-                    continue
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                if parse_wal_file_name(entry, segment_size) < (timeline, segno):
+                    os.unlink(os.path.join(folder, entry))
+            except (ValueError, FileNotFoundError, IsADirectoryError):
+                continue
 
 
 def spawn(name: str, destination: str, location: str, config_path: str | None) -> None:
@@ -149,9 +219,21 @@ def spawn(name: str, destination: str, location: str, config_path: str | None) -
     except OSError:
         os.close(lock)  # a prefetcher is already at work
         return
+    import subprocess
+    import sys
+
     cmd = [sys.executable, "-m", "walrus"] + (["--config", config_path] if config_path else [])
     cmd += ["wal-prefetch", name, os.path.dirname(os.path.abspath(destination))]
-    with contextlib.suppress(OSError):
+    try:
         subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True, pass_fds=(lock,))
+    except OSError:
+        pass
     os.close(lock)  # the child's copy keeps the lock (flock belongs to the shared open file)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from walrus.log import log
-from walrus.pg.xlog import classify_wal_name
+from walrus.pg.segname import is_segment_name
 
 READY, DONE = ".ready", ".done"
 # WAL-G's marker folder under pg_wal: an empty file per segment its background uploader stored
@@ -27,7 +27,7 @@ def ready_segments(status: str) -> list[str]:
     except OSError as e:
         log.warning(f"cannot list {status}: {e.strerror or e}")
         return []
-    return sorted(n for n in names if classify_wal_name(n) == "segment")
+    return sorted(n for n in names if is_segment_name(n))
 
 
 def mark_done(status: str, name: str, who: str) -> bool:
