@@ -24,14 +24,15 @@ from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed,
 from bench.azure_store import AzuriteStore  # noqa: E402
 from bench.gcs_store import FakeGcs  # noqa: E402
 from bench.s3 import S3rver  # noqa: E402
-from bench.tools import PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, user_dir, user_env, walrus_tool  # noqa: E402
+from bench.tools import (Barman, PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, barman_compression,  # noqa: E402
+                         user_dir, user_env, walrus_tool)
 from bench.wal import DEFAULT_WAL_TOOLS, WAL_OPS, WalBench, select_wal_tools  # noqa: E402
 from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run,  # noqa: E402
                              run_user, write_config)
 
 MIB = 2 ** 20
 STORES = {"s3": S3rver, "gcs": FakeGcs, "azure": AzuriteStore}
-DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup"
+DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup,barman"
 ALL_OPS = ("backup", "restore") + WAL_OPS + ("delta",)
 DEFAULT_OPS = ("backup", "restore") + WAL_OPS  # delta only when asked: a cluster of its own and minutes of load
 MAX_WAL_SENDERS = 10  # restored clusters must match it, or hot standby refuses to start recovery
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--storage", choices=["file", *STORES], default="file",
                     help="where backup/restore repositories live: local files (default), or an emulator on loopback "
                          "with TLS: s3 (s3rver from npm), gcs (fake-gcs-server from PyPI), azure (Azurite from "
-                         "npm); the WAL operations always use files")
+                         "npm); the WAL operations use s3 with --storage s3, else files")
     ap.add_argument("--workers", type=int, default=2, help="parallel workers for every tool that has them (default 2)")
     ap.add_argument("--tools", default=DEFAULT_TOOLS,
                     help=f"comma-separated, in order (default {DEFAULT_TOOLS}); wal-g and walrus-rs are added "
@@ -132,7 +133,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
     """The tools named by --tools (and the extra ones), minus those that cannot run here or on --storage."""
     known: dict[str, Tool] = {t.name: t for t in (walrus_tool("io_uring"), walrus_tool("preadv"), PgBackRest(),
-                                                  PgBaseBackup())}
+                                                  PgBaseBackup(), Barman())}
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     for kind in args.encryption:
         name = f"walrus-{kind}"
@@ -154,8 +155,7 @@ def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
         tool = known.get(name)
         if tool is None:
             raise SystemExit(f"unknown tool {name!r}; known: {', '.join(known)}")
-        reason = tool.missing() or (None if tool.object_store or args.storage == "file"
-                                    else f"no {args.storage} storage")
+        reason = tool.missing() or tool.storage_missing(args.storage)
         if reason:
             warnings.append(f"skipped {tool.label}: {reason}")
         else:
@@ -453,7 +453,8 @@ def _workdir_in(parent: str, prefix: str = "walrus-bench-") -> str:
     return user_dir(path)
 
 
-FAMILY_LABELS = {"walrus": "walrus", "pgbackrest": "pgBackRest", "wal-e": "WAL-E", "wal-g": "WAL-G"}
+FAMILY_LABELS = {"walrus": "walrus", "pgbackrest": "pgBackRest", "wal-e": "WAL-E", "wal-g": "WAL-G",
+                 "barman": "Barman cloud"}
 RATIO_BASE = {"backup": "walrus", "restore": "walrus", "drain": "walrus-daemon", "replay": "walrus-daemon"}
 
 
@@ -466,6 +467,23 @@ def add_ratios(rows: list[dict]) -> None:
         for r in rows:
             if r["operation"] == op and base and r.get("wall_s"):
                 r["wall_ratio"] = r["wall_s"] / base
+
+
+def backup_targets(rows: list[dict]) -> list[str]:
+    """walrus (io_uring) against Barman cloud: the wall-time ratio of each operation both completed."""
+    out = []
+    for op in ("backup", "restore"):
+        by = {r["tool_name"]: r for r in rows if r["operation"] == op}
+        walrus, barman = by.get("walrus"), by.get("barman")
+        if not (walrus and barman):
+            continue
+        failed = [r["tool"] for r in (walrus, barman) if r.get("error") or r.get("verified") not in (None, "verified")]
+        if failed:
+            out.append(f"{op}: walrus / Barman: no ratio ({' and '.join(failed)} did not complete)")
+        else:
+            out.append(f"{op}: walrus {op} is {walrus['wall_s'] / barman['wall_s']:.2f}x Barman's time "
+                       f"({walrus['wall_s']:.2f} s against {barman['wall_s']:.2f} s)")
+    return out
 
 
 def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
@@ -511,6 +529,15 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
                    "the tools take turns, each round starting one tool later; every run's wall time is in "
                    "results.json (runs_wall_s).")
     names = {t.name for t in b.tools}
+    if "barman" in names:
+        out.append(f"Barman cloud (barman-cloud-backup and -restore, Debian's barman-cli-cloud): "
+                   f"--{barman_compression()} for {args.compression} (Barman has gzip, bzip2 and snappy only; snappy "
+                   "when python-snappy works, else gzip at level 9, Python's default; Debian 12's python3-snappy "
+                   f"fails on Python 3.11), --jobs={args.workers} upload processes, "
+                   "--immediate-checkpoint, libpq over the server's socket; WAL stays with walrus's archive_command "
+                   "(as for pgBackRest). barman-cloud-restore has no parallelism: it downloads and untars one archive "
+                   "at a time, by the backup's name (3.4 has no \"latest\"). boto3 gets the credentials, "
+                   "AWS_CA_BUNDLE and path-style addressing (AWS_CONFIG_FILE) from the environment.")
     if {"walrus", "walrus-preadv"} <= names and not walrus_reads_io_method():
         out.append("WARNING: this walrus does not read WALRUS_IO_METHOD yet: walrus (io_uring) and walrus (preadv) "
                    "ran the same reader.")
@@ -577,7 +604,8 @@ def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warn
         out_notes += d.notes() + ([] if b or w else warnings)
     return {"started_utc": stamp, "args": vars(args), "machine": machine, "versions": versions,
             "loadavg_before": loadavg[0], "loadavg_after": loadavg[1], "duration_s": round(duration_s, 1),
-            "targets": w.targets() if w else [], **({"delta": d.facts} if d else {}),
+            "targets": (backup_targets(b.rows) if b else []) + (w.targets() if w else []),
+            **({"delta": d.facts} if d else {}),
             "notes": out_notes + [background_note(rows, machine["nproc"])]}
 
 

@@ -37,6 +37,13 @@ class S3rver(ObjectStore):
         """`silent` drops s3rver's log line per request (and per key a DeleteObjects deletes), which
         costs the emulator's single thread time that S3 does not spend."""
         super().start(log_path, silent=silent)
+        with open(self.aws_config, "w") as f:
+            f.write("[default]\ns3 =\n    addressing_style = path\n")  # boto3 would put the bucket in the host name
+        os.chmod(self.aws_config, 0o644)
+
+    @property
+    def aws_config(self) -> str:
+        return os.path.join(self.root, "aws-config")
 
     def command(self) -> list[str]:
         return (["node", self._install(), "-d", self.data, "-a", "127.0.0.1", "-p", str(self.port), "--key",
@@ -72,6 +79,14 @@ class S3rver(ObjectStore):
         return {"WALG_S3_PREFIX": f"s3://{BUCKET}/{self.prefix(repo)}", "AWS_ENDPOINT": self.endpoint,
                 "AWS_S3_FORCE_PATH_STYLE": "true", "AWS_REGION": REGION, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "WALG_S3_CA_CERT_FILE": self.ca_file}
+
+    def barman_url(self, repo: str) -> str:
+        return f"s3://{BUCKET}/{self.prefix(repo)}"
+
+    def boto3_env(self) -> dict[str, str]:
+        """What boto3 (Barman's client) reads: credentials, region, path-style addressing and the CA."""
+        return {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION,
+                "AWS_CONFIG_FILE": self.aws_config, "AWS_CA_BUNDLE": self.ca_file}
 
     def pgbackrest_options(self, repo: str) -> list[str]:
         return ["repo1-type=s3", f"repo1-path=/{self.prefix(repo)}", f"repo1-s3-bucket={BUCKET}",

@@ -1,6 +1,7 @@
 """Per-tool adapters: how each tool backs up and restores the bench cluster, with equal compression and workers."""
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shlex
@@ -104,6 +105,10 @@ class Tool:
     def missing(self) -> str | None:
         """Why the tool cannot run here, or None."""
         return None
+
+    def storage_missing(self, storage: str) -> str | None:
+        """Why the tool cannot keep its repository on `storage` (a --storage value), or None."""
+        return None if self.object_store or storage == "file" else f"no {storage} storage"
 
     def version(self) -> str:
         raise NotImplementedError
@@ -211,3 +216,64 @@ class PgBaseBackup(Tool):
         script = (f"set -o pipefail; {s.compression} -dcq {shlex.quote(tar)} | "
                   f"tar -xf - -C {shlex.quote(target)}")
         return Command(["bash", "-c", script], {})
+
+
+BARMAN_BINARIES = ("barman-cloud-backup", "barman-cloud-restore", "barman-cloud-wal-archive",
+                   "barman-cloud-wal-restore")
+BARMAN_SERVER = "bench"  # barman-cloud's server name: the folder under the repository's URL
+BARMAN_BACKUP_NAME = "bench"  # 3.4's restore takes a backup ID or name, not "latest"; each repository holds one
+
+
+def barman_missing() -> str | None:
+    for exe in BARMAN_BINARIES:
+        if not shutil.which(exe):
+            return f"{exe} is not installed (apt-get install barman-cli-cloud)"
+    return None
+
+
+def barman_storage_missing(storage: str) -> str | None:
+    return None if storage == "s3" else "runs here on s3 storage only"
+
+
+@functools.cache
+def barman_compression() -> str:
+    """Barman 3.4 compresses with gzip, bzip2 or snappy only: snappy, the fast one, stands for lz4 and zstd
+    when python-snappy's stream compressor works in the Python its scripts run on; else gzip (level 9, Python's
+    tarfile and GzipFile default). Debian 12's python3-snappy 0.5.3 imports but fails on Python 3.11
+    (SystemError: PY_SSIZE_T_CLEAN), hence a test chunk, not an import."""
+    with open(shutil.which("barman-cloud-backup"), "rb") as f:
+        shebang = f.readline().decode(errors="replace")
+    python = shebang[2:].split()[0] if shebang.startswith("#!") else "python3"
+    test = "import snappy; snappy.StreamCompressor().add_chunk(b'walrus')"
+    return "snappy" if subprocess.run([python, "-c", test], capture_output=True).returncode == 0 else "gzip"
+
+
+class Barman(Tool):
+    """Barman's cloud scripts: barman-cloud-backup (its own tar streams over a libpq connection, --jobs upload
+    processes) and barman-cloud-restore (one download at a time); WAL stays with walrus's archive_command."""
+
+    name, label = "barman", "Barman cloud"
+    binary = "barman-cloud-backup"
+
+    def missing(self) -> str | None:
+        return barman_missing()
+
+    def storage_missing(self, storage: str) -> str | None:
+        return barman_storage_missing(storage)
+
+    def version(self) -> str:
+        return f"{first_line([self.binary, '--version'])} (--{barman_compression()})"
+
+    def _env(self, s: Setup) -> dict[str, str]:
+        return {**s.cluster.env, **s.store.boto3_env()}
+
+    def backup(self, s: Setup, repo: str) -> Command:
+        c = s.cluster
+        return Command([self.binary, "--endpoint-url", s.store.endpoint, f"--{barman_compression()}",
+                        f"--jobs={s.workers}", "--immediate-checkpoint", f"--host={c.sockdir}", f"--port={c.port}",
+                        "--dbname=postgres", f"--name={BARMAN_BACKUP_NAME}", s.store.barman_url(repo), BARMAN_SERVER],
+                       self._env(s))
+
+    def restore(self, s: Setup, repo: str, target: str) -> Command:
+        return Command(["barman-cloud-restore", "--endpoint-url", s.store.endpoint, s.store.barman_url(repo),
+                        BARMAN_SERVER, BARMAN_BACKUP_NAME, target], self._env(s))

@@ -20,19 +20,21 @@ from psycopg import sql
 from bench import report
 from bench.cgroups import Cgroups
 from bench.measure import drop_caches, machine_busy_s, tree_bytes
-from bench.tools import user_dir, user_env
-from bench.waltools import PREFETCH_WINDOW, PgBackRestWal, WalE, WalSetup, WalTool, walg_tools, walrus_tools
+from bench.s3 import S3rver
+from bench.tools import barman_compression, user_dir, user_env
+from bench.waltools import (PREFETCH_WINDOW, BarmanWal, PgBackRestWal, WalE, WalSetup, WalTool, walg_tools,
+                            walrus_tools)
 from tests.pgcluster import Cluster, chown_to_user, pg_bindir, remove_tree, run, run_user, stop_process
 
 MIB = 2 ** 20
 WAL_OPS = ("archive", "drain", "replay")
 BASE_TOOL = "walrus-daemon"  # every WAL table's ratio column is relative to it
-DRAIN_PEERS = ("pgbackrest", "pgbackrest-async", "wal-e")  # the peers the drain target names
+DRAIN_PEERS = ("pgbackrest", "pgbackrest-async", "wal-e", "barman")  # the peers the drain target names
 MAX_WAL_SENDERS = 10  # a restored copy must match it, or hot standby refuses to start recovery
 SAMPLE_S = 0.05
 RELOAD_SETTLE_S = 0.3
 POLL_S = 0.01
-DEFAULT_WAL_TOOLS = "walrus-daemon,walrus,walrus-bg4,walrus-noprefetch,pgbackrest,pgbackrest-async,wal-e"
+DEFAULT_WAL_TOOLS = "walrus-daemon,walrus,walrus-bg4,walrus-noprefetch,pgbackrest,pgbackrest-async,wal-e,barman"
 
 # Writes exactly `segments` whole WAL segments: range UPDATEs of pgbench_accounts (pgbench-like heap and index
 # records, and full-page images after the CHECKPOINT that precedes it), committed in batches, until the insert
@@ -67,10 +69,16 @@ class StepFailed(RuntimeError):
     """A WAL step did not complete."""
 
 
+def wal_storage(args: argparse.Namespace) -> str:
+    """Where the WAL repositories live: s3 with --storage s3, else files (gcs and azure are backup/restore only)."""
+    return "s3" if args.storage == "s3" else "file"
+
+
 def select_wal_tools(args: argparse.Namespace, venv: str) -> tuple[list[WalTool], list[str]]:
-    """The WAL tools named by --wal-tools (WAL-G's when --walg is given); WAL-E is installed here if named."""
+    """The WAL tools named by --wal-tools (WAL-G's when --walg is given) that can run here on wal_storage();
+    WAL-E is installed here if named and on files."""
     known: dict[str, WalTool] = {t.name: t for t in walrus_tools()}
-    known.update({t.name: t for t in (PgBackRestWal(False), PgBackRestWal(True))})
+    known.update({t.name: t for t in (PgBackRestWal(False), PgBackRestWal(True), BarmanWal())})
     names = [n.strip() for n in args.wal_tools.split(",") if n.strip()]
     warnings = []
     if args.walg:
@@ -88,9 +96,10 @@ def select_wal_tools(args: argparse.Namespace, venv: str) -> tuple[list[WalTool]
         tool = known.get(name)
         if tool is None:
             raise SystemExit(f"unknown WAL tool {name!r}; known: {', '.join(known)}")
-        if tool is wale:
+        reason = tool.storage_missing(wal_storage(args))
+        if tool is wale and not reason:
             wale.install()
-        reason = tool.missing()
+        reason = reason or tool.missing()
         if reason:
             warnings.append(f"skipped {tool.label}: {reason}")
         else:
@@ -192,6 +201,7 @@ class WalBench:
         self.replay_segment_mib: float | None = None
         self.replay_start_lsn = 0
         self.replay_last_segment = 0
+        self.store = S3rver(root) if wal_storage(args) == "s3" else None
 
     # -- the archiving cluster ------------------------------------------------------------------
     def conninfo(self, c: Cluster) -> dict:
@@ -199,6 +209,10 @@ class WalBench:
 
     def create_source(self) -> None:
         a = self.args
+        if self.store:
+            self.say(f"==> s3 endpoint for the WAL repositories: {self.store.version()} with TLS on 127.0.0.1")
+            with self.cg.inside("storage"):  # its CPU is then neither a tool's nor noise
+                self.store.start(os.path.join(self.logs, "wal-s3-emulator.log"))
         self.say(f"==> WAL cluster: initdb ({a.wal_segsize} MiB segments), pgbench -i -s {a.wal_scale}")
         c = Cluster.init(self.root, wal_segsize_mb=a.wal_segsize)
         self.clusters.append(c)
@@ -211,7 +225,7 @@ class WalBench:
         self.conn.execute(WALGEN)
         self.load_tables()
         self.setup = WalSetup(source=c, root=self.root, compression=a.compression, workers=a.workers,
-                              segment_mib=a.wal_segsize)
+                              segment_mib=a.wal_segsize, store=self.store)
 
     def load_tables(self) -> None:
         """pgbench's tables, loaded afresh (pgbench -i drops and recreates them). Every operation starts
@@ -322,6 +336,23 @@ class WalBench:
     def repo(self, tool: WalTool, op: str, n: int) -> str:
         return os.path.join(self.root, f"{tool.name}-{op}-repo-{n}")
 
+    # a repository: a local directory, or with --storage s3 a key prefix named after it
+    def repo_bytes(self, repo: str) -> int:
+        return self.store.stored_bytes(repo) if self.store else tree_bytes(repo)
+
+    def repo_files(self, repo: str) -> str:
+        """The directory holding repo's objects as files (s3rver keeps one file per object, named by its key)."""
+        return self.store.prefix_dir(repo) if self.store else repo
+
+    def sync_repo(self, repo: str) -> None:
+        """`sync -f` of the filesystem the repository's objects are on (s3rver does not fsync)."""
+        subprocess.run(["sync", "-f", self.store.data if self.store else repo], check=True)
+
+    def remove_repo(self, repo: str) -> None:
+        if self.store:
+            self.store.remove(repo)
+        remove_tree(repo)
+
     def archive_command(self, tool: WalTool, repo: str, socket_path: str | None) -> str:
         return self.cg.shell_prefix(tool.name) + tool.push_command(self.setup, repo, socket_path)
 
@@ -365,7 +396,7 @@ class WalBench:
                     raise StepFailed(f"pgbench exited {proc.returncode}; see {log_path}")
                 catchup = self.wait_backlog_empty(max(300.0, 10.0 * a.burst_seconds),
                                                   f"{tool.label} to archive the burst's WAL")
-                subprocess.run(["sync", "-f", repo], check=True)
+                self.sync_repo(repo)
                 m = self.close_window(window, tool)
             finally:
                 sampler.finish()
@@ -376,8 +407,8 @@ class WalBench:
         samples = [[round(t, 3), ready, lsn // self.segment - seg0, lsn // self.segment - seg0 - ready + ready0]
                    for t, ready, lsn, _rss in sampler.samples]
         tps = re.search(r"tps = ([0-9.]+)", out)
-        stored = tree_bytes(repo)
-        remove_tree(repo)
+        stored = self.repo_bytes(repo)
+        self.remove_repo(repo)
         archived = written - backlog_end + ready0
         return {"operation": "archive", "tool": tool.label, "tool_name": tool.name,
                 "wall_s": burst, "tps": float(tps.group(1)) if tps else None,
@@ -418,13 +449,13 @@ class WalBench:
             try:
                 self.conn.execute("SELECT pg_reload_conf()")
                 self.wait_backlog_empty(max(600.0, 10.0 * want), f"{tool.label} to drain the backlog")
-                subprocess.run(["sync", "-f", repo], check=True)
+                self.sync_repo(repo)
                 m = self.close_window(window, tool)
             finally:
                 sampler.finish()
-        missing = tool.missing_segments(repo, names)
-        stored = tree_bytes(repo)
-        remove_tree(repo)
+        missing = tool.missing_segments(self.repo_files(repo), names)
+        stored = self.repo_bytes(repo)
+        self.remove_repo(repo)
         wall = m["wall_s"]
         return {"operation": "drain", "tool": tool.label, "tool_name": tool.name, "wall_s": wall,
                 "segments": want, "segments_s": want / wall, "mib_s": want * self.segment / MIB / wall,
@@ -601,6 +632,8 @@ class WalBench:
             self.conn.close()
         for c in self.clusters:
             c.stop("immediate")
+        if self.store:
+            self.store.stop()
         notes = self.cg.close()
         if self.args.keep:
             self.say(f"kept {self.root}")
@@ -615,8 +648,9 @@ class WalBench:
             f"WAL cluster: pgbench scale {a.wal_scale}, {a.wal_segsize} MiB segments, autovacuum off, fsync=off "
             "(PostgreSQL's own writes are not synced; every tool's stored objects are, see below); VACUUM and "
             f"CHECKPOINT before every timed step. Compression {a.compression} for every tool but WAL-E (lzop, its "
-            f"only method); {a.workers} workers: WALG_UPLOAD_CONCURRENCY (the daemons' look-ahead and WAL-G's "
-            "parallel wal-push), pgBackRest process-max, WAL-E --pool-size. Each tool runs in its fast mode: "
+            f"only method) and Barman (below); {a.workers} workers: WALG_UPLOAD_CONCURRENCY (the daemons' "
+            "look-ahead and WAL-G's parallel wal-push), pgBackRest process-max, WAL-E --pool-size (Barman has "
+            "none). Each tool runs in its fast mode: "
             "pgBackRest --archive-async; the walrus and WAL-G daemons with PG_READY_RENAME=true (a segment stored "
             "ahead of the archiver is marked .done, so one archive_command call covers several, as WAL-E does).",
             f"archive: pgbench -n -c {a.burst_clients} -T {a.burst_seconds} (TPC-B-like) with the tool as "
@@ -642,6 +676,22 @@ class WalBench:
             "prefetch child dies in socket.fromfd() on stdin, ENOTSOCK, leaving a marker wal-fetch waits on). "
             "verified = recovery reached the last archived segment.",
         ]
+        if self.store:
+            out.append(f"WAL repositories: {S3rver.title}, {self.store.version()}, one key prefix per repository "
+                       "(walrus: WALG_S3_PREFIX, AWS_ENDPOINT, path style, WALG_S3_CA_CERT_FILE in its config file; "
+                       "pgBackRest: repo1-type=s3; Barman: --endpoint-url, boto3 with AWS_CA_BUNDLE). s3rver runs "
+                       "in a cgroup of its own: its CPU is in no tool's CPU s and not in the noise figure. stored "
+                       "MiB: s3rver's object files; `sync -f` of its folder ends drain's wall s. WAL-E runs on "
+                       "files only (skipped on s3).")
+        elif a.storage != "file":
+            out.append(f"WAL repositories: local files (--storage {a.storage} applies to backup and restore only).")
+        if any(t.family == "barman" for t in self.tools):
+            out.append(f"Barman cloud: barman-cloud-wal-archive --{barman_compression()} %p (Barman 3.4 has gzip, "
+                       f"bzip2 and snappy only: snappy stands for {a.compression} when python-snappy works, else gzip "
+                       "at level 9, as for its backups), one Python process and one upload per segment, no "
+                       "look-ahead or parallelism; replay: barman-cloud-wal-restore %f %p, one process per segment "
+                       "that lists the segment's folder, downloads and decompresses it: 3.4 has no prefetch (no "
+                       "option for it), so it runs without one, like walrus-noprefetch.")
         if self.cg.available:
             out.append("CPU s: every process of the tool (each archive/restore_command and its children, daemons, "
                        "pgBackRest's async processes, prefetchers), from a cgroup v2 group's cpu.stat: exact, "
@@ -669,6 +719,13 @@ class WalBench:
             ratio = base["segments_s"] / best["segments_s"]
             out.append(f"drain: walrus daemon {base['segments_s']:.2f} segments/s, fastest peer {best['tool']} "
                        f"{best['segments_s']:.2f}: {ratio:.2f}x (target >= 1.3x): {_verdict(ratio >= 1.3)}")
+        for op in ("drain", "replay"):
+            barman = by.get((op, "barman"))
+            for name in (BASE_TOOL, "walrus"):
+                r = by.get((op, name))
+                if r and barman:
+                    out.append(f"{op}: {r['tool']} is {r['wall_s'] / barman['wall_s']:.2f}x Barman's time "
+                               f"({r['wall_s']:.2f} s against {barman['wall_s']:.2f} s)")
         slow, pgbr = by.get(("replay", "walrus-noprefetch")), by.get(("replay", "pgbackrest-async"))
         for name in (BASE_TOOL, "walrus"):
             r = by.get(("replay", name))

@@ -9,8 +9,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from bench.tools import (PGBACKREST, STANZA, first_line, pgbackrest_argv, pgbackrest_etc, pgbackrest_stanza,
-                         user_dir)
+from bench.objectstore import ObjectStore
+from bench.tools import (BARMAN_SERVER, PGBACKREST, STANZA, barman_compression, barman_missing, first_line,
+                         pgbackrest_argv, pgbackrest_etc, pgbackrest_stanza, user_dir)
 from tests.pgcluster import WALRUS, Cluster, chown_to_user
 
 # walrus's daemon client as the packages run it: /usr/bin/walg-daemon-client's shebang is
@@ -30,6 +31,12 @@ class WalSetup:
     compression: str  # lz4 | zstd
     workers: int
     segment_mib: int
+    store: ObjectStore | None = None  # --storage s3: repositories are key prefixes in the S3 endpoint
+
+
+def env_words(env: dict[str, str]) -> list[str]:
+    """`env K=V ...`: settings for one command of an archive_command or restore_command."""
+    return ["env", *(f"{k}={v}" for k, v in env.items())] if env else []
 
 
 class WalTool:
@@ -45,9 +52,14 @@ class WalTool:
     family: str
     binary: str
     ops: tuple[str, ...]  # of archive, drain, replay
+    storages: tuple[str, ...] = ("file", "s3")  # where its repository can be
 
     def missing(self) -> str | None:
         return None
+
+    def storage_missing(self, storage: str) -> str | None:
+        """Why the tool cannot keep its repository on `storage` (file or s3), or None."""
+        return None if storage in self.storages else f"runs here on {' or '.join(self.storages)} storage only"
 
     def version(self) -> str:
         raise NotImplementedError
@@ -69,7 +81,8 @@ class WalTool:
         return None
 
     def missing_segments(self, repo: str, names: list[str]) -> list[str]:
-        """The WAL file names that are not stored in repo."""
+        """The WAL file names that are not stored in repo (a directory; on S3, s3rver's folder of the prefix,
+        which holds each object as a file named after its key plus a suffix)."""
         raise NotImplementedError
 
 
@@ -105,16 +118,15 @@ class WalgFamily(WalTool):
         if not os.path.isdir(repo):
             user_dir(repo)
         path = self.config(repo)
+        storage = s.store.walg_env(repo) if s.store else {"WALG_FILE_PREFIX": repo}
         with open(path, "w") as f:
-            json.dump({"WALG_FILE_PREFIX": repo, "WALG_COMPRESSION_METHOD": s.compression,
+            json.dump({**storage, "WALG_COMPRESSION_METHOD": s.compression,
                        "WALG_UPLOAD_CONCURRENCY": str(s.workers), "WALG_PG_WAL_SIZE": str(s.segment_mib),
                        **self.settings}, f)
         chown_to_user(path)
 
     def _cli(self, repo: str, *args: str, env: dict[str, str] | None = None) -> str:
-        words = [self.binary, "--config", self.config(repo), *args]
-        if env:
-            words = ["env", *(f"{k}={v}" for k, v in env.items()), *words]
+        words = [*env_words(env or {}), self.binary, "--config", self.config(repo), *args]
         return "exec " + " ".join(shlex.quote(w) if "%" not in w else w for w in words)
 
     def push_command(self, s: WalSetup, repo: str, daemon_socket: str | None, solo: bool = False) -> str:
@@ -192,8 +204,9 @@ class PgBackRestWal(WalTool):
             return  # the family's repository exists: the stanza is there
         user_dir(repo)
         compress = {"lz4": "lz4", "zstd": "zst"}[s.compression]
+        storage = s.store.pgbackrest_options(repo) if s.store else [f"repo1-path={repo}", "repo1-type=posix"]
         pgbackrest_stanza(repo, s.source, s.root, [
-            f"repo1-path={repo}", "repo1-type=posix", f"compress-type={compress}", f"process-max={s.workers}",
+            *storage, f"compress-type={compress}", f"process-max={s.workers}",
             f"spool-path={pgbackrest_etc(repo)}/spool",
             # the same window as walrus's prefetch: PREFETCH_WINDOW segments
             f"archive-get-queue-max={PREFETCH_WINDOW * s.segment_mib}MiB"], dirs=("spool",))
@@ -226,6 +239,7 @@ class WalE(WalTool):
 
     name, label, replay_label, family = "wal-e", "WAL-E", "WAL-E wal-fetch (no prefetch)", "wal-e"
     ops = ("archive", "drain", "replay")
+    storages = ("file",)  # not set up for the S3 emulator here (WAL-E's S3 client is boto 2)
 
     def __init__(self, venv: str) -> None:
         self.venv = venv
@@ -267,3 +281,34 @@ class WalE(WalTool):
 
     def missing_segments(self, repo: str, names: list[str]) -> list[str]:
         return [n for n in names if not os.path.exists(os.path.join(repo, "wal_005", n + ".lzo"))]
+
+
+class BarmanWal(WalTool):
+    """Barman's cloud scripts: barman-cloud-wal-archive %p (one process and one upload per segment, nothing
+    ahead) and barman-cloud-wal-restore %f %p (one process per segment: it lists the segment's folder, downloads
+    and decompresses; 3.4 has no prefetch). S3 only."""
+
+    name, label, replay_label, family = "barman", "Barman cloud", "Barman cloud wal-restore (no prefetch)", "barman"
+    binary = "barman-cloud-wal-archive"
+    ops = ("archive", "drain", "replay")
+    storages = ("s3",)
+
+    def missing(self) -> str | None:
+        return barman_missing()
+
+    def version(self) -> str:
+        return f"{first_line([self.binary, '--version'])} (--{barman_compression()})"
+
+    def _words(self, s: WalSetup, repo: str, exe: str, *args: str) -> str:
+        words = [*env_words(s.store.boto3_env()), exe, "--endpoint-url", s.store.endpoint, *args,
+                 s.store.barman_url(repo), BARMAN_SERVER]
+        return "exec " + " ".join(map(shlex.quote, words))
+
+    def push_command(self, s: WalSetup, repo: str, daemon_socket: str | None, solo: bool = False) -> str:
+        return self._words(s, repo, self.binary, f"--{barman_compression()}") + " %p"
+
+    def fetch_command(self, s: WalSetup, repo: str, pgdata: str, daemon_socket: str | None, scratch: str) -> str:
+        return self._words(s, repo, "barman-cloud-wal-restore") + " %f %p"
+
+    def missing_segments(self, repo: str, names: list[str]) -> list[str]:
+        return [n for n in names if not glob.glob(os.path.join(repo, BARMAN_SERVER, "wals", n[:16], n + "*"))]
