@@ -51,15 +51,15 @@ def _main() -> None:
         from walrus.daemon.client import run
 
         sys.exit(run(sys.argv[2:]))
-    # The quickest answers are one atomic step each (a rename, a marker's removal), so they run with
-    # the default dispositions: a signal before the step changes nothing, one after it ends a process
-    # whose work stands either way, and PostgreSQL reads the death by a signal as it should.
-    # Importing the signal machinery would cost them a fifth of their time.
-    if _prefetched_fetch(sys.argv[1:]) or _pushed_in_background(sys.argv[1:]):
-        sys.exit(0)
     from walrus import interrupts
 
+    # First, before any import: Python's SIGINT handler raises KeyboardInterrupt wherever the main
+    # thread is, and one raised inside an import can leave the import system's module lock held
+    # (a later import by a worker thread then waits forever: a SIGINT trial hung so).
     interrupts.hold()  # a signal waits until the work can be cancelled cleanly (walrus.cli.base.run)
+    if _prefetched_fetch(sys.argv[1:]) or _pushed_in_background(sys.argv[1:]):
+        interrupts.ignore_while_exiting()  # done: a signal held meanwhile changes nothing
+        sys.exit(0)
     from walrus.cli import main as cli_main
 
     cli_main()

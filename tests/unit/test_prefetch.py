@@ -238,7 +238,7 @@ def test_quickest_answer_refuses_a_file_from_before_the_last_boot(tmp_path):
     assert (location / name).exists()
 
 
-HEAVY = ("walrus.config", "click", "asyncio", "re", "signal", "logging", "walrus.storage")
+HEAVY = ("walrus.config", "click", "asyncio", "re", "logging", "walrus.storage")
 
 
 def imported(stderr: str) -> set[str]:
