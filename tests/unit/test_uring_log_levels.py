@@ -11,7 +11,8 @@ from walrus._uring import probe
 from walrus._uring import writer as writer_module
 from walrus._uring.reader import UringReader
 from walrus._uring.ring import Ring
-from walrus._uring.writer import UringSink
+from walrus._uring.writer import WriteRing
+from walrus.fileio.slabsink import SlabSink
 from walrus.fileio import BufferPool
 from walrus.log import setup_logging
 
@@ -40,7 +41,7 @@ def _refused_registrations() -> None:
             reader.close()
 
     asyncio.run(read_side())
-    sink = UringSink(direct_threshold=8192, buffer_size=64 << 10, buffers=4, depth=8)
+    sink = SlabSink(WriteRing(8), direct_threshold=8192, buffer_size=64 << 10, buffers=4)
     try:
         assert not sink.registered
     finally:

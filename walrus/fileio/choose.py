@@ -6,8 +6,10 @@ import threading
 from walrus._uring.support import UringUnavailable
 from walrus.config import DEFAULT_READ_INFLIGHT, IO_METHODS
 from walrus.errors import ConfigError
+from walrus.fileio.pwrite import PwriteQueue
 from walrus.fileio.reader import FileReader, PreadReader
-from walrus.fileio.sink import FileSink, PlainSink
+from walrus.fileio.sink import FileSink
+from walrus.fileio.slabsink import SlabSink, WriteQueue
 from walrus.log import log
 
 # WALRUS_IO_METHOD (config.IO_METHODS): "auto" takes io_uring where this process may use it, else
@@ -34,18 +36,22 @@ def open_reader(mode: str = "auto", inflight: int | None = None) -> FileReader:
 
 def open_sink(mode: str = "auto", *, direct_threshold: int, buffer_size: int = 1 << 20,
               buffers: int = 8) -> FileSink:
-    """The sink for `mode`. The plain sink never uses O_DIRECT (its writes are unaligned):
-    direct_threshold is io_uring's alone."""
+    """The sink for `mode`: the same aligned buffers, direct I/O and preallocation whichever queue
+    writes them, io_uring's ring or pwrite on threads."""
     _check(mode)
+    return SlabSink(_write_queue(mode), direct_threshold, buffer_size, buffers)
+
+
+def _write_queue(mode: str) -> WriteQueue:
     if mode == "preadv":
-        return PlainSink(buffer_size)
-    from walrus._uring.writer import open_uring_sink
+        return PwriteQueue()
+    from walrus._uring.writer import open_write_ring
 
     try:
-        return open_uring_sink(direct_threshold, buffer_size, buffers)
+        return open_write_ring()
     except UringUnavailable as e:
         _fall_back(mode, "writer", e)
-        return PlainSink(buffer_size)
+        return PwriteQueue()
 
 
 def _check(mode: str) -> None:
@@ -61,4 +67,4 @@ def _fall_back(mode: str, what: str, e: UringUnavailable) -> None:
         if what in _told:
             return
         _told.add(what)
-    log.info("io_uring unavailable (%s); using %s", e.reason, "preadv" if what == "reader" else "plain writes")
+    log.info("io_uring unavailable (%s); using %s", e.reason, "preadv" if what == "reader" else "pwrite")

@@ -8,7 +8,8 @@ from walrus.pull import Payload
 
 
 class FileSink(Protocol):
-    """Where restored files' payloads go: PlainSink here, batched io_uring writes in walrus._uring.writer.
+    """Where restored files' payloads go: SlabSink (fileio.slabsink) for restores, PlainSink here for
+    small extractions.
 
     `write` takes ownership of `fd` (opened for writing, empty) and closes it, at once or once its
     writes complete; `finish` waits for everything and raises the first error. `close` releases

@@ -1,4 +1,5 @@
-"""The FileSinks of restores (io_uring and plain writes) against the same contract, and the sink choice."""
+"""The FileSinks of restores (the slab sink over io_uring and over pwrite threads, plain writes) against
+the same contract."""
 from __future__ import annotations
 
 import ctypes
@@ -8,23 +9,28 @@ import io
 import os
 import random
 import tarfile
+import threading
+import time
 
 import pytest
 
 from walrus._uring import probe
 from walrus._uring import writer as writer_module
 from walrus._uring.ring import Ring
-from walrus._uring.writer import ALIGN, UringSink
+from walrus._uring.writer import WriteRing
 from walrus.tar.read import extract_tar
 from walrus.errors import CorruptObject
 from walrus.fileio import PlainSink
+from walrus.fileio import slabsink as slabsink_module
+from walrus.fileio.pwrite import PwriteQueue
+from walrus.fileio.slabsink import ALIGN, SlabSink
 
 UNAVAILABLE = probe()
 needs_uring = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"io_uring unavailable: {UNAVAILABLE}")
 
 BUF = 64 << 10
 BUFFERS = 4  # the whole io_uring pool is 256 KiB
-DEPTH = 8  # a small ring, so ordinary tests already keep it full
+DEPTH = 8  # a small queue, so ordinary tests already keep it full
 FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 
@@ -48,9 +54,11 @@ def open_fds(under=None) -> int:
 
 
 def assert_released(sink) -> None:
-    """Nothing of a finished sink is left: no ring, no mapping."""
-    if isinstance(sink, UringSink):
-        assert not sink._ring._open and sink._map.closed
+    """Nothing of a finished sink is left: no queue (ring or threads), no mapping."""
+    if isinstance(sink, SlabSink):
+        assert sink._queue.closed and sink._map.closed
+        if isinstance(sink._queue, PwriteQueue):
+            assert not any(t.is_alive() for t in sink._queue._threads)
 
 
 @pytest.fixture(autouse=True)
@@ -58,16 +66,25 @@ def fresh_log_once(monkeypatch):
     monkeypatch.setattr(writer_module, "_logged", set())
 
 
-def _uring_sink(buffers: int = BUFFERS, depth: int = DEPTH) -> UringSink:
+def _uring_sink(buffers: int = BUFFERS, depth: int = DEPTH) -> SlabSink:
     if UNAVAILABLE is not None:
         pytest.skip(f"io_uring unavailable: {UNAVAILABLE}")
-    return UringSink(direct_threshold=2 * ALIGN, buffer_size=BUF, buffers=buffers, depth=depth)
+    return SlabSink(WriteRing(depth), direct_threshold=2 * ALIGN, buffer_size=BUF, buffers=buffers)
 
 
-@pytest.fixture(params=["plain", "io_uring", "io_uring+unregistered"])
+def _pwrite_sink(buffers: int = BUFFERS, depth: int = DEPTH) -> SlabSink:
+    return SlabSink(PwriteQueue(entries=depth), direct_threshold=2 * ALIGN, buffer_size=BUF, buffers=buffers)
+
+
+SLAB_SINKS = {"io_uring": _uring_sink, "pwrite": _pwrite_sink}
+
+
+@pytest.fixture(params=["plain", "io_uring", "io_uring+unregistered", "pwrite"])
 def sink(request, monkeypatch):
     if request.param == "plain":
         s = PlainSink(BUF)
+    elif request.param == "pwrite":
+        s = _pwrite_sink()
     else:
         if request.param == "io_uring+unregistered":
             def refuse(*_):
@@ -78,6 +95,25 @@ def sink(request, monkeypatch):
         assert not (s.registered and request.param == "io_uring+unregistered")
     yield s
     s.close()
+
+
+@pytest.fixture(params=list(SLAB_SINKS))
+def make_slab_sink(request):
+    """The slab sink's constructor, over each write queue."""
+    made = []
+
+    def make(buffers: int = BUFFERS, depth: int = DEPTH) -> SlabSink:
+        made.append(SLAB_SINKS[request.param](buffers, depth))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+@pytest.fixture
+def slab_sink(make_slab_sink):
+    return make_slab_sink()
 
 
 @pytest.fixture
@@ -161,25 +197,23 @@ def test_full_disk_surfaces_enospc_naming_the_file(sink):
         sink.write(os.open("/dev/full", os.O_WRONLY | os.O_CLOEXEC), io.BytesIO(b"a" * 5000), 5000, False)
         sink.finish()
     assert caught.value.errno == errno.ENOSPC
-    if isinstance(sink, UringSink):
+    if isinstance(sink, SlabSink):
         assert caught.value.filename == "/dev/full"
         assert "No space left on device" in str(caught.value)
     assert open_fds("/dev/full") == 0
     assert_released(sink)
 
 
-# --- O_DIRECT (io_uring only: plain writes are not aligned) ---
+# --- O_DIRECT (the slab sink's: plain writes are not aligned) ---
 
 
-@needs_uring
 @pytest.mark.parametrize("size", [1, ALIGN - 1, ALIGN, ALIGN + 1, BUF - 1, BUF + 1, 3 * BUF * BUFFERS + 555])
-def test_direct_files_of_unaligned_sizes_are_cut_to_size(uring_sink, direct_dir, size):
-    assert_files(write_files(uring_sink, direct_dir, [size, size + 3, size], direct=True))
+def test_direct_files_of_unaligned_sizes_are_cut_to_size(slab_sink, direct_dir, size):
+    assert_files(write_files(slab_sink, direct_dir, [size, size + 3, size], direct=True))
     assert open_fds(direct_dir) == 0
 
 
-@needs_uring
-def test_direct_padding_is_zeros_not_stale_buffer_bytes(uring_sink, direct_dir, monkeypatch):
+def test_direct_padding_is_zeros_not_stale_buffer_bytes(slab_sink, direct_dir, monkeypatch):
     tails: list[bytes] = []
     real_ftruncate = os.ftruncate
 
@@ -191,16 +225,15 @@ def test_direct_padding_is_zeros_not_stale_buffer_bytes(uring_sink, direct_dir, 
 
     monkeypatch.setattr(os, "ftruncate", spy)
     # every buffer first holds random bytes; the small files then land in reused buffers
-    assert_files(write_files(uring_sink, direct_dir, [BUF] * 2 * BUFFERS + [100, 5000], direct=True))
+    assert_files(write_files(slab_sink, direct_dir, [BUF] * 2 * BUFFERS + [100, 5000], direct=True))
     assert [len(t) for t in tails] == [ALIGN - 100, 2 * ALIGN - 5000]
     assert all(t.count(0) == len(t) for t in tails)
 
 
-@needs_uring
-def test_direct_payload_shorter_than_size_is_cut_to_the_payload(uring_sink, direct_dir):
+def test_direct_payload_shorter_than_size_is_cut_to_the_payload(slab_sink, direct_dir):
     fd = os.open(direct_dir / "f", FLAGS | os.O_DIRECT, 0o600)
-    uring_sink.write(fd, io.BytesIO(b"x" * BUF), 3 * BUF, True)  # preallocated for 3 * BUF, no padding
-    uring_sink.finish()
+    slab_sink.write(fd, io.BytesIO(b"x" * BUF), 3 * BUF, True)  # preallocated for 3 * BUF, no padding
+    slab_sink.finish()
     assert (direct_dir / "f").read_bytes() == b"x" * BUF
 
 
@@ -212,29 +245,26 @@ def fake_fallocate(err: int):
     return fallocate
 
 
-@needs_uring
-def test_direct_files_without_fallocate_support_are_written_all_the_same(uring_sink, direct_dir,
+def test_direct_files_without_fallocate_support_are_written_all_the_same(slab_sink, direct_dir,
                                                                           monkeypatch):
-    monkeypatch.setattr(writer_module, "_fallocate", fake_fallocate(errno.EOPNOTSUPP))
-    assert_files(write_files(uring_sink, direct_dir, [3 * BUF + 1, BUF], direct=True))
+    monkeypatch.setattr(slabsink_module, "_fallocate", fake_fallocate(errno.EOPNOTSUPP))
+    assert_files(write_files(slab_sink, direct_dir, [3 * BUF + 1, BUF], direct=True))
 
 
-@needs_uring
-def test_no_space_to_preallocate_fails_that_write(uring_sink, direct_dir, monkeypatch):
-    monkeypatch.setattr(writer_module, "_fallocate", fake_fallocate(errno.ENOSPC))
-    uring_sink.write(os.open(direct_dir / "small", FLAGS, 0o600), io.BytesIO(b"s"), 1, False)
+def test_no_space_to_preallocate_fails_that_write(slab_sink, direct_dir, monkeypatch):
+    monkeypatch.setattr(slabsink_module, "_fallocate", fake_fallocate(errno.ENOSPC))
+    slab_sink.write(os.open(direct_dir / "small", FLAGS, 0o600), io.BytesIO(b"s"), 1, False)
     with pytest.raises(OSError) as caught:
-        uring_sink.write(os.open(direct_dir / "big", FLAGS | os.O_DIRECT, 0o600), io.BytesIO(b"b" * BUF),
+        slab_sink.write(os.open(direct_dir / "big", FLAGS | os.O_DIRECT, 0o600), io.BytesIO(b"b" * BUF),
                          BUF, True)
     assert caught.value.errno == errno.ENOSPC
     assert caught.value.filename == os.path.realpath(direct_dir / "big")
     assert open_fds(direct_dir) == 0
-    assert_released(uring_sink)
+    assert_released(slab_sink)
     assert (direct_dir / "small").read_bytes() == b"s"
 
 
-@needs_uring
-def test_direct_and_buffered_files_interleave(uring_sink, direct_dir):
+def test_direct_and_buffered_files_interleave(slab_sink, direct_dir):
     expected = {}
     for i in range(60):
         size = random.Random(i).randrange(0, 2 * BUF)
@@ -242,18 +272,17 @@ def test_direct_and_buffered_files_interleave(uring_sink, direct_dir):
         path = str(direct_dir / f"f{i}")
         expected[path] = payload(size, seed=i)
         fd = os.open(path, FLAGS | (os.O_DIRECT if direct else 0), 0o600)
-        uring_sink.write(fd, io.BytesIO(expected[path]), size, direct)
-    uring_sink.finish()
+        slab_sink.write(fd, io.BytesIO(expected[path]), size, direct)
+    slab_sink.finish()
     assert_files(expected)
 
 
-@needs_uring
-def test_single_buffer_single_entry_still_writes_large_files(direct_dir):
-    sink = _uring_sink(buffers=1, depth=1)
+def test_single_buffer_single_entry_still_writes_large_files(make_slab_sink, direct_dir):
+    sink = make_slab_sink(buffers=1, depth=1)
     assert_files(write_files(sink, direct_dir, [5 * BUF + 17, 3], direct=True))
 
 
-# --- io_uring internals: the ring is really used, retries and fallbacks ---
+# --- the queues' internals: writes really go through them, retries and fallbacks ---
 
 
 @needs_uring
@@ -264,23 +293,21 @@ def test_writes_go_through_the_ring_with_fixed_buffers(uring_sink, tmp_path):
     assert uring_sink.completions == 4 and uring_sink.fixed_writes == 4
 
 
-@needs_uring
-def test_short_writes_are_resubmitted(uring_sink, direct_dir):
-    ring = uring_sink._ring
-    prep = ring.prep_write
+def test_short_writes_are_resubmitted(slab_sink, direct_dir):
+    queue = slab_sink._queue
+    prep = queue.prep_write
 
     def prep_4k(user_data, fd, buf, nbytes, offset, buf_index=-1):  # the kernel then writes short
         prep(user_data, fd, buf, min(nbytes, ALIGN), offset, buf_index)
 
-    ring.prep_write = prep_4k
-    assert_files(write_files(uring_sink, direct_dir, [BUF + 5000], direct=True))
-    assert uring_sink.completions == (BUF + 5000 + ALIGN - 1) // ALIGN
+    queue.prep_write = prep_4k
+    assert_files(write_files(slab_sink, direct_dir, [BUF + 5000], direct=True))
+    assert slab_sink.completions == (BUF + 5000 + ALIGN - 1) // ALIGN
 
 
-@needs_uring
-def test_eagain_and_eintr_completions_are_retried(uring_sink, tmp_path):
-    ring = uring_sink._ring
-    reap = ring.reap
+def test_eagain_and_eintr_completions_are_retried(slab_sink, tmp_path):
+    queue = slab_sink._queue
+    reap = queue.reap
     faked: list[int] = []
 
     def reap_retryable():  # the first two completions report EAGAIN and EINTR: written again
@@ -291,17 +318,16 @@ def test_eagain_and_eintr_completions_are_retried(uring_sink, tmp_path):
                 done[k] = (user_data, -(errno.EAGAIN, errno.EINTR)[len(faked) - 1])
         return done
 
-    ring.reap = reap_retryable
-    expected = write_files(uring_sink, tmp_path, [3 * BUF, 100])
+    queue.reap = reap_retryable
+    expected = write_files(slab_sink, tmp_path, [3 * BUF, 100])
     assert_files(expected)
-    assert len(faked) == 2 and uring_sink.completions == 4 + 2
+    assert len(faked) == 2 and slab_sink.completions == 4 + 2
 
 
-@needs_uring
-def test_unaligned_short_direct_write_finishes_with_pwrite_without_o_direct(uring_sink, direct_dir,
+def test_unaligned_short_direct_write_finishes_with_pwrite_without_o_direct(slab_sink, direct_dir,
                                                                             monkeypatch):
-    ring = uring_sink._ring
-    reap = ring.reap
+    queue = slab_sink._queue
+    reap = queue.reap
     calls: list[tuple[int, bool]] = []
     real_pwrite = os.pwrite
 
@@ -315,43 +341,41 @@ def test_unaligned_short_direct_write_finishes_with_pwrite_without_o_direct(urin
         calls.append((offset, bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)))
         return real_pwrite(fd, data, offset)
 
-    ring.reap = reap_short_once
+    queue.reap = reap_short_once
     monkeypatch.setattr(os, "pwrite", spy)
-    assert_files(write_files(uring_sink, direct_dir, [2 * ALIGN + 10], direct=True))  # one write
+    assert_files(write_files(slab_sink, direct_dir, [2 * ALIGN + 10], direct=True))  # one write
     assert calls and calls[0] == (1000, False)
 
 
-@needs_uring
-def test_injected_enospc_stops_the_sink_and_closes_every_fd(uring_sink, tmp_path):
-    ring = uring_sink._ring
-    reap = ring.reap
+def test_injected_enospc_stops_the_sink_and_closes_every_fd(slab_sink, tmp_path):
+    queue = slab_sink._queue
+    reap = queue.reap
 
     def reap_enospc():
         return [(user_data, -errno.ENOSPC) for user_data, _ in reap()]
 
-    ring.reap = reap_enospc
+    queue.reap = reap_enospc
     with pytest.raises(OSError) as caught:
         for i in range(50):
-            uring_sink.write(os.open(tmp_path / f"f{i}", FLAGS, 0o600), io.BytesIO(b"z" * BUF), BUF, False)
-        uring_sink.finish()
+            slab_sink.write(os.open(tmp_path / f"f{i}", FLAGS, 0o600), io.BytesIO(b"z" * BUF), BUF, False)
+        slab_sink.finish()
     assert caught.value.errno == errno.ENOSPC
     # the first failed write reaped names its file; writes in flight may complete in any order
     assert caught.value.filename in {os.path.realpath(tmp_path / f"f{i}") for i in range(50)}
     assert open_fds(tmp_path) == 0
-    assert_released(uring_sink)
+    assert_released(slab_sink)
     with pytest.raises(RuntimeError):
-        uring_sink.write(os.open(tmp_path / "late", FLAGS, 0o600), io.BytesIO(b"z"), 1, False)
+        slab_sink.write(os.open(tmp_path / "late", FLAGS, 0o600), io.BytesIO(b"z"), 1, False)
     assert open_fds(tmp_path) == 0  # the write refused on a closed sink still closed its fd
 
 
-@needs_uring
-def test_a_failing_payload_releases_everything(tmp_path):
+def test_a_failing_payload_releases_everything(make_slab_sink, tmp_path):
     class Failing:
         def readinto(self, view):
             raise CorruptObject("tar archive 'x' is truncated")
 
     before = open_fds()
-    sink = _uring_sink()
+    sink = make_slab_sink()
     for i in range(5):
         sink.write(os.open(tmp_path / f"f{i}", FLAGS, 0o600), io.BytesIO(b"a" * BUF), BUF, False)
     with pytest.raises(CorruptObject):
@@ -361,10 +385,9 @@ def test_a_failing_payload_releases_everything(tmp_path):
     sink.close()
 
 
-@needs_uring
-def test_close_without_finish_waits_for_writes_and_closes_fds(tmp_path):
+def test_close_without_finish_waits_for_writes_and_closes_fds(make_slab_sink, tmp_path):
     before = open_fds()
-    sink = _uring_sink()
+    sink = make_slab_sink()
     for i in range(20):
         sink.write(os.open(tmp_path / f"f{i}", FLAGS, 0o600), io.BytesIO(b"c" * 1000), 1000, False)
     sink.close()
@@ -432,35 +455,68 @@ def tree(root) -> dict[str, tuple]:
     return out
 
 
-@needs_uring
-def test_extract_tar_through_io_uring_matches_plain_writes(tmp_path):
+def test_extract_tar_through_the_slab_sink_matches_plain_writes(make_slab_sink, tmp_path):
     make_tar(tmp_path / "part.tar")
-    for name in ("plain", "uring"):
+    for name in ("plain", "slab"):
         (tmp_path / name).mkdir()
     with open(tmp_path / "part.tar", "rb") as f:
         plain = extract_tar(f, str(tmp_path / "plain"), name="part.tar", sink=PlainSink(BUF))
     before = open_fds()
-    sink = _uring_sink()
+    sink = make_slab_sink()
     with open(tmp_path / "part.tar", "rb") as f:
-        uring = extract_tar(f, str(tmp_path / "uring"), name="part.tar", sink=sink)
+        slab = extract_tar(f, str(tmp_path / "slab"), name="part.tar", sink=sink)
     sink.close()
     assert open_fds() == before
-    assert plain == uring and plain.files > 300
+    assert plain == slab and plain.files > 300
     assert sink.completions > plain.files // 2
-    expected, got = tree(tmp_path / "plain"), tree(tmp_path / "uring")
+    expected, got = tree(tmp_path / "plain"), tree(tmp_path / "slab")
     assert got == expected and len(expected) > 300
 
 
-@needs_uring
-def test_extraction_failing_outside_the_sink_leaks_nothing_once_closed(tmp_path):
+def test_extraction_failing_outside_the_sink_leaks_nothing_once_closed(make_slab_sink, tmp_path):
     make_tar(tmp_path / "part.tar", members=60)
     blob = (tmp_path / "part.tar").read_bytes() + b"junk"  # fails after the last member, so no finish()
     (tmp_path / "out").mkdir()
     before = open_fds()
-    sink = _uring_sink()
+    sink = make_slab_sink()
     with pytest.raises(CorruptObject):
         extract_tar(io.BytesIO(blob), str(tmp_path / "out"), name="part.tar", sink=sink)
     sink.close()
     assert open_fds() == before
     assert_released(sink)
     assert (tmp_path / "out" / "base" / "1" / "target").read_bytes() == b"abc"
+
+
+# --- the pwrite queue alone ---
+
+
+def test_pwrite_queue_wait_is_bounded_when_a_write_never_returns(monkeypatch, tmp_path):
+    from walrus.fileio import pwrite as pwrite_module
+
+    stuck = threading.Event()
+    monkeypatch.setattr(pwrite_module, "_pwrite", lambda *args: stuck.wait(30) and 0)  # a hung device
+    queue = PwriteQueue(threads=1, entries=2)
+    try:
+        queue.prep_write(7, 0, 0, 10, 0)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            queue.submit_and_wait(1, stall_limit=0.3)
+        assert time.monotonic() - started < 5
+    finally:
+        stuck.set()
+        queue.close()
+    assert queue.reap() == [(7, 0)] and not queue._threads[0].is_alive()
+
+
+def test_pwrite_queue_reports_errno_as_a_negative_result(tmp_path):
+    queue = PwriteQueue(threads=2, entries=4)
+    try:
+        fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)
+        data = ctypes.create_string_buffer(b"abc")
+        queue.prep_write(1, fd, ctypes.addressof(data), 3, 0)
+        queue.prep_write(2, -1, ctypes.addressof(data), 3, 0)
+        queue.submit_and_wait(2)
+        assert sorted(queue.reap()) == [(1, -errno.EBADF), (2, -errno.EBADF)]
+        os.close(fd)
+    finally:
+        queue.close()
