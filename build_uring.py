@@ -41,7 +41,7 @@ CDEF = """
 typedef int... __s32;
 typedef int... __u64;
 
-struct io_uring { ...; };
+struct io_uring { int ring_fd; ...; };  /* ring_fd: for tests that break a ring */
 struct io_uring_sqe { __u64 user_data; ...; };
 struct io_uring_cqe { __u64 user_data; __s32 res; ...; };
 struct io_uring_probe { ...; };
@@ -97,6 +97,22 @@ void walrus_walmap_release(struct walrus_walmap *st);
 size_t walrus_walmap_merge(const uint32_t *a, size_t na, const uint32_t *b, size_t nb, uint32_t *out);
 int walrus_walmap_sorted(const uint32_t *refs, size_t n);
 size_t walrus_walmap_unique(uint32_t *refs, size_t n);
+
+struct walrus_rreq { int32_t fd; char *addr; uint64_t offset; uint64_t len; ...; };
+struct walrus_rbatch {
+    struct walrus_rreq *reqs; uint64_t *done; uint32_t n; uint64_t id; int32_t error; uint32_t failed; ...;
+};
+struct walrus_reads {
+    uint64_t completions; uint64_t fixed_reads; uint32_t inflight; uint64_t inflight_bytes;
+    uint32_t peak_reads; uint64_t peak_bytes; uint32_t pending; uint32_t finished;
+    uint32_t max_chunk; uint64_t fault_cqe; int32_t fault_res;
+    ...;
+};
+static const int WALRUS_READS_TIMED_OUT;
+void walrus_reads_init(struct walrus_reads *r, struct io_uring *ring, unsigned entries, uint64_t cap);
+void walrus_reads_fixed(struct walrus_reads *r, char *base, uint64_t size, uint32_t count);
+void walrus_reads_add(struct walrus_reads *r, struct walrus_rbatch *b);
+int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uint64_t *out, unsigned room);
 """
 
 # Delta backups' page scan (walrus.pg.pages), here so a buffer the io_uring reader filled is scanned
@@ -610,11 +626,315 @@ size_t walrus_walmap_merge(const uint32_t *a, size_t na, const uint32_t *b, size
 }
 """
 
+# The io_uring reader's engine (walrus._uring.reader): batches of reads queued in one call each, and
+# one call per wake-up of the ring thread that issues what the caps allow, submits and waits once,
+# and settles every completion ready: the thread's only Python work per read is filling its record
+# once, none per completion. The caller owns every record (struct walrus_rbatch and its arrays,
+# filled once per batch) and keeps them alive until the batch is reported finished; the engine
+# links records, never allocates.
+# Invariants: a request is in exactly one of three states, pending (in the FIFO), in flight (its
+# pointer is the user_data of one SQE or CQE) or over; a batch's `left` counts its pending and
+# in-flight requests, and the batch is reported finished once, when `left` reaches 0, after which
+# the engine holds no pointer into it. At most `entries` reads are in flight (so get_sqe always
+# has a slot and the CQ, 2 * entries, never overflows), and a read is issued only while the bytes
+# in flight are under `cap` or none is in flight.
+READS_SOURCE = r"""
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WALRUS_MAX_IO 0x7FFFF000u        /* MAX_RW_COUNT: the most one read(2)-style request moves */
+#define WALRUS_READS_TIMED_OUT (-ETIME)  /* walrus_reads_step waited and nothing completed */
+#define WALRUS_REAP 64                   /* CQEs looked at per peek */
+
+struct walrus_rbatch;
+
+struct walrus_rreq {
+    /* the caller's */
+    int32_t fd;
+    char *addr;                   /* where the bytes go */
+    uint64_t offset;              /* of the first byte in the file */
+    uint64_t len;                 /* bytes asked; 0: nothing to read */
+    /* the engine's */
+    int32_t buf_index;            /* the fixed buffer holding [addr, addr + len), or -1: plain READ */
+    uint32_t asked;               /* bytes of its read in flight */
+    struct walrus_rbatch *batch;
+    struct walrus_rreq *next;     /* the pending FIFO */
+};
+
+struct walrus_rbatch {
+    /* the caller's */
+    struct walrus_rreq *reqs;
+    uint64_t *done;               /* out: bytes landed per request */
+    uint32_t n;
+    uint64_t id;                  /* what walrus_reads_step reports */
+    /* out: errno of the read that failed the batch (0: none) and its request's index */
+    int32_t error;
+    uint32_t failed;
+    /* the engine's */
+    uint32_t left;                /* requests pending or in flight */
+    struct walrus_rbatch *next;   /* the finished FIFO */
+};
+
+struct walrus_reads {
+    uint64_t completions;         /* CQEs reaped */
+    uint64_t fixed_reads;         /* reads issued as READ_FIXED */
+    uint32_t inflight;            /* reads issued and not reaped */
+    uint64_t inflight_bytes;      /* the bytes they ask for */
+    uint32_t peak_reads;          /* the most of each at once */
+    uint64_t peak_bytes;
+    uint32_t pending;             /* requests waiting to be issued */
+    uint32_t finished;            /* batches finished and not yet reported */
+    uint32_t max_chunk;           /* bytes per read at most: WALRUS_MAX_IO (tests lower it) */
+    uint64_t fault_cqe;           /* tests: the fault_cqe'th CQE (1-based) reports fault_res instead */
+    int32_t fault_res;
+    struct io_uring *ring;
+    uint32_t entries;
+    uint64_t cap;
+    char *fixed_base;             /* registered buffers: fixed_count of fixed_size bytes from fixed_base */
+    uint64_t fixed_size;
+    uint32_t fixed_count;
+    struct walrus_rreq *head, *tail;
+    struct walrus_rbatch *done_head, *done_tail;
+};
+
+static void rd_queue(struct walrus_reads *r, struct walrus_rreq *q)
+{
+    q->next = NULL;
+    if (r->tail)
+        r->tail->next = q;
+    else
+        r->head = q;
+    r->tail = q;
+    r->pending++;
+}
+
+static void rd_finish(struct walrus_reads *r, struct walrus_rbatch *b)
+{
+    b->next = NULL;
+    if (r->done_tail)
+        r->done_tail->next = b;
+    else
+        r->done_head = b;
+    r->done_tail = b;
+    r->finished++;
+}
+
+/* A failed batch's pending requests leave the FIFO: they are over; its reads in flight still land. */
+static void rd_drop(struct walrus_reads *r, struct walrus_rbatch *b)
+{
+    struct walrus_rreq **link = &r->head, *last = NULL;
+    while (*link) {
+        struct walrus_rreq *q = *link;
+        if (q->batch == b) {
+            *link = q->next;
+            r->pending--;
+            b->left--;
+        } else {
+            last = q;
+            link = &q->next;
+        }
+    }
+    r->tail = last;
+}
+
+/* Pending reads to SQEs, oldest first, as far as the caps allow; they go out with the next enter. */
+static void rd_issue(struct walrus_reads *r)
+{
+    while (r->head && r->inflight < r->entries && (r->inflight == 0 || r->inflight_bytes < r->cap)) {
+        struct io_uring_sqe *sqe = io_uring_get_sqe(r->ring);
+        if (sqe == NULL)  /* cannot happen: no more reads in flight than entries */
+            return;
+        struct walrus_rreq *q = r->head;
+        r->head = q->next;
+        if (r->head == NULL)
+            r->tail = NULL;
+        r->pending--;
+        uint64_t got = q->batch->done[q - q->batch->reqs];
+        uint64_t rest = q->len - got;
+        uint32_t n = rest < r->max_chunk ? (uint32_t)rest : r->max_chunk;
+        char *buf = q->addr + got;
+        if (q->buf_index >= 0) {
+            io_uring_prep_read_fixed(sqe, q->fd, buf, n, q->offset + got, q->buf_index);
+            r->fixed_reads++;
+        } else
+            io_uring_prep_read(sqe, q->fd, buf, n, q->offset + got);
+        io_uring_sqe_set_data64(sqe, (uint64_t)(uintptr_t)q);
+        q->asked = n;
+        r->inflight++;
+        r->inflight_bytes += n;
+        if (r->inflight > r->peak_reads)
+            r->peak_reads = r->inflight;
+        if (r->inflight_bytes > r->peak_bytes)
+            r->peak_bytes = r->inflight_bytes;
+    }
+}
+
+/* One CQE of request q: progress, the request over, or its batch failed. */
+static void rd_complete(struct walrus_reads *r, struct walrus_rreq *q, int res)
+{
+    struct walrus_rbatch *b = q->batch;
+    uint32_t i = (uint32_t)(q - b->reqs);
+    r->inflight--;
+    r->inflight_bytes -= q->asked;
+    /* O_DIRECT: after a short read ending off a block, the rest can only be asked at an unaligned
+       offset, which is EINVAL: the short read was the file's end (as walrus.fileio.reader) */
+    if (res == -EINVAL && b->done[i] % 512)
+        res = 0;
+    if (b->error == 0) {
+        if (res < 0 && res != -EINTR && res != -EAGAIN) {
+            b->error = -res;
+            b->failed = i;
+            rd_drop(r, b);
+        } else if (res != 0) {
+            if (res > 0)
+                b->done[i] += (uint64_t)res;
+            if (b->done[i] < q->len) {  /* a short read, EINTR or EAGAIN: the rest goes last */
+                rd_queue(r, q);
+                return;
+            }
+        }
+    }
+    /* over: its bytes all landed, end of file (res 0), or its batch failed */
+    if (--b->left == 0)
+        rd_finish(r, b);
+}
+
+/* Every CQE ready now; returns how many. */
+static unsigned rd_reap(struct walrus_reads *r)
+{
+    struct io_uring_cqe *cqes[WALRUS_REAP];
+    unsigned total = 0, n;
+    while ((n = io_uring_peek_batch_cqe(r->ring, cqes, WALRUS_REAP)) > 0) {
+        for (unsigned k = 0; k < n; k++) {
+            uint64_t data = cqes[k]->user_data;
+            int res = cqes[k]->res;
+            if (data == LIBURING_UDATA_TIMEOUT)  /* liburing's own timeout on kernels before 5.11 */
+                continue;
+            r->completions++;
+            if (r->fault_cqe && r->completions == r->fault_cqe)
+                res = r->fault_res;
+            rd_complete(r, (struct walrus_rreq *)(uintptr_t)data, res);
+            total++;
+        }
+        io_uring_cq_advance(r->ring, n);
+    }
+    return total;
+}
+
+/* Submits what is queued and, with `wait`, waits up to timeout_ms for a completion: 1 when one is
+   ready or nothing was waited for, 0 when the wait timed out, -errno when the ring failed. */
+static int rd_enter(struct walrus_reads *r, int wait, unsigned timeout_ms)
+{
+    for (;;) {
+        int rc;
+        if (wait) {
+            struct io_uring_cqe *cqe = NULL;
+            struct __kernel_timespec ts = {.tv_sec = timeout_ms / 1000,
+                                           .tv_nsec = (long long)(timeout_ms % 1000) * 1000000};
+            rc = io_uring_submit_and_wait_timeout(r->ring, &cqe, 1, &ts, NULL);
+            if (rc >= 0 && cqe != NULL)
+                return 1;
+            if (rc >= 0 || rc == -ETIME)  /* liburing reports a timed-out wait that submitted as success */
+                return 0;
+        } else {
+            rc = io_uring_submit(r->ring);
+            if (rc >= 0)
+                return 1;
+        }
+        /* EINTR: a signal cut the call short; liburing keeps what the kernel did not take queued */
+        if (rc != -EINTR)
+            return rc;
+    }
+}
+
+void walrus_reads_init(struct walrus_reads *r, struct io_uring *ring, unsigned entries, uint64_t cap)
+{
+    memset(r, 0, sizeof *r);
+    r->ring = ring;
+    r->entries = entries;
+    r->cap = cap;
+    r->max_chunk = WALRUS_MAX_IO;
+}
+
+/* The buffers registered with the ring (count 0: none). Applies to batches added from now on. */
+void walrus_reads_fixed(struct walrus_reads *r, char *base, uint64_t size, uint32_t count)
+{
+    r->fixed_base = base;
+    r->fixed_size = size;
+    r->fixed_count = size ? count : 0;
+}
+
+/* The fixed buffer that holds all of q's bytes, or -1 when none does (unregistered memory, or a
+   slice straddling two buffers): READ_FIXED needs one registered buffer to cover the read. */
+static int32_t rd_fixed_index(const struct walrus_reads *r, const struct walrus_rreq *q)
+{
+    uintptr_t addr = (uintptr_t)q->addr, base = (uintptr_t)r->fixed_base;
+    if (r->fixed_count == 0 || addr < base)
+        return -1;
+    uint64_t rel = addr - base, index = rel / r->fixed_size;
+    if (index >= r->fixed_count || rel + q->len > (index + 1) * r->fixed_size)
+        return -1;
+    return (int32_t)index;
+}
+
+/* Queues a batch's requests behind every request queued before. The batch may finish here (no
+   request to read); it is reported by the next step either way. */
+void walrus_reads_add(struct walrus_reads *r, struct walrus_rbatch *b)
+{
+    b->error = 0;
+    b->failed = 0;
+    b->left = 0;
+    for (uint32_t i = 0; i < b->n; i++) {
+        struct walrus_rreq *q = &b->reqs[i];
+        b->done[i] = 0;
+        q->batch = b;
+        q->buf_index = rd_fixed_index(r, q);
+        if (q->len) {
+            rd_queue(r, q);
+            b->left++;
+        }
+    }
+    if (b->left == 0)
+        rd_finish(r, b);
+}
+
+/* One wake-up of the ring thread: issues what the caps allow, submits, waits (with `wait`, unless a
+   finished batch is waiting to be reported) up to timeout_ms for a completion, settles every CQE
+   ready, and writes the ids of up to `room` finished batches to `out`. Returns their count (0: reads
+   progressed, none finished), WALRUS_READS_TIMED_OUT when it waited and nothing completed, or
+   -errno when the ring failed (the engine is then unusable: its requests' fate is unknown). */
+int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uint64_t *out, unsigned room)
+{
+    rd_issue(r);
+    int waiting = wait && r->finished == 0 && r->inflight > 0;
+    int ready = 1;
+    if (waiting || io_uring_sq_ready(r->ring)) {
+        ready = rd_enter(r, waiting, timeout_ms);
+        if (ready < 0)
+            return ready;
+    }
+    unsigned reaped = rd_reap(r);
+    if (waiting && !ready && reaped == 0)
+        return WALRUS_READS_TIMED_OUT;
+    unsigned k = 0;
+    while (k < room && r->done_head) {
+        struct walrus_rbatch *b = r->done_head;
+        r->done_head = b->next;
+        out[k++] = b->id;
+    }
+    if (r->done_head == NULL)
+        r->done_tail = NULL;
+    r->finished -= k;
+    return (int)k;
+}
+"""
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 # -O3: the page checksum's 32 lanes vectorise (PostgreSQL builds checksum.c with its vectorising flags too)
-ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE + WALMAP_SOURCE, libraries=["uring"],
-                      extra_compile_args=["-O3"])
+ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE + WALMAP_SOURCE + READS_SOURCE,
+                      libraries=["uring"], extra_compile_args=["-O3"])
 
 
 def _include_dirs() -> list[str]:
@@ -672,6 +992,25 @@ def _write_client_script() -> str:
     return CLIENT_SCRIPT
 
 
+def build_in_place() -> str:
+    """Compiles the module into walrus/_uring/ of this tree (`python build_uring.py`, for development;
+    installs build it through the backend below). The new file replaces the old one by a rename, so a
+    process that has the old one loaded keeps it intact."""
+    import shutil
+    import tempfile
+
+    _require_liburing()
+    root = os.path.dirname(os.path.abspath(__file__))
+    package, name = MODULE.rsplit(".", 1)
+    target = os.path.join(root, *package.split("."), f"{name}.abi3.so")
+    with tempfile.TemporaryDirectory(prefix="walrus-uring-build-") as tmp:
+        built = ffibuilder.compile(tmpdir=tmp, target=f"{name}.abi3.so")
+        shutil.copyfile(built, target + ".new")
+    os.chmod(target + ".new", 0o755)
+    os.replace(target + ".new", target)
+    return target
+
+
 class _Backend(_setuptools_backend._BuildMetaBackend):
     """setuptools.build_meta with cffi's `cffi_modules` keyword, which pyproject.toml cannot express.
 
@@ -705,3 +1044,7 @@ prepare_metadata_for_build_editable = _BACKEND.prepare_metadata_for_build_editab
 build_wheel = _BACKEND.build_wheel
 build_editable = _BACKEND.build_editable
 build_sdist = _BACKEND.build_sdist
+
+
+if __name__ == "__main__":
+    print(build_in_place())

@@ -8,17 +8,17 @@ import itertools
 import os
 import resource
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 import mmap
 from typing import Protocol, Sequence
 
+from walrus._uring import ring as ring_module
 from walrus._uring._liburing import ffi, lib
-from walrus._uring.ring import MAX_IO, Ring
+from walrus._uring.ring import Ring
 from walrus.log import log
-
-_RETRY = (errno.EINTR, errno.EAGAIN)
 
 
 # What the reader takes, by shape: walrus.fileio's ReadRequest and BufferPool (_uring imports
@@ -37,22 +37,13 @@ class _Pool(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class _FixedBuffers:
-    """The pool registered with the ring: buffer i spans [base + i*size, base + (i+1)*size)."""
+    """The pool registered with the ring: buffer i spans [base + i*size, base + (i+1)*size) for i <
+    count (the engine picks READ_FIXED for a read that one of them holds whole)."""
 
     pool: _Pool
     base: int
     size: int
     count: int
-
-    def index_of(self, address: int, length: int) -> int:
-        """The fixed-buffer index holding [address, address+length), or -1 if no single one does."""
-        rel = address - self.base
-        if rel < 0:
-            return -1
-        index = rel // self.size
-        if index >= self.count or rel + length > (index + 1) * self.size:
-            return -1
-        return index
 
 
 def _read_error(r: _Request, done: int, err: int) -> OSError:
@@ -60,35 +51,60 @@ def _read_error(r: _Request, done: int, err: int) -> OSError:
 
 
 class _Batch:
-    """One read_batch call: its requests' progress, the exports pinning their views, its future."""
+    """One read_batch call: its requests, the engine's records of them, the exports pinning their
+    views, its future. The records and exports live until the engine reports the batch finished
+    (the kernel writes through the addresses in them until then)."""
 
-    __slots__ = ("requests", "loop", "future", "done", "bufs", "index", "left", "error")
+    __slots__ = ("requests", "loop", "future", "record", "reqs", "done", "bufs", "error", "counts")
 
     def __init__(self, requests: list[_Request], loop: asyncio.AbstractEventLoop):
         self.requests = requests
         self.loop = loop
         self.future: asyncio.Future[list[int]] = loop.create_future()
-        self.done = [0] * len(requests)  # bytes landed per request
-        self.bufs: dict = {}  # request index -> cffi export of its view, for non-empty views
-        self.index: dict[int, int] = {}  # request index -> fixed buffer index, -1 for plain READ
-        self.left = 0  # requests queued or in flight
+        self.record = self.reqs = self.done = None  # struct walrus_rbatch, its requests, its byte counts
+        self.bufs: list = []  # per request, the cffi export of its view (NULL for an empty one)
         self.error: BaseException | None = None
+        self.counts: list[int] = []
 
-    def finish(self) -> None:
-        """On the ring thread, once none of the batch's reads is in flight: unpin, then wake the caller."""
-        for buf in self.bufs.values():
-            ffi.release(buf)
-        self.bufs.clear()
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits this batch any more
-            self.loop.call_soon_threadsafe(self._resolve)
+    def settle(self) -> None:
+        """On the ring thread, once none of the batch's reads is in flight: the counts, then unpin."""
+        self.counts = [0] * len(self.requests)
+        if self.record is not None:
+            self.counts = ffi.unpack(self.done, len(self.requests))
+            if self.record.error and self.error is None:
+                i = self.record.failed
+                self.error = _read_error(self.requests[i], self.counts[i], self.record.error)
+        for buf in self.bufs:
+            if buf:  # not NULL: the export of a non-empty view
+                ffi.release(buf)
+        self.bufs = []
+        self.record = self.reqs = self.done = None
 
-    def _resolve(self) -> None:
+    def resolve(self) -> None:
+        """On the loop: the caller's result."""
         if self.future.done():  # the caller was cancelled
             return
         if self.error is not None:
             self.future.set_exception(self.error)
         else:
-            self.future.set_result(self.done)
+            self.future.set_result(self.counts)
+
+
+def _wake(batches: list[_Batch]) -> None:
+    """Settles finished batches and resolves them on their loops: one call_soon_threadsafe (a write
+    to the loop's self-pipe, and a wake-up of it) per loop, however many finished together."""
+    loops: dict[asyncio.AbstractEventLoop, list[_Batch]] = {}
+    for batch in batches:
+        batch.settle()
+        loops.setdefault(batch.loop, []).append(batch)
+    for loop, own in loops.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody awaits these batches any more
+            loop.call_soon_threadsafe(_resolve, own)
+
+
+def _resolve(batches: list[_Batch]) -> None:
+    for batch in batches:
+        batch.resolve()
 
 
 class UringReader:
@@ -98,7 +114,6 @@ class UringReader:
     loop submitting and reaping through a registered eventfd: reads that hit the page cache
     complete inline inside io_uring_enter, so submitting from the loop copies whole batches on the
     loop thread (long stalls of the loop), and forcing IOSQE_ASYNC to avoid that was no faster.
-    cffi drops the GIL around each liburing call, so the loop runs while the thread copies.
 
     Batches from concurrent read_batch calls share the ring: the thread admits whatever is queued
     each time it wakes, keeps reads in flight across all of them, and resolves each batch's future
@@ -106,13 +121,17 @@ class UringReader:
     (at least one read). The rest wait in submission order, so concurrent parts get the disk in
     turn; without the byte cap a virtio disk served many parallel 1 MiB reads slower and unevenly
     (docs/DESIGN.md, io_uring).
+
+    The per-read work is C (walrus_reads_* in build_uring.py): a batch is handed over in one call,
+    and each wake-up of the thread is one call that issues, submits, waits, settles every completion
+    (short reads, EINTR/EAGAIN, end of file, errors) and names the batches that finished. cffi drops
+    the GIL around both, so the loop runs while the thread waits or copies.
     """
 
     name = "io_uring"
 
     def __init__(self, depth: int, inflight: int):
         self._ring = Ring(depth)
-        self._inflight_cap = max(1, inflight)
         if not self._ring.supports(lib.IORING_OP_READ, lib.IORING_OP_READ_FIXED):
             self._ring.close()
             raise OSError(errno.ENOSYS, "this kernel's io_uring lacks IORING_OP_READ (needs Linux 5.6)")
@@ -123,18 +142,24 @@ class UringReader:
         self._serving = False  # a _serve call is scheduled or running
         self._broken: BaseException | None = None
         # the ring thread's own state
-        self._pending: deque[tuple[_Batch, int]] = deque()  # (batch, request index) to (re)submit
-        self._in_flight: dict[int, tuple[_Batch, int, int]] = {}  # user_data -> (batch, request index, bytes)
-        self._inflight_bytes = 0  # sum of the bytes asked for by the reads in flight
-        self._tokens = itertools.count()
+        self._engine = ffi.new("struct walrus_reads *")
+        lib.walrus_reads_init(self._engine, self._ring._ring, depth, max(1, inflight))
+        self._admitted: dict[int, _Batch] = {}  # id -> batch the engine holds
+        self._ids = itertools.count(1)
+        # finished batch ids per wake-up; more finished than this are named by the next wake-up
+        self._finished = ffi.new("uint64_t[]", max(64, 2 * depth))
         self._fixed: _FixedBuffers | None = None
         self._closed = False
-        self.fixed_reads = 0  # SQEs issued as READ_FIXED
 
     @property
     def completions(self) -> int:
         """CQEs reaped so far: proof that the bytes came through the ring."""
-        return self._ring.completions
+        return self._engine.completions
+
+    @property
+    def fixed_reads(self) -> int:
+        """Reads issued as READ_FIXED so far."""
+        return self._engine.fixed_reads
 
     @property
     def registered(self) -> bool:
@@ -177,19 +202,20 @@ class UringReader:
                      "RLIMIT_MEMLOCK %s allows; the others use unregistered reads",
                      count, pool.count, (count * pool.size) >> 10, limit)
         self._fixed = _FixedBuffers(pool, base, pool.size, count)
+        lib.walrus_reads_fixed(self._engine, ffi.cast("char *", base), pool.size, count)
         return True
 
     def _unregister(self) -> None:
         if self._fixed is not None:
             self._fixed = None
+            lib.walrus_reads_fixed(self._engine, ffi.NULL, 0, 0)
             self._ring.unregister_buffers()
 
-    def _current_fixed(self) -> _FixedBuffers | None:
+    def _check_fixed(self) -> None:
         # A closed pool's address range may be reused by a new mapping, which the ring's pinned pages
         # no longer back: stop using them.
         if self._fixed is not None and self._fixed.pool.mapping.closed:
             self._unregister()
-        return self._fixed
 
     async def read_batch(self, requests: Sequence[_Request]) -> list[int]:
         if not requests:
@@ -209,95 +235,77 @@ class UringReader:
 
     def _serve(self) -> None:
         """Admits queued batches and keeps reads in flight until nothing is left, then goes idle."""
+        engine, finished, room = self._engine, self._finished, len(self._finished)
+        stalled_since: float | None = None  # when the waits began to time out with nothing done
         try:
             while True:
                 with self._lock:
                     batches = list(self._queue)
                     self._queue.clear()
-                    if not batches and not self._pending and not self._in_flight:
+                    if not batches and not (engine.pending or engine.inflight or engine.finished):
                         self._serving = False
                         return
                 for batch in batches:
                     self._admit(batch)
-                if not self._pending and not self._in_flight:
-                    continue  # what was admitted finished at once (empty views, bad offsets)
-                self._issue()
-                self._ring.submit_and_wait(1)
-                for user_data, res in self._ring.reap():
-                    self._complete(user_data, res)
+                if not (engine.pending or engine.inflight or engine.finished):
+                    continue  # what was admitted failed at once (read-only views, bad offsets)
+                n = lib.walrus_reads_step(engine, 1, int(ring_module.STALL_POLL * 1000), finished, room)
+                if n == lib.WALRUS_READS_TIMED_OUT:
+                    # no completion for STALL_LIMIT: a stuck device or a lost completion becomes an
+                    # error the command reports instead of a hung process
+                    now = time.monotonic()
+                    if stalled_since is None:
+                        stalled_since = now - ring_module.STALL_POLL
+                    elif now - stalled_since >= ring_module.STALL_LIMIT:
+                        raise TimeoutError(errno.ETIMEDOUT,
+                                           f"io_uring: no completion for {ring_module.STALL_LIMIT:.0f} s")
+                    continue
+                if n < 0:
+                    raise OSError(-n, f"io_uring_enter: {os.strerror(-n)}")
+                stalled_since = None
+                if n:
+                    _wake([self._admitted.pop(batch_id) for batch_id in ffi.unpack(finished, n)])
         except BaseException as e:  # the ring itself failed: fail every batch rather than hang them
             self._abandon(e)
 
     def _admit(self, batch: _Batch) -> None:
+        """Hands the batch to the engine: one record per request, filled once (from tuples: cffi
+        fills the array in C, several times faster than setting fields one by one)."""
+        requests = batch.requests
         try:
-            for r in batch.requests:
+            for r in requests:
                 if r.offset < 0:
                     raise OSError(errno.EINVAL, f"negative read offset {r.offset}")
-            for i, r in enumerate(batch.requests):
-                if len(r.view):
-                    batch.bufs[i] = ffi.from_buffer("char[]", r.view, require_writable=True)
+            # the exports pin the views (and give their addresses) until the batch is finished
+            batch.bufs = [ffi.from_buffer("char[]", r.view, require_writable=True) if len(r.view) else ffi.NULL
+                          for r in requests]
         except Exception as e:  # a bad request (read-only view, negative offset) fails its own batch
             batch.error = e
-            batch.finish()
+            _wake([batch])
             return
-        fixed = self._current_fixed()
-        for i, buf in batch.bufs.items():
-            batch.index[i] = fixed.index_of(int(ffi.cast("uintptr_t", buf)), len(buf)) if fixed else -1
-        batch.left = len(batch.bufs)
-        if batch.left:
-            self._pending.extend((batch, i) for i in batch.bufs)
-        else:
-            batch.finish()
-
-    def _issue(self) -> None:
-        while self._pending and len(self._in_flight) < self._ring.entries and (
-                not self._in_flight or self._inflight_bytes < self._inflight_cap):
-            batch, i = self._pending.popleft()
-            r, got, index = batch.requests[i], batch.done[i], batch.index[i]
-            token = next(self._tokens)
-            nbytes = min(len(r.view) - got, MAX_IO)
-            self._ring.prep_read(token, r.fd, batch.bufs[i] + got, nbytes, r.offset + got, index)
-            self._in_flight[token] = (batch, i, nbytes)
-            self._inflight_bytes += nbytes
-            if index >= 0:
-                self.fixed_reads += 1
-
-    def _complete(self, user_data: int, res: int) -> None:
-        batch, i, nbytes = self._in_flight.pop(user_data)
-        self._inflight_bytes -= nbytes
-        if res == -errno.EINVAL and batch.done[i] % 512:
-            res = 0  # see walrus.fileio.reader: O_DIRECT remainder after a short read is end of file
-        if res < 0 and -res not in _RETRY and batch.error is None:
-            batch.error = _read_error(batch.requests[i], batch.done[i], -res)
-            self._drop_pending(batch)  # let its reads in flight land, then fail it
-        elif res != 0 and batch.error is None:
-            batch.done[i] += max(res, 0)
-            if batch.done[i] < len(batch.requests[i].view):  # short read, EINTR or EAGAIN: ask for the rest
-                self._pending.append((batch, i))
-                return
-        batch.left -= 1  # this request is over: view full, end of file (res 0), or its batch failed
-        if batch.left == 0:
-            batch.finish()
-
-    def _drop_pending(self, batch: _Batch) -> None:
-        kept = deque(p for p in self._pending if p[0] is not batch)
-        batch.left -= len(self._pending) - len(kept)
-        self._pending = kept
+        self._check_fixed()
+        reqs = ffi.new("struct walrus_rreq[]", [(r.fd, buf, r.offset, len(buf) if buf else 0)
+                                                 for r, buf in zip(requests, batch.bufs)])
+        record = ffi.new("struct walrus_rbatch *")
+        record.reqs, record.n, record.id = reqs, len(requests), next(self._ids)
+        record.done = batch.done = ffi.new("uint64_t[]", len(requests))
+        batch.record, batch.reqs = record, reqs
+        self._admitted[record.id] = batch
+        lib.walrus_reads_add(self._engine, record)
 
     def _abandon(self, error: BaseException) -> None:
+        """The ring failed: every batch fails, and the reader takes no more (the engine's state, and
+        what the kernel still does with the reads it has, are unknown)."""
         with self._lock:
             self._broken = error
             self._serving = False
-            batches = set(self._queue)
+            batches = list(self._queue)
             self._queue.clear()
-        batches.update(b for b, _ in self._pending)
-        batches.update(b for b, _, _ in self._in_flight.values())
-        self._pending.clear()
-        self._in_flight.clear()
-        self._inflight_bytes = 0
+        batches += self._admitted.values()
+        self._admitted.clear()
         for batch in batches:
             batch.error = batch.error or error
-            batch.finish()
+        _wake(batches)
 
     def close(self) -> None:
         with self._lock:
