@@ -275,11 +275,14 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
     wal_dir, name = os.path.split(os.path.abspath(path))  # WAL-G's pg_wal: the directory of %p
     backlog = _backlog(settings, wal_dir, name)
     # WAL-G runs WALG_UPLOAD_CONCURRENCY - 1 background uploads beside the asked one; walrus as many
-    # as the memory budget holds besides it (WalPusher.slots_for), never more than there are segments
+    # as the memory budget holds besides it (WalPusher.slots_for), never more than there are segments.
+    # Where it holds none (cloud storage's part buffers take their share), the backlog is still
+    # stored, one at a time in the asked push's slot once that is done: the call's start-up (imports,
+    # credentials, a connection) is then paid once for many segments instead of once each.
     workers = min(len(backlog), WalPusher.slots_for(settings, storage) - 1)
     pusher = WalPusher(settings, slots=1 + workers, register=False)
     try:
-        if not workers:
+        if not backlog:
             return await pusher.push(storage, path)
         return await _push_with_background(pusher, storage, path, wal_dir, backlog, workers)
     finally:
@@ -329,7 +332,8 @@ def _backlog(settings: Settings, wal_dir: str, asked: str) -> list[str]:
 
 async def _push_with_background(pusher: WalPusher, storage: Storage, path: str, wal_dir: str,
                                 backlog: list[str], workers: int) -> WalPushResult:
-    """The asked push beside `workers` background ones that work through `backlog`.
+    """The asked push beside `workers` background ones (0: none until it is stored) that work through
+    `backlog`.
 
     Invariant: each worker runs one push at a time, so background pushes hold at most `workers` of
     the pusher's 1 + workers slots and their buffers while the asked push runs: it never waits for
