@@ -88,6 +88,23 @@ def writev_all(fd: int, chunks: list) -> int:
     return total
 
 
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_libc.pwrite.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
+_libc.pwrite.restype = ctypes.c_ssize_t
+
+
+def fallocate(fd: int, length: int) -> int:
+    """fallocate(2) of bytes [0, length) of `fd`, extending its size: 0, or the errno."""
+    return 0 if _libc.fallocate(fd, 0, 0, length) == 0 else ctypes.get_errno()
+
+
+def pwrite_from(fd: int, address: int, nbytes: int, offset: int) -> int:
+    """pwrite(2) of `nbytes` from raw memory at `address`, without holding the GIL for the call:
+    the bytes written, or -errno (io_uring's way of reporting a result)."""
+    n = _libc.pwrite(fd, address, nbytes, offset)
+    return n if n >= 0 else -ctypes.get_errno()
+
+
 SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the range's dirty pages, do not wait
 _libc.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 

@@ -135,6 +135,10 @@ class Ring:
             self.completions += n
         return done
 
+    @property
+    def closed(self) -> bool:
+        return not self._open
+
     def close(self) -> None:
         if self._open:
             self._open = False

@@ -50,7 +50,7 @@ class WriteRing:
 
     @property
     def closed(self) -> bool:
-        return not self._ring._open
+        return self._ring.closed
 
     def register_buffers(self, base: int, size: int, count: int) -> bool:
         try:

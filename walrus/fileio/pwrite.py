@@ -1,22 +1,18 @@
 """The write queue of restores where io_uring is refused: pwrite(2) on a few threads, in io_uring's shape."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import queue
 import threading
 import time
 from collections import deque
 
+from walrus.fsutil import pwrite_from as _pwrite
+
 STALL_POLL = 1.0  # seconds per timed wait
 STALL_LIMIT = 120.0  # seconds without any completion before a wait gives up, as the ring's
 DEFAULT_THREADS = 2  # writes in flight per sink: a direct write blocks until the device has it
 DEFAULT_ENTRIES = 16  # writes queued or in flight per sink
-
-_libc = ctypes.CDLL(None, use_errno=True)  # ctypes drops the GIL around each call
-_pwrite = _libc.pwrite
-_pwrite.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64)
-_pwrite.restype = ctypes.c_ssize_t
 
 
 class PwriteQueue:
@@ -81,8 +77,6 @@ class PwriteQueue:
         while (job := self._jobs.get()) is not None:
             user_data, fd, address, nbytes, offset = job
             res = _pwrite(fd, address, nbytes, offset)
-            if res < 0:
-                res = -ctypes.get_errno()
             with self._ready:
                 self._results.append((user_data, res))
                 self._ready.notify()

@@ -12,6 +12,7 @@ from collections import deque
 from typing import Protocol
 
 from walrus.fsutil import ask_huge_pages, unmap
+from walrus.fsutil import fallocate as _fallocate
 from walrus.pull import Payload
 
 ALIGN = 4096  # O_DIRECT alignment of buffer address, file offset and length: safe on 512-byte and 4Kn disks
@@ -20,9 +21,6 @@ _RETRY = (errno.EINTR, errno.EAGAIN)
 _ZEROS = memoryview(bytes(ALIGN))
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
-_libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc, without find_library's ldconfig run
-_fallocate = _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 
@@ -77,9 +75,9 @@ def _preallocate(fd: int, length: int) -> int:
     them from io_uring_enter itself without blocking, where each allocating write would go to an
     io-wq worker thread that blocks on it. A full disk also shows here, before any byte is copied.
     """
-    if _fallocate(fd, 0, 0, length) == 0:
+    err = _fallocate(fd, length)
+    if not err:
         return length
-    err = ctypes.get_errno()
     if err in _NO_FALLOCATE:
         return 0
     raise OSError(err, f"{os.strerror(err)} (allocating {length} bytes)", _path_of(fd))
