@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from walrus.config import DEFAULT_READ_INFLIGHT  # noqa: E402
-from walrus.fileio import BufferPool, PreadReader, ReadRequest  # noqa: E402
+from walrus.fileio import BufferPool, ReadRequest, open_reader  # noqa: E402
 from walrus.fileio.direct import DIO_ALIGN, dio_length  # noqa: E402
 
 GiB = 1 << 30
@@ -75,14 +75,6 @@ def make_cold(paths: list[str], how: str) -> None:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
-
-
-def open_reader(name: str):
-    if name == "preadv":
-        return PreadReader()
-    from walrus._uring.support import open_uring_reader
-
-    return open_uring_reader(DEFAULT_READ_INFLIGHT)
 
 
 async def read_files(paths: list[str], pool: BufferPool, reader, depth: int, piece: int = 0) -> int:

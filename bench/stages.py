@@ -15,8 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import readpath  # noqa: E402
 from walrus import codec  # noqa: E402
-from walrus.fileio.pwrite import PwriteQueue  # noqa: E402
-from walrus.fileio.slabsink import SlabSink  # noqa: E402
+from walrus.fileio import open_sink  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -157,7 +156,7 @@ def restore_stages(stored: str, chunks: list[bytes], method: str, key: bytes | N
         raise SystemExit(f"{method}: decoded {decoded} bytes, expected {total}")
     rows.append(Row("restore", f"decompress ({method}) + seal", clock, gib, "1 MiB reads, one core"))
     out = os.path.join(workdir, "restored")
-    sink = SlabSink(PwriteQueue(), direct_threshold=MiB, buffer_size=MiB, buffers=8)
+    sink = open_sink("preadv", direct_threshold=MiB, buffer_size=MiB, buffers=8)  # the pwrite queue
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
     with Clock() as clock:
         sink.write(fd, _Chunks(chunks), total, True)  # the same bytes as decoded
