@@ -11,7 +11,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 import mmap
 from typing import Protocol, Sequence
 
@@ -31,17 +30,6 @@ class _Request(Protocol):
 
 class _Pool(Protocol):
     mapping: mmap.mmap  # `count` buffers of `size` bytes, back to back
-    size: int
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class _FixedBuffers:
-    """The pool registered with the ring: buffer i spans [base + i*size, base + (i+1)*size) for i <
-    count (the engine picks READ_FIXED for a read that one of them holds whole)."""
-
-    pool: _Pool
-    base: int
     size: int
     count: int
 
@@ -148,7 +136,9 @@ class UringReader:
         self._ids = itertools.count(1)
         # finished batch ids per wake-up; more finished than this are named by the next wake-up
         self._finished = ffi.new("uint64_t[]", max(64, 2 * depth))
-        self._fixed: _FixedBuffers | None = None
+        # the pool registered with the ring (the engine knows its buffers and picks READ_FIXED for a
+        # read that one of them holds whole)
+        self._fixed: _Pool | None = None
         self._closed = False
 
     @property
@@ -201,7 +191,7 @@ class UringReader:
             log.debug("io_uring: registered %d of %d pool buffers (%d KiB) as fixed buffers, as many as "
                      "RLIMIT_MEMLOCK %s allows; the others use unregistered reads",
                      count, pool.count, (count * pool.size) >> 10, limit)
-        self._fixed = _FixedBuffers(pool, base, pool.size, count)
+        self._fixed = pool
         lib.walrus_reads_fixed(self._engine, ffi.cast("char *", base), pool.size, count)
         return True
 
@@ -214,7 +204,7 @@ class UringReader:
     def _check_fixed(self) -> None:
         # A closed pool's address range may be reused by a new mapping, which the ring's pinned pages
         # no longer back: stop using them.
-        if self._fixed is not None and self._fixed.pool.mapping.closed:
+        if self._fixed is not None and self._fixed.mapping.closed:
             self._unregister()
 
     async def read_batch(self, requests: Sequence[_Request]) -> list[int]:
