@@ -214,20 +214,22 @@ def test_direct_files_of_unaligned_sizes_are_cut_to_size(slab_sink, direct_dir, 
 
 
 def test_direct_padding_is_zeros_not_stale_buffer_bytes(slab_sink, direct_dir, monkeypatch):
-    tails: list[bytes] = []
+    tails: dict[str, bytes] = {}  # file name -> its bytes past the payload; files close in completion order
     real_ftruncate = os.ftruncate
 
     def spy(fd, length):  # what the padding put past the end, just before it is cut
         with open(f"/proc/self/fd/{fd}", "rb") as f:
             f.seek(length)
-            tails.append(f.read())
+            tails[os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))] = f.read()
         real_ftruncate(fd, length)
 
     monkeypatch.setattr(os, "ftruncate", spy)
     # every buffer first holds random bytes; the small files then land in reused buffers
-    assert_files(write_files(slab_sink, direct_dir, [BUF] * 2 * BUFFERS + [100, 5000], direct=True))
-    assert [len(t) for t in tails] == [ALIGN - 100, 2 * ALIGN - 5000]
-    assert all(t.count(0) == len(t) for t in tails)
+    sizes = [BUF] * 2 * BUFFERS + [100, 5000]
+    assert_files(write_files(slab_sink, direct_dir, sizes, direct=True))
+    assert {name: len(t) for name, t in tails.items()} == {f"f{len(sizes) - 2}": ALIGN - 100,
+                                                           f"f{len(sizes) - 1}": 2 * ALIGN - 5000}
+    assert all(t.count(0) == len(t) for t in tails.values())
 
 
 def test_direct_payload_shorter_than_size_is_cut_to_the_payload(slab_sink, direct_dir):
