@@ -57,33 +57,46 @@ def _main() -> None:
     # thread is, and one raised inside an import can leave the import system's module lock held
     # (a later import by a worker thread then waits forever: a SIGINT trial hung so).
     interrupts.hold()  # a signal waits until the work can be cancelled cleanly (walrus.cli.base.run)
-    if _prefetched_fetch(sys.argv[1:]) or _pushed_in_background(sys.argv[1:]):
+    answered = _quick_fetch(sys.argv[1:])
+    if answered is None and _pushed_in_background(sys.argv[1:]):
+        answered = 0
+    if answered is not None:
         interrupts.ignore_while_exiting()  # done: a signal held meanwhile changes nothing
-        sys.exit(0)
+        sys.exit(answered)
     from walrus.cli import main as cli_main
 
     cli_main()
 
 
-def _prefetched_fetch(argv: list[str]) -> bool:
-    """`walrus [--config PATH] wal-fetch NAME DEST` when the prefetcher already has NAME: done here,
-    with nothing resolved that the answer does not need (prefetch.take_unresolved).
+def _quick_fetch(argv: list[str]) -> int | None:
+    """`walrus [--config PATH] wal-fetch NAME DEST` answered with nothing resolved that the answer does
+    not need: NAME taken from the prefetch folder (prefetch.take_unresolved), else asked of the running
+    prefetcher (prefetch.ask); the exit code, 74 quietly where the storage answered that NAME is absent.
 
-    False for any other form, or whenever the settings might have a say: the full command then does
+    None for any other form, or whenever the settings might have a say: the full command then does
     the work and reports errors as usual.
     """
     config_path, argv = _plain_form(argv, "wal-fetch", 2)
     if argv is None:
-        return False
+        return None
+    from walrus.pg.segname import is_segment_name
     from walrus.wal import prefetch
 
     name, destination = argv[1], argv[2]
-    location = prefetch.take_unresolved(name, destination, config_path, os.environ)
+    location = prefetch.unresolved_location(destination, config_path, os.environ)
     if location is None:
-        return False
-    prefetch.advance(location, name)
-    prefetch.spawn(name, destination, location, config_path)
-    return True
+        return None
+    if is_segment := is_segment_name(name):
+        if prefetch.take_whole(location, name, destination):
+            prefetch.advance(location, name)
+            prefetch.spawn(name, destination, location, config_path)
+            return 0
+    answer = prefetch.ask(location, name, destination)
+    if answer == 0 and is_segment:
+        prefetch.spawn(name, destination, location, config_path)  # it may be about to exit
+    elif answer == 74:
+        print(f"ERROR: WAL file {name} is not in the archive", file=sys.stderr)  # as the full command says
+    return answer
 
 
 def _pushed_in_background(argv: list[str]) -> bool:

@@ -279,3 +279,204 @@ def test_executable_answers_a_prefetched_segment_without_the_heavy_imports(tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert dest.read_bytes() == long_header_wal(name)
     assert "walrus.config" in imported(proc.stderr)
+
+
+# -- the running prefetcher answers what it has not prefetched ---------------------------------------
+
+def at_socket(location, how: str):
+    """A socket bound or connected at the prefetcher's address (pytest's paths are too long for a
+    plain socket address, as a data directory's may be)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    folder = os.open(os.path.join(location, "running"), os.O_PATH | os.O_DIRECTORY)
+    try:
+        getattr(sock, how)(prefetch.socket_address(folder))
+    finally:
+        os.close(folder)
+    return sock
+
+
+def test_prefetcher_answers_fetches_it_has_not_prefetched(tmp_path, monkeypatch):
+    """What recovery asks for past the window (a .history file, a segment past the end of the archive)
+    is fetched by the running prefetcher over its socket: 0 with the file in DEST, 74 where the storage
+    has no such file, nothing for a malformed request; the socket is gone once it exits."""
+    import threading
+
+    from walrus.config import load_settings
+    from walrus.storage import open_storage
+
+    store = tmp_path / "store" / "wal_005"
+    store.mkdir(parents=True)
+    for n in range(2, 5):
+        (store / seg(n)).write_bytes(wal_bytes(n))
+    (store / "00000002.history").write_bytes(b"1\t0/5000000\tno recovery target specified\n")
+    settings = load_settings(env={"WALG_FILE_PREFIX": str(tmp_path / "store"), "WALG_DOWNLOAD_CONCURRENCY": "2",
+                                  "WALG_PG_WAL_SIZE": "1", "HOME": str(tmp_path)})
+    pg_wal = tmp_path / "pg_wal"
+    location = str(pg_wal / ".wal-g" / "prefetch")
+    sock = os.path.join(location, "running", prefetch.SOCKET)
+    monkeypatch.setattr(prefetcher, "FOLLOW_LINGER", 1.0)
+    answers = {}
+
+    def client() -> None:
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        answers["history"] = prefetch.ask(location, "00000002.history", str(pg_wal / "RECOVERYHISTORY"))
+        answers["absent"] = prefetch.ask(location, seg(5), str(pg_wal / "RECOVERYXLOG"))
+        answers["in window"] = prefetch.ask(location, seg(2), str(pg_wal / "RECOVERYXLOG"))
+        with at_socket(location, "connect") as s:
+            s.sendall(seg(3).encode() + b"\0pg_wal/RECOVERYXLOG\0")  # a relative DEST: whose?
+            answers["relative"] = s.recv(1)
+
+    async def main():
+        storage = open_storage(settings)
+        follower = asyncio.create_task(prefetcher.follow(settings, storage, seg(1), location))
+        thread = threading.Thread(target=client)
+        thread.start()
+        while thread.is_alive():
+            await asyncio.sleep(0.01)
+        return await asyncio.wait_for(follower, 10)
+
+    asyncio.run(main())
+    assert answers["history"] == 0
+    assert (pg_wal / "RECOVERYHISTORY").read_bytes() == b"1\t0/5000000\tno recovery target specified\n"
+    assert answers["absent"] == 74
+    assert answers["in window"] == 0 and (pg_wal / "RECOVERYXLOG").read_bytes() == wal_bytes(2)
+    assert prefetch.cursor(location) == seg(2)  # a segment it fetched moves its window on
+    assert answers["relative"] == b"E"
+    assert not os.path.exists(sock)
+    assert prefetch.ask(location, seg(3), str(pg_wal / "RECOVERYXLOG")) is None  # nobody to ask: quickly
+
+
+def test_executable_asks_the_prefetcher_without_the_heavy_imports(tmp_path):
+    """A call the running prefetcher answers costs a process start and a socket: no settings, click,
+    asyncio or storage imported; its 74 is quiet but for the full command's one line."""
+    import fcntl
+    import threading
+
+    pg_wal = tmp_path / "pgdata" / "pg_wal"
+    location = pg_wal / ".wal-g" / "prefetch"
+    (location / "running").mkdir(parents=True)
+    server = at_socket(location, "bind")
+    server.listen(4)
+    asked = []
+
+    def serve() -> None:  # a stand-in prefetcher: the archive has nothing
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                request = b""
+                while request.count(b"\0") < 2:
+                    request += conn.recv(4096)
+                asked.append(request)
+                conn.sendall(b"N")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    env = {**env_for(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}
+    with open(location / "running" / prefetch.LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for name in (seg(0x30), "00000002.history"):
+            proc = subprocess.run([f"{BIN}/walrus", "wal-fetch", name, "pg_wal/RECOVERYXLOG"],
+                                  cwd=tmp_path / "pgdata", env=env, capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 74, proc.stderr[-2000:]
+            assert f"ERROR: WAL file {name} is not in the archive" in proc.stderr
+            assert not imported(proc.stderr) & set(HEAVY), sorted(imported(proc.stderr) & set(HEAVY))
+    thread.join(10)
+    # the destination travels absolute: the prefetcher's working directory is not the server's
+    assert asked[0] == f"{seg(0x30)}\0{pg_wal / 'RECOVERYXLOG'}\0".encode()
+
+
+def test_a_signal_ends_a_call_waiting_for_the_prefetcher(tmp_path):
+    """SIGTERM while the prefetcher has not answered: the call ends by that signal at once, and closes
+    its connection (which cancels the prefetcher's fetch)."""
+    import signal
+
+    pg_wal = tmp_path / "pg_wal"
+    location = pg_wal / ".wal-g" / "prefetch"
+    (location / "running").mkdir(parents=True)
+    server = at_socket(location, "bind")
+    server.listen(1)
+    proc = subprocess.Popen([f"{BIN}/walrus", "wal-fetch", seg(0x30), str(pg_wal / "RECOVERYXLOG")],
+                            env=env_for(tmp_path), stderr=subprocess.PIPE)
+    server.settimeout(30)
+    conn, _ = server.accept()  # asked, and never answered
+    conn.settimeout(30)
+    assert conn.recv(4096).startswith(seg(0x30).encode() + b"\0")
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == -signal.SIGTERM
+    assert time.monotonic() - began < 2
+    conn.recv(4096)  # the rest of the request, if any
+    assert conn.recv(1) == b""  # the client closed its end
+    assert not (pg_wal / "RECOVERYXLOG").exists()
+
+
+def test_first_ask_starts_the_prefetcher_and_a_retry_does_not(tmp_path):
+    """A full wal-fetch of a segment recovery had not asked for starts the prefetcher before its own
+    download, even when that segment turns out absent; a retry of the same segment starts none."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in (3, 4):
+        (src / seg(n)).write_bytes(wal_bytes(n))
+        subprocess.run([f"{BIN}/walrus", "wal-push", str(src / seg(n))], env=env_for(tmp_path), check=True)
+    pg_wal = tmp_path / "pgdata" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    ready = pg_wal / ".wal-g" / "prefetch"
+    proc = subprocess.run([f"{BIN}/walrus", "wal-fetch", seg(2), str(pg_wal / "RECOVERYXLOG")],
+                          env=env_for(tmp_path), capture_output=True, timeout=60)
+    assert proc.returncode == 74
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all((ready / seg(n)).exists() for n in (3, 4)):
+        time.sleep(0.05)
+    assert (ready / seg(3)).read_bytes() == wal_bytes(3) and (ready / seg(4)).read_bytes() == wal_bytes(4)
+    assert prefetch.cursor(str(ready)) == seg(2)
+    # wait for that prefetcher to leave, then retry: the cursor says seg(2) was asked already
+    import fcntl
+    with open(ready / "running" / prefetch.LOCK, "w") as lock:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    for n in (3, 4):
+        (ready / seg(n)).unlink()
+    proc = subprocess.run([f"{BIN}/walrus", "wal-fetch", seg(2), str(pg_wal / "RECOVERYXLOG")],
+                          env=env_for(tmp_path), capture_output=True, timeout=60)
+    assert proc.returncode == 74
+    time.sleep(1.0)
+    assert not (ready / seg(3)).exists() and not (ready / "running" / prefetch.SOCKET).exists()
+
+
+def test_recovery_first_history_call_starts_the_prefetcher_the_next_call_asks_it(tmp_path):
+    """A recovery's first call, for a .history file, starts a prefetcher with nothing to prefetch yet;
+    the call for the first segment then waits for it to listen and is answered by it, with none of the
+    full command's imports, and its window follows from there."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in (3, 4, 5):
+        (src / seg(n)).write_bytes(wal_bytes(n))
+        subprocess.run([f"{BIN}/walrus", "wal-push", str(src / seg(n))], env=env_for(tmp_path), check=True)
+    pg_wal = tmp_path / "pgdata" / "pg_wal"
+    pg_wal.mkdir(parents=True)
+    ready = pg_wal / ".wal-g" / "prefetch"
+    proc = subprocess.run([f"{BIN}/walrus", "wal-fetch", "00000002.history", str(pg_wal / "RECOVERYHISTORY")],
+                          env=env_for(tmp_path), capture_output=True, timeout=60)
+    assert proc.returncode == 74
+    proc = subprocess.run([f"{BIN}/walrus", "wal-fetch", seg(3), str(pg_wal / "RECOVERYXLOG")],
+                          env={**env_for(tmp_path), "PYTHONPROFILEIMPORTTIME": "1"}, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == wal_bytes(3)
+    assert not imported(proc.stderr) & set(HEAVY), sorted(imported(proc.stderr) & set(HEAVY))
+    assert prefetch.cursor(str(ready)) == seg(3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all((ready / seg(n)).exists() for n in (4, 5)):
+        time.sleep(0.05)
+    assert (ready / seg(4)).read_bytes() == wal_bytes(4) and (ready / seg(5)).read_bytes() == wal_bytes(5)

@@ -70,14 +70,16 @@ def wal_fetch_cmd(ctx, name: str, destination: str, as_json: bool, target_storag
     """Restore one WAL file (restore_command = 'walrus wal-fetch %f %p'); exit 74 if it is not archived.
 
     The next WALG_DOWNLOAD_CONCURRENCY segments are then prefetched in the background."""
-    from walrus.wal.fetch import prefetch_after, wal_fetch
+    from walrus.wal.fetch import prefetch_after, prefetch_before, wal_fetch
 
-    # entry.py has already answered the plain form when the segment was prefetched; here wal_fetch
-    # takes a prefetched copy itself, or downloads
+    # entry.py has already answered the plain form when the segment was prefetched or the running
+    # prefetcher could fetch it; here wal_fetch takes a prefetched copy itself, or downloads
     check_target_storage(target_storage)
     settings = settings_of(ctx)
+    config_path = ctx.find_root().obj.config_path
+    prefetch_before(settings, name, destination, config_path)
     result = run(ctx, lambda s, st: wal_fetch(s, st, name, destination), settings)
-    prefetch_after(settings, name, destination, ctx.find_root().obj.config_path)
+    prefetch_after(settings, name, destination, config_path)
     emit(result, as_json, None)
 
 

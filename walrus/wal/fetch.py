@@ -36,6 +36,24 @@ async def wal_fetch(settings: Settings, storage: Storage, name: str, destination
     return WalFetchResult(name, key, destination, size, time.monotonic() - began)
 
 
+def prefetch_before(settings: Settings, name: str, destination: str, config_path: str | None) -> None:
+    """Before a wal-fetch process downloads `name` itself: start the prefetcher now, so its start-up
+    overlaps this download instead of delaying recovery's next call, which asks it (prefetch.ask).
+    For a segment not asked before, and for the .history file a recovery asks for first (no segment
+    asked yet in this pg_wal). Not for a retry of the segment asked last, nor for .history files after
+    that: a standby waiting for a segment not archived yet asks for both every few seconds, and those
+    calls wait for a segment's success, as prefetch_after()."""
+    if settings.download_concurrency <= 1:
+        return
+    location = prefetch.location(settings, destination)
+    asked_last = prefetch.cursor(location)
+    if prefetch.wanted(name, settings):
+        if asked_last != name:
+            prefetch_after(settings, name, destination, config_path)
+    elif asked_last is None and "/" not in name:
+        prefetch.spawn(name, destination, location, config_path)
+
+
 def prefetch_after(settings: Settings, name: str, destination: str, config_path: str | None) -> None:
     """After a wal-fetch process restored `name`: record it for the running prefetcher, else start one."""
     if prefetch.wanted(name, settings):

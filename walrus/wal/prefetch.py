@@ -22,6 +22,13 @@ PREFETCH = os.path.join(".wal-g", "prefetch")
 RUNNING = "running"
 LOCK = ".prefetcher.lock"
 CURSOR = ".prefetcher.cursor"  # the segment recovery asked for last (advance(), cursor())
+SOCKET = ".prefetcher.sock"  # the running prefetcher answers fetches of what it has not prefetched (ask())
+ASK_TIMEOUT = 300.0  # seconds for the prefetcher's answer: a download of one segment, with its retries
+ASK_SLICE = 0.2  # seconds between looks at a held SIGTERM/SIGINT while waiting for it
+# A prefetcher that holds the lock but has no socket yet is starting (imports, storage client): a call
+# waits up to this long for it, polling, rather than pay the same start-up itself in a full command
+ASK_START_WAIT = 3.0
+ASK_START_POLL = 0.005
 WAL_MAGIC_MIN = 0xD061  # the oldest WAL page magic PostgreSQL 9.x wrote; anything lower is not WAL
 WAIT_POLL = 0.002
 WAIT_GIVE_UP = 100  # polls without growth of a running download (WAL-G waits the same ~200 ms)
@@ -93,13 +100,19 @@ def take_unresolved(name: str, destination: str, config_path: str | None, env: M
     """wal-fetch's quickest answer, for restore_command while the prefetcher keeps ahead of recovery:
     a prefetched `name` moved to DEST (its prefetch folder returned, for advance() and spawn()),
     without resolving the settings (a call costs little more than the interpreter's start, and replay
-    waits for every call). Only where the settings have no say: the prefetch folder is
-    WALG_PREFETCH_DIR from the environment (which wins over any file), else beside DEST when the
-    config file does not name that setting; the file must be a whole segment by its own first page.
-    Anything else is None with nothing changed, and the full command decides, logs and downloads as
-    usual (it also reports settings in error, which a prefetcher started by an earlier call resolved)."""
-    if not is_segment_name(name):
+    waits for every call). The file must be a whole segment by its own first page. Anything else is
+    None with nothing changed, and the full command (or the prefetcher, ask()) decides."""
+    where = unresolved_location(destination, config_path, env)
+    if where is None or not is_segment_name(name):
         return None
+    return where if take_whole(where, name, destination) else None
+
+
+def unresolved_location(destination: str, config_path: str | None, env: Mapping[str, str]) -> str | None:
+    """The prefetch folder, where the settings have no say in it: WALG_PREFETCH_DIR from the
+    environment (which wins over any file), else beside DEST when the config file does not name that
+    setting. None otherwise: the full command resolves the settings (and reports them in error, which a
+    prefetcher started by an earlier call resolved)."""
     base = env.get("WALG_PREFETCH_DIR")
     if not base:
         path = config_path or default_config_path(env)
@@ -111,21 +124,130 @@ def take_unresolved(name: str, destination: str, config_path: str | None, env: M
             except OSError:
                 return None
         base = os.path.dirname(os.path.realpath(destination))
-    where = os.path.join(base, PREFETCH)
+    return os.path.join(base, PREFETCH)
+
+
+def take_whole(where: str, name: str, destination: str) -> bool:
+    """Move prefetched `name` from `where` to DEST if it is whole by its long page header and was
+    written since the last boot."""
     ready = os.path.join(where, name)
     try:
         with open(ready, "rb") as f:
             head = f.read(LONG_PAGE_HEAD.size)
             st = os.fstat(f.fileno())
     except OSError:
-        return None
+        return False
     if not _whole_segment(name, head, st.st_size) or st.st_mtime < _boot_time():
-        return None
+        return False
     try:
         os.rename(ready, destination)
     except OSError:
+        return False
+    return True
+
+
+def ask(where: str, name: str, destination: str, timeout: float = ASK_TIMEOUT) -> int | None:
+    """Have the running prefetcher fetch `name` (a segment it has not prefetched, a .history file, one
+    past the end of the archive) with its storage client, already open: a new process would first pay
+    the storage's imports and set-up, on S3 most of a second. 0: restored to DEST; 74: the storage
+    answered that the archive has no such file. None when there is no prefetcher to ask, or it could not
+    fetch it (the full command then does, and reports why).
+
+    The request is NAME and DEST (absolute), each ended by a NUL, which neither can hold; the answer one
+    byte, as the daemon's: O, N, or E. A SIGTERM or SIGINT held meanwhile closes the connection, which
+    cancels the prefetcher's fetch, and ends this process by that signal.
+    """
+    import _socket  # not `socket`: its enum and selectors imports would cost every call
+
+    try:
+        folder = os.open(os.path.join(where, RUNNING), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
         return None
-    return where
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(ASK_SLICE)
+        try:
+            _connect(sock, folder)
+            sock.sendall(name.encode() + b"\0" + os.path.abspath(destination).encode() + b"\0")
+        except OSError:
+            return None  # no prefetcher (or one closing): nothing was asked
+        reply = _answer(sock, timeout)
+    finally:
+        sock.close()
+        os.close(folder)
+    return {b"O": 0, b"N": 74}.get(reply)
+
+
+def _connect(sock, folder: int) -> None:
+    """Connect to the prefetcher's socket; while it has none but holds the lock, it is starting: wait
+    for it (bounded). OSError when there is no prefetcher to ask."""
+    import time
+
+    deadline = None
+    while True:
+        try:
+            sock.connect(socket_address(folder))
+            return
+        except (FileNotFoundError, ConnectionRefusedError):
+            if deadline is None:
+                deadline = time.monotonic() + ASK_START_WAIT
+            if time.monotonic() > deadline or not _locked(folder):
+                raise
+            _stop_if_signalled(None)
+            time.sleep(ASK_START_POLL)
+
+
+def _locked(folder: int) -> bool:
+    """A prefetcher holds the folder's lock (spawn() took it for the child, which keeps it until exit)."""
+    try:
+        fd = os.open(LOCK, os.O_RDONLY | os.O_CLOEXEC, dir_fd=folder)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops a shared lock just taken
+    return False
+
+
+def _stop_if_signalled(sock) -> None:
+    """A SIGTERM or SIGINT held while waiting on the prefetcher: leave (closing the connection, which
+    cancels its fetch) and end by that signal."""
+    import _signal
+
+    from walrus import interrupts
+
+    held = _signal.sigpending() & interrupts.SIGNALS
+    if held:
+        if sock is not None:
+            sock.close()
+        interrupts.die_by(min(held))
+
+
+def socket_address(folder: int) -> str:
+    """The socket's address through an O_PATH descriptor of its folder: a data directory's path can
+    exceed the 107 bytes a socket address holds, /proc/self/fd/N/... never does."""
+    return f"/proc/self/fd/{folder}/{SOCKET}"
+
+
+def _answer(sock, timeout: float) -> bytes:
+    """The prefetcher's one-byte answer; b"" if it closed without one or gave none within `timeout`."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _stop_if_signalled(sock)
+        try:
+            return sock.recv(1)
+        except TimeoutError:
+            continue
+        except OSError:
+            return b""
+    return b""
 
 
 def _whole_segment(name: str, head: bytes, size: int) -> bool:

@@ -2,19 +2,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import time
 
 from walrus.config import Settings
 from walrus.errors import ArchiveNotFound, WalrusError
 from walrus.log import log
+from walrus.pg.segname import is_segment_name
 from walrus.pg.xlog import next_wal_file_name, parse_wal_file_name
 from walrus.storage.base import Storage
+from walrus.wal.fetch import wal_fetch
 from walrus.wal.stored import download
-from walrus.wal.prefetch import RUNNING, clean, cursor, present
+from walrus.wal.prefetch import RUNNING, SOCKET, advance, clean, cursor, present, socket_address
 
 FOLLOW_POLL = 0.02  # seconds between looks at the cursor
 FOLLOW_LINGER = 2.0  # a prefetcher whose cursor has not moved for this long, with nothing in flight, exits
+ASK_REQUEST_TIMEOUT = 5.0  # a client sends its request right after connecting
+OK, NOT_FOUND, ERROR = b"O", b"N", b"E"  # prefetch.ask's answers: fetched, absent from the archive, could not
 
 
 def parallel_downloads(settings: Settings) -> int:
@@ -95,19 +101,127 @@ async def follow(settings: Settings, storage: Storage, name: str, location: str)
     wal-fetch records) until it stops moving; returns how many segments were downloaded.
 
     One prefetcher follows recovery for as long as it keeps asking, instead of a new process (and its
-    imports, about 0.1 CPU-s) every few segments competing with replay for the CPU.
+    imports, about 0.1 CPU-s) every few segments competing with replay for the CPU. Meanwhile it
+    answers, on a socket in the prefetch folder, the fetches of what it has not prefetched (prefetch.ask)
+    with its storage client already open: the files recovery asks for past the end of the archive,
+    .history files, a segment whose download is still running.
     """
-    window = Window(settings, storage)
-    window.fill(name, location)
-    last, moved = name, time.monotonic()
-    while True:
-        await asyncio.sleep(FOLLOW_POLL)
-        now = cursor(location)
-        if now is not None and _after(now, last, settings.segment_size):
-            last, moved = now, time.monotonic()
-            window.fill(last, location)
-        elif time.monotonic() - moved > FOLLOW_LINGER and not window.busy:
-            return window.downloaded
+    return await _Follower(settings, storage, name, location).run()
+
+
+class _Follower:
+    def __init__(self, settings: Settings, storage: Storage, name: str, location: str):
+        self.settings, self.storage, self.location = settings, storage, location
+        self.window = Window(settings, storage)
+        # a recovery's first call may be for a .history file: then nothing is filled until a segment is asked
+        self.last = name if is_segment_name(name) else None
+        self.moved = time.monotonic()
+        self.answering: set[asyncio.Task] = set()
+
+    async def run(self) -> int:
+        if self.last is not None:
+            self.window.fill(self.last, self.location)
+        else:
+            os.makedirs(os.path.join(self.location, RUNNING), 0o700, exist_ok=True)
+        server = await self._listen()
+        try:
+            while True:
+                await asyncio.sleep(FOLLOW_POLL)
+                now = cursor(self.location)
+                if now is not None and (self.last is None or _after(now, self.last, self.settings.segment_size)):
+                    self._moved_to(now)
+                elif (time.monotonic() - self.moved > FOLLOW_LINGER and not self.window.busy
+                      and not self.answering):
+                    return self.window.downloaded
+        finally:
+            if server is not None:
+                # closed (and its path gone) before the lock is released at exit: a client that cannot
+                # connect any more runs the full command; none is left waiting for an answer
+                server.close()
+                _unlink(self._socket_path())
+                for task in list(self.answering):
+                    task.cancel()
+                await asyncio.gather(*self.answering, return_exceptions=True)
+
+    def _moved_to(self, name: str) -> None:
+        self.last, self.moved = name, time.monotonic()
+        self.window.fill(name, self.location)
+
+    def _socket_path(self) -> str:
+        return os.path.join(self.location, RUNNING, SOCKET)
+
+    async def _listen(self) -> asyncio.AbstractServer | None:
+        """The socket for prefetch.ask(); None where it cannot be made (the calls then run in full).
+        Any file at its path is a dead prefetcher's: this one holds the folder's lock."""
+        path = self._socket_path()
+        _unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            folder = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                sock.bind(socket_address(folder))
+            finally:
+                os.close(folder)
+            return await asyncio.start_unix_server(self._connection, sock=sock)
+        except OSError as e:
+            sock.close()
+            log.debug(f"prefetcher: no socket at {path}: {e}")
+            return None
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One asked fetch. The client leaving first (its SIGTERM, its timeout) cancels the fetch, so
+        nothing is written to its DEST after it stopped waiting."""
+        task = asyncio.current_task()
+        self.answering.add(task)
+        try:
+            try:
+                async with asyncio.timeout(ASK_REQUEST_TIMEOUT):
+                    name = (await reader.readuntil(b"\0"))[:-1].decode()
+                    destination = (await reader.readuntil(b"\0"))[:-1].decode()
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, UnicodeDecodeError, TimeoutError):
+                name = destination = ""
+            if not name or "/" in name or not os.path.isabs(destination):
+                writer.write(ERROR)
+                return
+            fetch = asyncio.create_task(self._fetch(name, destination))
+            gone = asyncio.create_task(reader.read(1))  # EOF (or anything) from the client: it left
+            try:
+                await asyncio.wait({fetch, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not fetch.done():
+                    fetch.cancel()
+                await asyncio.gather(fetch, gone, return_exceptions=True)
+            if not fetch.cancelled():
+                writer.write(fetch.result())
+        finally:
+            self.answering.discard(task)
+            self.moved = time.monotonic()  # a fetch asked counts as recovery moving
+            with contextlib.suppress(OSError):
+                writer.close()
+                await writer.wait_closed()
+
+    async def _fetch(self, name: str, destination: str) -> bytes:
+        try:
+            await self.window.settle(self.location, name)
+            await wal_fetch(self.settings, self.storage, name, destination)
+        except ArchiveNotFound:
+            return NOT_FOUND
+        except Exception as e:  # the full command fetches it again and reports why
+            log.debug(f"prefetcher: wal-fetch {name}: {e}")
+            return ERROR
+        if is_segment_name(name):
+            advance(self.location, name)
+            if self.last is None or _after(name, self.last, self.settings.segment_size):
+                self._moved_to(name)
+        return OK
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _after(a: str, b: str, segment_size: int) -> bool:
