@@ -91,7 +91,7 @@ def _quick_fetch(argv: list[str]) -> int | None:
             prefetch.advance(location, name)
             prefetch.spawn(name, destination, location, config_path)
             return 0
-    answer = prefetch.ask(location, name, destination)
+    answer = prefetch.ask(location, name, destination, config_path)
     if answer == 0 and is_segment:
         prefetch.spawn(name, destination, location, config_path)  # it may be about to exit
     elif answer == 74:

@@ -324,11 +324,16 @@ def test_prefetcher_answers_fetches_it_has_not_prefetched(tmp_path, monkeypatch)
             if os.path.exists(sock):
                 break
             time.sleep(0.01)
-        answers["history"] = prefetch.ask(location, "00000002.history", str(pg_wal / "RECOVERYHISTORY"))
-        answers["absent"] = prefetch.ask(location, seg(5), str(pg_wal / "RECOVERYXLOG"))
-        answers["in window"] = prefetch.ask(location, seg(2), str(pg_wal / "RECOVERYXLOG"))
+        answers["history"] = prefetch.ask(location, "00000002.history", str(pg_wal / "RECOVERYHISTORY"), None)
+        answers["absent"] = prefetch.ask(location, seg(5), str(pg_wal / "RECOVERYXLOG"), None)
+        answers["in window"] = prefetch.ask(location, seg(2), str(pg_wal / "RECOVERYXLOG"), None)
+        # a call configured otherwise (here: another config file) is not the prefetcher's to serve
+        other = tmp_path / "other.json"
+        other.write_text("{}")
+        answers["configured otherwise"] = prefetch.ask(location, seg(3), str(pg_wal / "ELSEWHERE"), str(other))
         with at_socket(location, "connect") as s:
-            s.sendall(seg(3).encode() + b"\0pg_wal/RECOVERYXLOG\0")  # a relative DEST: whose?
+            s.sendall(seg(3).encode() + b"\0pg_wal/RECOVERYXLOG\0" + prefetch.settings_fingerprint(None).encode()
+                      + b"\0")  # a relative DEST: whose?
             answers["relative"] = s.recv(1)
 
     async def main():
@@ -347,8 +352,9 @@ def test_prefetcher_answers_fetches_it_has_not_prefetched(tmp_path, monkeypatch)
     assert answers["in window"] == 0 and (pg_wal / "RECOVERYXLOG").read_bytes() == wal_bytes(2)
     assert prefetch.cursor(location) == seg(2)  # a segment it fetched moves its window on
     assert answers["relative"] == b"E"
+    assert answers["configured otherwise"] is None and not (pg_wal / "ELSEWHERE").exists()
     assert not os.path.exists(sock)
-    assert prefetch.ask(location, seg(3), str(pg_wal / "RECOVERYXLOG")) is None  # nobody to ask: quickly
+    assert prefetch.ask(location, seg(3), str(pg_wal / "RECOVERYXLOG"), None) is None  # nobody to ask: quickly
 
 
 def test_executable_asks_the_prefetcher_without_the_heavy_imports(tmp_path):
@@ -369,7 +375,7 @@ def test_executable_asks_the_prefetcher_without_the_heavy_imports(tmp_path):
             conn, _ = server.accept()
             with conn:
                 request = b""
-                while request.count(b"\0") < 2:
+                while request.count(b"\0") < 3:
                     request += conn.recv(4096)
                 asked.append(request)
                 conn.sendall(b"N")
@@ -387,7 +393,7 @@ def test_executable_asks_the_prefetcher_without_the_heavy_imports(tmp_path):
             assert not imported(proc.stderr) & set(HEAVY), sorted(imported(proc.stderr) & set(HEAVY))
     thread.join(10)
     # the destination travels absolute: the prefetcher's working directory is not the server's
-    assert asked[0] == f"{seg(0x30)}\0{pg_wal / 'RECOVERYXLOG'}\0".encode()
+    assert asked[0].startswith(f"{seg(0x30)}\0{pg_wal / 'RECOVERYXLOG'}\0".encode())
 
 
 def test_a_signal_ends_a_call_waiting_for_the_prefetcher(tmp_path):
@@ -480,3 +486,11 @@ def test_recovery_first_history_call_starts_the_prefetcher_the_next_call_asks_it
     while time.monotonic() < deadline and not all((ready / seg(n)).exists() for n in (4, 5)):
         time.sleep(0.05)
     assert (ready / seg(4)).read_bytes() == wal_bytes(4) and (ready / seg(5)).read_bytes() == wal_bytes(5)
+    # a call configured for another storage while that prefetcher runs: its own storage answers
+    other = tmp_path / "other"
+    (other / "wal_005").mkdir(parents=True)
+    (other / "wal_005" / seg(6)).write_bytes(wal_bytes(6))
+    proc = subprocess.run([f"{BIN}/walrus", "wal-fetch", seg(6), str(pg_wal / "RECOVERYXLOG")],
+                          env=env_for(tmp_path, WALG_FILE_PREFIX=str(other)), capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (pg_wal / "RECOVERYXLOG").read_bytes() == wal_bytes(6)

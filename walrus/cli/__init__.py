@@ -93,7 +93,9 @@ def wal_prefetch_cmd(ctx, name: str, location: str, target_storage: str | None) 
     from walrus.wal import prefetch, prefetcher
 
     check_target_storage(target_storage)
-    run(ctx, lambda s, st: prefetcher.follow(s, st, name, prefetch.location(s, os.path.join(location, name))))
+    config_path = ctx.find_root().obj.config_path
+    run(ctx, lambda s, st: prefetcher.follow(s, st, name, prefetch.location(s, os.path.join(location, name)),
+                                             config_path))
 
 
 @cli.command("backup-push", context_settings=CONTEXT)

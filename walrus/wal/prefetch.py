@@ -146,15 +146,43 @@ def take_whole(where: str, name: str, destination: str) -> bool:
     return True
 
 
-def ask(where: str, name: str, destination: str, timeout: float = ASK_TIMEOUT) -> int | None:
+def settings_fingerprint(config_path: str | None) -> str:
+    """What a process's settings are resolved from, as a digest: its initial environment (less the
+    interpreter's PYTHON* variables), and the config file's path and identity (inode, size, mtime).
+    The prefetcher answers only a call whose fingerprint is its own: a call configured otherwise (another
+    storage, another key) must not be served from the prefetcher's storage. /proc/self/environ is the
+    environment the process started with, whatever it changed since."""
+    from _blake2 import blake2b  # the C module: hashlib's import costs more than the digest
+
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        raw = b""
+    kept = sorted(v for v in raw.split(b"\0") if v and not v.startswith(b"PYTHON"))
+    path = config_path or default_config_path(os.environ)
+    identity = None
+    if path:
+        path = os.path.abspath(path)
+        try:
+            st = os.stat(path)
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            pass
+    return blake2b(b"\0".join(kept) + b"\0\0" + repr((path, identity)).encode(), digest_size=16).hexdigest()
+
+
+def ask(where: str, name: str, destination: str, config_path: str | None,
+        timeout: float = ASK_TIMEOUT) -> int | None:
     """Have the running prefetcher fetch `name` (a segment it has not prefetched, a .history file, one
     past the end of the archive) with its storage client, already open: a new process would first pay
     the storage's imports and set-up, on S3 most of a second. 0: restored to DEST; 74: the storage
     answered that the archive has no such file. None when there is no prefetcher to ask, or it could not
     fetch it (the full command then does, and reports why).
 
-    The request is NAME and DEST (absolute), each ended by a NUL, which neither can hold; the answer one
-    byte, as the daemon's: O, N, or E. A SIGTERM or SIGINT held meanwhile closes the connection, which
+    The request is NAME, DEST (absolute) and the caller's settings_fingerprint(), each ended by a NUL,
+    which none can hold; the answer one byte, as the daemon's: O, N, or E (also for a call configured
+    otherwise than the prefetcher). A SIGTERM or SIGINT held meanwhile closes the connection, which
     cancels the prefetcher's fetch, and ends this process by that signal.
     """
     import _socket  # not `socket`: its enum and selectors imports would cost every call
@@ -168,7 +196,8 @@ def ask(where: str, name: str, destination: str, timeout: float = ASK_TIMEOUT) -
         sock.settimeout(ASK_SLICE)
         try:
             _connect(sock, folder)
-            sock.sendall(name.encode() + b"\0" + os.path.abspath(destination).encode() + b"\0")
+            sock.sendall(b"".join(part.encode() + b"\0" for part in
+                                  (name, os.path.abspath(destination), settings_fingerprint(config_path))))
         except OSError:
             return None  # no prefetcher (or one closing): nothing was asked
         reply = _answer(sock, timeout)

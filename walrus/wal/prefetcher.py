@@ -15,7 +15,7 @@ from walrus.pg.xlog import next_wal_file_name, parse_wal_file_name
 from walrus.storage.base import Storage
 from walrus.wal.fetch import wal_fetch
 from walrus.wal.stored import download
-from walrus.wal.prefetch import RUNNING, SOCKET, advance, clean, cursor, present, socket_address
+from walrus.wal.prefetch import RUNNING, SOCKET, advance, clean, cursor, present, settings_fingerprint, socket_address
 
 FOLLOW_POLL = 0.02  # seconds between looks at the cursor
 FOLLOW_LINGER = 2.0  # a prefetcher whose cursor has not moved for this long, with nothing in flight, exits
@@ -96,7 +96,8 @@ class Window:
             return segment
 
 
-async def follow(settings: Settings, storage: Storage, name: str, location: str) -> int:
+async def follow(settings: Settings, storage: Storage, name: str, location: str,
+                 config_path: str | None = None) -> int:
     """`wal-prefetch`: keep the window filled after the segment recovery asked for last (the cursor each
     wal-fetch records) until it stops moving; returns how many segments were downloaded.
 
@@ -106,12 +107,13 @@ async def follow(settings: Settings, storage: Storage, name: str, location: str)
     with its storage client already open: the files recovery asks for past the end of the archive,
     .history files, a segment whose download is still running.
     """
-    return await _Follower(settings, storage, name, location).run()
+    return await _Follower(settings, storage, name, location, settings_fingerprint(config_path)).run()
 
 
 class _Follower:
-    def __init__(self, settings: Settings, storage: Storage, name: str, location: str):
+    def __init__(self, settings: Settings, storage: Storage, name: str, location: str, fingerprint: str):
         self.settings, self.storage, self.location = settings, storage, location
+        self.fingerprint = fingerprint  # a call configured otherwise is not this process's to serve
         self.window = Window(settings, storage)
         # a recovery's first call may be for a .history file: then nothing is filled until a segment is asked
         self.last = name if is_segment_name(name) else None
@@ -176,11 +178,11 @@ class _Follower:
         try:
             try:
                 async with asyncio.timeout(ASK_REQUEST_TIMEOUT):
-                    name = (await reader.readuntil(b"\0"))[:-1].decode()
-                    destination = (await reader.readuntil(b"\0"))[:-1].decode()
+                    name, destination, fingerprint = [(await reader.readuntil(b"\0"))[:-1].decode()
+                                                      for _ in range(3)]
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, UnicodeDecodeError, TimeoutError):
-                name = destination = ""
-            if not name or "/" in name or not os.path.isabs(destination):
+                name = destination = fingerprint = ""
+            if not name or "/" in name or not os.path.isabs(destination) or fingerprint != self.fingerprint:
                 writer.write(ERROR)
                 return
             fetch = asyncio.create_task(self._fetch(name, destination))
