@@ -219,8 +219,12 @@ def corrupt_cases() -> dict[str, tuple[bytes, str]]:
     return {
         "truncated payload": (good[:700], "ends after 188 of 1000"),
         "truncated header": (good[:300], "inside the header"),
-        "eof inside padding": (good[:512 + 1000], "inside the padding"),
-        "no end-of-archive": (good[:-1024], "without an end-of-archive"),
+        "eof inside padding": (good[:512 + 1010], "inside the padding"),
+        "eof after one byte of padding": (good[:512 + 1001], "inside the padding"),
+        "empty stream": (b"", "without an end-of-archive"),
+        "eof inside the second header": (good[:512 + 1024 + 100], "inside the header"),
+        "eof inside the last payload": (good[:512 + 1024 + 512 + 1], "ends after 1 of 2"),
+        "eof after an extended header": (long_pax[:512 * 2], "without an end-of-archive"),
         "bad checksum": (bytes(bad_sum), "bad checksum"),
         "negative size": (with_checksum(negative) + bytes(1024), "size -1"),
         "huge size": (with_checksum(huge) + bytes(1024), f"size {2**88 - 1}"),
@@ -246,6 +250,31 @@ def test_truncation_names_the_member():
     with pytest.raises(CorruptObject) as raised:
         read_all(io.BytesIO(data))
     assert "/base/1/1259" in raised.value.detail and "188 of 1000" in raised.value.detail
+
+
+@pytest.mark.parametrize("cut", ["end blocks", "end blocks and padding"])
+@pytest.mark.parametrize("reader", [io.BytesIO, Trickle])
+def test_eof_at_a_member_boundary_ends_the_archive(cut, reader):
+    """As Go's archive/tar: WAL-G's remote-mode parts and BASE_BACKUP's archives have no end blocks,
+    and may lack the last member's padding."""
+    good = go_tar([(info("/base/1/1259"), b"p" * 1000), (info("/b"), b"bb")])
+    data = good[:-1024] if cut == "end blocks" else good[:-1024 - 510]
+    assert read_all(reader(data)) == [("/base/1/1259", "file", 1000, 0o600, b"p" * 1000),
+                                      ("/b", "file", 2, 0o600, b"bb")]
+
+
+def test_eof_after_a_directory_or_a_whole_block_member_ends_the_archive():
+    data = go_tar([(info("/a"), b"x" * 512), (info("/d", tarfile.DIRTYPE, mode=0o700), b"")], end=b"")
+    assert read_all(io.BytesIO(data)) == [("/a", "file", 512, 0o600, b"x" * 512), ("/d", "dir", 0, 0o700, b"")]
+
+
+def test_extract_accepts_a_part_without_end_blocks(dest):
+    data = go_tar([(info("global", tarfile.DIRTYPE, mode=0o700), b""), (info("global/pg_control"), b"c" * 8192)],
+                  end=b"")
+    stats = extract_tar(io.BytesIO(data), dest, name="pg_control.tar")
+    assert stats.files == 1
+    with open(os.path.join(dest, "global", "pg_control"), "rb") as f:
+        assert f.read() == b"c" * 8192
 
 
 def test_trailing_zeros_of_any_length_are_accepted():

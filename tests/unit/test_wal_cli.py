@@ -171,7 +171,9 @@ def test_fetch_corrupt_object_fails_without_leaving_dest(tmp_path):
     proc = walrus(["wal-fetch", SEGMENT, str(tmp_path / "dest")], {"WALG_FILE_PREFIX": str(tmp_path / "s")})
     assert proc.returncode == 1
     assert "ERROR:" in proc.stderr
-    assert list(tmp_path.iterdir()) == [tmp_path / "s"]  # neither dest nor a temp file
+    # neither dest nor a temp file; the prefetch folder (.wal-g, as WAL-G's) holds no segment
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".wal-g", "s"]
+    assert not [p for p in (tmp_path / ".wal-g").rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
 def test_push_missing_file_is_an_error(tmp_path):

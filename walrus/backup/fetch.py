@@ -32,7 +32,8 @@ from walrus.stream.download import consume_decoded
 from walrus.stream.stages import metered
 
 # Restored whatever files_metadata.json lists (WAL-G's UtilityFilePaths).
-UTILITY_RELPATHS = frozenset({"global/pg_control", "backup_label", "tablespace_map"})
+PG_CONTROL_RELPATH = "global/pg_control"
+UTILITY_RELPATHS = frozenset({PG_CONTROL_RELPATH, "backup_label", "tablespace_map"})
 # pg_control.tar is extracted here, inside the target, and its files renamed into place last: a
 # restore stopped at any instant (a failure, SIGTERM, kill -9, power loss) leaves no
 # global/pg_control, which PostgreSQL needs to start, so a partial restore can never be started.
@@ -292,19 +293,27 @@ class _Extraction:
             return not (relpath == "tablespace_map" and self.relocated)  # links were relocated
         return self.files_metadata is None or self.files_metadata.lookup("/" + relpath) is not None
 
+    def _not_pg_control(self, relpath: str) -> bool:
+        return relpath != PG_CONTROL_RELPATH and self.wanted(relpath)
+
     async def part(self, info: ObjectInfo, dest: str) -> None:
         ext = layout.tar_extension(info.name)
         if ext is None:
             log.warning(f"{info.key} is not a tar part; ignored")
             return
         settings = self.settings
+        wanted = self.wanted
+        if dest == self.directory:
+            # a remote-mode backup (WAL-G's or walrus's) also holds pg_control in a data part: it comes
+            # from pg_control.tar alone, staged and put in place last, so a partial restore never starts
+            wanted = self._not_pg_control
 
         def extract(source: Reader) -> ExtractStats:
             with contextlib.closing(open_sink(settings.io_method, direct_threshold=self._direct_min,
                                               buffer_size=settings.buffer_size, buffers=self._sink_buffers)) as sink:
                 self.writer = sink.name
                 try:
-                    return extract_tar(source, dest, name=info.key, wanted=self.wanted,
+                    return extract_tar(source, dest, name=info.key, wanted=wanted,
                                        allowed_links=self.allowed_links if dest == self.directory else frozenset(),
                                        sink=sink, incremented=self.incremented)
                 except OSError as e:  # a write that failed after its member was handed over
@@ -333,7 +342,8 @@ class _Extraction:
         if expected is None:
             expected = frozenset(member_relpath(member) for member, desc in self.files_metadata.files.items()
                                  if not desc.is_skipped)
-        missing = sorted(rel for rel in expected if rel and rel not in self.totals.restored and self.wanted(rel))
+        missing = sorted(rel for rel in expected if rel and rel != PG_CONTROL_RELPATH and rel not in self.totals.restored
+                         and self.wanted(rel))
         if missing:
             raise CorruptObject(f"backup {name} is incomplete: {len(missing)} of the files its "
                                  f"{layout.FILES_METADATA} lists are in none of its parts",

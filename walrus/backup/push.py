@@ -122,12 +122,12 @@ class _SharedEntries:
         return self._it
 
 
-def _archiving_applies(info) -> bool:
+def archiving_applies(info) -> bool:
     """When pg_backup_stop(wait_for_archive => true) would wait: archiving on for this server's role."""
     return info.archive_mode == "always" or (info.archive_mode == "on" and not info.in_recovery)
 
 
-def _backup_wal_files(timeline: int, start_lsn: int, stop_lsn: int, segment_size: int) -> list[str]:
+def backup_wal_files(timeline: int, start_lsn: int, stop_lsn: int, segment_size: int) -> list[str]:
     """The backup history file and the WAL segments a restore of this backup needs, first to last."""
     start_segment = wal_file_name(timeline, segment_of(start_lsn, segment_size), segment_size)
     history = f"{start_segment}.{start_lsn % segment_size:08X}.backup"
@@ -146,9 +146,9 @@ async def _await_wal(push: _Push, archive: ArchiveWal | None) -> None:
     does not wait for archive_command to start and run once per file. Where that is not possible
     (no .ready yet, a file gone meanwhile, a failure), the archiver's own result is awaited."""
     info, stop = push.info, push.stop
-    if not _archiving_applies(info):
+    if not archiving_applies(info):
         return
-    names = _backup_wal_files(push.start.timeline, push.start.lsn, stop.lsn, info.segment_size)
+    names = backup_wal_files(push.start.timeline, push.start.lsn, stop.lsn, info.segment_size)
     wal_dir = os.path.join(push.pgdata, "pg_wal")
     status = os.path.join(wal_dir, "archive_status")
     pending = [n for n in names if not os.path.exists(os.path.join(status, n + ".done"))
@@ -200,10 +200,10 @@ def _check_server(info, pgdata: str, settings: Settings, archive_check: bool = T
                           detail=f"the server uses {info.segment_size >> 20} MiB segments, "
                                  f"WALG_PG_WAL_SIZE is {settings.pg_wal_size}",
                           hint=f"set WALG_PG_WAL_SIZE={info.segment_size >> 20}")
-    _check_archiving(info, archive_check)
+    check_archiving(info, archive_check)
 
 
-def _check_archiving(info, archive_check: bool) -> None:
+def check_archiving(info, archive_check: bool) -> None:
     """A backup is restorable only with the WAL written while it ran: refuse (without archive_check:
     warn) when a primary does not archive, or when the archiver's last attempt failed."""
     if info.archive_mode == "off" or not (info.archive_command.strip() or info.archive_library.strip()):
@@ -213,7 +213,7 @@ def _check_archiving(info, archive_check: bool) -> None:
         detail = (f"archive_mode = {info.archive_mode}, archive_command = {info.archive_command!r}"
                   f"{', archive_library = ' + repr(info.archive_library) if info.archive_library else ''}")
         fix = "set archive_mode = on and archive_command = 'walrus wal-push %p' (archive_mode needs a restart)"
-    elif info.archiver_failure and _archiving_applies(info):
+    elif info.archiver_failure and archiving_applies(info):
         message = "the WAL archiver is failing: this backup's WAL might never be archived"
         detail = f"pg_stat_archiver's last failure: {info.archiver_failure}, and no success since"
         fix = "the server log says why archive_command fails; fix it"

@@ -129,7 +129,10 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
                     delta_from_name: str | None, delta_from_user_data: str | None, no_archive_check: bool,
                     without_files_metadata: bool, target_storage: str | None, as_json: bool,
                     no_progress: bool = False) -> None:
-    """Take a base backup of the running server whose data directory is PGDATA (default: the PGDATA setting)."""
+    """Take a base backup of the running server whose data directory is PGDATA (default: the PGDATA setting).
+
+    Without a data directory, the server streams it over a replication connection (WAL-G's remote
+    mode, PostgreSQL 15 or later, a role with REPLICATION): always a full backup."""
     from walrus.backup.push import backup_push
     from walrus.progress import for_command
     from walrus.wal.push import store_for_backup
@@ -145,11 +148,17 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
             log.warning(f"{flag} has no effect in walrus: the backup is written in walrus's own way, in WAL-G's format")
     pgdata = pgdata or settings.pgdata
     if not pgdata:
-        raise WalrusError("backup-push needs the data directory",
-                          detail="walrus backs up the data directory of a server on this host; it does not "
-                                 "stream remote backups (WAL-G's BASE_BACKUP mode) yet",
-                          hint="give the data directory as the argument, or set PGDATA, and run it on the "
-                               "database host")
+        # WAL-G's remote mode: a BASE_BACKUP over a replication connection, always a full backup
+        given = [flag for flag, value in (("--delta-from-name", delta_from_name),
+                                          ("--delta-from-user-data", delta_from_user_data)) if value is not None]
+        if given:
+            raise WalrusError(f"{' and '.join(given)}: a backup without a data directory is always a full backup",
+                              detail="a delta reads the data directory's files; the server streams a full copy",
+                              hint="give the data directory as the argument (or set PGDATA) for a delta, on the "
+                                   "database host; or leave out the delta flags")
+        if settings.delta_max_steps:
+            log.info("no data directory: a full backup over a replication connection (WALG_DELTA_MAX_STEPS "
+                     "applies only with one)")
     raw = user_data if user_data is not None else settings.sentinel_user_data
     data = None
     if raw:
@@ -168,11 +177,20 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
                               hint="give the JSON user data of the backup to build on") from None
     line = for_command("backup-push", settings.log_destination, no_progress)
     with line or contextlib.nullcontext():
-        result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
-                                                    delta_from_name=delta_from_name, delta_from_user_data=base_data,
-                                                    archive=store_for_backup, archive_check=not no_archive_check,
-                                                    progress=line),
-                     settings)
+        if pgdata:
+            result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
+                                                        delta_from_name=delta_from_name, delta_from_user_data=base_data,
+                                                        archive=store_for_backup, archive_check=not no_archive_check,
+                                                        progress=line),
+                         settings)
+        else:
+            from walrus.backup.remote import remote_backup_push
+            from walrus.wal.stored import candidate_keys
+
+            result = run(ctx, lambda s, st: remote_backup_push(s, st, permanent=permanent, user_data=data,
+                                                               archive_check=not no_archive_check,
+                                                               candidates=candidate_keys, progress=line),
+                         settings)
     log.info(f"Wrote backup with name {result.name} to storage {result.storage}")
     emit(result, as_json, None)
 

@@ -44,6 +44,10 @@ class Member:
     mode: int  # permission bits from the header
     mtime: int
     linkname: str
+    uid: int = 0
+    gid: int = 0
+    uname: str = ""
+    gname: str = ""
 
 
 @dataclass
@@ -211,6 +215,8 @@ def _read_header(source: _Source, archive: str, after: str | None) -> Member | N
         offset = source.offset
         buf = source.read(_BLOCK)
         if not buf:
+            if after is not None and not pending:
+                return None  # EOF at a member boundary: Go's reader takes it for the end (WAL-G's remote parts)
             raise fail(f"archive ends at byte {offset} without an end-of-archive block")
         if len(buf) < _BLOCK:
             raise fail(f"archive ends inside the header at byte {offset}")
@@ -271,13 +277,16 @@ def _read_header(source: _Source, archive: str, after: str | None) -> Member | N
         if size > _MAX_SIZE:
             raise fail(f"size {size} of member {name!r}")
         return Member(name=name, kind=kind, size=size, mode=info.mode & 0o7777, mtime=mtime,
-                      linkname=linkname)
+                      linkname=linkname, uid=info.uid, gid=info.gid, uname=info.uname, gname=info.gname)
 
 
 def iter_members(stream: Source, *, name: str = "") -> Iterator[tuple[Member, MemberData]]:
     """Yields each member and its payload reader; whatever the caller leaves unread is skipped.
 
-    After the end-of-archive block every remaining byte must be zero, as WAL-G requires.
+    After the end-of-archive block every remaining byte must be zero, as WAL-G requires. As Go's
+    archive/tar, the stream may also end right after a member's data, with or without its padding
+    (WAL-G's remote-mode parts and PostgreSQL's BASE_BACKUP archives lack the end-of-archive block);
+    an end inside a header, a payload or part of the padding is still corrupt.
     """
     archive = _label(name)
     source = _Source(stream)
@@ -290,7 +299,7 @@ def iter_members(stream: Source, *, name: str = "") -> Iterator[tuple[Member, Me
         yield member, data
         data._drain()
         padding = -member.size % _BLOCK
-        if source.skip(padding) < padding:
+        if 0 < source.skip(padding) < padding:
             raise _corrupt(archive, "archive ends inside the padding", member.name)
         after = member.name
     _check_trailing_zeros(source, archive)

@@ -73,13 +73,27 @@ def _gname(gid: int) -> str:
 def header_bytes(entry: Entry, size: int | None = None) -> bytes:
     """USTAR header, with a PAX record first only where USTAR cannot hold a field (long names).
     `size`: the member's, where it is not the file's (an increment)."""
-    h = _Header(entry.name)
-    h.type = tarfile.DIRTYPE if entry.kind == "dir" else tarfile.REGTYPE
-    h.size = (entry.size if size is None else size) if entry.kind == "file" else 0
-    h.mode = entry.mode & 0o7777
-    h.mtime = entry.mtime_ns // 1_000_000_000  # Go writes ModTime in whole seconds
-    h.uid, h.gid = entry.uid, entry.gid
-    h.uname, h.gname = _uname(entry.uid), _gname(entry.gid)
+    return member_header(entry.name, entry.kind, entry.size if size is None else size, entry.mode,
+                         entry.mtime_ns // 1_000_000_000,  # Go writes ModTime in whole seconds
+                         uid=entry.uid, gid=entry.gid)
+
+
+_TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE}
+
+
+def member_header(name: str, kind: str, size: int, mode: int, mtime: int, *, uid: int = 0, gid: int = 0,
+                  uname: str | None = None, gname: str | None = None, linkname: str = "") -> bytes:
+    """The header of a file, directory or symlink member (`kind` "file", "dir" or "symlink"); `uname` and
+    `gname` default to the local names of `uid` and `gid`."""
+    h = _Header(name)
+    h.type = _TYPES[kind]
+    h.size = size if kind == "file" else 0
+    h.mode = mode & 0o7777
+    h.mtime = mtime
+    h.linkname = linkname
+    h.uid, h.gid = uid, gid
+    h.uname = _uname(uid) if uname is None else uname
+    h.gname = _gname(gid) if gname is None else gname
     return h.tobuf(tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape")
 
 

@@ -1,0 +1,554 @@
+"""backup-push without a data directory: WAL-G's remote mode, a BASE_BACKUP streamed over a replication connection."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from walrus import codec
+from walrus.backup.dto import ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec, now_utc_micro
+from walrus.backup.push import BackupPushResult, archiving_applies, backup_wal_files, check_archiving
+from walrus.config import Settings
+from walrus.aio import gather_all
+from walrus.errors import BackupError, ConfigError
+from walrus.fileio import Buffer, BufferPool
+from walrus.log import log
+from walrus.pg.client import PgSession, ServerInfo
+from walrus.pg.replication import (ArchiveData, ArchiveStarted, BackupEnded, BackupEvent, BackupStarted,
+                                   ReplicationConnection, ReplicationError, ReplicationInterrupted, SystemIdentity,
+                                   Tablespace, Tablespaces, replication_conninfo)
+from walrus.pg.xlog import BACKUP_NAME_PREFIX, format_lsn, wal_file_name
+from walrus.progress import Progress
+from walrus.runtime import cpu_count
+from walrus.storage import layout
+from walrus.storage.base import Storage
+from walrus.stream.stages import Counter, metered
+from walrus.stream.upload import PoolPlan, Uploader, upload_threads
+from walrus.tar.read import Member, iter_members
+from walrus.tar.write import END_OF_ARCHIVE, Entry, TarPartStream, member_header, padding
+
+LABEL = "wal-g"  # WAL-G's BASE_BACKUP label
+PG_CONTROL = "global/pg_control"
+CONNECT_TIMEOUT = 60.0  # seconds the server may take to answer the connection and IDENTIFY_SYSTEM
+BATCH_BYTES = 256 << 10  # member bytes the replication thread hands over at once
+BATCHES = 4  # batches between the thread and the parts: the stream's whole buffer (about 1 MiB)
+CHUNK = 64 << 10  # bytes of a member read from the server's archive at once
+SLICE = 0.2  # seconds between the thread's looks at its stop flag while the parts are behind
+
+END = object()  # the replication thread's last item after BackupEnded
+
+
+# The archived objects a WAL file may be stored as, in probe order (walrus.wal.stored.candidate_keys,
+# handed down by the command: an engine does not import another)
+Candidates = Callable[[str, str], list[tuple[str, str]]]
+
+
+@dataclass
+class _Remote:
+    """One remote backup in the making: what each phase leaves for the next."""
+
+    settings: Settings
+    storage: Storage
+    conn: ReplicationConnection
+    identity: SystemIdentity
+    info: ServerInfo
+    stop: threading.Event
+    start_time: datetime
+    ext: str
+    started: BackupStarted | None = None
+    tablespaces: list[Tablespace] = field(default_factory=list)
+    ended: BackupEnded | None = None
+    name: str = ""
+    files: dict[str, FileDescription] = field(default_factory=dict)
+    parts: list[str] = field(default_factory=list)
+    part_sizes: dict[str, int] = field(default_factory=dict)  # each part's file bytes, for the log
+    counter: Counter = field(default_factory=Counter)
+    pg_control: tuple[Member, bytes] | None = None  # teed from the base archive into pg_control.tar
+    feed: _Feed | None = None
+
+
+async def remote_backup_push(settings: Settings, storage: Storage, *, permanent: bool = False, user_data: Any = None,
+                             archive_check: bool = True, candidates: Candidates,
+                             progress: Progress | None = None,
+                             server_info: Callable[[Settings], ServerInfo] | None = None) -> BackupPushResult:
+    """Phases: connect (the replication connection, then the SQL session's facts about the server),
+    start (BASE_BACKUP), stream parts (the server's archives re-tarred into WAL-G's parts as they
+    arrive, the stream stalled while an upload is behind), pg_control (pg_control.tar, teed from the
+    stream), WAL (the WAL from the backup's start to its end is in storage), finish (metadata, then
+    the sentinel, last)."""
+    began = time.monotonic()
+    storage.check_writer()
+    stop = threading.Event()
+    remote: _Remote | None = None
+    try:
+        remote = await _connect(settings, storage, stop, archive_check, server_info or _server_info)
+        plan = PoolPlan.for_settings(settings, 1, parallel=cpu_count(), reserved=storage.upload_memory)
+        with Uploader(settings, plan.count, plan.buffer_size, upload_threads(plan.parallel), register=False,
+                      name="walrus-compress") as uploader:
+            items = await _start(remote)
+            await _stream_parts(remote, items, uploader, plan, progress)
+            await _upload_pg_control(remote, uploader, plan)
+        await remote.feed.finished()
+        if progress is not None:
+            progress.note = "waiting for the backup's WAL"
+        await _await_wal(remote, candidates)
+        await _finish(remote, permanent, user_data)
+    finally:
+        stop.set()  # the thread, if still running (a failure, SIGTERM), ends its connection: the server aborts
+        if remote is not None:
+            if remote.feed is not None:
+                await remote.feed.joined()
+            await asyncio.to_thread(remote.conn.close)
+    assert remote.started is not None and remote.ended is not None
+    return BackupPushResult(name=remote.name, start_lsn=remote.started.lsn, finish_lsn=remote.ended.lsn,
+                            uncompressed_size=remote.feed.raw_bytes, compressed_size=remote.counter.bytes,
+                            parts=remote.parts, files=len(remote.files), seconds=time.monotonic() - began,
+                            reader="replication", storage=storage.describe())
+
+
+# --- connect ------------------------------------------------------------------------------------------
+
+def _server_info(settings: Settings) -> ServerInfo:
+    session = PgSession(settings)
+    try:
+        return session.server_info()
+    finally:
+        session.close()
+
+
+async def _connect(settings: Settings, storage: Storage, stop: threading.Event, archive_check: bool,
+                   server_info: Callable[[Settings], ServerInfo]) -> _Remote:
+    """The replication connection first (a role that may not replicate is told so at once), then the
+    facts a replication connection cannot give (data_directory, archiving) from an SQL session."""
+    conninfo = replication_conninfo(settings)
+
+    def connect() -> tuple[ReplicationConnection, SystemIdentity]:
+        conn = ReplicationConnection.open(conninfo, CONNECT_TIMEOUT, stop=stop)
+        try:
+            return conn, conn.identify_system()
+        except BaseException:
+            conn.close()
+            raise
+
+    opening = asyncio.ensure_future(asyncio.to_thread(connect))
+    try:
+        conn, identity = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        stop.set()  # the thread stops within a slice; a connection it made meanwhile is closed
+        opening.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result()[0].close())
+        raise
+    try:
+        if conn.server_version < 150000:
+            raise BackupError(f"backup-push without a data directory needs PostgreSQL 15 or later (the server "
+                              f"is {conn.server_version // 10000})",
+                              hint="run backup-push on the database host with the data directory as its argument")
+        info = await asyncio.to_thread(server_info, settings)
+        if info.system_identifier & ((1 << 64) - 1) != identity.system_id & ((1 << 64) - 1):
+            raise BackupError("the SQL and the replication connections reached different servers",
+                              detail=f"system identifiers {info.system_identifier} and {identity.system_id}",
+                              hint="check PGHOST/PGPORT (and any connection service or pooler)")
+        if info.segment_size != settings.segment_size:
+            raise ConfigError("WAL segment size mismatch",
+                              detail=f"the server uses {info.segment_size >> 20} MiB segments, "
+                                     f"WALG_PG_WAL_SIZE is {settings.pg_wal_size}",
+                              hint=f"set WALG_PG_WAL_SIZE={info.segment_size >> 20}")
+        check_archiving(info, archive_check)
+    except BaseException:
+        await asyncio.to_thread(conn.close)
+        raise
+    if settings.disk_rate_limit is not None:
+        log.warning("WALG_DISK_RATE_LIMIT is not applied to a backup without a data directory (the server reads "
+                    "the files)")
+    return _Remote(settings, storage, conn, identity, info, stop, now_utc_micro(),
+                   codec.extension(settings.compression_method))
+
+
+# --- start: the replication thread --------------------------------------------------------------------
+
+class _Feed:
+    """The BASE_BACKUP on a thread of its own: it reads the server's archives (tar streams) and hands
+    their members over in batches, at most BATCHES ahead of the parts. When they are behind, the
+    thread stops reading and the server's sends stall: backpressure, never a growing buffer. Items:
+    BackupStarted, Tablespaces, (prefixed name, Member) then the member's bytes, BackupEnded."""
+
+    def __init__(self, remote: _Remote):
+        self._remote = remote
+        self._loop = asyncio.get_running_loop()
+        self._batches: asyncio.Queue = asyncio.Queue()  # bounded by the slots
+        self._slots = threading.Semaphore(BATCHES)
+        self._batch: list = []
+        self._batch_bytes = 0
+        self._current: Iterator = iter(())
+        self._done = self._loop.create_future()
+        self.raw_bytes = 0  # the stream's archive bytes: WAL-G's UncompressedSize
+        self._thread = threading.Thread(target=self._run, name="walrus-basebackup", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    # -- the thread
+    def _run(self) -> None:
+        r = self._remote
+        s = r.settings
+        events = None
+        try:
+            # each silence of the server is bounded: the checkpoint, the stream, and the end's wait for
+            # its archiver (WALG_STOP_BACKUP_TIMEOUT, at least CONNECT_TIMEOUT; 0: no bound)
+            timeout = max(s.stop_backup_timeout, CONNECT_TIMEOUT) if s.stop_backup_timeout else 1e9
+            events = r.conn.base_backup(LABEL, fast_checkpoint=True, tablespace_map=True,
+                                        verify_checksums=s.verify_page_checksums, timeout=timeout)
+            event: BackupEvent | None = next(events)
+            while event is not None:
+                if isinstance(event, ArchiveStarted):
+                    event = self._archive(event, events)
+                    continue
+                if isinstance(event, (BackupStarted, Tablespaces, BackupEnded)):
+                    self._emit(event, 0)
+                    self._flush()
+                event = next(events, None)
+        except BaseException as e:
+            if events is not None:
+                events.close()  # a backup left half way: the connection is closed, and the server aborts it  # the parts raise it when they reach it
+            self._hand_over(e)
+        else:
+            self._hand_over(None)
+
+    def _archive(self, started: ArchiveStarted, events: Iterator[BackupEvent]) -> BackupEvent | None:
+        """Re-emit one archive's members, tablespaces' under pg_tblspc/<oid>/; the event after it."""
+        prefix = "" if not started.location else f"pg_tblspc/{started.name.removesuffix('.tar')}/"
+        source = _ArchiveSource(events, self)
+        log.info(f"streaming {'the data directory' if not prefix else 'tablespace ' + started.location}")
+        for member, data in iter_members(source, name=f"BASE_BACKUP's {started.name}"):
+            name = member.name
+            while name.startswith("./"):
+                name = name[2:]
+            name = prefix + name.lstrip("/")
+            if member.kind == "symlink":
+                name = name.rstrip("/")  # PostgreSQL ends a link's name with '/', as a directory's
+            if member.kind not in ("file", "dir", "symlink"):
+                raise BackupError(f"BASE_BACKUP sent {name!r}, a {member.kind} member walrus cannot store",
+                                  hint="report it: PostgreSQL sends files, directories and symlinks only")
+            self._emit((name, member), 0)
+            while chunk := data.read(CHUNK):
+                self._emit(chunk, len(chunk))
+        return source.next_event
+
+    def _emit(self, item: object, size: int) -> None:
+        self._batch.append(item)
+        self._batch_bytes += size
+        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        while not self._slots.acquire(timeout=SLICE):  # the parts are behind: stall the server
+            if self._remote.stop.is_set():
+                raise ReplicationInterrupted("replication interrupted", detail="the backup was abandoned")
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._call(self._batches.put_nowait, batch)
+
+    def _hand_over(self, end: BaseException | None) -> None:
+        if end is None:
+            try:
+                self._flush()
+            except BaseException as e:
+                end = e
+        self._batch = []
+        self._call(self._batches.put_nowait, [end if end is not None else END])
+        self._call(self._finish, end)
+
+    def _finish(self, end: BaseException | None) -> None:
+        if not self._done.done():
+            self._done.set_result(end)
+
+    def _call(self, fn, arg) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:
+            pass  # the loop is gone (the command ended): nobody to tell
+
+    # -- the loop's side
+    async def next(self) -> object:
+        """The next item; END once the thread ended after BackupEnded; raises what ended it otherwise."""
+        for item in self._current:
+            return self._item(item)
+        batch = await self._batches.get()
+        self._slots.release()
+        self._current = iter(batch)
+        return await self.next()
+
+    def _item(self, item: object) -> object:
+        if item is END:
+            self._current = iter([item])
+            return END
+        if isinstance(item, BaseException):
+            self._current = iter([item])
+            raise item
+        return item
+
+    async def peek(self) -> object:
+        item = await self.next()
+        self._current = itertools.chain([item], self._current)
+        return item
+
+    async def finished(self) -> None:
+        """The thread ended after BackupEnded (every byte was consumed); raises what ended it otherwise."""
+        end = await asyncio.shield(self._done)
+        if end is not None:
+            raise end
+
+    async def joined(self) -> None:
+        """The thread is gone (a stopped one leaves within a slice; bounded, in case libpq hangs)."""
+        if self._thread.is_alive():
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+
+class _ArchiveSource:
+    """One archive's bytes as a pull reader (walrus.pull.Source) over the backup's events; ends
+    where the next event that is not ArchiveData comes, kept in next_event (None: the events ended)."""
+
+    def __init__(self, events: Iterator[BackupEvent], feed: _Feed):
+        self._events = events
+        self._feed = feed
+        self._pending = memoryview(b"")
+        self._ended = False
+        self.next_event: BackupEvent | None = None
+
+    def read(self, n: int) -> bytes:
+        while not self._pending and not self._ended:
+            event = next(self._events, None)
+            if isinstance(event, ArchiveData):
+                self._pending = event.data
+                self._feed.raw_bytes += len(event.data)
+            elif isinstance(event, (ArchiveStarted, BackupEnded)) or event is None:
+                self._ended = True
+                self.next_event = event
+            # progress and manifest messages carry nothing for the parts
+        out = bytes(self._pending[:n])
+        self._pending = self._pending[n:]
+        return out
+
+
+async def _start(r: _Remote) -> _Feed:
+    """BASE_BACKUP: the checkpoint, then the start position, which names the backup."""
+    r.feed = feed = _Feed(r)
+    feed.start()
+    first = await feed.next()
+    if not isinstance(first, BackupStarted):
+        raise ReplicationError("BASE_BACKUP: unexpected first answer", detail=repr(first))
+    r.started = first
+    spaces = await feed.next()
+    if not isinstance(spaces, Tablespaces):
+        raise ReplicationError("BASE_BACKUP: no tablespace list", detail=repr(spaces))
+    r.tablespaces = [t for t in spaces.tablespaces if t.oid is not None]
+    segment_size = r.info.segment_size
+    # WAL-G's remote name: the segment of the start LSN itself (local mode names the one of LSN - 1)
+    r.name = BACKUP_NAME_PREFIX + wal_file_name(first.timeline, first.lsn // segment_size, segment_size)
+    log.info(f"backup {r.name} started at {format_lsn(first.lsn)} (timeline {first.timeline}), streamed from "
+             f"the server" + (f" with {len(r.tablespaces)} tablespace(s)" if r.tablespaces else ""))
+    return feed
+
+
+# --- stream parts -------------------------------------------------------------------------------------
+
+class _Filler:
+    """Lays bytes into pool buffers; full ones are handed out in order."""
+
+    def __init__(self, pool: BufferPool):
+        self._pool = pool
+        self._buf: Buffer | None = None
+
+    async def put(self, data) -> AsyncIterator[Buffer]:
+        view = memoryview(data)
+        while view:
+            if self._buf is None:
+                self._buf = await self._pool.acquire()
+            buf = self._buf
+            n = min(self._pool.size - buf.length, len(view))
+            buf.view[buf.length:buf.length + n] = view[:n]
+            buf.length += n
+            view = view[n:]
+            if buf.length == self._pool.size:
+                self._buf = None
+                yield buf
+
+    def last(self) -> Buffer | None:
+        buf, self._buf = self._buf, None
+        return buf
+
+    def drop(self) -> None:
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            buf.release()
+
+
+async def _part(r: _Remote, feed: _Feed, pool: BufferPool, object_name: str) -> AsyncIterator[Buffer]:
+    """One part's tar bytes: members until the next would take the part's file bytes above
+    WALG_TAR_SIZE_THRESHOLD (WAL-G's remote rule: rotate before the member, so only a file larger
+    than the threshold makes a part larger), or until the stream ends."""
+    threshold = r.settings.tar_size_threshold
+    filler = _Filler(pool)
+    data_size = 0
+    try:
+        while True:
+            item = await feed.peek()
+            if not isinstance(item, tuple):
+                break
+            name, member = item
+            if data_size and data_size + member.size > threshold:
+                break
+            await feed.next()
+            header = member_header(name, member.kind, member.size, member.mode, member.mtime, uid=member.uid,
+                                   gid=member.gid, uname=member.uname, gname=member.gname, linkname=member.linkname)
+            async for buf in filler.put(header):
+                yield buf
+            if member.kind == "file":
+                teed = bytearray() if name == PG_CONTROL else None
+                left = member.size
+                while left:
+                    chunk = await feed.next()
+                    if not isinstance(chunk, bytes) or len(chunk) > left:
+                        raise BackupError(f"the stream of {name} is out of step", detail=repr(type(chunk)))
+                    left -= len(chunk)
+                    if teed is not None:
+                        teed += chunk
+                    async for buf in filler.put(chunk):
+                        yield buf
+                async for buf in filler.put(bytes(padding(member.size))):
+                    yield buf
+                data_size += member.size
+                if teed is not None:
+                    r.pg_control = (member, bytes(teed))
+            if member.kind != "dir":  # WAL-G lists every member but directories, by its name in the part
+                r.files[name] = FileDescription.for_mtime_ns(member.mtime * 1_000_000_000)
+        async for buf in filler.put(END_OF_ARCHIVE):
+            yield buf
+        if (buf := filler.last()) is not None:
+            yield buf
+        r.part_sizes[object_name] = data_size
+    finally:
+        filler.drop()
+
+
+async def _stream_parts(r: _Remote, feed: _Feed, uploader: Uploader, plan: PoolPlan,
+                        progress: Progress | None) -> None:
+    """The archives as parts part_001.. numbered across all of them, one uploaded at a time."""
+    for number in itertools.count(1):
+        item = await feed.peek()
+        if item is END:
+            raise ReplicationError("BASE_BACKUP: the stream ended without the backup's end")
+        if isinstance(item, BackupEnded):
+            await feed.next()
+            r.ended = item
+            break
+        if not isinstance(item, tuple):
+            raise ReplicationError("BASE_BACKUP: unexpected event in the stream", detail=repr(item))
+        object_name = layout.part_object_name(number, r.ext)
+        buffers: AsyncIterator[Buffer] = _part(r, feed, uploader.pool, object_name)
+        if progress is not None:
+            buffers = metered(buffers, progress.add, lambda b: b.length)
+        await uploader.upload(r.storage, layout.part_key(r.name, object_name), buffers, r.counter, plan.parallel)
+        r.parts.append(object_name)
+        log.info(f"uploaded {object_name} ({r.part_sizes.get(object_name, 0)} bytes of files)")
+        if progress is not None:
+            progress.part_done()
+    assert r.started is not None and r.ended is not None
+    log.info(f"the server ended the backup at {format_lsn(r.ended.lsn)} (timeline {r.ended.timeline})")
+    if r.ended.timeline != r.started.timeline:
+        raise BackupError("the server changed timelines during the backup (a standby promoted)",
+                          detail=f"timeline {r.started.timeline} at the start, {r.ended.timeline} at the end; "
+                                 "no sentinel was written",
+                          hint="run backup-push again")
+
+
+# --- pg_control -------------------------------------------------------------------------------------
+
+async def _upload_pg_control(r: _Remote, uploader: Uploader, plan: PoolPlan) -> None:
+    """pg_control.tar, after every part: a copy of the base archive's global/pg_control (WAL-G's tee)."""
+    if r.pg_control is None:
+        raise BackupError("BASE_BACKUP sent no global/pg_control", hint="is the server a PostgreSQL data directory?")
+    member, data = r.pg_control
+    entry = Entry(PG_CONTROL, "file", len(data), member.mode, member.mtime * 1_000_000_000, member.uid, member.gid,
+                  data=data)
+    object_name = layout.with_extension(layout.PG_CONTROL_TAR, r.ext)
+    stream = TarPartStream(iter([entry]), uploader.pool, uploader.reader, depth=plan.depth)
+    await uploader.upload(r.storage, layout.part_key(r.name, object_name), stream, r.counter, plan.parallel)
+    r.parts.append(object_name)
+
+
+# --- WAL ------------------------------------------------------------------------------------------------
+
+async def _await_wal(r: _Remote, candidates: Candidates, poll: float = 0.25, warn_every: float = 60.0) -> None:
+    """The WAL from the backup's start to its end (and the backup history file) is in storage before the
+    sentinel. A primary's BASE_BACKUP already waited for its archiver; a standby that does not archive
+    itself (archive_mode = on) leaves it to its primary's archiver, not awaited, as local mode does."""
+    info = r.info
+    assert r.started is not None and r.ended is not None
+    if not archiving_applies(info):
+        log.info("the server is a standby that does not archive (archive_mode = on): its primary's archive "
+                 "must hold the backup's WAL, which is not awaited")
+        return
+    names = backup_wal_files(r.started.timeline, r.started.lsn, r.ended.lsn, info.segment_size)
+    if info.in_recovery:
+        names = names[1:]  # a standby writes no backup history file
+    timeout = r.settings.stop_backup_timeout
+    began = warned = time.monotonic()
+    for name in names:
+        while not await _archived(r, name, candidates):
+            now = time.monotonic()
+            if timeout and now - began >= timeout:
+                raise BackupError(f"{name} is not in the archive {timeout:.0f} s after the backup's end",
+                                  detail="the backup needs it to be restorable; no sentinel was written",
+                                  hint="check that the server's archive_command succeeds (pg_stat_archiver, the "
+                                       "server log) and stores into this storage; WALG_STOP_BACKUP_TIMEOUT sets "
+                                       "how long to wait")
+            if now - warned >= warn_every:
+                warned = now
+                log.warning(f"still waiting for {name} to be archived after {now - began:.0f} s")
+            await asyncio.sleep(poll)
+    log.info(f"WAL up to {names[-1]} is in the archive")
+
+
+async def _archived(r: _Remote, name: str, candidates: Candidates) -> bool:
+    keys = [key for key, _ in candidates(name, r.settings.compression_method)]
+    present = await r.storage.keys_with_prefix(layout.wal_key(name))
+    if present is not None:
+        return any(key in present for key in keys)
+    for key in keys:
+        if await r.storage.exists(key):
+            return True
+    return False
+
+
+# --- finish ---------------------------------------------------------------------------------------------
+
+async def _finish(r: _Remote, permanent: bool, user_data: Any) -> None:
+    """metadata.json and files_metadata.json, then the sentinel, last."""
+    assert r.started is not None and r.ended is not None
+    info = r.info
+    finish_time = now_utc_micro()
+    data_dir = info.data_directory.rstrip("/")
+    # WAL-G's remote mode always writes the spec, with the server's tablespaces (their locations there)
+    spec = TablespaceSpec(base_prefix=data_dir, locations={str(t.oid): t.location or "" for t in r.tablespaces})
+    sentinel = Sentinel(
+        start_lsn=r.started.lsn, finish_lsn=r.ended.lsn, pg_version=info.version_num,
+        system_identifier=r.identity.system_id, uncompressed_size=r.feed.raw_bytes,
+        compressed_size=r.counter.bytes, data_catalog_size=0, spec=spec, user_data=user_data,
+        start_time=r.start_time, finish_time=finish_time, hostname=socket.gethostname(), data_dir=data_dir,
+        is_permanent=permanent, version=2)
+    metadata = ExtendedMetadata(
+        start_time=r.start_time, finish_time=finish_time, hostname=sentinel.hostname, data_dir=data_dir,
+        pg_version=info.version_num, start_lsn=r.started.lsn, finish_lsn=r.ended.lsn, is_permanent=permanent,
+        system_identifier=sentinel.system_identifier, uncompressed_size=r.feed.raw_bytes,
+        compressed_size=r.counter.bytes, user_data=user_data)
+    # no TarFileSets, as WAL-G's remote mode: a partial restore reads every part
+    files_metadata = FilesMetadata(files=r.files)
+    await gather_all([r.storage.put_bytes(layout.backup_key(r.name, layout.METADATA), metadata.to_json()),
+                      r.storage.put_bytes(layout.backup_key(r.name, layout.FILES_METADATA), files_metadata.to_json())])
+    await r.storage.put_bytes(layout.sentinel_key(r.name), sentinel.to_json())
