@@ -25,7 +25,7 @@ from bench.azure_store import AzuriteStore  # noqa: E402
 from bench.gcs_store import FakeGcs  # noqa: E402
 from bench.s3 import S3rver  # noqa: E402
 from bench.tools import (Barman, PgBackRest, PgBaseBackup, Setup, Tool, WalgLike, barman_compression,  # noqa: E402
-                         user_dir, user_env, walrus_tool)
+                         WalrusRemote, user_dir, user_env, walrus_tool)
 from bench.wal import DEFAULT_WAL_TOOLS, WAL_OPS, WalBench, select_wal_tools  # noqa: E402
 from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run,  # noqa: E402
                              run_user, write_config)
@@ -132,8 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def select_tools(args: argparse.Namespace) -> tuple[list[Tool], list[str]]:
     """The tools named by --tools (and the extra ones), minus those that cannot run here or on --storage."""
-    known: dict[str, Tool] = {t.name: t for t in (walrus_tool("io_uring"), walrus_tool("preadv"), PgBackRest(),
-                                                  PgBaseBackup(), Barman())}
+    known: dict[str, Tool] = {t.name: t for t in (walrus_tool("io_uring"), walrus_tool("preadv"), WalrusRemote(),
+                                                  PgBackRest(), PgBaseBackup(), Barman())}
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
     for kind in args.encryption:
         name = f"walrus-{kind}"

@@ -155,6 +155,29 @@ def walrus_tool(io_method: str) -> WalgLike:
     return WalgLike(name, f"walrus ({io_method})", WALRUS, {"WALRUS_IO_METHOD": io_method})
 
 
+class WalrusRemote(WalgLike):
+    """walrus backup-push without a data directory: the server streams it (BASE_BACKUP over a
+    replication connection, WAL-G's remote mode), as pg_basebackup does; restored as the others."""
+
+    def __init__(self) -> None:
+        super().__init__("walrus-remote", "walrus (remote, BASE_BACKUP)", WALRUS)
+
+    def storage_missing(self, storage: str) -> str | None:
+        return None if storage == "file" else "file storage only here (its WAL check reads the run's file archive)"
+
+    def new_repo(self, s: Setup, repo: str) -> None:
+        """The repository's wal_005 is the run's archive (a symlink): a remote backup finishes once its WAL
+        is in its storage, and on a real host the archiver and the backups share it. (The local tools
+        store the WAL they need themselves, from pg_wal, which a remote backup cannot read.)"""
+        super().new_repo(s, repo)
+        archive = os.path.join(s.root, "archive", "wal_005")
+        os.makedirs(archive, exist_ok=True)
+        os.symlink(archive, os.path.join(repo, "wal_005"))
+
+    def backup(self, s: Setup, repo: str) -> Command:
+        return Command([self.binary, "backup-push"], {k: v for k, v in self._env(s, repo).items() if k != "PGDATA"})
+
+
 class PgBackRest(Tool):
     """pgBackRest with a posix repository; WAL stays with walrus's archive_command, so archive-check=n."""
 
