@@ -123,6 +123,13 @@ def _json(text: str) -> Any:
         raise ValueError(f"is not valid JSON ({e})") from None
 
 
+def _slot_name(text: str) -> str:
+    """A replication slot's name by PostgreSQL's rule (it is sent unquoted in replication commands)."""
+    if not 1 <= len(text) <= 63 or text.strip("abcdefghijklmnopqrstuvwxyz0123456789_"):
+        raise ValueError("a slot name is 1 to 63 lowercase letters, digits and underscores")
+    return text
+
+
 def _text(text: str) -> str:
     return text.rstrip("\r\n")
 
@@ -325,6 +332,9 @@ SETTINGS: tuple[Setting, ...] = (
       "Segments stored ahead of the archiver (wal-push's background uploads, the daemon's look-ahead) are "
       "marked archived (archive_status .ready renamed to .done), so PostgreSQL does not call "
       "archive_command for them; pg_stat_archiver then counts only the calls."),
+    S("WALG_SLOTNAME", "slot_name", _slot_name, "walg",
+      "The physical replication slot wal-receive streams from (created if missing): 1 to 63 lowercase "
+      "letters, digits and underscores."),
     # encryption (WAL-G's precedence: PGP, then libsodium; keys are never logged or put in argv)
     S("WALG_PGP_KEY", "pgp_key", _verbatim, None,
       "Armored OpenPGP key ring (literal \\n allowed): public to push, secret to fetch too.", secret=True),
@@ -477,6 +487,7 @@ class Settings:
     disk_rate_limit: int | None
     daemon_wal_upload_timeout: float
     pg_ready_rename: bool
+    slot_name: str
     pgp_key: str | None = dataclasses.field(repr=False)
     pgp_key_path: str | None
     pgp_key_passphrase: str | None = dataclasses.field(repr=False)

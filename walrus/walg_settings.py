@@ -107,7 +107,6 @@ OTHER_SETTINGS: tuple[WalgSetting, ...] = (
     W("WALG_SKIP_REDUNDANT_TARS", ACCEPTED, "a full backup has no redundant parts"),
     # WAL
     W("WALG_UPLOAD_WAL_METADATA", IGNORED, "walrus does not upload WAL metadata files", _not("NOMETADATA")),
-    W("WALG_SLOTNAME", ACCEPTED, "used by wal-receive, which walrus does not have"),
     W("PGBACKREST_STANZA", ACCEPTED, "used by the pgbackrest commands, which walrus does not have"),
     # storage redundancy
     W("WALG_FAILOVER_STORAGES", REFUSED, "walrus has no failover storages; configure one storage"),

@@ -33,7 +33,7 @@ ELFDEPS = "/usr/lib/rpm/elfdeps"
 BACKUP_UNIT = "/usr/lib/systemd/system/walrus-backup.service"
 DAEMON_UNIT = "/usr/lib/systemd/system/walrus-daemon.service"
 SOCKET_UNIT = "/usr/lib/systemd/system/walrus-daemon.socket"
-SERVICES = ("walrus-daemon.service", "walrus-backup.service")
+SERVICES = ("walrus-daemon.service", "walrus-backup.service", "walrus-wal-receive.service")
 CLIENT = "/usr/bin/walg-daemon-client"
 DAEMON_SOCKET = "/run/walrus/walrus.sock"
 # what the shipped configuration tells the admin to put in postgresql.conf

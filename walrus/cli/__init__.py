@@ -506,6 +506,23 @@ def daemon_client_cmd(args) -> None:
     sys.exit(run(list(args)))
 
 
+@cli.command("wal-receive", context_settings=CONTEXT)
+@click.option("--spool-dir", metavar="DIR",
+              help="Local directory where segments are received before they are stored (a subdirectory per "
+                   "slot; default ~/.walrus/receive).")
+@click.pass_context
+def wal_receive_cmd(ctx, spool_dir: str | None) -> None:
+    """Stream WAL over the physical replication slot WALG_SLOTNAME (default walg; created, reserving WAL, if
+    missing) into the archive, each segment as wal-push stores it, until stopped (SIGTERM).
+
+    The server is told WAL is flushed only once its segment is in storage, so the slot keeps the rest:
+    a restart goes on from the slot. Lost connections are retried (one log line per attempt); a role
+    without REPLICATION, or a slot another receiver holds, exits 1. Needs PostgreSQL 15 or later."""
+    from walrus.wal.receive import default_spool_dir, wal_receive
+
+    run(ctx, lambda s, st: wal_receive(s, st, spool_dir or default_spool_dir()))
+
+
 register_walg(cli)
 register_st(cli)
 

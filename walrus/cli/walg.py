@@ -89,7 +89,6 @@ def refuse(flag: str, why: str, hint: str) -> WalrusError:
 
 # WAL-G's PostgreSQL commands walrus does not have, with what to do instead.
 MISSING_COMMANDS = {
-    "wal-receive": "walrus does not stream WAL over replication; archive with archive_command = 'walrus wal-push %p'",
     "wal-restore": "walrus does not restore WAL between clusters; use pg_rewind with restore_command = "
                    "'walrus wal-fetch %f %p'",
     "catchup-push": "walrus has no catch-up backups; take a full backup (backup-push) and restore it",

@@ -24,6 +24,7 @@ from walrus.pg.xlog import format_lsn, parse_lsn
 _SLICE = 0.2
 _PG_EPOCH = 946_684_800  # 2000-01-01 00:00:00 UTC in Unix time: the protocol's clock origin
 _SLOT_NAME_RE = re.compile(r"[a-z0-9_]{1,63}")  # PostgreSQL's own rule; names are sent unquoted
+_SETTING_NAME_RE = re.compile(r"[a-z_][a-z0-9_.]{0,62}")  # sent unquoted too
 _XLOG_DATA = struct.Struct(">QQq")  # after 'w': WAL start, server WAL end, send time
 _KEEPALIVE = struct.Struct(">QqB")  # after 'k': server WAL end, send time, reply requested
 _STATUS = struct.Struct(">cQQQqB")  # 'r', written, flushed, applied, client time, reply requested
@@ -282,6 +283,13 @@ class ReplicationConnection:
     def identify_system(self) -> SystemIdentity:
         (system_id, timeline, xlogpos, dbname), = self._rows("IDENTIFY_SYSTEM")
         return SystemIdentity(int(system_id), int(timeline), parse_lsn(xlogpos), dbname)
+
+    def show(self, name: str) -> str:
+        """A server setting as SHOW prints it ('16MB' for wal_segment_size): a replication connection takes SHOW."""
+        if not _SETTING_NAME_RE.fullmatch(name):
+            raise ValueError(f"not a setting name: {name!r}")
+        (value,), = self._rows(f"SHOW {name}")
+        return value or ""
 
     def timeline_history(self, timeline: int) -> tuple[str, bytes]:
         """(file name, content) of the timeline's history file (timelines after 1 have one)."""
