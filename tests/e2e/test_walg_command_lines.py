@@ -246,7 +246,8 @@ class World:
             "SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}
 
         w.archive_command = f"{WALRUS} wal-push %p"
-        primary.configure(archive_mode="on", archive_command=w.archive_command, checkpoint_timeout="1h")
+        primary.configure(archive_mode="on", archive_command=w.archive_command, checkpoint_timeout="1h",
+                          max_wal_senders=4)  # backup-push-remote's replication connection
         w.pg_ctl_start(primary, w.env)
         w.populate()
         return w
@@ -346,7 +347,9 @@ class World:
             open(os.path.join(data, "standby.signal"), "w").close()
             chown_to_user(os.path.join(data, "standby.signal"))
             self.standby = Cluster(data=data, sockdir=self.root)
-            self.standby.configure(archive_mode="off", hot_standby="on", wal_retrieve_retry_interval="200ms")
+            # max_wal_senders as the primary's: a hot standby may not have fewer
+            self.standby.configure(archive_mode="off", hot_standby="on", wal_retrieve_retry_interval="200ms",
+                                   max_wal_senders=4)
             self.restored_conf(text)
             self.pg_ctl_start(self.standby, self.restored_env())
         else:
@@ -396,6 +399,8 @@ class World:
                         path = os.path.join(self.storage, "basebackups_005", f"{b}_backup_stop_sentinel.json")
                         before.mtimes[b] -= short
                         os.utime(path, (before.mtimes[b], before.mtimes[b]))
+                        key = os.path.relpath(path, self.storage)  # the state before the line is this one
+                        before.files[key] = (before.files[key][0], os.stat(path).st_mtime_ns)
                 t = (before.mtimes[older] + before.mtimes[newer]) / 2
                 v["RETAIN_TIME"] = datetime.fromtimestamp(int(t), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         segments = sorted(before.segments)
@@ -643,6 +648,13 @@ def check_backup_push_docs(w: World, r: Result) -> None:
     assert [p for p in parts(w, name) if p.endswith(".tar.lz4")], parts(w, name)
 
 
+def check_backup_push_remote(w: World, r: Result) -> None:
+    name = new_backup(r)
+    names = parts(w, name)
+    assert "pg_control.tar.lz4" in names and not [p for p in names if p.startswith("backup_label.tar")], names
+    assert sentinel(w, name)["Spec"]["tablespaces"] == []  # WAL-G's remote mode always writes Spec
+
+
 def check_backup_push_cron_su(w: World, r: Result) -> None:
     new_backup(r)
     assert os.path.exists(os.path.join(w.logs, "walg_backup.log"))
@@ -794,7 +806,11 @@ def check_wal_fetch_manual(w: World, r: Result) -> None:
 
 def check_wal_fetch_missing(w: World, r: Result) -> None:
     assert r.rc == 74, f"exit {r.rc}\n{r.err}"
-    assert os.listdir(r.vars["FETCH_DIR"]) == []
+    # nothing restored; the prefetcher, started before the call's own download, may have made its
+    # folder (WAL-G's .wal-g/prefetch), which holds no segment
+    assert [n for n in os.listdir(r.vars["FETCH_DIR"]) if n != ".wal-g"] == []
+    assert not [f for _d, _s, files in os.walk(os.path.join(r.vars["FETCH_DIR"], ".wal-g"))
+                for f in files if not f.startswith(".")]
 
 
 def check_wal_prefetch(w: World, r: Result) -> None:
@@ -923,6 +939,7 @@ CHECKS: dict[str, Callable[[World, Result], None]] = {
     "wal-verify": check_wal_verify,
     "wal-show": check_wal_show,
     "backup-push-docs": check_backup_push_docs,
+    "backup-push-remote": check_backup_push_remote,
     "backup-push-cron-su": check_backup_push_cron_su,
     "backup-push-systemd": check_backup_push_systemd,
     "backup-push-permanent": check_permanent_push,

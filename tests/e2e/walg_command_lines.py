@@ -313,7 +313,8 @@ LINES: tuple[Line, ...] = (
          "name up"),
     Line("backup-push-remote", "PGHOST=$PGHOST wal-g backup-push",
          WALG + "docs/PostgreSQL.md (remote backup: `PGHOST=srv1 wal-g backup-push`, on a host without PGDATA)",
-         MANUAL, NOT_IMPLEMENTED, "data directory", env=(("PGDATA", None),)),
+         MANUAL, OK, "one new full backup streamed over a replication connection (BASE_BACKUP): WAL-G's remote "
+         "layout, pg_control.tar and no backup_label.tar", env=(("PGDATA", None),)),
     Line("catchup-push", "wal-g --config=$WALG_CONFIG catchup-push $PGDATA --from-lsn $LSN",
          PG_TESTS + "catchup_test.sh", MANUAL, NOT_IMPLEMENTED, "catchup-push"),
     Line("pgbackrest-fetch", "wal-g --config=$WALG_CONFIG pgbackrest backup-fetch $FETCH_DIR LATEST",
