@@ -41,6 +41,7 @@ CHUNK = 64 << 10  # bytes of a member read from the server's archive at once
 SLICE = 0.2  # seconds between the thread's looks at its stop flag while the parts are behind
 
 END = object()  # the replication thread's last item after BackupEnded
+_NOTHING = object()  # no item peeked
 
 
 # The archived objects a WAL file may be stored as, in probe order (walrus.wal.stored.candidate_keys,
@@ -184,6 +185,7 @@ class _Feed:
         self._batch: list = []
         self._batch_bytes = 0
         self._current: Iterator = iter(())
+        self._peeked: object = _NOTHING  # what peek() took from the batches, for next()
         self._done = self._loop.create_future()
         self.raw_bytes = 0  # the stream's archive bytes: WAL-G's UncompressedSize
         self._thread = threading.Thread(target=self._run, name="walrus-basebackup", daemon=True)
@@ -276,6 +278,9 @@ class _Feed:
     # -- the loop's side
     async def next(self) -> object:
         """The next item; END once the thread ended after BackupEnded; raises what ended it otherwise."""
+        if self._peeked is not _NOTHING:
+            item, self._peeked = self._peeked, _NOTHING
+            return item
         for item in self._current:
             return self._item(item)
         batch = await self._batches.get()
@@ -293,9 +298,11 @@ class _Feed:
         return item
 
     async def peek(self) -> object:
-        item = await self.next()
-        self._current = itertools.chain([item], self._current)
-        return item
+        """The item next() returns next, left in place (one slot: a chain of iterators per peek made
+        each later item cost a step per member peeked before it)."""
+        if self._peeked is _NOTHING:
+            self._peeked = await self.next()
+        return self._peeked
 
     async def finished(self) -> None:
         """The thread ended after BackupEnded (every byte was consumed); raises what ended it otherwise."""
@@ -388,10 +395,12 @@ class _Filler:
             buf.release()
 
 
-async def _part(r: _Remote, feed: _Feed, pool: BufferPool, object_name: str) -> AsyncIterator[Buffer]:
+async def _part(r: _Remote, feed: _Feed, pool: BufferPool, object_name: str,
+                produced: asyncio.Event) -> AsyncIterator[Buffer]:
     """One part's tar bytes: members until the next would take the part's file bytes above
     WALG_TAR_SIZE_THRESHOLD (WAL-G's remote rule: rotate before the member, so only a file larger
-    than the threshold makes a part larger), or until the stream ends."""
+    than the threshold makes a part larger), or until the stream ends. `produced` is set once the
+    part has taken its last member from the feed: the next part may start on it."""
     threshold = r.settings.tar_size_threshold
     filler = _Filler(pool)
     data_size = 0
@@ -427,37 +436,61 @@ async def _part(r: _Remote, feed: _Feed, pool: BufferPool, object_name: str) -> 
                     r.pg_control = (member, bytes(teed))
             if member.kind != "dir":  # WAL-G lists every member but directories, by its name in the part
                 r.files[name] = FileDescription.for_mtime_ns(member.mtime * 1_000_000_000)
+        r.part_sizes[object_name] = data_size
+        produced.set()
         async for buf in filler.put(END_OF_ARCHIVE):
             yield buf
         if (buf := filler.last()) is not None:
             yield buf
-        r.part_sizes[object_name] = data_size
     finally:
         filler.drop()
 
 
 async def _stream_parts(r: _Remote, feed: _Feed, uploader: Uploader, plan: PoolPlan,
                         progress: Progress | None) -> None:
-    """The archives as parts part_001.. numbered across all of them, one uploaded at a time."""
-    for number in itertools.count(1):
-        item = await feed.peek()
-        if item is END:
-            raise ReplicationError("BASE_BACKUP: the stream ended without the backup's end")
-        if isinstance(item, BackupEnded):
-            await feed.next()
-            r.ended = item
-            break
-        if not isinstance(item, tuple):
-            raise ReplicationError("BASE_BACKUP: unexpected event in the stream", detail=repr(item))
-        object_name = layout.part_object_name(number, r.ext)
-        buffers: AsyncIterator[Buffer] = _part(r, feed, uploader.pool, object_name)
-        if progress is not None:
-            buffers = metered(buffers, progress.add, lambda b: b.length)
+    """The archives as parts part_001.. numbered across all of them. A part takes members from the
+    stream until it is full; the next one starts then, while the last buffers of the one before are
+    still compressed, written and made durable, so the server's stream never waits for a part's end
+    (both draw on the one buffer pool: memory stays bounded)."""
+    uploads: list[asyncio.Task] = []
+
+    async def upload(object_name: str, buffers: AsyncIterator[Buffer]) -> None:
         await uploader.upload(r.storage, layout.part_key(r.name, object_name), buffers, r.counter, plan.parallel)
-        r.parts.append(object_name)
         log.info(f"uploaded {object_name} ({r.part_sizes.get(object_name, 0)} bytes of files)")
         if progress is not None:
             progress.part_done()
+
+    try:
+        for number in itertools.count(1):
+            item = await feed.peek()
+            if item is END:
+                raise ReplicationError("BASE_BACKUP: the stream ended without the backup's end")
+            if isinstance(item, BackupEnded):
+                await feed.next()
+                r.ended = item
+                break
+            if not isinstance(item, tuple):
+                raise ReplicationError("BASE_BACKUP: unexpected event in the stream", detail=repr(item))
+            object_name = layout.part_object_name(number, r.ext)
+            produced = asyncio.Event()
+            buffers: AsyncIterator[Buffer] = _part(r, feed, uploader.pool, object_name, produced)
+            if progress is not None:
+                buffers = metered(buffers, progress.add, lambda b: b.length)
+            task = asyncio.create_task(upload(object_name, buffers))
+            uploads.append(task)
+            r.parts.append(object_name)
+            waiting = asyncio.create_task(produced.wait())
+            try:
+                await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+            if task.done():
+                task.result()  # a failed part ends the backup now; a finished one has taken its members
+        await gather_all(uploads)
+    finally:
+        for task in uploads:
+            task.cancel()
+        await asyncio.gather(*uploads, return_exceptions=True)
     assert r.started is not None and r.ended is not None
     log.info(f"the server ended the backup at {format_lsn(r.ended.lsn)} (timeline {r.ended.timeline})")
     if r.ended.timeline != r.started.timeline:
