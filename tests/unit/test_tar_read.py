@@ -548,3 +548,26 @@ def test_missing_dest_is_an_error(tmp_path):
     with pytest.raises(WalrusError) as raised:
         extract_tar(io.BytesIO(python_tar([])), str(tmp_path / "nope"))
     assert "nope" in raised.value.message
+
+
+def test_member_pieces_hand_out_the_source_reads_unjoined_and_fail_when_cut():
+    payload = os.urandom(10_000)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        ti = tarfile.TarInfo("base/1/1259")
+        ti.size = len(payload)
+        tar.addfile(ti, io.BytesIO(payload))
+        ti = tarfile.TarInfo("PG_VERSION")
+        ti.size = 3
+        tar.addfile(ti, io.BytesIO(b"15\n"))
+    data = buf.getvalue()
+    got = {}
+    for member, body in iter_members(Trickle(data, step=999), name="pieces.tar"):
+        pieces = list(body.pieces(600))
+        assert all(0 < len(p) <= 600 for p in pieces)
+        got[member.name] = b"".join(pieces)
+    assert got == {"base/1/1259": payload, "PG_VERSION": b"15\n"}
+    cut = data[:512 + 4000]  # the header and part of the payload
+    with pytest.raises(CorruptObject, match="truncated"):
+        for _member, body in iter_members(Trickle(cut, step=999), name="cut.tar"):
+            list(body.pieces(600))

@@ -42,6 +42,7 @@ SLICE = 0.2  # seconds between the thread's looks at its stop flag while the par
 
 END = object()  # the replication thread's last item after BackupEnded
 _NOTHING = object()  # no item peeked
+_VIEW_MIN = 4096  # reads of the server's archive at least this long are handed on as views, not copies
 
 
 # The archived objects a WAL file may be stored as, in probe order (walrus.wal.stored.candidate_keys,
@@ -236,7 +237,7 @@ class _Feed:
                 raise BackupError(f"BASE_BACKUP sent {name!r}, a {member.kind} member walrus cannot store",
                                   hint="report it: PostgreSQL sends files, directories and symlinks only")
             self._emit((name, member), 0)
-            while chunk := data.read(CHUNK):
+            for chunk in data.pieces(CHUNK):  # the server's messages as they came: copied once, into the pool
                 self._emit(chunk, len(chunk))
         return source.next_event
 
@@ -337,9 +338,10 @@ class _ArchiveSource:
                 self._ended = True
                 self.next_event = event
             # progress and manifest messages carry nothing for the parts
-        out = bytes(self._pending[:n])
+        out = self._pending[:n]
         self._pending = self._pending[n:]
-        return out
+        # a member's data goes on as a view of the message; headers and padding are parsed as bytes
+        return out if len(out) >= _VIEW_MIN else bytes(out)
 
 
 async def _start(r: _Remote) -> _Feed:
@@ -422,7 +424,7 @@ async def _part(r: _Remote, feed: _Feed, pool: BufferPool, object_name: str,
                 left = member.size
                 while left:
                     chunk = await feed.next()
-                    if not isinstance(chunk, bytes) or len(chunk) > left:
+                    if not isinstance(chunk, (bytes, memoryview)) or len(chunk) > left:
                         raise BackupError(f"the stream of {name} is out of step", detail=repr(type(chunk)))
                     left -= len(chunk)
                     if teed is not None:

@@ -102,6 +102,13 @@ class _Source:
         self.offset += got
         return got
 
+    def read_some(self, n: int):
+        """Up to n bytes, as one read of the stream gives them (fewer, and a memoryview, if that is
+        what it hands out): for a caller that copies them on anyway."""
+        chunk = self._stream.read(n)
+        self.offset += len(chunk)
+        return chunk
+
     def skip(self, n: int) -> int:
         """Discards up to n bytes in bounded chunks; returns how many were there."""
         skipped = 0
@@ -133,6 +140,16 @@ class MemberData:
         chunk = self._source.read(want)
         self._consumed(len(chunk), want)
         return chunk
+
+    def pieces(self, n: int):
+        """The rest of the payload in the pieces the source hands out, each at most n bytes, without
+        joining them into larger ones (bytes or memoryviews, valid until the caller lets go)."""
+        while self._remaining:
+            chunk = self._source.read_some(min(n, self._remaining))
+            if not chunk:
+                self._consumed(0, self._remaining)  # truncated: raises
+            self._remaining -= len(chunk)
+            yield chunk
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         """Fills buf with up to min(len(buf), remaining) bytes; 0 once the payload is consumed."""
