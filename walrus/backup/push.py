@@ -195,6 +195,12 @@ def _check_server(info, pgdata: str, settings: Settings, archive_check: bool = T
         raise BackupError(f"{pgdata} is not the data directory of the server walrus connected to",
                           detail=f"the server's data_directory is {info.data_directory}",
                           hint="pass the server's data directory, or set PGHOST/PGPORT to the right server")
+    check_server_settings(info, settings, archive_check)
+
+
+def check_server_settings(info, settings: Settings, archive_check: bool) -> None:
+    """What any backup of this server needs, local or streamed: its WAL segment size is the settings',
+    and its WAL is archived (check_archiving)."""
     if info.segment_size != settings.segment_size:
         raise ConfigError("WAL segment size mismatch",
                           detail=f"the server uses {info.segment_size >> 20} MiB segments, "

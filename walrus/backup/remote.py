@@ -12,10 +12,10 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from walrus import codec
 from walrus.backup.dto import ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec, now_utc_micro
-from walrus.backup.push import BackupPushResult, archiving_applies, backup_wal_files, check_archiving
+from walrus.backup.push import BackupPushResult, archiving_applies, backup_wal_files, check_server_settings
 from walrus.config import Settings
 from walrus.aio import gather_all
-from walrus.errors import BackupError, ConfigError
+from walrus.errors import BackupError
 from walrus.fileio import Buffer, BufferPool
 from walrus.log import log
 from walrus.pg.client import PgSession, ServerInfo
@@ -154,12 +154,7 @@ async def _connect(settings: Settings, storage: Storage, stop: threading.Event, 
             raise BackupError("the SQL and the replication connections reached different servers",
                               detail=f"system identifiers {info.system_identifier} and {identity.system_id}",
                               hint="check PGHOST/PGPORT (and any connection service or pooler)")
-        if info.segment_size != settings.segment_size:
-            raise ConfigError("WAL segment size mismatch",
-                              detail=f"the server uses {info.segment_size >> 20} MiB segments, "
-                                     f"WALG_PG_WAL_SIZE is {settings.pg_wal_size}",
-                              hint=f"set WALG_PG_WAL_SIZE={info.segment_size >> 20}")
-        check_archiving(info, archive_check)
+        check_server_settings(info, settings, archive_check)
     except BaseException:
         await asyncio.to_thread(conn.close)
         raise

@@ -10,7 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from walrus.config import Settings
+from walrus.config import Settings, parse_size
 from walrus.errors import ConfigError, StorageError, WalrusError
 from walrus.log import log
 from walrus.pg.replication import (EndOfTimeline, Keepalive, ReplicationConnection, ReplicationError,
@@ -44,8 +44,6 @@ _FATAL = re.compile(r"may not open a replication connection|pg_hba\.conf|passwor
                     r"|replication slot .* does not exist|invalidated|logical replication slot"
                     r"|invalid replication slot name|cannot use a .* slot", re.S)
 _BUSY = re.compile(r"in use by another connection")
-_SIZE = re.compile(r"(\d+)\s*(B|kB|MB|GB|TB)")
-_UNITS = {"B": 1, "kB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
 def default_spool_dir() -> str:
@@ -126,10 +124,10 @@ def _classify(e: ReplicationError) -> str:
 
 
 def _parse_size(text: str) -> int:
-    match = _SIZE.fullmatch(text.strip())
-    if match is None:
-        raise ReplicationError(f"cannot read the server's wal_segment_size {text!r}")
-    return int(match.group(1)) * _UNITS[match.group(2)]
+    try:
+        return parse_size(text)  # PostgreSQL's "16MB": its units are powers of 1024, as the settings'
+    except ValueError:
+        raise ReplicationError(f"cannot read the server's wal_segment_size {text!r}") from None
 
 
 class _Receiver:
