@@ -1,6 +1,6 @@
 """Benchmark: backup and restore of one pgbench cluster by walrus, pgBackRest, pg_basebackup (and WAL-G if given),
-WAL archiving, backlog draining and replay by walrus, pgBackRest and WAL-E (and WAL-G), and (--ops delta) walrus
-delta backups against pgBackRest incr/diff."""
+WAL archiving, backlog draining and replay by walrus, pgBackRest and WAL-E (and WAL-G), (--ops delta) walrus
+delta backups against pgBackRest incr/diff, and (--ops receive) walrus wal-receive's lag under a pgbench burst."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +33,8 @@ from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bi
 MIB = 2 ** 20
 STORES = {"s3": S3rver, "gcs": FakeGcs, "azure": AzuriteStore}
 DEFAULT_TOOLS = "walrus,walrus-preadv,pgbackrest,pg_basebackup,barman"
-ALL_OPS = ("backup", "restore") + WAL_OPS + ("delta",)
-DEFAULT_OPS = ("backup", "restore") + WAL_OPS  # delta only when asked: a cluster of its own and minutes of load
+ALL_OPS = ("backup", "restore") + WAL_OPS + ("delta", "receive")
+DEFAULT_OPS = ("backup", "restore") + WAL_OPS  # delta, receive only when asked: a cluster of its own and minutes of load
 MAX_WAL_SENDERS = 10  # restored clusters must match it, or hot standby refuses to start recovery
 # --encryption: walrus again with a key, so the tables show what encryption costs (keys via the environment)
 ENCRYPTION = {
@@ -50,7 +50,8 @@ def say(text: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--scale", type=int, default=200, help="pgbench scale (200 is ~3 GiB; default 200)")
+    ap.add_argument("--scale", type=int, default=200,
+                    help="pgbench scale of backup/restore, delta and receive (200 is ~3 GiB; default 200)")
     ap.add_argument("--compression", choices=["lz4", "zstd"], default="lz4")
     ap.add_argument("--storage", choices=["file", *STORES], default="file",
                     help="where backup/restore repositories live: local files (default), or an emulator on loopback "
@@ -83,9 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--walg-daemon-client", metavar="PATH",
                     help="WAL-G's walg-daemon-client (default: beside --walg, else walrus's)")
     ap.add_argument("--wal-scale", type=int, default=20, help="pgbench scale of the WAL cluster (default 20)")
-    ap.add_argument("--wal-segsize", type=int, default=16, help="WAL segment size in MiB (default 16)")
-    ap.add_argument("--burst-seconds", type=int, default=60, help="pgbench -T of the archive burst (default 60)")
-    ap.add_argument("--burst-clients", type=int, default=4, help="pgbench -c of the archive burst (default 4)")
+    ap.add_argument("--wal-segsize", type=int, default=16,
+                    help="WAL segment size in MiB of the WAL and receive clusters (default 16)")
+    ap.add_argument("--burst-seconds", type=int, default=60,
+                    help="pgbench -T of the archive and receive bursts (default 60)")
+    ap.add_argument("--burst-clients", type=int, default=4,
+                    help="pgbench -c of the archive and receive bursts (default 4)")
     ap.add_argument("--drain-segments", type=int, default=50, help="backlog the drain starts from (default 50)")
     ap.add_argument("--replay-segments", type=int, default=64,
                     help="segments of WAL replayed (default 64: 1 GiB of 16 MiB segments)")
@@ -566,13 +570,14 @@ def background_note(rows: list[dict], nproc: int) -> str:
 
 
 def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warnings: list[str], stamp: str,
-             duration_s: float, loadavg: list[tuple[float, float, float]], d=None) -> dict:
+             duration_s: float, loadavg: list[tuple[float, float, float]], d=None, recv=None) -> dict:
     """The run's metadata; also stamps each row with tool version, settings and machine facts.
-    d: the delta operation's bench.delta.DeltaBench, when it ran."""
+    d: the delta operation's bench.delta.DeltaBench, recv: the receive operation's bench.receive.ReceiveBench,
+    when they ran."""
     rows = (b.rows if b else []) + (w.rows if w else [])
     add_ratios(rows)
-    rows += d.rows if d else []
-    machine = report.machine_facts(os.path.dirname((b or w or d).root))
+    rows += (d.rows if d else []) + (recv.rows if recv else [])
+    machine = report.machine_facts(os.path.dirname((b or w or d or recv).root))
     machine["cold_read_mib_s"] = round(b.disk_read_mib_s, 1) if b and b.disk_read_mib_s else None
     facts = {f"machine_{k}": v for k, v in machine.items()}
     versions: dict[str, str] = {}
@@ -602,14 +607,23 @@ def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warn
         for k, v in delta_versions.items():
             versions.setdefault(k, v)
         out_notes += d.notes() + ([] if b or w else warnings)
+    if recv:
+        receive_versions = recv.versions()
+        receive_versions["walrus"] += f" ({walrus_source()})"
+        for row in recv.rows:
+            row.update(tool_version=receive_versions["walrus"], scale=args.scale, compression=args.compression,
+                       wal_segment_mib=args.wal_segsize, **facts)
+        for k, v in receive_versions.items():
+            versions.setdefault(k, v)
+        out_notes += recv.notes() + ([] if b or w or d else warnings)
     return {"started_utc": stamp, "args": vars(args), "machine": machine, "versions": versions,
             "loadavg_before": loadavg[0], "loadavg_after": loadavg[1], "duration_s": round(duration_s, 1),
-            "targets": (backup_targets(b.rows) if b else []) + (w.targets() if w else []),
-            **({"delta": d.facts} if d else {}),
+            "targets": (backup_targets(b.rows) if b else []) + (w.targets() if w else []) + (recv.targets() if recv else []),
+            **({"delta": d.facts} if d else {}), **({"receive": recv.facts} if recv else {}),
             "notes": out_notes + [background_note(rows, machine["nproc"])]}
 
 
-def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: dict, d=None) -> str:
+def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: dict, d=None, recv=None) -> str:
     machine = meta["machine"]
     text = []
     for op in ("backup", "restore"):
@@ -621,6 +635,8 @@ def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: 
         text += w.tables()
     if d:
         text += d.tables()
+    if recv:
+        text += recv.tables()
     if meta["targets"]:
         text += ["targets:"] + [f"- {t}" for t in meta["targets"]] + [""]
     text += ["notes:"] + [f"- {n}" for n in meta["notes"]]
@@ -630,19 +646,23 @@ def render(args: argparse.Namespace, b: Bench | None, w: WalBench | None, meta: 
     return "\n".join(text) + "\n"
 
 
-def write_results(out: str, text: str, meta: dict, b: Bench | None, w: WalBench | None, plt, d=None) -> None:
+def write_results(out: str, text: str, meta: dict, b: Bench | None, w: WalBench | None, plt, d=None,
+                  recv=None) -> None:
     with open(os.path.join(out, "tables.txt"), "w") as f:
         f.write(text)
-    rows = (b.rows if b else []) + (w.rows if w else []) + (d.rows if d else [])
+    rows = (b.rows if b else []) + (w.rows if w else []) + (d.rows if d else []) + (recv.rows if recv else [])
     report.write_json(os.path.join(out, "results.json"), meta, rows)
     report.write_csv(os.path.join(out, "results.csv"), rows)
     with open(os.path.join(out, "samples.json"), "w") as f:
-        json.dump({**(b.samples if b else {}), **(w.samples if w else {}), **(d.samples if d else {})}, f)
+        json.dump({**(b.samples if b else {}), **(w.samples if w else {}), **(d.samples if d else {}),
+                   **(recv.samples if recv else {})}, f)
     if plt is None:
         say("matplotlib is not available: no plots (pip install matplotlib)")
         return
     if d:
         d.plot(plt, out)
+    if recv:
+        recv.plot(plt, out)
     if not (b or w):
         return
     args = (b or w).args
@@ -708,6 +728,21 @@ def run_delta(args: argparse.Namespace, out: str):
     return d
 
 
+def run_receive(args: argparse.Namespace, out: str):
+    """The receive operation (bench/receive.py); None if it could not run to the end of its setup."""
+    from bench.receive import ReceiveBench, StepFailed as ReceiveStepFailed  # bench.receive imports this module
+
+    r = ReceiveBench(args, out, say)
+    try:
+        r.run_all()
+    except (ReceiveStepFailed, RuntimeError, AssertionError, psycopg.Error, subprocess.TimeoutExpired) as e:
+        say(f"ERROR: {e}")
+        return None
+    finally:
+        r.close()
+    return r
+
+
 def _terminate(signum: int, _frame) -> None:
     """SIGTERM unwinds like Ctrl-C: every finally stops its clusters and daemons and removes its cgroups."""
     raise SystemExit(128 + signum)
@@ -734,24 +769,27 @@ def main(argv: list[str] | None = None) -> int:
     if "backup" in args.ops and not tools:
         say("no tool to run")
         return 2
-    if "delta" in args.ops and args.storage != "file":
-        say("WARNING: delta runs on file storage only; --storage applies to backup and restore")
+    for op in ("delta", "receive"):
+        if op in args.ops and args.storage != "file":
+            say(f"WARNING: {op} runs on file storage only; --storage applies to backup and restore")
     plt = report.load_matplotlib(install=not args.smoke)
     compile_walrus()
     load_before, started = os.getloadavg(), time.monotonic()
-    b = w = d = None
+    b = w = d = recv = None
     if "backup" in args.ops and (b := run_backups(args, tools, out)) is None:
         return 2
     if any(op in WAL_OPS for op in args.ops) and (w := run_wal(args, out, warnings)) is None:
         return 2
     if "delta" in args.ops and (d := run_delta(args, out)) is None:
         return 2
-    meta = describe(args, b, w, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()], d)
-    text = render(args, b, w, meta, d)
+    if "receive" in args.ops and (recv := run_receive(args, out)) is None:
+        return 2
+    meta = describe(args, b, w, warnings, stamp, time.monotonic() - started, [load_before, os.getloadavg()], d, recv)
+    text = render(args, b, w, meta, d, recv)
     say("\n" + text)
-    write_results(out, text, meta, b, w, plt, d)
+    write_results(out, text, meta, b, w, plt, d, recv)
     say(f"results in {out}")
-    rows = (b.rows if b else []) + (w.rows if w else []) + (d.rows if d else [])
+    rows = (b.rows if b else []) + (w.rows if w else []) + (d.rows if d else []) + (recv.rows if recv else [])
     ok = all(not r.get("error") for r in rows) and not (w and w.errors) and all(
         r["verified"] == "verified" for r in rows if r["operation"] in ("restore", "drain", "replay", "delta-restore"))
     return 0 if ok else 1

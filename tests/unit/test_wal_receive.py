@@ -102,6 +102,37 @@ def test_status_reports_flush_only_for_what_is_stored(receiver):
     assert stream.statuses[-1] == (start + 5000, 0, 0)
 
 
+def test_status_reports_the_write_position_as_wal_arrives(receiver, monkeypatch):
+    """Each MiB received is reported at once (a burst), less than that once WRITE_REPORT has passed,
+    so pg_stat_replication's write_lsn trails what arrived; flush stays the stored position."""
+    from walrus.wal import receive
+
+    clock = [1000.0]
+    monkeypatch.setattr(receive.time, "monotonic", lambda: clock[0])
+    start = 16 * MIB
+    receiver.shared.stored = start
+    piece = 256 * 1024
+    at, events = start, []
+    for size, pause in [(piece, 0.01)] * 5 + [(1000, 0.01), (1000, receive.WRITE_REPORT)]:
+        events.append((pause, _xlog(at, bytes(size))))
+        at += size
+    events.append((0.01, EndOfTimeline(2, at)))
+    stream = FakeStream([])
+
+    def read(timeout=None):
+        pause, event = events.pop(0)
+        clock[0] += pause
+        return event
+
+    stream.read = read
+    receiver._stream(stream, start, 1)
+    assert stream.statuses == [
+        (start + piece, start, start),  # the first message: nothing reported yet
+        (start + 5 * piece, start, start),  # 1 MiB more within 40 ms: reported at once
+        (start + 5 * piece + 2000, start, start),  # 1000 bytes, then WRITE_REPORT later: reported
+    ]
+
+
 def test_out_of_order_wal_is_an_error(receiver):
     with pytest.raises(ReplicationError, match="out of order"):
         receiver._stream(FakeStream([_xlog(16 * MIB + 8, b"x")]), 16 * MIB, 1)

@@ -28,7 +28,11 @@ from walrus.wal.push import WalPusher
 
 TIMEOUT = 30.0  # the longest the server may stay silent (WalStream pings it after half of that)
 STATUS_INTERVAL = 10.0  # a status update at least this often (pg_receivewal's and WAL-G's 10 s)
-READ_SLICE = 0.5  # read()'s wait: how soon a segment stored is confirmed, a stop is seen
+READ_SLICE = 0.1  # read()'s wait: how soon a segment stored is confirmed, a stop is seen
+# received WAL is reported (the write position) at most this long after it arrives, or once this much
+# more has arrived: a burst after a checkpoint (full-page images) brings tens of MiB a second
+WRITE_REPORT = 0.25
+WRITE_REPORT_BYTES = 1 << 20
 MAX_SPOOLED = 8  # completed segments waiting for storage; then the stream waits (the slot keeps the WAL)
 BACKOFF = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # seconds between reconnections (or storage retries), then 30 s
 # A slot held by another connection is retried this long: after a kill or a network cut our old WAL
@@ -240,7 +244,8 @@ class _Receiver:
         segno = start // self.size
         writer = self._open_segment(timeline, segno)
         position = start
-        reported = -1
+        reported = -1  # the flush position last sent
+        sent_position = -1  # the write position last sent
         last_status = 0.0
         try:
             while True:
@@ -283,8 +288,12 @@ class _Receiver:
                 if reply and caught_up:
                     stream.send_status(position, 0, 0)
                     last_status = now
-                elif reply or shared.stored != reported or now - last_status >= STATUS_INTERVAL:
-                    reported = shared.stored
+                elif (reply or shared.stored != reported or now - last_status >= STATUS_INTERVAL
+                      or (position != sent_position and now - last_status >= WRITE_REPORT)
+                      or position - sent_position >= WRITE_REPORT_BYTES):
+                    # the write position too, so the server's view of what the archive has received
+                    # (pg_stat_replication's write_lsn) trails it by at most WRITE_REPORT
+                    reported, sent_position = shared.stored, position
                     stream.send_status(position, reported, reported)
                     last_status = now
         finally:
