@@ -249,3 +249,27 @@ def test_sigterm_stops_the_stream_promptly_without_a_sentinel(env: Env):
     primary.wait_until("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walrus'", "0",
                        timeout=20)
     assert env.sentinels() == before
+
+
+def test_a_failed_upload_ends_the_stream_with_its_error(env: Env):
+    """A part that cannot be stored (the backups' folder is not writable) ends the command with the
+    storage's error, not a hang on the full pool or an interrupted-stream message; the server's backup
+    is aborted and nothing is published."""
+    primary = env.primary
+    storage = os.path.join(env.root, "storage-readonly")
+    os.makedirs(os.path.join(storage, "basebackups_005"), 0o755)  # root's: the archiver's user cannot write in it
+    os.chmod(storage, 0o755)
+    chown_to_user(storage)
+    config = write_config(os.path.join(env.root, "walg-readonly.json"), {
+        "WALG_FILE_PREFIX": storage, "WALG_COMPRESSION_METHOD": "lz4", "WALG_PG_WAL_SIZE": str(SEGSIZE),
+        "WALG_TAR_SIZE_THRESHOLD": str(4 << 20)})
+    began = time.monotonic()
+    done = walrus(["backup-push"], config=config, env=primary.env, check=False)
+    err = done.stderr.decode()
+    assert done.returncode != 0, err
+    assert time.monotonic() - began < 30, err
+    assert "Permission denied" in err or "permission" in err.lower(), err
+    assert "replication interrupted" not in err and "Traceback" not in err, err
+    assert os.listdir(os.path.join(storage, "basebackups_005")) == []
+    primary.wait_until("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walrus'", "0",
+                       timeout=20)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
+import queue
 import socket
 import threading
 import time
@@ -35,14 +35,24 @@ from walrus.tar.write import END_OF_ARCHIVE, Entry, TarPartStream, member_header
 LABEL = "wal-g"  # WAL-G's BASE_BACKUP label
 PG_CONTROL = "global/pg_control"
 CONNECT_TIMEOUT = 60.0  # seconds the server may take to answer the connection and IDENTIFY_SYSTEM
-BATCH_BYTES = 256 << 10  # member bytes the replication thread hands over at once
-BATCHES = 4  # batches between the thread and the parts: the stream's whole buffer (about 1 MiB)
+BATCHES = 4  # items (a filled pool buffer each, or an event) between the thread and the uploads
 CHUNK = 64 << 10  # bytes of a member read from the server's archive at once
-SLICE = 0.2  # seconds between the thread's looks at its stop flag while the parts are behind
+SLICE = 0.2  # seconds between the thread's looks at its stop flag while the uploads are behind
+SUPPLY_AHEAD = 2  # free pool buffers kept waiting for the thread
 
 END = object()  # the replication thread's last item after BackupEnded
-_NOTHING = object()  # no item peeked
 _VIEW_MIN = 4096  # reads of the server's archive at least this long are handed on as views, not copies
+
+
+@dataclass(frozen=True)
+class _PartStarted:
+    object_name: str
+
+
+@dataclass(frozen=True)
+class _PartEnded:
+    object_name: str
+    data_size: int  # the part's file bytes
 
 
 # The archived objects a WAL file may be stored as, in probe order (walrus.wal.stored.candidate_keys,
@@ -92,7 +102,7 @@ async def remote_backup_push(settings: Settings, storage: Storage, *, permanent:
         plan = PoolPlan.for_settings(settings, 1, parallel=cpu_count(), reserved=storage.upload_memory)
         with Uploader(settings, plan.count, plan.buffer_size, upload_threads(plan.parallel), register=False,
                       name="walrus-compress") as uploader:
-            items = await _start(remote)
+            items = await _start(remote, uploader.pool)
             await _stream_parts(remote, items, uploader, plan, progress)
             await _upload_pg_control(remote, uploader, plan)
         await remote.feed.finished()
@@ -168,25 +178,31 @@ async def _connect(settings: Settings, storage: Storage, stop: threading.Event, 
 # --- start: the replication thread --------------------------------------------------------------------
 
 class _Feed:
-    """The BASE_BACKUP on a thread of its own: it reads the server's archives (tar streams) and hands
-    their members over in batches, at most BATCHES ahead of the parts. When they are behind, the
-    thread stops reading and the server's sends stall: backpressure, never a growing buffer. Items:
-    BackupStarted, Tablespaces, (prefixed name, Member) then the member's bytes, BackupEnded."""
+    """The BASE_BACKUP on a thread of its own: it reads the server's archives (tar streams) and lays
+    their members, re-tarred into WAL-G's parts (_Parts), straight into pool buffers, handing each
+    full buffer to the loop, at most BATCHES items ahead of it. The loop only routes buffers to their
+    part's upload: per MiB, not per server message. When the uploads are behind, the pool is empty
+    and the thread stops reading, so the server's sends stall: backpressure, never a growing buffer.
+    Items: BackupStarted, Tablespaces, then per part _PartStarted, its buffers, _PartEnded, and
+    BackupEnded."""
 
-    def __init__(self, remote: _Remote):
+    def __init__(self, remote: _Remote, pool: BufferPool):
         self._remote = remote
+        self._pool = pool
         self._loop = asyncio.get_running_loop()
         self._batches: asyncio.Queue = asyncio.Queue()  # bounded by the slots
         self._slots = threading.Semaphore(BATCHES)
-        self._batch: list = []
-        self._batch_bytes = 0
         self._current: Iterator = iter(())
-        self._peeked: object = _NOTHING  # what peek() took from the batches, for next()
+        self._parts = _Parts(self, remote)
+        self._supplied: queue.SimpleQueue[Buffer] = queue.SimpleQueue()  # free buffers for the thread
+        self._room = asyncio.Event()  # the thread took one
+        self._supplier: asyncio.Task | None = None
         self._done = self._loop.create_future()
         self.raw_bytes = 0  # the stream's archive bytes: WAL-G's UncompressedSize
         self._thread = threading.Thread(target=self._run, name="walrus-basebackup", daemon=True)
 
     def start(self) -> None:
+        self._supplier = asyncio.ensure_future(self._supply())
         self._thread.start()
 
     # -- the thread
@@ -205,19 +221,22 @@ class _Feed:
                 if isinstance(event, ArchiveStarted):
                     event = self._archive(event, events)
                     continue
+                if isinstance(event, BackupEnded):
+                    self._parts.close()
                 if isinstance(event, (BackupStarted, Tablespaces, BackupEnded)):
-                    self._emit(event, 0)
-                    self._flush()
+                    self._emit(event)
                 event = next(events, None)
         except BaseException as e:
+            self._parts.drop()
             if events is not None:
-                events.close()  # a backup left half way: the connection is closed, and the server aborts it  # the parts raise it when they reach it
-            self._hand_over(e)
+                events.close()  # a backup left half way: the connection is closed, and the server aborts it
+            self._hand_over(e)  # the loop raises it when it reaches it
         else:
             self._hand_over(None)
 
     def _archive(self, started: ArchiveStarted, events: Iterator[BackupEvent]) -> BackupEvent | None:
-        """Re-emit one archive's members, tablespaces' under pg_tblspc/<oid>/; the event after it."""
+        """Lay one archive's members into the parts, tablespaces' under pg_tblspc/<oid>/; the event
+        after it."""
         prefix = "" if not started.location else f"pg_tblspc/{started.name.removesuffix('.tar')}/"
         source = _ArchiveSource(events, self)
         log.info(f"streaming {'the data directory' if not prefix else 'tablespace ' + started.location}")
@@ -231,37 +250,60 @@ class _Feed:
             if member.kind not in ("file", "dir", "symlink"):
                 raise BackupError(f"BASE_BACKUP sent {name!r}, a {member.kind} member walrus cannot store",
                                   hint="report it: PostgreSQL sends files, directories and symlinks only")
-            self._emit((name, member), 0)
-            for chunk in data.pieces(CHUNK):  # the server's messages as they came: copied once, into the pool
-                self._emit(chunk, len(chunk))
+            self._parts.add(name, member, data)
         return source.next_event
 
-    def _emit(self, item: object, size: int) -> None:
-        self._batch.append(item)
-        self._batch_bytes += size
-        if self._batch_bytes >= BATCH_BYTES or len(self._batch) >= 1024:
-            self._flush()
+    def _emit(self, item: object) -> None:
+        """Hand one item to the loop, waiting while BATCHES are not taken yet."""
+        while not self._slots.acquire(timeout=SLICE):  # the loop is behind: stall the server
+            self._stopped()
+        self._call(self._batches.put_nowait, [item])
 
-    def _flush(self) -> None:
-        if not self._batch:
-            return
-        while not self._slots.acquire(timeout=SLICE):  # the parts are behind: stall the server
-            if self._remote.stop.is_set():
-                raise ReplicationInterrupted("replication interrupted", detail="the backup was abandoned")
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        self._call(self._batches.put_nowait, batch)
+    def _buffer(self) -> Buffer:
+        """A free pool buffer, waited for while the uploads hold them all (the stream's backpressure)."""
+        self._stopped()  # a failed upload stops the stream even while buffers are free
+        while True:
+            try:
+                buf = self._supplied.get(timeout=SLICE)
+            except queue.Empty:
+                self._stopped()
+                continue
+            self._call(_Feed._taken, self)
+            return buf
+
+    # -- the loop's side
+    async def _supply(self) -> None:
+        """Keep SUPPLY_AHEAD pool buffers waiting for the thread, so taking one costs it a queue's get,
+        not a round trip through the loop."""
+        while True:
+            while self._supplied.qsize() >= SUPPLY_AHEAD:
+                self._room.clear()
+                await self._room.wait()
+            self._supplied.put(await self._pool.acquire())
+
+    def _taken(self) -> None:
+        self._room.set()
+
+    def _unsupply(self) -> None:
+        """The supplier stopped, and the buffers it left for the thread back to the pool."""
+        if self._supplier is not None:
+            self._supplier.cancel()
+        while True:
+            try:
+                self._supplied.get_nowait().release()
+            except queue.Empty:
+                return
+
+    def _stopped(self) -> None:
+        if self._remote.stop.is_set():
+            raise ReplicationInterrupted("replication interrupted", detail="the backup was abandoned")
 
     def _hand_over(self, end: BaseException | None) -> None:
-        if end is None:
-            try:
-                self._flush()
-            except BaseException as e:
-                end = e
-        self._batch = []
         self._call(self._batches.put_nowait, [end if end is not None else END])
         self._call(self._finish, end)
 
     def _finish(self, end: BaseException | None) -> None:
+        self._unsupply()
         if not self._done.done():
             self._done.set_result(end)
 
@@ -271,12 +313,8 @@ class _Feed:
         except RuntimeError:
             pass  # the loop is gone (the command ended): nobody to tell
 
-    # -- the loop's side
     async def next(self) -> object:
         """The next item; END once the thread ended after BackupEnded; raises what ended it otherwise."""
-        if self._peeked is not _NOTHING:
-            item, self._peeked = self._peeked, _NOTHING
-            return item
         for item in self._current:
             return self._item(item)
         batch = await self._batches.get()
@@ -293,13 +331,6 @@ class _Feed:
             raise item
         return item
 
-    async def peek(self) -> object:
-        """The item next() returns next, left in place (one slot: a chain of iterators per peek made
-        each later item cost a step per member peeked before it)."""
-        if self._peeked is _NOTHING:
-            self._peeked = await self.next()
-        return self._peeked
-
     async def finished(self) -> None:
         """The thread ended after BackupEnded (every byte was consumed); raises what ended it otherwise."""
         end = await asyncio.shield(self._done)
@@ -310,6 +341,7 @@ class _Feed:
         """The thread is gone (a stopped one leaves within a slice; bounded, in case libpq hangs)."""
         if self._thread.is_alive():
             await asyncio.to_thread(self._thread.join, 5.0)
+        self._unsupply()
 
 
 class _ArchiveSource:
@@ -339,9 +371,9 @@ class _ArchiveSource:
         return out if len(out) >= _VIEW_MIN else bytes(out)
 
 
-async def _start(r: _Remote) -> _Feed:
+async def _start(r: _Remote, pool: BufferPool) -> _Feed:
     """BASE_BACKUP: the checkpoint, then the start position, which names the backup."""
-    r.feed = feed = _Feed(r)
+    r.feed = feed = _Feed(r, pool)
     feed.start()
     first = await feed.next()
     if not isinstance(first, BackupStarted):
@@ -361,95 +393,93 @@ async def _start(r: _Remote) -> _Feed:
 
 # --- stream parts -------------------------------------------------------------------------------------
 
-class _Filler:
-    """Lays bytes into pool buffers; full ones are handed out in order."""
+class _Parts:
+    """The replication thread's re-tarring: members laid as WAL-G's parts into pool buffers, each
+    full buffer handed to the loop. A part ends before the member that would take its file bytes
+    above WALG_TAR_SIZE_THRESHOLD (WAL-G's remote rule: rotate before the member, so only a file
+    larger than the threshold makes a part larger), and at the end of the backup; parts are numbered
+    across all archives. It also records each member for files_metadata.json and tees
+    global/pg_control, both read by the loop once the stream has ended."""
 
-    def __init__(self, pool: BufferPool):
-        self._pool = pool
-        self._buf: Buffer | None = None
+    def __init__(self, feed: _Feed, remote: _Remote):
+        self._feed = feed
+        self._remote = remote
+        self._size = feed._pool.size
+        self._number = 0
+        self._name: str | None = None  # the open part's object name
+        self._data_size = 0  # its file bytes
+        self._buf: Buffer | None = None  # the buffer being filled
 
-    async def put(self, data) -> AsyncIterator[Buffer]:
+    def add(self, name: str, member: Member, data) -> None:
+        r = self._remote
+        if self._name is not None and self._data_size and self._data_size + member.size > r.settings.tar_size_threshold:
+            self.close()
+        if self._name is None:
+            self._number += 1
+            self._name, self._data_size = layout.part_object_name(self._number, r.ext), 0
+            self._feed._emit(_PartStarted(self._name))
+        self._lay(member_header(name, member.kind, member.size, member.mode, member.mtime, uid=member.uid,
+                                gid=member.gid, uname=member.uname, gname=member.gname, linkname=member.linkname))
+        if member.kind == "file":
+            teed = bytearray() if name == PG_CONTROL else None
+            for chunk in data.pieces(CHUNK):  # the server's messages as they came: copied once, into the pool
+                if teed is not None:
+                    teed += chunk
+                self._lay(chunk)
+            self._lay(bytes(padding(member.size)))
+            self._data_size += member.size
+            if teed is not None:
+                r.pg_control = (member, bytes(teed))
+        if member.kind != "dir":  # WAL-G lists every member but directories, by its name in the part
+            r.files[name] = FileDescription.for_mtime_ns(member.mtime * 1_000_000_000)
+
+    def close(self) -> None:
+        """End the open part: the end-of-archive blocks, its last buffer, _PartEnded."""
+        if self._name is None:
+            return
+        self._lay(END_OF_ARCHIVE)
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            self._feed._emit(buf)
+        self._feed._emit(_PartEnded(self._name, self._data_size))
+        self._name = None
+
+    def drop(self) -> None:
+        """The buffer being filled back to the pool (the backup failed)."""
+        buf, self._buf = self._buf, None
+        if buf is not None:
+            self._feed._call(Buffer.release, buf)
+
+    def _lay(self, data) -> None:
         view = memoryview(data)
+        size = self._size
         while view:
-            if self._buf is None:
-                self._buf = await self._pool.acquire()
             buf = self._buf
-            n = min(self._pool.size - buf.length, len(view))
+            if buf is None:
+                buf = self._buf = self._feed._buffer()
+            n = min(size - buf.length, len(view))
             buf.view[buf.length:buf.length + n] = view[:n]
             buf.length += n
             view = view[n:]
-            if buf.length == self._pool.size:
+            if buf.length == size:
                 self._buf = None
-                yield buf
-
-    def last(self) -> Buffer | None:
-        buf, self._buf = self._buf, None
-        return buf
-
-    def drop(self) -> None:
-        buf, self._buf = self._buf, None
-        if buf is not None:
-            buf.release()
+                self._feed._emit(buf)
 
 
-async def _part(r: _Remote, feed: _Feed, pool: BufferPool, object_name: str,
-                produced: asyncio.Event) -> AsyncIterator[Buffer]:
-    """One part's tar bytes: members until the next would take the part's file bytes above
-    WALG_TAR_SIZE_THRESHOLD (WAL-G's remote rule: rotate before the member, so only a file larger
-    than the threshold makes a part larger), or until the stream ends. `produced` is set once the
-    part has taken its last member from the feed: the next part may start on it."""
-    threshold = r.settings.tar_size_threshold
-    filler = _Filler(pool)
-    data_size = 0
-    try:
-        while True:
-            item = await feed.peek()
-            if not isinstance(item, tuple):
-                break
-            name, member = item
-            if data_size and data_size + member.size > threshold:
-                break
-            await feed.next()
-            header = member_header(name, member.kind, member.size, member.mode, member.mtime, uid=member.uid,
-                                   gid=member.gid, uname=member.uname, gname=member.gname, linkname=member.linkname)
-            async for buf in filler.put(header):
-                yield buf
-            if member.kind == "file":
-                teed = bytearray() if name == PG_CONTROL else None
-                left = member.size
-                while left:
-                    chunk = await feed.next()
-                    if not isinstance(chunk, (bytes, memoryview)) or len(chunk) > left:
-                        raise BackupError(f"the stream of {name} is out of step", detail=repr(type(chunk)))
-                    left -= len(chunk)
-                    if teed is not None:
-                        teed += chunk
-                    async for buf in filler.put(chunk):
-                        yield buf
-                async for buf in filler.put(bytes(padding(member.size))):
-                    yield buf
-                data_size += member.size
-                if teed is not None:
-                    r.pg_control = (member, bytes(teed))
-            if member.kind != "dir":  # WAL-G lists every member but directories, by its name in the part
-                r.files[name] = FileDescription.for_mtime_ns(member.mtime * 1_000_000_000)
-        r.part_sizes[object_name] = data_size
-        produced.set()
-        async for buf in filler.put(END_OF_ARCHIVE):
-            yield buf
-        if (buf := filler.last()) is not None:
-            yield buf
-    finally:
-        filler.drop()
+async def _queued(queue: asyncio.Queue) -> AsyncIterator[Buffer]:
+    """A part's buffers as the loop routes them to it; None ends the part."""
+    while (buf := await queue.get()) is not None:
+        yield buf
 
 
 async def _stream_parts(r: _Remote, feed: _Feed, uploader: Uploader, plan: PoolPlan,
                         progress: Progress | None) -> None:
-    """The archives as parts part_001.. numbered across all of them. A part takes members from the
-    stream until it is full; the next one starts then, while the last buffers of the one before are
-    still compressed, written and made durable, so the server's stream never waits for a part's end
-    (both draw on the one buffer pool: memory stays bounded)."""
+    """The parts' uploads, started as the thread starts each part and fed the buffers it fills. A
+    part's upload finishes (its tail compressed, written and made durable) while the next part is
+    already streaming, so the server never waits for a part's end; both draw on the one buffer pool,
+    so memory stays bounded. A failed upload stops the stream, and its error is the backup's."""
     uploads: list[asyncio.Task] = []
+    queue: asyncio.Queue | None = None
 
     async def upload(object_name: str, buffers: AsyncIterator[Buffer]) -> None:
         await uploader.upload(r.storage, layout.part_key(r.name, object_name), buffers, r.counter, plan.parallel)
@@ -457,32 +487,44 @@ async def _stream_parts(r: _Remote, feed: _Feed, uploader: Uploader, plan: PoolP
         if progress is not None:
             progress.part_done()
 
+    def stop_on_failure(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            r.stop.set()  # the thread leaves within a slice; feed.next() then raises, and the upload's error is reported
+
     try:
-        for number in itertools.count(1):
-            item = await feed.peek()
-            if item is END:
-                raise ReplicationError("BASE_BACKUP: the stream ended without the backup's end")
-            if isinstance(item, BackupEnded):
-                await feed.next()
+        while True:
+            try:
+                item = await feed.next()
+            except ReplicationInterrupted:
+                for task in uploads:
+                    if task.done() and not task.cancelled() and task.exception() is not None:
+                        raise task.exception() from None
+                raise
+            if isinstance(item, Buffer):
+                if queue is None:
+                    item.release()
+                    raise ReplicationError("BASE_BACKUP: data outside a part")
+                queue.put_nowait(item)
+            elif isinstance(item, _PartStarted):
+                queue = asyncio.Queue()  # bounded by the pool: the thread fills only buffers it took from it
+                buffers: AsyncIterator[Buffer] = _queued(queue)
+                if progress is not None:
+                    buffers = metered(buffers, progress.add, lambda b: b.length)
+                task = asyncio.create_task(upload(item.object_name, buffers))
+                task.add_done_callback(stop_on_failure)
+                uploads.append(task)
+                r.parts.append(item.object_name)
+            elif isinstance(item, _PartEnded) and queue is not None:
+                r.part_sizes[item.object_name] = item.data_size
+                queue.put_nowait(None)
+                queue = None
+            elif isinstance(item, BackupEnded):
                 r.ended = item
                 break
-            if not isinstance(item, tuple):
+            elif item is END:
+                raise ReplicationError("BASE_BACKUP: the stream ended without the backup's end")
+            else:
                 raise ReplicationError("BASE_BACKUP: unexpected event in the stream", detail=repr(item))
-            object_name = layout.part_object_name(number, r.ext)
-            produced = asyncio.Event()
-            buffers: AsyncIterator[Buffer] = _part(r, feed, uploader.pool, object_name, produced)
-            if progress is not None:
-                buffers = metered(buffers, progress.add, lambda b: b.length)
-            task = asyncio.create_task(upload(object_name, buffers))
-            uploads.append(task)
-            r.parts.append(object_name)
-            waiting = asyncio.create_task(produced.wait())
-            try:
-                await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiting.cancel()
-            if task.done():
-                task.result()  # a failed part ends the backup now; a finished one has taken its members
         await gather_all(uploads)
     finally:
         for task in uploads:

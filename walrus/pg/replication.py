@@ -471,7 +471,7 @@ class ReplicationConnection:
         """The next CopyData message; None when the copy has ended (the command's results follow).
         Raises ReplicationTimeout once the server has been silent for `timeout` seconds from `since`
         (default now); returns an empty view at `idle_until` when that is sooner."""
-        deadline = (time.monotonic() if since is None else since) + timeout
+        deadline = None
         with _libpq(what):
             while True:
                 n, data = self._pg.get_copy_data(1)
@@ -479,6 +479,9 @@ class ReplicationConnection:
                     return data
                 if n == -1:
                     return None
+                if deadline is None:  # the clock is read only when there is a wait (a stream's messages
+                    # mostly come without one)
+                    deadline = (time.monotonic() if since is None else since) + timeout
                 until = deadline if idle_until is None else min(deadline, idle_until)
                 if not _wait(self._pg.socket, False, until, self._stop):
                     if idle_until is not None and idle_until < deadline:
