@@ -17,7 +17,7 @@ import pytest
 
 from walrus.pg.xlog import parse_wal_file_name, wal_file_name
 from tests.pgcluster import (WALRUS, Cluster, _user_env, as_user, chown_to_user, free_port, make_workdir,
-                             remove_tree, run_user, walrus, write_config)
+                             remove_tree, run, run_user, walrus, write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -287,3 +287,102 @@ def test_sigterm_stops_it_promptly(env):
     # nothing partial under a final key: no temporary names, no .partial (the timeline did not end)
     names = os.listdir(os.path.join(env.storage, "wal_005"))
     assert not [n for n in names if ".tmp." in n or ".partial" in n], names
+
+
+def test_a_promoted_standby_streams_on_the_new_timeline():
+    """wal-receive on a cascading standby that is promoted: the old timeline's last segment is stored as
+    the standby leaves it (.partial, equal to the server's), the new timeline's history file is stored,
+    and streaming goes on on timeline 2, every segment equal to the new primary's."""
+    root = make_workdir("walrus-e2e-receive-promote-")
+    primary = Cluster.init(root, wal_segsize_mb=1)
+    primary.configure(max_wal_senders=10, max_replication_slots=10, wal_keep_size="256MB", archive_mode="off")
+    standby = Cluster(data=os.path.join(root, "standby"), sockdir=root)
+    receiver = None
+    try:
+        primary.start()
+        run_as = run_user() or getpass.getuser()
+        run([os.path.join(primary.bindir, "pg_basebackup"), "-h", root, "-p", str(primary.port),
+             "-D", standby.data, "-X", "stream", "-R", "--no-sync", "--checkpoint=fast"])
+        standby.configure(max_wal_senders=10, max_replication_slots=10, wal_keep_size="256MB", archive_mode="off",
+                          hot_standby="on")
+        standby.start()
+        storage = os.path.join(root, "storage")
+        config = write_config(os.path.join(root, "walg.json"), {
+            "WALG_FILE_PREFIX": storage, "WALG_COMPRESSION_METHOD": "lz4", "WALG_PG_WAL_SIZE": "1",
+            "WALG_DOWNLOAD_CONCURRENCY": "1"})
+        log_path = os.path.join(root, "receiver.log")
+        with open(log_path, "wb") as log:
+            receiver = subprocess.Popen([WALRUS, "--config", config, "wal-receive", "--spool-dir",
+                                         os.path.join(root, "spool")],
+                                        env=_user_env({**standby.env, "PGUSER": run_as}), stdout=log,
+                                        stderr=subprocess.STDOUT, **as_user())
+
+        def stored() -> set[str]:
+            try:
+                return set(os.listdir(os.path.join(storage, "wal_005")))
+            except FileNotFoundError:
+                return set()
+
+        def wait_for(name: str, timeout: float = 60) -> None:
+            deadline = time.monotonic() + timeout
+            while name not in stored():
+                with open(log_path, errors="replace") as f:
+                    said = f.read()
+                assert receiver.poll() is None, said
+                assert time.monotonic() < deadline, f"{name} not stored: {sorted(stored())}\n{said[-3000:]}"
+                time.sleep(0.1)
+
+        primary.psql("CREATE TABLE t(n int); INSERT INTO t SELECT generate_series(1, 20000)")
+        closed = primary.psql("SELECT pg_walfile_name(pg_switch_wal())")
+        wait_for(closed + ".lz4")
+        primary.psql("INSERT INTO t SELECT generate_series(1, 5000)")  # WAL in the segment the promotion cuts
+        lsn = primary.psql("SELECT pg_current_wal_lsn()")
+        standby.wait_until(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'", "t", timeout=60)
+        primary.stop("fast")
+        run([os.path.join(standby.bindir, "pg_ctl"), "-D", standby.data, "-w", "promote"])
+        standby.wait_until("SELECT pg_is_in_recovery()", "f", timeout=60)
+        assert standby.psql("SELECT left(pg_walfile_name(pg_current_wal_lsn()), 8)") == "00000002"
+
+        wait_for("00000002.history.lz4")
+        # the history file says where timeline 1 ended; its last segment is stored as WAL-G's .partial
+        with open(os.path.join(standby.data, "pg_wal", "00000002.history")) as f:
+            switch = f.read().split()[1]
+        high, low = switch.split("/")
+        switch_lsn = (int(high, 16) << 32) | int(low, 16)
+        last_on_one = wal_file_name(1, switch_lsn // SEGMENT, SEGMENT)
+        wait_for(last_on_one + ".partial.lz4")
+        standby.psql("INSERT INTO t SELECT generate_series(1, 5000)")
+        on_two = standby.psql("SELECT pg_walfile_name(pg_switch_wal())")
+        assert on_two.startswith("00000002")
+        wait_for(on_two + ".lz4")
+
+        fetched = os.path.join(root, "fetched")
+        os.mkdir(fetched)
+        chown_to_user(fetched)
+
+        def fetch(name: str) -> bytes:
+            dest = os.path.join(fetched, name)
+            walrus(["wal-fetch", name, dest], config=config)
+            with open(dest, "rb") as f:
+                return f.read()
+
+        def server(name: str) -> bytes:
+            with open(os.path.join(standby.data, "pg_wal", name), "rb") as f:
+                return f.read()
+
+        for name in ("00000002.history", on_two):
+            assert fetch(name) == server(name), f"{name} differs from the server's"
+        # the .partial holds timeline 1's WAL up to the switch, then zeros (PostgreSQL's own .partial, as
+        # an archiving server leaves it); past the switch the server's file may hold timeline 2's or old bytes
+        partial, own = fetch(last_on_one + ".partial"), server(last_on_one)
+        cut = switch_lsn % SEGMENT
+        assert len(partial) == SEGMENT and partial[:cut] == own[:cut] and partial[cut:] == bytes(SEGMENT - cut)
+        assert receiver.poll() is None
+    finally:
+        if receiver is not None and receiver.poll() is None:
+            receiver.terminate()
+            receiver.wait(10)
+        standby.stop("immediate")
+        primary.stop("immediate")
+        if not os.environ.get("WALRUS_KEEP_TEST_DIRS"):
+            remove_tree(root)
