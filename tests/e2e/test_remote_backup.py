@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tests.e2e.roundtrip import _pgbench
-from tests.pgcluster import (WALRUS, Cluster, _user_env, as_user, chown_to_user, make_workdir, remove_tree, run,
-                             walrus, write_config)
+from tests.pgcluster import (WALRUS, Cluster, _user_env, as_user, chown_to_user, free_port, make_workdir,
+                             remove_tree, run, walrus, write_config)
 
 pytestmark = pytest.mark.e2e
 
@@ -191,6 +191,7 @@ def test_remote_backup_of_a_standby_restores_with_the_primary_archive(env: Env):
     assert name == "base_" + _wal_name(1, sentinel["LSN"])
     assert sentinel["Spec"]["tablespaces"] == [env.ts_oid]
     assert sentinel["Spec"][env.ts_oid]["loc"] == ts_standby
+    assert "standby.signal" not in env.files_metadata(name)["Files"]  # the server sends it; a backup keeps none
     assert "pg_control.tar.lz4" in env.parts(name)
 
     # the standby's WAL comes from the primary's archive
@@ -201,6 +202,21 @@ def test_remote_backup_of_a_standby_restores_with_the_primary_archive(env: Env):
     assert restored.digest() == digest
     restored.stop()
     standby.stop()
+
+    # the standby rebuilt in place with `walrus restore` (its data directory and tablespace emptied: the
+    # tablespace comes back where the backup's spec says), recovered to the end of the archive
+    remove_tree(standby_dir)
+    remove_tree(ts_standby)
+    port = free_port()
+    out = walrus(["restore", standby_dir, "--backup", name, "--start", "--json", "--set", f"port={port}",
+                  "--set", f"unix_socket_directories={env.root}", "--set", "archive_mode=off",
+                  "--set", "max_wal_senders=10", "--set", "primary_conninfo=''"], config=env.config)
+    rebuilt = Cluster(data=standby_dir, sockdir=env.root, port=port)
+    env.clusters.append(rebuilt)
+    assert json.loads(out.stdout)["reached"] == "promoted", out.stdout
+    assert os.readlink(os.path.join(standby_dir, "pg_tblspc", env.ts_oid)) == ts_standby
+    assert rebuilt.digest() == digest
+    rebuilt.stop()
 
 
 def test_a_role_without_replication_is_refused_without_a_sentinel(env: Env):

@@ -50,3 +50,16 @@ def test_unreachable_targets_are_refused(archive):
         parse_target("time", "2026-01-01T00:00:00", "promote")  # no zone: which one is meant?
     with pytest.raises(RestoreError, match="transaction id"):
         parse_target("xid", "abc", "promote")
+
+
+def test_configure_leaves_recovery_not_standby_mode(tmp_path):
+    """A backup of a standby (WAL-G's remote mode keeps its standby.signal) is configured for recovery to
+    the target: recovery.signal, and no standby.signal, which would override it and wait for WAL forever."""
+    from walrus.archive.restore import _configure
+
+    (tmp_path / "standby.signal").write_text("")
+    (tmp_path / "postgresql.auto.conf").write_text("port = 5432\n")
+    _configure(str(tmp_path), parse_target(None, None, "promote"), "walrus wal-fetch %f %p", {"port": "5433"})
+    assert (tmp_path / "recovery.signal").exists() and not (tmp_path / "standby.signal").exists()
+    conf = (tmp_path / "postgresql.auto.conf").read_text()
+    assert "restore_command = 'walrus wal-fetch %f %p'" in conf and conf.rstrip().endswith("port = '5433'")

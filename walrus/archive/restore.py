@@ -208,6 +208,12 @@ def _configure(directory: str, target: Target, restore_command: str, extra: dict
     with open(os.path.join(directory, "postgresql.auto.conf"), "a") as f:
         f.write("# walrus restore\n" + "".join(f"{k} = {_quote(v)}\n" for k, v in lines.items()))
     open(os.path.join(directory, "recovery.signal"), "w").close()
+    # a backup of a standby taken over the replication protocol by WAL-G holds its standby.signal, which
+    # would override recovery.signal: the server would wait for more WAL forever instead of reaching the target
+    standby = os.path.join(directory, "standby.signal")
+    if os.path.exists(standby):
+        os.unlink(standby)
+        log.info("removed the backup's standby.signal: the restored server recovers to the target, not as a standby")
 
 
 def _quote(value: str) -> str:

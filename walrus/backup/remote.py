@@ -34,6 +34,9 @@ from walrus.tar.write import END_OF_ARCHIVE, Entry, TarPartStream, member_header
 
 LABEL = "wal-g"  # WAL-G's BASE_BACKUP label
 PG_CONTROL = "global/pg_control"
+# A standby's BASE_BACKUP carries its standby.signal; a backup keeps none (as the data directory walk
+# excludes it, WAL-G's list), so a restore does not come up as a standby waiting forever for WAL
+STANDBY_SIGNAL = "standby.signal"
 CONNECT_TIMEOUT = 60.0  # seconds the server may take to answer the connection and IDENTIFY_SYSTEM
 BATCHES = 4  # items (a filled pool buffer each, or an event) between the thread and the uploads
 CHUNK = 64 << 10  # bytes of a member read from the server's archive at once
@@ -250,6 +253,8 @@ class _Feed:
             if member.kind not in ("file", "dir", "symlink"):
                 raise BackupError(f"BASE_BACKUP sent {name!r}, a {member.kind} member walrus cannot store",
                                   hint="report it: PostgreSQL sends files, directories and symlinks only")
+            if name == STANDBY_SIGNAL:
+                continue  # left unread: the reader skips it
             self._parts.add(name, member, data)
         return source.next_event
 
