@@ -325,7 +325,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("WALG_NETWORK_RATE_LIMIT", "network_rate_limit", parse_rate, None,
       "Bytes per second sent to and received from storage, all transfers of a command together (--turbo: no limit)."),
     S("WALG_DISK_RATE_LIMIT", "disk_rate_limit", parse_rate, None,
-      "Bytes per second backup-push reads from the data directory (--turbo: no limit)."),
+      "Bytes per second backup-push reads from the data directory; without one, the server's read rate "
+      "(BASE_BACKUP's MAX_RATE, 32 kB/s to 1 GiB/s) (--turbo: no limit)."),
     S("WALG_DAEMON_WAL_UPLOAD_TIMEOUT", "daemon_wal_upload_timeout", parse_duration, 60.0,
       "Longest a daemon wal-push may take before it answers an error (PostgreSQL then retries)."),
     S("PG_READY_RENAME", "pg_ready_rename", parse_bool, False,

@@ -240,16 +240,21 @@ def test_delta_flags_are_refused_without_a_data_directory(env: Env):
 
 def test_sigterm_stops_the_stream_promptly_without_a_sentinel(env: Env):
     """A slow storage (the network rate limit) stalls the stream; SIGTERM ends the command within
-    seconds, the server's backup is aborted (its WAL sender gone), and no sentinel is written."""
+    seconds, the server's backup is aborted (its WAL sender gone), and no sentinel is written. The disk
+    rate limit is the server's MAX_RATE (it reads the files)."""
     primary = env.primary
     before = env.sentinels()
     cmd = [WALRUS, "--config", env.config, "backup-push"]
     proc = subprocess.Popen(cmd, env=_user_env({**primary.env, "WALG_NETWORK_RATE_LIMIT": str(512 << 10),
+                                                "WALG_DISK_RATE_LIMIT": str(8 << 20),
                                                 "WALG_COMPRESSION_METHOD": "none"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user())
     try:
         primary.wait_until("SELECT count(*) > 0 FROM pg_stat_replication WHERE application_name = 'walrus'", "t",
                            timeout=30)
+        command = primary.psql("SELECT query FROM pg_stat_activity WHERE backend_type = 'walsender' "
+                               "AND application_name = 'walrus'")
+        assert command.startswith("BASE_BACKUP") and "MAX_RATE 8192" in command, command
         time.sleep(2)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)

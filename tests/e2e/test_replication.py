@@ -92,6 +92,18 @@ def test_base_backup_command_is_walgs_by_default():
     assert base_backup_command("it's", fast_checkpoint=False, tablespace_map=False, progress=True, manifest=True,
                                verify_checksums=True) == \
         "BASE_BACKUP ( LABEL 'it''s', VERIFY_CHECKSUMS true, PROGRESS, MANIFEST 'yes' )"
+    assert base_backup_command("wal-g", max_rate_kb=4096).endswith("VERIFY_CHECKSUMS false, MAX_RATE 4096 )")
+    with pytest.raises(ValueError):
+        base_backup_command("wal-g", max_rate_kb=31)  # below what the server accepts
+
+
+def test_disk_rate_limit_as_max_rate():
+    from walrus.backup.remote import max_rate_kb
+
+    assert max_rate_kb(None) is None
+    assert max_rate_kb(4 << 20) == 4096
+    assert max_rate_kb(10_000) == 32  # below the server's least: raised to it (a warning says so)
+    assert max_rate_kb(2 << 30) is None  # above the most MAX_RATE takes: no limit the server could apply
 
 
 def test_replication_conninfo_from_settings():

@@ -19,9 +19,9 @@ from walrus.errors import BackupError
 from walrus.fileio import Buffer, BufferPool
 from walrus.log import log
 from walrus.pg.client import PgSession, ServerInfo
-from walrus.pg.replication import (ArchiveData, ArchiveStarted, BackupEnded, BackupEvent, BackupStarted,
-                                   ReplicationConnection, ReplicationError, ReplicationInterrupted, SystemIdentity,
-                                   Tablespace, Tablespaces, replication_conninfo)
+from walrus.pg.replication import (MAX_RATE_KB, ArchiveData, ArchiveStarted, BackupEnded, BackupEvent,
+                                   BackupStarted, ReplicationConnection, ReplicationError, ReplicationInterrupted,
+                                   SystemIdentity, Tablespace, Tablespaces, replication_conninfo)
 from walrus.pg.xlog import BACKUP_NAME_PREFIX, format_lsn, wal_file_name
 from walrus.progress import Progress
 from walrus.runtime import cpu_count
@@ -171,11 +171,25 @@ async def _connect(settings: Settings, storage: Storage, stop: threading.Event, 
     except BaseException:
         await asyncio.to_thread(conn.close)
         raise
-    if settings.disk_rate_limit is not None:
-        log.warning("WALG_DISK_RATE_LIMIT is not applied to a backup without a data directory (the server reads "
-                    "the files)")
     return _Remote(settings, storage, conn, identity, info, stop, now_utc_micro(),
                    codec.extension(settings.compression_method))
+
+
+def max_rate_kb(disk_rate_limit: int | None) -> int | None:
+    """WALG_DISK_RATE_LIMIT (bytes a second) as BASE_BACKUP's MAX_RATE: the server reads the files, so
+    it throttles its own reads and sends. None (no limit) above the most MAX_RATE takes (1 GiB/s); a
+    limit below its least (32 kB/s) is raised to it, with a warning."""
+    if disk_rate_limit is None:
+        return None
+    low, high = MAX_RATE_KB
+    kb = disk_rate_limit // 1024
+    if kb > high:
+        return None
+    if kb < low:
+        log.warning(f"WALG_DISK_RATE_LIMIT {disk_rate_limit} B/s is below the {low} kB/s least a base backup "
+                    f"over a replication connection takes (MAX_RATE); the server reads at {low} kB/s")
+        return low
+    return kb
 
 
 # --- start: the replication thread --------------------------------------------------------------------
@@ -218,7 +232,8 @@ class _Feed:
             # its archiver (WALG_STOP_BACKUP_TIMEOUT, at least CONNECT_TIMEOUT; 0: no bound)
             timeout = max(s.stop_backup_timeout, CONNECT_TIMEOUT) if s.stop_backup_timeout else 1e9
             events = r.conn.base_backup(LABEL, fast_checkpoint=True, tablespace_map=True,
-                                        verify_checksums=s.verify_page_checksums, timeout=timeout)
+                                        verify_checksums=s.verify_page_checksums,
+                                        max_rate_kb=max_rate_kb(s.disk_rate_limit), timeout=timeout)
             event: BackupEvent | None = next(events)
             while event is not None:
                 if isinstance(event, ArchiveStarted):
