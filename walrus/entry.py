@@ -1,7 +1,7 @@
 """The `walrus` executable: the daemon client, and wal-fetch of a prefetched segment, are answered before
 anything heavy (click, asyncio, codecs, storage) is imported: PostgreSQL runs them once per segment."""
-from __future__ import annotations
-
+# No `from __future__` import: this module's body runs before main() can take a SIGINT, so it imports
+# nothing that is not loaded already (os and sys come with the interpreter's start).
 import os
 import sys
 

@@ -111,17 +111,21 @@ def unclean_reason(stderr: str) -> str | None:
     return None
 
 
-_PACKAGE_FRAME = re.compile(r'File "[^"]*/walrus/[^"]*\.py"')
+_PACKAGE_FRAME = re.compile(r'File "([^"]*/walrus/[^"]*\.py)", line \d+, in (\S+)')
+# the executable's own import, before main() runs: nothing of walrus's can take the signal yet
+_ENTRY_IMPORT = {("walrus/__init__.py", "<module>"), ("walrus/entry.py", "<module>")}
 
 
 def before_walrus(stderr: str) -> bool:
     """Output of an interpreter stopped while still starting, before any of walrus's code ran:
-    nothing, or Python's own KeyboardInterrupt traceback through no file of the walrus package
-    (CPython reports a SIGINT during its own start-up as "Fatal Python error: init_...", naming the
-    start-up step it stopped: init_import_site, init_sys_streams)."""
+    nothing, or Python's own KeyboardInterrupt traceback through no file of the walrus package but
+    the import of the executable's entry module (CPython reports a SIGINT during its own start-up as
+    "Fatal Python error: init_...", naming the start-up step it stopped: init_import_site,
+    init_sys_streams)."""
     if not stderr.strip():
         return True
-    return stderr.rstrip().endswith("KeyboardInterrupt") and not _PACKAGE_FRAME.search(stderr)
+    frames = {("/".join(path.rsplit("/", 2)[-2:]), where) for path, where in _PACKAGE_FRAME.findall(stderr)}
+    return stderr.rstrip().endswith("KeyboardInterrupt") and frames <= _ENTRY_IMPORT
 
 
 def judge_exit(result: Result, outcome: Outcome, *, sig: int | None = None) -> bool:
