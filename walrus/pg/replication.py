@@ -230,6 +230,7 @@ class ReplicationConnection:
         self._pg = pgconn
         self.timeout = timeout  # the longest the server may stay silent during any wait
         self._stop = stop
+        self._behind = False  # the last read left bytes waiting on the socket (see _copy_message's linger)
         self._busy: str | None = None  # the command whose COPY is open; nothing else may be sent meanwhile
 
     @classmethod
@@ -478,10 +479,13 @@ class ReplicationConnection:
         self._busy = None
 
     def _copy_message(self, what: str, timeout: float, *, since: float | None = None,
-                      idle_until: float | None = None) -> memoryview | None:
+                      idle_until: float | None = None, linger: float = 0.0) -> memoryview | None:
         """The next CopyData message; None when the copy has ended (the command's results follow).
         Raises ReplicationTimeout once the server has been silent for `timeout` seconds from `since`
-        (default now); returns an empty view at `idle_until` when that is sooner."""
+        (default now); returns an empty view at `idle_until` when that is sooner. `linger`: once the
+        socket turns readable after a read that left nothing waiting, wait this long before reading,
+        so messages that trickle in (a WAL sender's, a commit each) are read many at a time; a
+        stream that is behind (more waiting after a read) is read on at once."""
         deadline = None
         with _libpq(what):
             while True:
@@ -498,12 +502,19 @@ class ReplicationConnection:
                     if idle_until is not None and idle_until < deadline:
                         return memoryview(b"")
                     raise self._timed_out(what, timeout)
+                if linger and not self._behind:
+                    time.sleep(linger)
                 self._pg.consume_input()
+                if linger:
+                    self._behind = _readable(self._pg.socket)
 
     def _timed_out(self, what: str, timeout: float | None = None) -> ReplicationTimeout:
         return ReplicationTimeout(f"{what}: the server sent nothing for {timeout or self.timeout:g} s",
                                   hint="check the server and the network; raise the timeout if the server is "
                                        "just slow (a spread checkpoint before a base backup)")
+
+
+LINGER = 0.002  # seconds a WAL stream that is caught up lets messages gather once one arrives
 
 
 class WalStream:
@@ -534,7 +545,7 @@ class WalStream:
                 self.send_status(*self._reported, reply=True)
                 self._pinged = True
             msg = conn._copy_message("START_REPLICATION", conn.timeout, since=self._last_heard,
-                                     idle_until=until if self._pinged else min(until, ping_at))
+                                     idle_until=until if self._pinged else min(until, ping_at), linger=LINGER)
             if msg is None:
                 return self._end_of_copy()
             if msg:
@@ -606,6 +617,11 @@ class WalStream:
         conn._finish(what, conn.timeout)
         self.ended = EndOfTimeline(int(tli), parse_lsn(lsn))
         return self.ended
+
+
+def _readable(fd: int) -> bool:
+    """Bytes are waiting on `fd` now."""
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _wait(fd: int, write: bool, deadline: float, stop: threading.Event) -> bool:
