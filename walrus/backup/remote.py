@@ -38,7 +38,7 @@ PG_CONTROL = "global/pg_control"
 # excludes it, WAL-G's list), so a restore does not come up as a standby waiting forever for WAL
 STANDBY_SIGNAL = "standby.signal"
 CONNECT_TIMEOUT = 60.0  # seconds the server may take to answer the connection and IDENTIFY_SYSTEM
-BATCHES = 4  # items (a filled pool buffer each, or an event) between the thread and the uploads
+AHEAD = 4  # items (a filled pool buffer each, or an event) the thread may be ahead of the loop
 CHUNK = 64 << 10  # bytes of a member read from the server's archive at once
 SLICE = 0.2  # seconds between the thread's looks at its stop flag while the uploads are behind
 SUPPLY_AHEAD = 2  # free pool buffers kept waiting for the thread
@@ -197,7 +197,7 @@ def max_rate_kb(disk_rate_limit: int | None) -> int | None:
 class _Feed:
     """The BASE_BACKUP on a thread of its own: it reads the server's archives (tar streams) and lays
     their members, re-tarred into WAL-G's parts (_Parts), straight into pool buffers, handing each
-    full buffer to the loop, at most BATCHES items ahead of it. The loop only routes buffers to their
+    full buffer to the loop, at most AHEAD items ahead of it. The loop only routes buffers to their
     part's upload: per MiB, not per server message. When the uploads are behind, the pool is empty
     and the thread stops reading, so the server's sends stall: backpressure, never a growing buffer.
     Items: BackupStarted, Tablespaces, then per part _PartStarted, its buffers, _PartEnded, and
@@ -207,9 +207,9 @@ class _Feed:
         self._remote = remote
         self._pool = pool
         self._loop = asyncio.get_running_loop()
-        self._batches: asyncio.Queue = asyncio.Queue()  # bounded by the slots
-        self._slots = threading.Semaphore(BATCHES)
-        self._current: Iterator = iter(())
+        self._items: asyncio.Queue = asyncio.Queue()  # bounded by the slots (the last item takes none)
+        self._slots = threading.Semaphore(AHEAD)
+        self._last: object = None  # END or the exception that ended the thread, once next() reached it
         self._parts = _Parts(self, remote)
         self._supplied: queue.SimpleQueue[Buffer] = queue.SimpleQueue()  # free buffers for the thread
         self._room = asyncio.Event()  # the thread took one
@@ -274,10 +274,10 @@ class _Feed:
         return source.next_event
 
     def _emit(self, item: object) -> None:
-        """Hand one item to the loop, waiting while BATCHES are not taken yet."""
+        """Hand one item to the loop, waiting while AHEAD are not taken yet."""
         while not self._slots.acquire(timeout=SLICE):  # the loop is behind: stall the server
             self._stopped()
-        self._call(self._batches.put_nowait, [item])
+        self._call(self._items.put_nowait, item)
 
     def _buffer(self) -> Buffer:
         """A free pool buffer, waited for while the uploads hold them all (the stream's backpressure)."""
@@ -319,7 +319,7 @@ class _Feed:
             raise ReplicationInterrupted("replication interrupted", detail="the backup was abandoned")
 
     def _hand_over(self, end: BaseException | None) -> None:
-        self._call(self._batches.put_nowait, [end if end is not None else END])
+        self._call(self._items.put_nowait, end if end is not None else END)
         self._call(self._finish, end)
 
     def _finish(self, end: BaseException | None) -> None:
@@ -335,19 +335,13 @@ class _Feed:
 
     async def next(self) -> object:
         """The next item; END once the thread ended after BackupEnded; raises what ended it otherwise."""
-        for item in self._current:
-            return self._item(item)
-        batch = await self._batches.get()
-        self._slots.release()
-        self._current = iter(batch)
-        return await self.next()
-
-    def _item(self, item: object) -> object:
-        if item is END:
-            self._current = iter([item])
-            return END
+        item = self._last
+        if item is None:
+            item = await self._items.get()
+            self._slots.release()
+            if item is END or isinstance(item, BaseException):
+                self._last = item  # the thread is gone: every later call gets the same
         if isinstance(item, BaseException):
-            self._current = iter([item])
             raise item
         return item
 
