@@ -22,10 +22,10 @@ from collections.abc import Callable
 
 from bench import report
 from bench.measure import StepMetrics, run_timed, tree_bytes
-from bench.run import (MAX_WAL_SENDERS, _workdir_in, archive_everything, content_digest, verify_restore,
+from bench.run import (MAX_WAL_SENDERS, archive_everything, content_digest, op_workdir, verify_restore,
                        wait_archiver_idle)
 from bench.tools import first_line, pgbackrest_argv, pgbackrest_stanza, user_dir, user_env
-from tests.pgcluster import (WALRUS, Cluster, chown_to_user, make_workdir, pg_bindir, remove_tree, run, run_user,
+from tests.pgcluster import (WALRUS, Cluster, chown_to_user, pg_bindir, remove_tree, run, run_user,
                              write_config)
 
 MIB = 2 ** 20
@@ -201,8 +201,7 @@ class DeltaBench:
         self.args, self.out, self.say = args, out, say
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
-        self.root = (make_workdir("walrus-deltabench-") if args.workdir is None
-                     else _workdir_in(args.workdir, "walrus-deltabench-"))
+        self.root = op_workdir(args.workdir, "walrus-deltabench-")
         self.walrus_repo = os.path.join(self.root, "walrus-repo")
         self.pgbr_repo = os.path.join(self.root, "pgbackrest-repo")
         self.config = write_config(os.path.join(self.root, "walrus.json"), {

@@ -34,9 +34,9 @@ import psycopg
 
 from bench import report
 from bench.measure import _cpu_children, _cpu_self, descendants, machine_busy_s, tree_bytes
-from bench.run import MAX_WAL_SENDERS, _workdir_in
+from bench.run import MAX_WAL_SENDERS, op_workdir
 from bench.tools import first_line, user_dir, user_env
-from tests.pgcluster import (WALRUS, Cluster, as_user, make_workdir, pg_bindir, remove_tree, run, run_user,
+from tests.pgcluster import (WALRUS, Cluster, as_user, pg_bindir, remove_tree, run, run_user,
                              walrus, write_config)
 
 KIB, MIB, GIB = 2 ** 10, 2 ** 20, 2 ** 30
@@ -208,8 +208,7 @@ class ReceiveBench:
         self.args, self.out, self.say = args, out, say
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
-        self.root = (make_workdir("walrus-receivebench-") if args.workdir is None
-                     else _workdir_in(args.workdir, "walrus-receivebench-"))
+        self.root = op_workdir(args.workdir, "walrus-receivebench-")
         self.size = args.wal_segsize * MIB
         self.storage = os.path.join(self.root, "storage")
         self.spool_root = os.path.join(self.root, "spool")

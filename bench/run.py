@@ -270,7 +270,7 @@ class Bench:
         self.args, self.tools, self.out = args, tools, out
         self.logs = os.path.join(out, "logs")
         os.makedirs(self.logs, exist_ok=True)
-        self.root = make_workdir("walrus-bench-") if args.workdir is None else _workdir_in(args.workdir)
+        self.root = op_workdir(args.workdir)
         self.archive_config = write_config(os.path.join(self.root, "archive.json"), {
             "WALG_FILE_PREFIX": os.path.join(self.root, "archive"), "WALG_COMPRESSION_METHOD": args.compression})
         self.clusters: list[Cluster] = []
@@ -451,7 +451,10 @@ class StepFailed(Exception):
     """A timed step exited non-zero."""
 
 
-def _workdir_in(parent: str, prefix: str = "walrus-bench-") -> str:
+def op_workdir(parent: str | None, prefix: str = "walrus-bench-") -> str:
+    """An operation's work directory: a temporary one, or a dated one under --workdir (kept with --keep)."""
+    if parent is None:
+        return make_workdir(prefix)
     os.makedirs(parent, exist_ok=True)
     path = os.path.join(parent, prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     return user_dir(path)
@@ -694,7 +697,7 @@ def run_backups(args: argparse.Namespace, tools: list[Tool], out: str) -> Bench 
 
 def run_wal(args: argparse.Namespace, out: str, warnings: list[str]) -> WalBench | None:
     """archive, drain and replay; None if the WAL cluster could not be set up or no WAL tool can run."""
-    root = make_workdir("walrus-walbench-") if args.workdir is None else _workdir_in(args.workdir, "walrus-walbench-")
+    root = op_workdir(args.workdir, "walrus-walbench-")
     tools, tool_warnings = select_wal_tools(args, os.path.join(root, "wale-venv"))
     for text in tool_warnings:
         say(f"WARNING: {text}")
