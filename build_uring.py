@@ -113,6 +113,19 @@ void walrus_reads_init(struct walrus_reads *r, struct io_uring *ring, unsigned e
 void walrus_reads_fixed(struct walrus_reads *r, char *base, uint64_t size, uint32_t count);
 void walrus_reads_add(struct walrus_reads *r, struct walrus_rbatch *b);
 int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uint64_t *out, unsigned room);
+
+struct walrus_copy {
+    void *conn; void *get_copy_data; void *consume_input; void *freemem; void *socket;
+    char *msg; int len; int pos; uint64_t messages; uint64_t bytes;
+    ...;
+};
+static const int WALRUS_COPY_FULL;
+static const int WALRUS_COPY_EVENT;
+static const int WALRUS_COPY_END;
+static const int WALRUS_COPY_ERROR;
+static const int WALRUS_COPY_WAIT;
+size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeout_ms, int *status);
+void walrus_copy_drop(struct walrus_copy *c);
 """
 
 # Delta backups' page scan (walrus.pg.pages), here so a buffer the io_uring reader filled is scanned
@@ -930,10 +943,108 @@ int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uin
 }
 """
 
+# A COPY's data read from libpq without a Python step per message (walrus.pg.copyfill): a base
+# backup's stream is ~32 KiB CopyData messages, and reading each through psycopg costs as much CPU
+# as the rest of the backup's client side. libpq is reached through the function pointers of the
+# copy psycopg loaded (its own, in the binary wheel), never linked here: a PGconn must only meet
+# the libpq that made it. The GIL is released around the call (cffi's default), so the loop runs
+# beside the compress threads.
+COPY_SOURCE = r"""
+#include <poll.h>
+
+#define WALRUS_COPY_FULL 0   /* dst is full */
+#define WALRUS_COPY_EVENT 1  /* the next message is not a 'd' (data) one: msg/len hold it, whole */
+#define WALRUS_COPY_END 2    /* the copy ended (the command's results follow) */
+#define WALRUS_COPY_ERROR 3  /* libpq failed: PQerrorMessage says why */
+#define WALRUS_COPY_WAIT 4   /* nothing arrived for timeout_ms (or a signal came): call again */
+
+typedef int (*wc_get_copy_data)(void *conn, char **buffer, int async);
+typedef int (*wc_consume_input)(void *conn);
+typedef void (*wc_freemem)(void *ptr);
+typedef int (*wc_socket)(const void *conn);
+
+struct walrus_copy {
+    void *conn;           /* PGconn *, nonblocking, in COPY OUT or COPY BOTH */
+    void *get_copy_data;  /* PQgetCopyData */
+    void *consume_input;  /* PQconsumeInput */
+    void *freemem;        /* PQfreemem */
+    void *socket;         /* PQsocket */
+    char *msg;            /* the message being read, libpq's (NULL: none) */
+    int len;              /* its length */
+    int pos;              /* its bytes handed out so far (a 'd' message starts past its type byte) */
+    uint64_t messages;    /* messages received */
+    uint64_t bytes;       /* data bytes handed out */
+};
+
+/* Frees the message held, if any (the caller read an event's, or abandons the copy). */
+void walrus_copy_drop(struct walrus_copy *c)
+{
+    if (c->msg)
+        ((wc_freemem)c->freemem)(c->msg);
+    c->msg = NULL;
+    c->len = c->pos = 0;
+}
+
+/* Copies the payload of consecutive 'd' messages into dst until cap bytes, or until what the status
+   says stops it; returns the bytes copied. A message split across calls resumes where it stopped. */
+size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeout_ms, int *status)
+{
+    size_t got = 0;
+    while (got < cap) {
+        if (c->msg) {
+            if (c->msg[0] != 'd') {
+                *status = WALRUS_COPY_EVENT;
+                return got;
+            }
+            size_t k = (size_t)(c->len - c->pos);
+            if (k > cap - got)
+                k = cap - got;
+            memcpy(dst + got, c->msg + c->pos, k);
+            got += k;
+            c->pos += (int)k;
+            c->bytes += k;
+            if (c->pos == c->len)
+                walrus_copy_drop(c);
+            continue;
+        }
+        char *buf = NULL;
+        int n = ((wc_get_copy_data)c->get_copy_data)(c->conn, &buf, 1);
+        if (n > 0) {
+            c->msg = buf;
+            c->len = n;
+            c->pos = buf[0] == 'd' ? 1 : 0;
+            c->messages++;
+            continue;
+        }
+        if (n == -1) {
+            *status = WALRUS_COPY_END;
+            return got;
+        }
+        if (n < -1) {
+            *status = WALRUS_COPY_ERROR;
+            return got;
+        }
+        struct pollfd p = { ((wc_socket)c->socket)(c->conn), POLLIN, 0 };
+        int ready = poll(&p, 1, timeout_ms);
+        if (ready <= 0) {  /* silence, or EINTR: the caller looks at its stop flag and its clock */
+            *status = WALRUS_COPY_WAIT;
+            return got;
+        }
+        if (!((wc_consume_input)c->consume_input)(c->conn)) {
+            *status = WALRUS_COPY_ERROR;
+            return got;
+        }
+    }
+    *status = WALRUS_COPY_FULL;
+    return got;
+}
+"""
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 # -O3: the page checksum's 32 lanes vectorise (PostgreSQL builds checksum.c with its vectorising flags too)
-ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE + WALMAP_SOURCE + READS_SOURCE,
+ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE + WALMAP_SOURCE + READS_SOURCE
+                      + COPY_SOURCE,
                       libraries=["uring"], extra_compile_args=["-O3"])
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from tests.pgcluster import Cluster, chown_to_user, make_workdir, remove_tree, run, run_user
 from walrus.config import load_settings
+from walrus.pg import copyfill
 from walrus.pg.replication import (ArchiveData, ArchiveStarted, BackupEnded, BackupProgress, BackupStarted,
                                    ConnectionLost, EndOfTimeline, Keepalive, ManifestData, ReplicationConnection,
                                    ReplicationError, ReplicationInterrupted, ReplicationTimeout, Tablespaces,
@@ -232,6 +233,81 @@ def test_abandoned_base_backup_is_aborted(env):
     env.wait_for("SELECT count(*) FROM pg_stat_progress_basebackup", (0,))
     with env.open() as again:  # and the next backup can start
         assert isinstance(next(again.base_backup("next")), BackupStarted)
+
+
+@pytest.mark.parametrize("path", ["compiled", "psycopg"])
+def test_read_archive_fills_the_callers_buffers(env, path, monkeypatch):
+    """read_archive() reads the archives' bytes straight into buffers of any size, through the compiled
+    loop over libpq (this environment must have it) or psycopg's calls: the bytes the events carry."""
+    if path == "psycopg":
+        monkeypatch.setattr(copyfill, "_libpq_functions", lambda: None)
+    else:
+        assert copyfill._libpq_functions() is not None, "the compiled COPY loop cannot find psycopg's libpq"
+    (ts_oid,) = env.one("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'")
+    with env.open() as conn:
+        _, by_events, _ = _collect(conn.base_backup("events"))
+    archives, order = {}, []
+    with env.open() as conn:
+        for ev in conn.base_backup("read_archive", progress=True):
+            assert not isinstance(ev, ArchiveData), "read_archive took every byte"
+            order.append(ev)
+            if isinstance(ev, ArchiveStarted):
+                got = bytearray()
+                buf = memoryview(bytearray(7777))  # not a multiple of anything the server sends
+                while n := conn.read_archive(buf):
+                    got += buf[:n]
+                    if n < len(buf):
+                        assert conn.read_archive(buf) == 0  # the archive has ended
+                        break
+                archives[ev.name] = bytes(got)
+        assert conn.read_archive(memoryview(bytearray(10))) == 0  # outside an archive: nothing
+        conn.identify_system()  # the connection is free again
+    assert isinstance(order[-1], BackupEnded)
+    assert set(archives) == set(by_events) == {f"{ts_oid}.tar", "base.tar"}
+    assert archives[f"{ts_oid}.tar"] == by_events[f"{ts_oid}.tar"]  # nothing writes to ts1 in between
+    base = _members(archives["base.tar"])
+    assert base["PG_VERSION"] == b"15\n" and b"LABEL: read_archive" in base["backup_label"]
+    assert set(base) == set(_members(by_events["base.tar"]))
+
+
+def _into_base_archive(conn: ReplicationConnection, label: str):
+    """A base backup's events, taken up to base.tar's start (the tablespace's archive read away)."""
+    events = conn.base_backup(label)
+    buf = memoryview(bytearray(65536))
+    while not isinstance(ev := next(events), ArchiveStarted) or ev.name != "base.tar":
+        while conn.read_archive(buf):
+            pass
+    return events
+
+
+def test_read_archive_bounded_by_the_timeout_and_interrupt(env):
+    buf = memoryview(bytearray(65536))
+    with env.open(timeout=1.0) as conn:
+        events = _into_base_archive(conn, "stalled")
+        assert conn.read_archive(buf) == len(buf)
+        os.kill(conn.backend_pid, signal.SIGSTOP)  # the WAL sender hangs mid-archive
+        try:
+            began = time.monotonic()
+            with pytest.raises(ReplicationTimeout, match="sent nothing for 1 s"):
+                while conn.read_archive(buf):  # what is already on its way, then the silence
+                    pass
+            assert time.monotonic() - began < 5
+        finally:
+            os.kill(conn.backend_pid, signal.SIGCONT)
+        events.close()  # the backup is abandoned: the server aborts it
+    with env.open(timeout=60) as conn:
+        events = _into_base_archive(conn, "interrupted")
+        os.kill(conn.backend_pid, signal.SIGSTOP)
+        try:
+            threading.Timer(0.3, conn.interrupt).start()
+            began = time.monotonic()
+            with pytest.raises(ReplicationInterrupted):
+                while conn.read_archive(buf):
+                    pass
+            assert time.monotonic() - began < 3
+        finally:
+            os.kill(conn.backend_pid, signal.SIGCONT)
+        events.close()
 
 
 # --- START_REPLICATION ----------------------------------------------------------------------------------

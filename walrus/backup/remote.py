@@ -39,12 +39,10 @@ PG_CONTROL = "global/pg_control"
 STANDBY_SIGNAL = "standby.signal"
 CONNECT_TIMEOUT = 60.0  # seconds the server may take to answer the connection and IDENTIFY_SYSTEM
 AHEAD = 4  # items (a filled pool buffer each, or an event) the thread may be ahead of the loop
-CHUNK = 64 << 10  # bytes of a member read from the server's archive at once
 SLICE = 0.2  # seconds between the thread's looks at its stop flag while the uploads are behind
 SUPPLY_AHEAD = 2  # free pool buffers kept waiting for the thread
 
 END = object()  # the replication thread's last item after BackupEnded
-_VIEW_MIN = 4096  # reads of the server's archive at least this long are handed on as views, not copies
 
 
 @dataclass(frozen=True)
@@ -359,30 +357,42 @@ class _Feed:
 
 
 class _ArchiveSource:
-    """One archive's bytes as a pull reader (walrus.pull.Source) over the backup's events; ends
-    where the next event that is not ArchiveData comes, kept in next_event (None: the events ended)."""
+    """One archive's bytes as a pull reader (walrus.pull.Source, with readinto) over the backup's
+    events: read straight from the connection into the caller's buffer; the events go on once it
+    has ended, at next_event (None: the events ended)."""
 
     def __init__(self, events: Iterator[BackupEvent], feed: _Feed):
         self._events = events
         self._feed = feed
-        self._pending = memoryview(b"")
-        self._ended = False
+        self._conn = feed._remote.conn
+        self._ended = False  # the next event was taken: what the connection reads now is not this archive's
         self.next_event: BackupEvent | None = None
 
+    def readinto(self, view: memoryview) -> int:
+        if self._ended:
+            return 0
+        n = self._conn.read_archive(view)
+        self._feed.raw_bytes += n
+        return n
+
     def read(self, n: int) -> bytes:
-        while not self._pending and not self._ended:
+        """Headers and padding (and anything the events carry after the connection's reads): as bytes."""
+        if self._ended:
+            return b""
+        buf = bytearray(n)
+        got = self.readinto(memoryview(buf))
+        if got:
+            return bytes(buf[:got])
+        while True:  # the archive's data ended: the next event that is not its data
             event = next(self._events, None)
             if isinstance(event, ArchiveData):
-                self._pending = event.data
                 self._feed.raw_bytes += len(event.data)
-            elif isinstance(event, (ArchiveStarted, BackupEnded)) or event is None:
-                self._ended = True
+                return bytes(event.data[:n])  # not seen: read_archive took every byte
+            if isinstance(event, (ArchiveStarted, BackupEnded)) or event is None:
                 self.next_event = event
+                self._ended = True
+                return b""
             # progress and manifest messages carry nothing for the parts
-        out = self._pending[:n]
-        self._pending = self._pending[n:]
-        # a member's data goes on as a view of the message; headers and padding are parsed as bytes
-        return out if len(out) >= _VIEW_MIN else bytes(out)
 
 
 async def _start(r: _Remote, pool: BufferPool) -> _Feed:
@@ -436,10 +446,22 @@ class _Parts:
                                 gid=member.gid, uname=member.uname, gname=member.gname, linkname=member.linkname))
         if member.kind == "file":
             teed = bytearray() if name == PG_CONTROL else None
-            for chunk in data.pieces(CHUNK):  # the server's messages as they came: copied once, into the pool
+            left = member.size
+            size = self._size
+            while left:  # the file's bytes, read from the connection straight into the pool's buffers
+                buf = self._buf
+                if buf is None:
+                    buf = self._buf = self._feed._buffer()
+                n = min(left, size - buf.length)
+                view = buf.view[buf.length:buf.length + n]
+                data.readinto(view)  # all n, or it raises (a truncated archive)
                 if teed is not None:
-                    teed += chunk
-                self._lay(chunk)
+                    teed += view
+                buf.length += n
+                left -= n
+                if buf.length == size:
+                    self._buf = None
+                    self._feed._emit(buf)
             self._lay(bytes(padding(member.size)))
             self._data_size += member.size
             if teed is not None:

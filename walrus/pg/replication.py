@@ -15,7 +15,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from walrus.config import Settings
 from walrus.errors import WalrusError
 from walrus.log import log
+from walrus.pg import copyfill
 from walrus.pg.client import conninfo_kwargs
+from walrus.pg.copyfill import CopyReader
 from walrus.pg.xlog import format_lsn, parse_lsn
 
 # Every libpq call here is nonblocking: a blocking one holds the GIL for its whole duration. Waits
@@ -232,6 +234,7 @@ class ReplicationConnection:
         self._stop = stop
         self._behind = False  # the last read left bytes waiting on the socket (see _copy_message's linger)
         self._busy: str | None = None  # the command whose COPY is open; nothing else may be sent meanwhile
+        self._archive: _ArchiveReader | None = None  # BASE_BACKUP's COPY, while it is open
 
     @classmethod
     def open(cls, conninfo: dict | str, timeout: float, *, stop: threading.Event | None = None
@@ -360,14 +363,16 @@ class ReplicationConnection:
             yield Tablespaces([Tablespace(None if oid is None else int(oid), loc, None if kb is None else int(kb))
                                for oid, loc, kb in _rows(spaces)])
             self._result(what, pq.ExecStatus.COPY_OUT, timeout)
+            self._archive = _ArchiveReader(self, CopyReader(self._pg), what, timeout)
             in_manifest = False
             # one COPY for everything: each message's first byte says what the rest is
-            while (msg := self._copy_message(what, timeout)) is not None:
+            while (msg := self._archive.next_message()) is not None:
                 kind = msg[:1].tobytes()
                 if kind == b"d":
                     yield ManifestData(msg[1:]) if in_manifest else ArchiveData(msg[1:])
                 elif kind == b"n":
                     name, location, _ = msg[1:].tobytes().split(b"\0", 2)
+                    self._archive.open = True
                     yield ArchiveStarted(name.decode(), location.decode())
                 elif kind == b"p":
                     yield BackupProgress(struct.unpack_from(">q", msg, 1)[0])
@@ -376,6 +381,9 @@ class ReplicationConnection:
                 else:
                     raise ReplicationError(f"{what}: unknown message type {kind!r} in the backup stream",
                                            hint="a PostgreSQL newer than walrus knows? report it")
+                self._archive.open = kind in (b"d", b"n", b"p") and not in_manifest
+            self._archive.close()
+            self._archive = None
             end = self._result(what, pq.ExecStatus.TUPLES_OK, timeout)
             (lsn, tli), = _rows(end)
             self._result(what, pq.ExecStatus.COMMAND_OK, timeout)
@@ -384,8 +392,20 @@ class ReplicationConnection:
             yield BackupEnded(parse_lsn(lsn), int(tli))
         finally:
             self._busy = None
+            if self._archive is not None:
+                self._archive.close()
+                self._archive = None
             if not done:  # abandoned or failed half-way: the connection is in no state to reuse
                 self.close()
+
+    def read_archive(self, view: memoryview) -> int:
+        """The next bytes of the archive base_backup() last started (its ArchiveStarted event was the
+        last taken), read straight into `view`: len(view) of them, fewer only where the archive ends
+        (0: it has ended, and the events go on). The same bytes the ArchiveData events would carry,
+        without a copy or a Python step per server message."""
+        if self._archive is None or not self._archive.open:
+            return 0
+        return self._archive.readinto(view)
 
     # --- START_REPLICATION ------------------------------------------------------------------------
 
@@ -512,6 +532,67 @@ class ReplicationConnection:
         return ReplicationTimeout(f"{what}: the server sent nothing for {timeout or self.timeout:g} s",
                                   hint="check the server and the network; raise the timeout if the server is "
                                        "just slow (a spread checkpoint before a base backup)")
+
+
+class _ArchiveReader:
+    """BASE_BACKUP's COPY read through a CopyReader: the archives' bytes into the caller's buffers
+    (readinto), or message by message for the events. Every wait is a slice, so the stop flag and
+    SIGINT are seen promptly, and a silence of `timeout` seconds raises ReplicationTimeout."""
+
+    _DATA = 64 << 10  # bytes of data an ArchiveData or ManifestData event carries at most
+
+    def __init__(self, conn: ReplicationConnection, reader: CopyReader, what: str, timeout: float):
+        self._conn = conn
+        self._reader = reader
+        self._what = what
+        self._timeout = timeout
+        self.open = False  # an archive's data is being read: readinto() may be called
+
+    def readinto(self, view: memoryview) -> int:
+        got = 0
+        want = len(view)
+        while got < want:
+            n, status = self._fill(view[got:])
+            got += n
+            if status == copyfill.EVENT and self._reader.kind() == b"p":
+                self._reader.take()  # progress between data messages: nobody reading bytes wants it
+                continue
+            if status != copyfill.FULL:
+                break  # the archive's data ended (another event, or the copy's end): the events go on
+        return got
+
+    def next_message(self) -> memoryview | None:
+        """The next message whole ('d' ones at most _DATA bytes of their data at a time); None at the copy's end."""
+        data = bytearray(self._DATA)
+        n, status = self._fill(memoryview(data)[1:])
+        if n:
+            data[0] = ord("d")
+            return memoryview(data)[:1 + n]
+        if status == copyfill.EVENT:
+            return memoryview(self._reader.take())
+        return None  # END
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def _fill(self, view: memoryview) -> tuple[int, int]:
+        """Fills view until it is full or something else comes (an event, the end); waits in slices."""
+        conn = self._conn
+        since = time.monotonic()
+        got = 0
+        while True:
+            if conn._stop.is_set():
+                raise ReplicationInterrupted("replication interrupted", detail="the connection was abandoned")
+            n, status = self._reader.fill(view[got:], _SLICE)
+            got += n
+            if status == copyfill.ERROR:
+                raise _error(self._what, self._conn._pg.get_error_message())
+            if status != copyfill.WAIT:
+                return got, status
+            if n:
+                since = time.monotonic()
+            elif time.monotonic() - since >= self._timeout:
+                raise conn._timed_out(self._what, self._timeout)
 
 
 LINGER = 0.002  # seconds a WAL stream that is caught up lets messages gather once one arrives

@@ -91,6 +91,13 @@ class _Source:
 
     def readinto(self, view: memoryview) -> int:
         """Fills view; returns fewer than len(view) bytes only at EOF."""
+        fill = getattr(self._stream, "readinto", None)
+        if fill is not None:  # a stream that reads into the caller's buffer itself: no copy here
+            got = 0
+            while got < len(view) and (n := fill(view[got:])):
+                got += n
+            self.offset += got
+            return got
         got = 0
         while got < len(view):
             chunk = self._stream.read(len(view) - got)  # the decoders hand out bytes: one copy either way
@@ -298,7 +305,8 @@ def _read_header(source: _Source, archive: str, after: str | None) -> Member | N
 
 
 def iter_members(stream: Source, *, name: str = "") -> Iterator[tuple[Member, MemberData]]:
-    """Yields each member and its payload reader; whatever the caller leaves unread is skipped.
+    """Yields each member and its payload reader; whatever the caller leaves unread is skipped. A
+    stream that also has readinto (walrus.pull.Payload) fills MemberData.readinto's buffer itself.
 
     After the end-of-archive block every remaining byte must be zero, as WAL-G requires. As Go's
     archive/tar, the stream may also end right after a member's data, with or without its padding
