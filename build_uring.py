@@ -116,6 +116,7 @@ int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uin
 
 struct walrus_copy {
     void *conn; void *get_copy_data; void *consume_input; void *freemem; void *socket;
+    char kind; int skip; int check_lsn; uint64_t lsn;
     char *msg; int len; int pos; uint64_t messages; uint64_t bytes;
     ...;
 };
@@ -944,19 +945,19 @@ int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uin
 """
 
 # A COPY's data read from libpq without a Python step per message (walrus.pg.copyfill): a base
-# backup's stream is ~32 KiB CopyData messages, and reading each through psycopg costs as much CPU
-# as the rest of the backup's client side. libpq is reached through the function pointers of the
-# copy psycopg loaded (its own, in the binary wheel), never linked here: a PGconn must only meet
-# the libpq that made it. The GIL is released around the call (cffi's default), so the loop runs
-# beside the compress threads.
+# backup's stream is ~32 KiB CopyData messages, a WAL stream under many small commits one message a
+# commit, and reading each through psycopg costs more CPU than the rest of the work. libpq is reached
+# through the function pointers of the copy psycopg loaded (its own, in the binary wheel), never
+# linked here: a PGconn must only meet the libpq that made it. The GIL is released around the call
+# (cffi's default), so the loop runs beside the compress threads.
 COPY_SOURCE = r"""
 #include <poll.h>
 
 #define WALRUS_COPY_FULL 0   /* dst is full */
-#define WALRUS_COPY_EVENT 1  /* the next message is not a 'd' (data) one: msg/len hold it, whole */
+#define WALRUS_COPY_EVENT 1  /* the next message is not data to copy: msg/len hold it, whole */
 #define WALRUS_COPY_END 2    /* the copy ended (the command's results follow) */
 #define WALRUS_COPY_ERROR 3  /* libpq failed: PQerrorMessage says why */
-#define WALRUS_COPY_WAIT 4   /* nothing arrived for timeout_ms (or a signal came): call again */
+#define WALRUS_COPY_WAIT 4   /* nothing arrived for timeout_ms (0: nothing is waiting now), or a signal */
 
 typedef int (*wc_get_copy_data)(void *conn, char **buffer, int async);
 typedef int (*wc_consume_input)(void *conn);
@@ -969,14 +970,18 @@ struct walrus_copy {
     void *consume_input;  /* PQconsumeInput */
     void *freemem;        /* PQfreemem */
     void *socket;         /* PQsocket */
-    char *msg;            /* the message being read, libpq's (NULL: none) */
+    char kind;            /* the type byte of the messages whose data is copied ('d', or 'w' for WAL) */
+    int skip;             /* their header bytes before the data (1; 25 for XLogData) */
+    int check_lsn;        /* XLogData: a message's start must be lsn, else it is an event */
+    uint64_t lsn;         /* the position of the next data byte (advanced as bytes are copied) */
+    char *msg;            /* the message held, libpq's (NULL: none) */
     int len;              /* its length */
-    int pos;              /* its bytes handed out so far (a 'd' message starts past its type byte) */
+    int pos;              /* its bytes copied out so far; -1: it is an event, not data */
     uint64_t messages;    /* messages received */
-    uint64_t bytes;       /* data bytes handed out */
+    uint64_t bytes;       /* data bytes copied out */
 };
 
-/* Frees the message held, if any (the caller read an event's, or abandons the copy). */
+/* Frees the message held, if any (the caller took an event's, or abandons the copy). */
 void walrus_copy_drop(struct walrus_copy *c)
 {
     if (c->msg)
@@ -985,14 +990,22 @@ void walrus_copy_drop(struct walrus_copy *c)
     c->len = c->pos = 0;
 }
 
-/* Copies the payload of consecutive 'd' messages into dst until cap bytes, or until what the status
+static uint64_t wc_be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* Copies the data of consecutive data messages into dst until cap bytes, or until what the status
    says stops it; returns the bytes copied. A message split across calls resumes where it stopped. */
 size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeout_ms, int *status)
 {
     size_t got = 0;
     while (got < cap) {
         if (c->msg) {
-            if (c->msg[0] != 'd') {
+            if (c->pos < 0) {
                 *status = WALRUS_COPY_EVENT;
                 return got;
             }
@@ -1003,6 +1016,7 @@ size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeou
             got += k;
             c->pos += (int)k;
             c->bytes += k;
+            c->lsn += k;
             if (c->pos == c->len)
                 walrus_copy_drop(c);
             continue;
@@ -1010,9 +1024,11 @@ size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeou
         char *buf = NULL;
         int n = ((wc_get_copy_data)c->get_copy_data)(c->conn, &buf, 1);
         if (n > 0) {
+            int data = buf[0] == c->kind && n >= c->skip
+                && (!c->check_lsn || wc_be64((const unsigned char *)buf + 1) == c->lsn);
             c->msg = buf;
             c->len = n;
-            c->pos = buf[0] == 'd' ? 1 : 0;
+            c->pos = data ? c->skip : -1;
             c->messages++;
             continue;
         }

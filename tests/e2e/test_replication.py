@@ -312,13 +312,23 @@ def test_read_archive_bounded_by_the_timeout_and_interrupt(env):
 
 # --- START_REPLICATION ----------------------------------------------------------------------------------
 
-def _read_until(stream, end: int) -> bytes:
-    """The WAL bytes from the stream's first XLogData up to `end`, checking that they are contiguous."""
+def _read_until(stream, end: int, batch: int = 0) -> bytes:
+    """The WAL bytes from the stream's first XLogData up to `end`, checking that they are contiguous.
+    With `batch`, read_wal() into a view of that size takes what it can, and after every third fill
+    read() takes the next message (the rest of one a fill left part of, or whatever comes)."""
     got = bytearray()
     first = position = None
     deadline = time.monotonic() + TIMEOUT
+    view = memoryview(bytearray(batch))
+    fills = 0
     while position is None or position < end:
         assert time.monotonic() < deadline, "WAL did not arrive"
+        if batch and position is not None and (n := stream.read_wal(view, position)):
+            got += view[:n]
+            position += n
+            fills += 1
+            if fills % 3:
+                continue
         ev = stream.read(1.0)
         if isinstance(ev, XLogData):
             if position is None:
@@ -331,17 +341,20 @@ def _read_until(stream, end: int) -> bytes:
     return bytes(got[:end - first])
 
 
-def test_streamed_wal_equals_the_segment_file(env):
+@pytest.mark.parametrize("reads", ["events", "read_wal", "read_wal-psycopg"])
+def test_streamed_wal_equals_the_segment_file(env, reads, monkeypatch):
+    if reads == "read_wal-psycopg":
+        monkeypatch.setattr(copyfill, "_libpq_functions", lambda: None)
     with env.open() as conn:
         conn.create_physical_slot("walrus_wal", reserve_wal=True)
         try:
             reserved = conn.read_replication_slot("walrus_wal").restart_lsn
-            env.sql.execute("CREATE TABLE wal_source AS SELECT generate_series(1, 5000) AS x")
+            env.sql.execute(f"CREATE TABLE wal_source_{reads.replace('-', '_')} AS SELECT generate_series(1, 5000) AS x")
             env.sql.execute("SELECT pg_switch_wal()")  # ends the slot's segment: the file is complete
             seg_start = reserved - reserved % SEGMENT
             seg_end = seg_start + SEGMENT
             stream = conn.start_replication("walrus_wal", seg_start, 2)
-            wal = _read_until(stream, seg_end)
+            wal = _read_until(stream, seg_end, batch=0 if reads == "events" else 10007)
             # pg_walfile_name() names the segment *before* a boundary: ask for the segment's second byte
             (name,) = env.one("SELECT pg_walfile_name(%s::pg_lsn)", format_lsn(seg_start + 1))
             with open(os.path.join(env.cluster.data, "pg_wal", name), "rb") as f:

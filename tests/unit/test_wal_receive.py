@@ -23,6 +23,20 @@ class FakeStream:
     def read(self, timeout=None):
         return self.events.pop(0) if self.events else None
 
+    def read_wal(self, view, position):
+        """As WalStream's: the XLogData already here that continues `position`, as much as fits."""
+        got = 0
+        while got < len(view) and self.events and isinstance(ev := self.events[0], XLogData) \
+                and ev.start == position + got:
+            k = min(len(view) - got, len(ev.data))
+            view[got:got + k] = ev.data[:k]
+            got += k
+            if k == len(ev.data):
+                self.events.pop(0)
+            else:
+                self.events[0] = XLogData(ev.start + k, ev.server_end, ev.send_time, ev.data[k:])
+        return got
+
     def send_status(self, write, flush, apply, reply=False):
         self.statuses.append((write, flush, apply))
 

@@ -43,12 +43,16 @@ def _compiled():
 
 
 class CopyReader:
-    """The data ('d') messages of a COPY in progress on `pgconn` (nonblocking) as one byte stream, read
-    into caller buffers by fill(); any other message stops a fill and is taken with take(). The
-    compiled loop when libpq's functions can be found, else psycopg's get_copy_data: same results."""
+    """The data messages of a COPY in progress on `pgconn` (nonblocking) as one byte stream, read into
+    caller buffers by fill(); any other message stops a fill and is taken with take(). Data messages
+    are those of type `kind` ('d': BASE_BACKUP's archives; 'w': XLogData), whose first `skip` bytes
+    are their header; with `check_lsn` (XLogData) one counts only if it starts at `lsn`, the position
+    of the next byte, which fills advance. The compiled loop when libpq's functions can be found, else
+    psycopg's get_copy_data: same results."""
 
-    def __init__(self, pgconn: pq.PGconn):
+    def __init__(self, pgconn: pq.PGconn, *, kind: bytes = b"d", skip: int = 1, check_lsn: bool = False):
         self._pg = pgconn
+        self._kind, self._skip, self._check_lsn = kind, skip, check_lsn
         self._c = None
         compiled = _compiled()
         functions = _libpq_functions() if compiled is not None else None
@@ -57,26 +61,40 @@ class CopyReader:
             c = self._c = self._ffi.new("struct walrus_copy *")
             c.conn = self._ffi.cast("void *", pgconn.pgconn_ptr)
             c.get_copy_data, c.consume_input, c.freemem, c.socket = (self._ffi.cast("void *", f) for f in functions)
+            c.kind, c.skip, c.check_lsn = kind, skip, int(check_lsn)
             self._status = self._ffi.new("int *")
         else:
             log.debug("reading the COPY through psycopg: libpq's functions were not found in this process")
-        self._msg: memoryview | None = None  # the fallback's message being read
-        self._pos = 0
-        self.bytes = 0  # data bytes handed out
+        self._msg: memoryview | None = None  # the fallback's message held
+        self._pos = 0  # its bytes copied out; -1: an event
+        self._lsn = 0  # the fallback's position
+        self.bytes = 0  # data bytes copied out
         self._ended = False  # libpq reported the copy's end once; asking again is an error there
 
     @property
     def compiled(self) -> bool:
         return self._c is not None
 
+    @property
+    def lsn(self) -> int:
+        return self._c.lsn if self._c is not None else self._lsn
+
+    @lsn.setter
+    def lsn(self, value: int) -> None:
+        if self._c is not None:
+            self._c.lsn = value
+        else:
+            self._lsn = value
+
     def fill(self, view: memoryview, timeout: float) -> tuple[int, int]:
         """(bytes copied into view, status): FULL, or EVENT (take() it), END (the copy ended), ERROR
-        (libpq's error message says why), WAIT (nothing came for `timeout` seconds, or a signal)."""
+        (libpq's error message says why), WAIT (nothing came for `timeout` seconds, or a signal;
+        with 0, nothing more is waiting now)."""
         if self._ended:
             return 0, END
         if self._c is not None:
             n = self._lib.walrus_copy_fill(self._c, self._ffi.from_buffer(view), len(view),
-                                           max(1, int(timeout * 1000)), self._status)
+                                           max(0, int(timeout * 1000)), self._status)
             self.bytes += n
             status = self._status[0]
         else:
@@ -84,22 +102,38 @@ class CopyReader:
         self._ended = status == END
         return n, status
 
+    @property
+    def ended(self) -> bool:
+        """A fill met the copy's end: libpq's results follow."""
+        return self._ended
+
+    def holding(self) -> bool:
+        """A message is held: an event that stopped a fill, or data a fill left part of."""
+        return (self._c.msg != self._ffi.NULL) if self._c is not None else self._msg is not None
+
     def kind(self) -> bytes:
-        """The type byte of the message that stopped a fill with EVENT."""
+        """The type byte of the message held."""
         if self._c is not None:
             return bytes(self._ffi.buffer(self._c.msg, 1))
         assert self._msg is not None
         return bytes(self._msg[:1])
 
     def take(self) -> bytes:
-        """The message that stopped a fill with EVENT, whole (type byte first); the next fill reads on."""
+        """The message held, whole (type byte first), and the next fill reads on after it. Data a
+        fill left part of comes as a message of the rest (an XLogData's header then says so)."""
         if self._c is not None:
             c = self._c
-            msg = bytes(self._ffi.buffer(c.msg, c.len))
+            msg, pos = bytes(self._ffi.buffer(c.msg, c.len)), c.pos
             self._lib.walrus_copy_drop(c)
-            return msg
-        assert self._msg is not None
-        msg, self._msg = bytes(self._msg), None
+        else:
+            assert self._msg is not None
+            msg, pos = bytes(self._msg), self._pos
+            self._msg = None
+        if pos > self._skip:  # data a fill took part of
+            head = msg[:self._skip]
+            if self._check_lsn:  # XLogData: its start moves to the rest's first byte
+                head = head[:1] + self.lsn.to_bytes(8, "big") + head[9:]
+            msg = head + msg[pos:]
         return msg
 
     def close(self) -> None:
@@ -107,6 +141,8 @@ class CopyReader:
         if self._c is not None:
             self._lib.walrus_copy_drop(self._c)
         self._msg = None
+
+    __del__ = close
 
     def _fill(self, view: memoryview, timeout: float) -> tuple[int, int]:
         import select
@@ -117,12 +153,13 @@ class CopyReader:
         while got < cap:
             msg = self._msg
             if msg is not None:
-                if msg[:1] != b"d":
+                if self._pos < 0:
                     return got, EVENT
                 k = min(len(msg) - self._pos, cap - got)
                 view[got:got + k] = msg[self._pos:self._pos + k]
                 got += k
                 self._pos += k
+                self._lsn += k
                 self.bytes += k
                 if self._pos == len(msg):
                     self._msg = None
@@ -132,7 +169,10 @@ class CopyReader:
             except Exception:
                 return got, ERROR
             if n > 0:
-                self._msg, self._pos = memoryview(data), 1 if data[:1] == b"d" else 0
+                data = memoryview(data)
+                ok = (data[:1] == self._kind and n >= self._skip
+                      and (not self._check_lsn or int.from_bytes(data[1:9], "big") == self._lsn))
+                self._msg, self._pos = data, self._skip if ok else -1
                 continue
             if n == -1:
                 return got, END

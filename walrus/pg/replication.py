@@ -603,6 +603,8 @@ class WalStream:
 
     def __init__(self, conn: ReplicationConnection):
         self._conn = conn
+        # read_wal()'s compiled reads; a message it stopped at (or data it left part of) is held there
+        self._reader = CopyReader(conn._pg, kind=b"w", skip=1 + _XLOG_DATA.size, check_lsn=True)
         self._last_heard = time.monotonic()  # a server silent for conn.timeout is taken for dead
         self._pinged = False  # a reply was asked for during the present silence
         self._reported = (0, 0, 0)  # the last positions sent; a ping repeats them
@@ -625,8 +627,13 @@ class WalStream:
             if not self._pinged and time.monotonic() >= ping_at:
                 self.send_status(*self._reported, reply=True)
                 self._pinged = True
-            msg = conn._copy_message("START_REPLICATION", conn.timeout, since=self._last_heard,
-                                     idle_until=until if self._pinged else min(until, ping_at), linger=LINGER)
+            if self._reader.holding():
+                msg = memoryview(self._reader.take())
+            elif self._reader.ended:  # read_wal() met the copy's end (libpq says it only once)
+                msg = None
+            else:
+                msg = conn._copy_message("START_REPLICATION", conn.timeout, since=self._last_heard,
+                                         idle_until=until if self._pinged else min(until, ping_at), linger=LINGER)
             if msg is None:
                 return self._end_of_copy()
             if msg:
@@ -644,6 +651,24 @@ class WalStream:
             return Keepalive(end, sent, bool(reply))
         raise ReplicationError(f"START_REPLICATION: unknown message type {kind!r} in the WAL stream")
 
+    def read_wal(self, view: memoryview, position: int) -> int:
+        """The WAL from `position` that has already arrived, as many bytes of it as fit, copied into
+        `view` from consecutive XLogData messages without a Python step per message (a WAL sender
+        that keeps up sends one per commit); never waits. 0 when nothing more is here now, or the
+        next message is something else (a keepalive, WAL from elsewhere, the end): read() takes it."""
+        if not self._open:
+            raise ReplicationError("START_REPLICATION: the stream has ended", detail="read after its end")
+        reader = self._reader
+        reader.lsn = position
+        with _libpq("START_REPLICATION"):
+            n, status = reader.fill(view, 0)
+        if status == copyfill.ERROR:
+            raise _error("START_REPLICATION", self._conn._pg.get_error_message())
+        if n:
+            self._last_heard = time.monotonic()
+            self._pinged = False
+        return n
+
     def send_status(self, write: int, flush: int, apply: int, reply: bool = False) -> None:
         """Standby status update: WAL written, flushed (a slot's restart_lsn follows it), applied."""
         if not self._open:
@@ -660,11 +685,12 @@ class WalStream:
         if not self._open:
             return
         self._open = False
+        self._reader.close()
         with _libpq(what):
             while not conn._pg.put_copy_end():  # 0: libpq's buffer is full, flush and retry
                 conn._flush(what, time.monotonic() + conn.timeout)
         conn._flush(what, time.monotonic() + conn.timeout)
-        while conn._copy_message(what, conn.timeout) is not None:
+        while not self._reader.ended and conn._copy_message(what, conn.timeout) is not None:
             pass  # WAL or keepalives already on their way
         conn._finish(what, conn.timeout)
 

@@ -29,6 +29,7 @@ from walrus.wal.push import WalPusher
 TIMEOUT = 30.0  # the longest the server may stay silent (WalStream pings it after half of that)
 STATUS_INTERVAL = 10.0  # a status update at least this often (pg_receivewal's and WAL-G's 10 s)
 READ_SLICE = 0.1  # read()'s wait: how soon a segment stored is confirmed, a stop is seen
+READ_AHEAD = 1 << 20  # bytes of WAL read_wal() copies at once (at most to the segment's end)
 # received WAL is reported (the write position) at most this long after it arrives, or once this much
 # more has arrived: a burst after a checkpoint (full-page images) brings tens of MiB a second
 WRITE_REPORT = 0.25
@@ -247,31 +248,42 @@ class _Receiver:
         reported = -1  # the flush position last sent
         sent_position = -1  # the write position last sent
         last_status = 0.0
+        scratch = memoryview(bytearray(READ_AHEAD))
+
+        def write(data: memoryview) -> None:
+            nonlocal position, segno, writer
+            while data:
+                seg_end = (segno + 1) * self.size
+                chunk = data[:seg_end - position]
+                os.pwrite(writer, chunk, position - segno * self.size)
+                position += len(chunk)
+                data = data[len(chunk):]
+                if position == seg_end:
+                    os.close(writer)
+                    writer = -1
+                    self._wait_for_place(stream, position)
+                    name = wal_file_name(timeline, segno, self.size)
+                    os.rename(self._receiving(name), os.path.join(self.spool.path, name))
+                    self.hand_over(_Item(os.path.join(self.spool.path, name), seg_end, True))
+                    self.handed = (seg_end, timeline)
+                    segno += 1
+                    writer = self._open_segment(timeline, segno)
+
         try:
             while True:
-                event = stream.read(READ_SLICE)
+                # what has arrived, many messages at a time; read() waits for (and pings) the rest
+                n = stream.read_wal(scratch[:min(READ_AHEAD, (segno + 1) * self.size - position)], position)
+                event = None if n else stream.read(READ_SLICE)
                 reply = caught_up = False
-                if isinstance(event, XLogData):
+                if n:
+                    if self.stop.is_set():  # a stream that never waits still stops promptly
+                        raise ReplicationInterrupted("replication interrupted")
+                    write(scratch[:n])
+                elif isinstance(event, XLogData):
                     if event.start != position:
                         raise ReplicationError("the server sent WAL out of order",
                                                detail=f"expected {format_lsn(position)}, got {format_lsn(event.start)}")
-                    data = event.data
-                    while data:
-                        seg_end = (segno + 1) * self.size
-                        chunk = data[:seg_end - position]
-                        os.pwrite(writer, chunk, position - segno * self.size)
-                        position += len(chunk)
-                        data = data[len(chunk):]
-                        if position == seg_end:
-                            os.close(writer)
-                            writer = -1
-                            self._wait_for_place(stream, position)
-                            name = wal_file_name(timeline, segno, self.size)
-                            os.rename(self._receiving(name), os.path.join(self.spool.path, name))
-                            self.hand_over(_Item(os.path.join(self.spool.path, name), seg_end, True))
-                            self.handed = (seg_end, timeline)
-                            segno += 1
-                            writer = self._open_segment(timeline, segno)
+                    write(event.data)
                 elif isinstance(event, Keepalive) and event.reply_requested:
                     reply = True
                     # Caught up with the server: it may be shutting down, and a WAL sender exits only once
