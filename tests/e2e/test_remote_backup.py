@@ -255,6 +255,7 @@ def test_sigterm_stops_the_stream_promptly_without_a_sentinel(env: Env):
         command = primary.psql("SELECT query FROM pg_stat_activity WHERE backend_type = 'walsender' "
                                "AND application_name = 'walrus'")
         assert command.startswith("BASE_BACKUP") and "MAX_RATE 8192" in command, command
+        assert "WAIT false" in command, command  # walrus, not the server, waits for the backup's WAL
         time.sleep(2)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGTERM)
@@ -294,3 +295,28 @@ def test_a_failed_upload_ends_the_stream_with_its_error(env: Env):
     assert os.listdir(os.path.join(storage, "basebackups_005")) == []
     primary.wait_until("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walrus'", "0",
                        timeout=20)
+
+
+def test_wal_the_archiver_did_not_store_fails_without_a_sentinel(env: Env):
+    """Last: it loses WAL from the archive. The server does not wait for its archiver (WAIT false);
+    walrus waits for the backup's WAL in storage instead, a stronger test: an archive_command that
+    succeeds without storing anything passes the server's test, not walrus's. WALG_STOP_BACKUP_TIMEOUT
+    bounds the wait, and no sentinel is written."""
+    primary = env.primary
+    before = env.sentinels()
+    archive_command = primary.psql("SHOW archive_command")
+    primary.psql("ALTER SYSTEM SET archive_command = 'true'")
+    primary.psql("SELECT pg_reload_conf()")
+    try:
+        began = time.monotonic()
+        done = subprocess.run([WALRUS, "--config", env.config, "backup-push"],
+                              env=_user_env({**primary.env, "WALG_STOP_BACKUP_TIMEOUT": "3s"}),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=120, **as_user())
+        err = done.stderr.decode()
+        assert done.returncode != 0 and "is not in the archive 3 s after the backup's end" in err, err
+        assert "no sentinel was written" in err and "Traceback" not in err, err
+        assert time.monotonic() - began < 60
+    finally:
+        primary.psql("ALTER SYSTEM SET archive_command = '" + archive_command.replace("'", "''") + "'")
+        primary.psql("SELECT pg_reload_conf()")
+    assert env.sentinels() == before

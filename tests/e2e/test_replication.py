@@ -94,6 +94,7 @@ def test_base_backup_command_is_walgs_by_default():
                                verify_checksums=True) == \
         "BASE_BACKUP ( LABEL 'it''s', VERIFY_CHECKSUMS true, PROGRESS, MANIFEST 'yes' )"
     assert base_backup_command("wal-g", max_rate_kb=4096).endswith("VERIFY_CHECKSUMS false, MAX_RATE 4096 )")
+    assert base_backup_command("wal-g", wait=False).endswith("VERIFY_CHECKSUMS false, WAIT false )")
     with pytest.raises(ValueError):
         base_backup_command("wal-g", max_rate_kb=31)  # below what the server accepts
 

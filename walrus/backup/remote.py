@@ -226,12 +226,14 @@ class _Feed:
         s = r.settings
         events = None
         try:
-            # each silence of the server is bounded: the checkpoint, the stream, and the end's wait for
-            # its archiver (WALG_STOP_BACKUP_TIMEOUT, at least CONNECT_TIMEOUT; 0: no bound)
+            # each silence of the server is bounded: the checkpoint before the first answer, the stream
+            # (WALG_STOP_BACKUP_TIMEOUT, at least CONNECT_TIMEOUT; 0: no bound). WAIT false: the server's
+            # end does not wait for its archiver (a second between looks); _await_wal sees the backup's
+            # WAL in storage itself, a stronger test, before the sentinel
             timeout = max(s.stop_backup_timeout, CONNECT_TIMEOUT) if s.stop_backup_timeout else 1e9
             events = r.conn.base_backup(LABEL, fast_checkpoint=True, tablespace_map=True,
                                         verify_checksums=s.verify_page_checksums,
-                                        max_rate_kb=max_rate_kb(s.disk_rate_limit), timeout=timeout)
+                                        max_rate_kb=max_rate_kb(s.disk_rate_limit), wait=False, timeout=timeout)
             event: BackupEvent | None = next(events)
             while event is not None:
                 if isinstance(event, ArchiveStarted):
@@ -592,10 +594,12 @@ async def _upload_pg_control(r: _Remote, uploader: Uploader, plan: PoolPlan) -> 
 
 # --- WAL ------------------------------------------------------------------------------------------------
 
-async def _await_wal(r: _Remote, candidates: Candidates, poll: float = 0.25, warn_every: float = 60.0) -> None:
+async def _await_wal(r: _Remote, candidates: Candidates, poll: tuple[float, float] = (0.02, 0.5),
+                     warn_every: float = 60.0) -> None:
     """The WAL from the backup's start to its end (and the backup history file) is in storage before the
-    sentinel. A primary's BASE_BACKUP already waited for its archiver; a standby that does not archive
-    itself (archive_mode = on) leaves it to its primary's archiver, not awaited, as local mode does."""
+    sentinel: the server's archiver stores it (the BASE_BACKUP did not wait for that), looked for at
+    `poll` intervals, the first doubling up to the second. A standby that does not archive itself
+    (archive_mode = on) leaves it to its primary's archiver, not awaited, as local mode does."""
     info = r.info
     assert r.started is not None and r.ended is not None
     if not archiving_applies(info):
@@ -607,6 +611,7 @@ async def _await_wal(r: _Remote, candidates: Candidates, poll: float = 0.25, war
         names = names[1:]  # a standby writes no backup history file
     timeout = r.settings.stop_backup_timeout
     began = warned = time.monotonic()
+    interval, longest = poll
     for name in names:
         while not await _archived(r, name, candidates):
             now = time.monotonic()
@@ -619,7 +624,8 @@ async def _await_wal(r: _Remote, candidates: Candidates, poll: float = 0.25, war
             if now - warned >= warn_every:
                 warned = now
                 log.warning(f"still waiting for {name} to be archived after {now - began:.0f} s")
-            await asyncio.sleep(poll)
+            await asyncio.sleep(interval)
+            interval = min(longest, interval * 2)
     log.info(f"WAL up to {names[-1]} is in the archive")
 
 

@@ -190,14 +190,15 @@ MAX_RATE_KB = (32, 1048576)  # BASE_BACKUP's MAX_RATE: kB/s the server accepts
 
 def base_backup_command(label: str, *, fast_checkpoint: bool = True, tablespace_map: bool = True,
                         progress: bool = False, manifest: bool = False, verify_checksums: bool = False,
-                        max_rate_kb: int | None = None) -> str:
+                        max_rate_kb: int | None = None, wait: bool = True) -> str:
     """PostgreSQL 15's BASE_BACKUP; with the defaults, WAL-G's very command. Options left at the server's
-    default are not sent (CHECKPOINT 'spread', no PROGRESS, MANIFEST 'no', no MAX_RATE); VERIFY_CHECKSUMS
-    (true by default) always is. `max_rate_kb`: the server reads and sends at most this many kB a
-    second (within MAX_RATE_KB)."""
+    default are not sent (CHECKPOINT 'spread', no PROGRESS, MANIFEST 'no', no MAX_RATE, WAIT true);
+    VERIFY_CHECKSUMS (true by default) always is. `max_rate_kb`: the server reads and sends at most
+    this many kB a second (within MAX_RATE_KB). `wait` false: the server's end does not wait for its
+    archiver to archive the backup's WAL, so the client must see to that WAL itself."""
     options = [f"LABEL {_quote(label)}"] + ["CHECKPOINT 'fast'"] * fast_checkpoint + ["TABLESPACE_MAP"] * tablespace_map
     options += [f"VERIFY_CHECKSUMS {'true' if verify_checksums else 'false'}"]
-    options += ["PROGRESS"] * progress + ["MANIFEST 'yes'"] * manifest
+    options += ["PROGRESS"] * progress + ["MANIFEST 'yes'"] * manifest + ["WAIT false"] * (not wait)
     if max_rate_kb is not None:
         low, high = MAX_RATE_KB
         if not low <= max_rate_kb <= high:
@@ -334,21 +335,22 @@ class ReplicationConnection:
 
     def base_backup(self, label: str, *, fast_checkpoint: bool = True, tablespace_map: bool = True,
                     progress: bool = False, manifest: bool = False, verify_checksums: bool = False,
-                    max_rate_kb: int | None = None, timeout: float | None = None) -> Iterator[BackupEvent]:
+                    max_rate_kb: int | None = None, wait: bool = True,
+                    timeout: float | None = None) -> Iterator[BackupEvent]:
         """The events of one BASE_BACKUP, in the server's order: BackupStarted, Tablespaces, per archive
         ArchiveStarted then its ArchiveData, BackupProgress between them (PostgreSQL 15 sends it even
         without progress=True, which adds the tablespaces' sizes), ManifestData (manifest=True), BackupEnded.
         `timeout` (default the connection's) bounds each silence, the checkpoint before the first event
         included: give a spread checkpoint more. WAL is not included
         (as WAL-G: it is archived), and the end waits, as WAIT's default, for the archiver when archiving
-        is on. Leaving the iteration before BackupEnded closes the connection, and the server aborts the
+        is on (`wait` false: it does not). Leaving the iteration before BackupEnded closes the connection, and the server aborts the
         backup. PostgreSQL 15 and later (the one-stream protocol)."""
         if self.server_version < 150000:
             raise ReplicationError("a base backup over a replication connection needs PostgreSQL 15 or later",
                                    hint="give the data directory, so the backup is read from the files")
         command = base_backup_command(label, fast_checkpoint=fast_checkpoint, tablespace_map=tablespace_map,
                                       progress=progress, manifest=manifest, verify_checksums=verify_checksums,
-                                      max_rate_kb=max_rate_kb)
+                                      max_rate_kb=max_rate_kb, wait=wait)
         return self._base_backup(command, timeout or self.timeout)
 
     def _base_backup(self, command: str, timeout: float) -> Iterator[BackupEvent]:
