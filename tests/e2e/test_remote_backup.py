@@ -297,6 +297,37 @@ def test_a_failed_upload_ends_the_stream_with_its_error(env: Env):
                        timeout=20)
 
 
+def test_a_server_restart_mid_backup_is_a_clear_error_without_a_sentinel(env: Env):
+    """The server stops while it streams the backup (a slow storage keeps the stream going): the
+    command ends within seconds with the lost connection as its error and a hint, writes no sentinel,
+    and the next backup, once the server is up again, succeeds."""
+    primary = env.primary
+    before = env.sentinels()
+    proc = subprocess.Popen([WALRUS, "--config", env.config, "backup-push"],
+                            env=_user_env({**primary.env, "WALG_NETWORK_RATE_LIMIT": str(1 << 20),
+                                           "WALG_COMPRESSION_METHOD": "none"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user())
+    try:
+        primary.wait_until("SELECT count(*) > 0 FROM pg_stat_replication WHERE application_name = 'walrus'", "t",
+                           timeout=30)
+        time.sleep(1)
+        primary.stop("immediate")
+        began = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        err = err.decode()
+        assert time.monotonic() - began < 15, err
+        assert proc.returncode != 0 and "the server closed the replication connection" in err, err
+        assert "HINT" in err and "Traceback" not in err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        primary.start()
+    assert env.sentinels() == before
+    name = env.push(primary)["backup_name"]
+    assert env.sentinels() == before | {f"{name}_backup_stop_sentinel.json"}
+
+
 def test_wal_the_archiver_did_not_store_fails_without_a_sentinel(env: Env):
     """Last: it loses WAL from the archive. The server does not wait for its archiver (WAIT false);
     walrus waits for the backup's WAL in storage instead, a stronger test: an archive_command that
