@@ -18,6 +18,7 @@ from walrus.aio import gather_all
 from walrus.tar.write import BLOCK, Entry, TarPartStream, padding, window_quota
 from walrus.backup.blockmap import MapChoice, Stored, load_block_map, log_choice, prefetch_stored_maps
 from walrus.backup.delta import DeltaBase, DeltaChoice, check_base, choose_base, delta_name
+from walrus.backup.common import BackupPushResult, archiving_applies, backup_wal_files, check_server_settings
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
                                now_utc_micro, system_identifier_from_pg)
 from walrus.backup.mark import backup_mark
@@ -25,13 +26,13 @@ from walrus.backup.partial import databases_by_names
 from walrus.backup.verifypages import PageVerification
 from walrus.backup.walk import WalkResult, walk_data_directory
 from walrus.config import Settings
-from walrus.errors import BackupError, ConfigError, WalrusError
+from walrus.errors import BackupError, WalrusError
 from walrus.log import log
 from walrus.pg.pages import increment_size, is_paged_file
 from walrus.progress import Progress
 from walrus.pg.walmap import BlockMap
 from walrus.pg.client import BackupStart, BackupStop, PgSession, ServerInfo
-from walrus.pg.xlog import backup_name_for, format_lsn, segment_of, wal_file_name
+from walrus.pg.xlog import backup_name_for, format_lsn
 from walrus.ratelimit import RateLimiter
 from walrus.runtime import cpu_count, raise_nofile_limit
 from walrus.storage import layout
@@ -40,31 +41,6 @@ from walrus.stream.upload import PoolPlan, Uploader, upload_threads
 from walrus.stream.stages import Counter, blocks_in_flight, metered
 
 UTILITY_MEMBERS = ("/global/pg_control", "backup_label", "tablespace_map")
-
-
-@dataclass
-class BackupPushResult:
-    name: str
-    start_lsn: int
-    finish_lsn: int
-    uncompressed_size: int
-    compressed_size: int
-    parts: list[str]
-    files: int
-    seconds: float
-    reader: str
-    storage: str
-    delta_from: str | None = None  # the base of a delta backup
-    delta_method: str | None = None  # a delta's: "block map" or "page scan"
-    corrupt_blocks: dict[str, list[int]] | None = None  # --verify: {file: blocks that failed}; None: not verified
-
-    def as_json(self) -> dict[str, Any]:
-        return {"backup_name": self.name, "start_lsn": format_lsn(self.start_lsn),
-                "finish_lsn": format_lsn(self.finish_lsn), "uncompressed_size": self.uncompressed_size,
-                "compressed_size": self.compressed_size, "parts": self.parts, "files": self.files,
-                "seconds": round(self.seconds, 3), "reader": self.reader, "storage": self.storage,
-                "delta_from": self.delta_from, "delta_method": self.delta_method,
-                **({} if self.corrupt_blocks is None else {"corrupt_blocks": self.corrupt_blocks})}
 
 
 @dataclass
@@ -120,19 +96,6 @@ class _SharedEntries:
 
     def rest(self) -> Iterator[Entry]:
         return self._it
-
-
-def archiving_applies(info) -> bool:
-    """When pg_backup_stop(wait_for_archive => true) would wait: archiving on for this server's role."""
-    return info.archive_mode == "always" or (info.archive_mode == "on" and not info.in_recovery)
-
-
-def backup_wal_files(timeline: int, start_lsn: int, stop_lsn: int, segment_size: int) -> list[str]:
-    """The backup history file and the WAL segments a restore of this backup needs, first to last."""
-    start_segment = wal_file_name(timeline, segment_of(start_lsn, segment_size), segment_size)
-    history = f"{start_segment}.{start_lsn % segment_size:08X}.backup"
-    return [history] + [wal_file_name(timeline, segno, segment_size)
-                        for segno in range(segment_of(start_lsn, segment_size), segment_of(stop_lsn - 1, segment_size) + 1)]
 
 
 # Stores WAL files of pg_wal (names) into storage as archive_command would: the wal-push engine's,
@@ -196,38 +159,6 @@ def _check_server(info, pgdata: str, settings: Settings, archive_check: bool = T
                           detail=f"the server's data_directory is {info.data_directory}",
                           hint="pass the server's data directory, or set PGHOST/PGPORT to the right server")
     check_server_settings(info, settings, archive_check)
-
-
-def check_server_settings(info, settings: Settings, archive_check: bool) -> None:
-    """What any backup of this server needs, local or streamed: its WAL segment size is the settings',
-    and its WAL is archived (check_archiving)."""
-    if info.segment_size != settings.segment_size:
-        raise ConfigError("WAL segment size mismatch",
-                          detail=f"the server uses {info.segment_size >> 20} MiB segments, "
-                                 f"WALG_PG_WAL_SIZE is {settings.pg_wal_size}",
-                          hint=f"set WALG_PG_WAL_SIZE={info.segment_size >> 20}")
-    check_archiving(info, archive_check)
-
-
-def check_archiving(info, archive_check: bool) -> None:
-    """A backup is restorable only with the WAL written while it ran: refuse (without archive_check:
-    warn) when a primary does not archive, or when the archiver's last attempt failed."""
-    if info.archive_mode == "off" or not (info.archive_command.strip() or info.archive_library.strip()):
-        if info.in_recovery:  # a standby's primary may archive the WAL: not this server's to tell
-            return
-        message = "WAL archiving is off: this backup could not be restored"
-        detail = (f"archive_mode = {info.archive_mode}, archive_command = {info.archive_command!r}"
-                  f"{', archive_library = ' + repr(info.archive_library) if info.archive_library else ''}")
-        fix = "set archive_mode = on and archive_command = 'walrus wal-push %p' (archive_mode needs a restart)"
-    elif info.archiver_failure and archiving_applies(info):
-        message = "the WAL archiver is failing: this backup's WAL might never be archived"
-        detail = f"pg_stat_archiver's last failure: {info.archiver_failure}, and no success since"
-        fix = "the server log says why archive_command fails; fix it"
-    else:
-        return
-    if archive_check:
-        raise BackupError(message, detail=detail, hint=f"{fix}, or pass --no-archive-check to take the backup anyway")
-    log.warning(f"{message} ({detail}); going on, as --no-archive-check asks")
 
 
 class PgBackupSession(Protocol):

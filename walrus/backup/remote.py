@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from walrus import codec
 from walrus.backup.dto import ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec, now_utc_micro
-from walrus.backup.push import BackupPushResult, archiving_applies, backup_wal_files, check_server_settings
+from walrus.backup.common import BackupPushResult, archiving_applies, backup_wal_files, check_server_settings
 from walrus.config import Settings
 from walrus.aio import gather_all
 from walrus.errors import BackupError

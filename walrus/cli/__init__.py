@@ -133,9 +133,7 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
 
     Without a data directory, the server streams it over a replication connection (WAL-G's remote
     mode, PostgreSQL 15 or later, a role with REPLICATION): always a full backup."""
-    from walrus.backup.push import backup_push
     from walrus.progress import for_command
-    from walrus.wal.push import store_for_backup
 
     check_target_storage(target_storage)
     settings = settings_of(ctx)
@@ -178,6 +176,9 @@ def backup_push_cmd(ctx, pgdata: str | None, permanent: bool, full: bool, user_d
     line = for_command("backup-push", settings.log_destination, no_progress)
     with line or contextlib.nullcontext():
         if pgdata:
+            from walrus.backup.push import backup_push
+            from walrus.wal.push import store_for_backup
+
             result = run(ctx, lambda s, st: backup_push(s, st, pgdata, permanent=permanent, user_data=data, full=full,
                                                         delta_from_name=delta_from_name, delta_from_user_data=base_data,
                                                         archive=store_for_backup, archive_check=not no_archive_check,
