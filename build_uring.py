@@ -117,7 +117,7 @@ int walrus_reads_step(struct walrus_reads *r, int wait, unsigned timeout_ms, uin
 struct walrus_copy {
     void *conn; void *get_copy_data; void *consume_input; void *freemem; void *socket;
     char kind; int skip; int check_lsn; uint64_t lsn;
-    char *msg; int len; int pos; uint64_t messages; uint64_t bytes;
+    char *msg; int len; int pos;
     ...;
 };
 static const int WALRUS_COPY_FULL;
@@ -977,8 +977,6 @@ struct walrus_copy {
     char *msg;            /* the message held, libpq's (NULL: none) */
     int len;              /* its length */
     int pos;              /* its bytes copied out so far; -1: it is an event, not data */
-    uint64_t messages;    /* messages received */
-    uint64_t bytes;       /* data bytes copied out */
 };
 
 /* Frees the message held, if any (the caller took an event's, or abandons the copy). */
@@ -1015,7 +1013,6 @@ size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeou
             memcpy(dst + got, c->msg + c->pos, k);
             got += k;
             c->pos += (int)k;
-            c->bytes += k;
             c->lsn += k;
             if (c->pos == c->len)
                 walrus_copy_drop(c);
@@ -1029,7 +1026,6 @@ size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeou
             c->msg = buf;
             c->len = n;
             c->pos = data ? c->skip : -1;
-            c->messages++;
             continue;
         }
         if (n == -1) {

@@ -387,9 +387,8 @@ class _ArchiveSource:
             return bytes(buf[:got])
         while True:  # the archive's data ended: the next event that is not its data
             event = next(self._events, None)
-            if isinstance(event, ArchiveData):
-                self._feed.raw_bytes += len(event.data)
-                return bytes(event.data[:n])  # not seen: read_archive took every byte
+            if isinstance(event, ArchiveData):  # read_archive() takes every byte of an archive
+                raise ReplicationError("BASE_BACKUP: archive data after the archive's end")
             if isinstance(event, (ArchiveStarted, BackupEnded)) or event is None:
                 self.next_event = event
                 self._ended = True
@@ -449,21 +448,13 @@ class _Parts:
         if member.kind == "file":
             teed = bytearray() if name == PG_CONTROL else None
             left = member.size
-            size = self._size
             while left:  # the file's bytes, read from the connection straight into the pool's buffers
-                buf = self._buf
-                if buf is None:
-                    buf = self._buf = self._feed._buffer()
-                n = min(left, size - buf.length)
-                view = buf.view[buf.length:buf.length + n]
-                data.readinto(view)  # all n, or it raises (a truncated archive)
+                room = self._room(left)
+                data.readinto(room)  # all of it, or it raises (a truncated archive)
                 if teed is not None:
-                    teed += view
-                buf.length += n
-                left -= n
-                if buf.length == size:
-                    self._buf = None
-                    self._feed._emit(buf)
+                    teed += room
+                self._laid(len(room))
+                left -= len(room)
             self._lay(bytes(padding(member.size)))
             self._data_size += member.size
             if teed is not None:
@@ -490,18 +481,26 @@ class _Parts:
 
     def _lay(self, data) -> None:
         view = memoryview(data)
-        size = self._size
         while view:
-            buf = self._buf
-            if buf is None:
-                buf = self._buf = self._feed._buffer()
-            n = min(size - buf.length, len(view))
-            buf.view[buf.length:buf.length + n] = view[:n]
-            buf.length += n
-            view = view[n:]
-            if buf.length == size:
-                self._buf = None
-                self._feed._emit(buf)
+            room = self._room(len(view))
+            room[:] = view[:len(room)]
+            self._laid(len(room))
+            view = view[len(room):]
+
+    def _room(self, most: int) -> memoryview:
+        """Up to `most` free bytes of the buffer being filled (a new one from the pool when none is)."""
+        buf = self._buf
+        if buf is None:
+            buf = self._buf = self._feed._buffer()
+        return buf.view[buf.length:buf.length + min(most, self._size - buf.length)]
+
+    def _laid(self, n: int) -> None:
+        """n bytes of the room were filled: a full buffer goes to the loop."""
+        buf = self._buf
+        buf.length += n
+        if buf.length == self._size:
+            self._buf = None
+            self._feed._emit(buf)
 
 
 async def _queued(queue: asyncio.Queue) -> AsyncIterator[Buffer]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import select
 from typing import Optional
 
 from psycopg import pq
@@ -68,7 +69,6 @@ class CopyReader:
         self._msg: memoryview | None = None  # the fallback's message held
         self._pos = 0  # its bytes copied out; -1: an event
         self._lsn = 0  # the fallback's position
-        self.bytes = 0  # data bytes copied out
         self._ended = False  # libpq reported the copy's end once; asking again is an error there
 
     @property
@@ -95,7 +95,6 @@ class CopyReader:
         if self._c is not None:
             n = self._lib.walrus_copy_fill(self._c, self._ffi.from_buffer(view), len(view),
                                            max(0, int(timeout * 1000)), self._status)
-            self.bytes += n
             status = self._status[0]
         else:
             n, status = self._fill(view, timeout)
@@ -145,8 +144,6 @@ class CopyReader:
     __del__ = close
 
     def _fill(self, view: memoryview, timeout: float) -> tuple[int, int]:
-        import select
-
         got = 0
         cap = len(view)
         pg = self._pg
@@ -160,7 +157,6 @@ class CopyReader:
                 got += k
                 self._pos += k
                 self._lsn += k
-                self.bytes += k
                 if self._pos == len(msg):
                     self._msg = None
                 continue

@@ -380,12 +380,10 @@ class ReplicationConnection:
                     yield BackupProgress(struct.unpack_from(">q", msg, 1)[0])
                 elif kind == b"m":
                     in_manifest = True  # the manifest's bytes follow as 'd' messages
+                    self._archive.open = False
                 else:
                     raise ReplicationError(f"{what}: unknown message type {kind!r} in the backup stream",
                                            hint="a PostgreSQL newer than walrus knows? report it")
-                self._archive.open = kind in (b"d", b"n", b"p") and not in_manifest
-            self._archive.close()
-            self._archive = None
             end = self._result(what, pq.ExecStatus.TUPLES_OK, timeout)
             (lsn, tli), = _rows(end)
             self._result(what, pq.ExecStatus.COMMAND_OK, timeout)
@@ -662,8 +660,7 @@ class WalStream:
             raise ReplicationError("START_REPLICATION: the stream has ended", detail="read after its end")
         reader = self._reader
         reader.lsn = position
-        with _libpq("START_REPLICATION"):
-            n, status = reader.fill(view, 0)
+        n, status = reader.fill(view, 0)
         if status == copyfill.ERROR:
             raise _error("START_REPLICATION", self._conn._pg.get_error_message())
         if n:
