@@ -32,50 +32,121 @@ class MapChoice:
     from_pg_wal: int = 0  # of which parsed from pg_wal (no map in storage)
 
 
-Stored = dict[int, "SegmentMap | None | WalrusError"]  # segment number -> its stored map, none, or why it is unusable
+class MapJoin:
+    """The union of the maps of a range of segments, built as the maps arrive, in any order.
+
+    A segment's references go into the union at once; of its map only the edges are held (the first
+    bytes of a record it ends inside of, and of one it starts inside of) until the neighbour that
+    completes that record is in, when the record's references join the union. So memory is the
+    union, one merge batch and the edges of segments whose neighbour is not in yet, whatever the
+    number of segments: a day of WAL is thousands of maps, most of them naming the same hot blocks.
+    Segments outside the range a delta needs (its start segment's stored map, say) only make the
+    union a superset, which is safe: a page copied that did not change is just a page.
+    """
+
+    def __init__(self) -> None:
+        self.union = BlockMap()
+        self._added: set[int] = set()
+        self._edges: dict[int, SegmentMap] = {}  # added segments with an edge not joined yet, refs dropped
+        self._joined: set[int] = set()  # n: the record across the edge between n and n + 1 is in the union
+        self._unusable: dict[int, WalrusError | None] = {}  # segments looked up without a usable map: why
+        self.error: str | None = None  # why a record across an edge could not join the union
+
+    def __contains__(self, segno: int) -> bool:
+        return segno in self._added
+
+    @property
+    def held_edges(self) -> int:
+        """Segments whose edges are held, waiting for a neighbour."""
+        return len(self._edges)
+
+    def add(self, segno: int, segment: SegmentMap) -> None:
+        """Adds segment segno's map; a record across one of its edges that does not parse is kept in
+        `error` (the map is then unusable: the delta scans pages)."""
+        if segno in self._added:
+            return
+        self.union.add(segment.refs)
+        self._added.add(segno)
+        self._unusable.pop(segno, None)
+        self._edges[segno] = dataclasses.replace(segment, refs=array("I"))
+        for left in (segno - 1, segno):
+            self._join(left)
+
+    def mark_unusable(self, segno: int, why: WalrusError | None) -> None:
+        """Segment segno has no map in storage (None) or an unusable one (why)."""
+        if segno not in self._added:
+            self._unusable[segno] = why
+
+    def unusable(self, segno: int) -> tuple[bool, WalrusError | None]:
+        """(looked up without a usable map, the error if it was damaged rather than missing)."""
+        return segno in self._unusable, self._unusable.get(segno)
+
+    def _join(self, left: int) -> None:
+        tail, cont = self._edges.get(left), self._edges.get(left + 1)
+        if tail is None or cont is None or left in self._joined:
+            return
+        if tail.tail_len:
+            try:
+                self.union.add(join_record(tail, cont))
+            except MapError as e:
+                self.error = self.error or str(e)
+        self._joined.add(left)
+        for segno in (left, left + 1):  # an edge map is done once both its edges are
+            if segno in self._joined and segno - 1 in self._joined:
+                self._edges.pop(segno, None)
+
+    def complete(self, first: int, last: int) -> bool:
+        """Every segment from first to last is in, and every record across their edges."""
+        return all(n in self._added for n in range(first, last + 1)) and all(
+            n in self._joined for n in range(first, last))
 
 
-async def prefetch_stored_maps(settings: Settings, storage: Storage, base: DeltaBase) -> Stored:
+async def prefetch_stored_maps(settings: Settings, storage: Storage, base: DeltaBase) -> MapJoin:
     """The stored maps of the segments from `base`'s start on, fetched before the new backup's start
-    LSN is known (while the server connection is made): a window at a time, up to the first window
-    with a segment that has none (archiving has not reached it, or it has no map)."""
+    LSN is known (while the server connection is made) and joined as they come: a window at a time,
+    up to the first window with a segment that has none (archiving has not reached it, or it has no
+    map)."""
     size, timeline = settings.segment_size, timeline_from_backup_name(base.name)
-    found: Stored = {}
+    join = MapJoin()
     if not settings.block_map or timeline is None:
-        return found
+        return join
 
-    async def one(segno: int) -> None:
+    async def one(segno: int) -> bool:
+        """Whether segment segno has a map in storage."""
         try:
-            found[segno] = await _stored(storage, wal_file_name(timeline, segno, size), timeline, size, segno * size)
+            segment = await _stored(storage, wal_file_name(timeline, segno, size), timeline, size, segno * size)
         except (MapError, CorruptObject) as e:
-            found[segno] = e if isinstance(e, WalrusError) else CorruptObject(str(e))
+            join.mark_unusable(segno, e if isinstance(e, WalrusError) else CorruptObject(str(e)))
+            return True  # damaged: reported if the range needs it
+        if segment is None:
+            join.mark_unusable(segno, None)
+            return False
+        join.add(segno, segment)
+        return True
 
     window = max(PREFETCH_WINDOW, settings.download_concurrency)  # maps are small: a storage's own limit caps it
     segno = segment_of(base.lsn, size)
     while True:
-        batch = range(segno, segno + window)
-        await asyncio.gather(*(one(n) for n in batch))
-        if any(found[n] is None for n in batch):
-            return found
+        if not all(await asyncio.gather(*(one(n) for n in range(segno, segno + window)))):
+            return join
         segno += window
 
 
 async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base: DeltaBase, start_lsn: int,
-                         timeline: int, stored: Stored | None = None) -> MapChoice:
+                         timeline: int, stored: MapJoin | None = None) -> MapChoice:
     """The blocks WAL records touched from `base`'s start LSN up to `start_lsn`: the records before
     the base's start were on disk when the base read its files, and those from `start_lsn` on are
     replayed by any restore of this backup. Needs a map for every segment in between, in storage or
-    parsed from pg_wal (the segment `start_lsn` is in is always parsed there, up to it). `stored`:
-    maps prefetch_stored_maps fetched already (the others are fetched here)."""
-    stored = stored or {}
+    parsed from pg_wal (the segment `start_lsn` is in is parsed there, up to it, unless the prefetch
+    found its map stored). `stored`: what prefetch_stored_maps joined already (the rest is fetched
+    here)."""
     if not settings.block_map:
         return MapChoice(None, "WALRUS_BLOCK_MAP is off")
     size = settings.segment_size
     if timeline_from_backup_name(base.name) != timeline:
         return MapChoice(None, f"{base.name} is on another timeline than this backup ({timeline})")
+    join = stored if stored is not None else MapJoin()
     first, last = segment_of(base.lsn, size), segment_of(start_lsn, size)
-    union = BlockMap()
-    edges: dict[int, SegmentMap] = {}  # each segment's map without its references: the records across its edges
     from_pg_wal = 0
 
     async def one(segno: int) -> str | None:
@@ -84,41 +155,38 @@ async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base
         name = wal_file_name(timeline, segno, size)
         stop = start_lsn if segno == last else 0
         try:
-            if stop:
-                segment = None
-            elif segno in stored:
-                segment = stored[segno]
-                if isinstance(segment, WalrusError):
-                    raise segment
-            else:
-                segment = await _stored(storage, name, timeline, size, segno * size)
+            looked, why = join.unusable(segno)
+            if why is not None and not stop:
+                raise why
+            segment = None if stop or looked else await _stored(storage, name, timeline, size, segno * size)
             if segment is None:
                 segment = await asyncio.to_thread(_parse_pg_wal, pgdata, name, timeline, size, segno * size, stop)
                 if segment is None:
                     return f"{name} has no block map (archived while maps were off, or its map failed) " \
                            "and is no longer in pg_wal"
                 from_pg_wal += not stop
+            join.add(segno, segment)
         except (MapError, CorruptObject) as e:
             return f"{name}: {e.message if isinstance(e, WalrusError) else e}"
-        union.add(segment.refs)
-        edges[segno] = dataclasses.replace(segment, refs=array("I"))
         return None
 
     window = max(8, settings.download_concurrency)
-    segnos = list(range(first, last + 1))
-    for i in range(0, len(segnos), window):
-        for why in await asyncio.gather(*(one(segno) for segno in segnos[i:i + window])):
+    missing = [segno for segno in range(first, last + 1) if segno not in join]
+    for i in range(0, len(missing), window):
+        for why in await asyncio.gather(*(one(segno) for segno in missing[i:i + window])):
             if why is not None:
                 return MapChoice(None, why)
+    if join.error is not None:
+        return MapChoice(None, join.error)
+    if not join.complete(first, last):  # cannot happen: each segment is in, or the delta scans
+        return MapChoice(None, "the maps of the range do not join up")
     try:
-        for segno in range(first, last):
-            if edges[segno].tail_len:
-                union.add(join_record(edges[segno], edges[segno + 1]))
-        union.seal()
+        join.union.seal()
     except MapError as e:
         return MapChoice(None, str(e))
-    return MapChoice(union, f"the WAL block map from {format_lsn(base.lsn)} to {format_lsn(start_lsn)} "
-                            f"({len(segnos)} segments, {len(union)} blocks)", len(segnos), from_pg_wal)
+    segments = last - first + 1
+    return MapChoice(join.union, f"the WAL block map from {format_lsn(base.lsn)} to {format_lsn(start_lsn)} "
+                                 f"({segments} segments, {len(join.union)} blocks)", segments, from_pg_wal)
 
 
 async def _stored(storage: Storage, name: str, timeline: int, size: int, start: int) -> SegmentMap | None:

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Iterator, Protocol
 from walrus import codec
 from walrus.aio import gather_all
 from walrus.tar.write import BLOCK, Entry, TarPartStream, padding, window_quota
-from walrus.backup.blockmap import MapChoice, Stored, load_block_map, log_choice, prefetch_stored_maps
+from walrus.backup.blockmap import MapChoice, MapJoin, load_block_map, log_choice, prefetch_stored_maps
 from walrus.backup.delta import DeltaBase, DeltaChoice, check_base, choose_base, delta_name
 from walrus.backup.common import BackupPushResult, archiving_applies, backup_wal_files, check_server_settings
 from walrus.backup.dto import (ExtendedMetadata, FileDescription, FilesMetadata, Sentinel, TablespaceSpec,
@@ -292,7 +292,7 @@ def _discard(connecting: asyncio.Future) -> None:
 
 async def _start(settings: Settings, storage: Storage, pgdata: str, session: PgBackupSession,
                  choice: DeltaChoice, archive_check: bool = True,
-                 maps: "asyncio.Future[Stored] | None" = None) -> _Push:
+                 maps: "asyncio.Future[MapJoin] | None" = None) -> _Push:
     info = await asyncio.to_thread(session.server_info)
     _check_server(info, pgdata, settings, archive_check)
     start_time = now_utc_micro()
