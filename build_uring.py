@@ -97,6 +97,10 @@ void walrus_walmap_release(struct walrus_walmap *st);
 size_t walrus_walmap_merge(const uint32_t *a, size_t na, const uint32_t *b, size_t nb, uint32_t *out);
 int walrus_walmap_sorted(const uint32_t *refs, size_t n);
 size_t walrus_walmap_unique(uint32_t *refs, size_t n);
+size_t walrus_walmap_group_end(const uint32_t *refs, size_t n, size_t i, uint32_t relseg);
+void walrus_walmap_set_bits(uint8_t *bits, const uint32_t *refs, size_t i, size_t j, uint32_t first);
+size_t walrus_walmap_list_bits(const uint8_t *bits, size_t nbits, uint32_t *out);
+size_t walrus_walmap_count_bits(const uint8_t *bits, size_t nbytes);
 
 struct walrus_rreq { int32_t fd; char *addr; uint64_t offset; uint64_t len; ...; };
 struct walrus_rbatch {
@@ -623,6 +627,58 @@ int walrus_walmap_sorted(const uint32_t *refs, size_t n)
         if (wm_cmp(refs + 4 * (i - 1), refs + 4 * i) >= 0)
             return 0;
     return 1;
+}
+
+/* The end of the group of sorted references that starts at i: those of one relation file (the
+   same tablespace, database and relation, blocks in the same `relseg` blocks), or the one
+   whole-relation marker at i. */
+size_t walrus_walmap_group_end(const uint32_t *refs, size_t n, size_t i, uint32_t relseg)
+{
+    const uint32_t *r = refs + 4 * i;
+    if (r[3] == 0xFFFFFFFFu)
+        return i + 1;
+    uint32_t seg = r[3] / relseg;
+    size_t j = i + 1;
+    while (j < n) {
+        const uint32_t *q = refs + 4 * j;
+        if (q[0] != r[0] || q[1] != r[1] || q[2] != r[2] || q[3] == 0xFFFFFFFFu || q[3] / relseg != seg)
+            break;
+        j++;
+    }
+    return j;
+}
+
+/* Sets the bit of each block of references i..j (one group) less `first` in bits, which holds
+   the group's last block. */
+void walrus_walmap_set_bits(uint8_t *bits, const uint32_t *refs, size_t i, size_t j, uint32_t first)
+{
+    for (; i < j; i++) {
+        uint32_t b = refs[4 * i + 3] - first;
+        bits[b >> 3] |= (uint8_t)(1u << (b & 7));
+    }
+}
+
+/* The numbers of the set bits below nbits, in order, into out (room for nbits); returns how many. */
+size_t walrus_walmap_list_bits(const uint8_t *bits, size_t nbits, uint32_t *out)
+{
+    size_t n = 0;
+    for (size_t k = 0; k < nbits; k++) {
+        if (bits[k >> 3] == 0) {
+            k |= 7;  /* a byte without a set bit: on to the next */
+            continue;
+        }
+        if (bits[k >> 3] >> (k & 7) & 1)
+            out[n++] = (uint32_t)k;
+    }
+    return n;
+}
+
+size_t walrus_walmap_count_bits(const uint8_t *bits, size_t nbytes)
+{
+    size_t n = 0;
+    for (size_t k = 0; k < nbytes; k++)
+        n += (size_t)__builtin_popcount(bits[k]);
+    return n;
 }
 
 /* The union of two sorted, unique reference lists into out (room for na + nb). */

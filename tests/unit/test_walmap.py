@@ -168,6 +168,34 @@ def test_block_map_union_in_batches_and_per_file_blocks(monkeypatch):
     assert relation_of("global/1262") is None and relation_of("base/5/16384_fsm") is None
 
 
+def test_block_map_memory_is_the_files_touched_not_the_blocks(monkeypatch):
+    """Half the blocks of eight 1 GiB files of one relation changed (half a million references):
+    the union holds a bitmap of each file, 16 KiB, not 16 bytes a block (8 MiB), and still answers
+    per file, per block, and whole relations and databases apart."""
+    import tracemalloc
+
+    monkeypatch.setattr(BlockMap, "BATCH", 70000)
+    union = BlockMap()
+    tracemalloc.start()
+    try:
+        for seg in range(8):
+            union.add(array("I", [v for b in range(seg * 131072, (seg + 1) * 131072, 2) for v in (1663, 5, 16384, b)]))
+        union.add(array("I", [1663, 5, 16390, 7, 1663, 5, 16390, WHOLE, 1663, 6, 0, WHOLE]))
+        union.seal()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 512 << 10, held
+    assert len(union) == 8 * 65536 + 3  # and block 7 of 16390, and the two markers
+    assert list(union.blocks("base/5/16384.3", 131072 * PAGE)) == list(range(0, 131072, 2))
+    assert list(union.blocks("base/5/16384.7", 1001 * PAGE)) == list(range(0, 1001, 2))  # below the file's size
+    assert union.blocks("base/5/16390", 10 * PAGE) is None and union.blocks("base/6/16384", PAGE) is None
+    assert list(union.blocks("base/5/16391", 10 * PAGE)) == []
+    assert union.touches(1663, 5, 16384, 3 * 131072 + 4) and not union.touches(1663, 5, 16384, 3 * 131072 + 5)
+    assert union.touches(1663, 5, 16390, 12345) and union.touches(1663, 6, 1, 1)
+    assert not union.touches(1663, 5, 16384, 8 * 131072)
+
+
 class _Base:
     def __init__(self, name: str, lsn: int):
         self.name, self.lsn = name, lsn

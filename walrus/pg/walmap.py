@@ -149,19 +149,31 @@ def _merge(a: array, b: array) -> array:
 
 
 class BlockMap:
-    """The union of segments' references: which blocks of which relation file changed. References
-    come in sorted runs (a segment's map, a crossing record's) and are merged pairwise into the
-    union in batches, so memory holds the union and one batch, whatever the number of segments."""
+    """The union of segments' references: which blocks of which relation file changed.
 
-    BATCH = 1 << 20  # references gathered before they are merged in
+    Held as a bitmap per relation file (a bit per block, up to the highest block named: 16 KiB for
+    a whole 1 GiB file) and a set of relations and databases changed whole, so its memory is
+    bounded by the size of the files the WAL touched, never by how often or how many of their
+    blocks changed (a sorted list of references took 16 bytes a block: 200 MB for 100 GB
+    changed). References come in sorted runs (a segment's map, a crossing record's), gathered in
+    batches that are merged (the compiled module's linear merge, pairwise: n log k steps for k runs)
+    and folded into the bitmaps one file's group at a time.
+    """
+
+    BATCH = 1 << 18  # references gathered before they are folded in (4 MiB of runs)
 
     def __init__(self) -> None:
-        self.refs = array("I")  # sorted, unique quadruples
+        self._files: dict[tuple[int, int, int, int], bytearray] = {}  # (spc, db, rel, file segment) -> bits
+        self._whole: set[tuple[int, int, int]] = set()  # (spc, db, rel) changed whole; rel 0: the database
         self._runs: list[array] = []
         self._pending = 0  # references in _runs
 
     def __len__(self) -> int:
-        return len(self.refs) // 4
+        """Blocks changed, and relations and databases changed whole."""
+        assert not self._runs, "seal() the map before reading it"
+        ffi, lib = _compiled()
+        return len(self._whole) + sum(lib.walrus_walmap_count_bits(ffi.from_buffer("uint8_t[]", bits), len(bits))
+                                      for bits in self._files.values())
 
     def add(self, refs: array) -> None:
         """Adds references, each run sorted and unique as a parse or a decoded map gives them
@@ -178,16 +190,42 @@ class BlockMap:
             self.seal()
 
     def seal(self) -> None:
-        """Merge what was added into the union: runs merged two at a time (the compiled module's
-        linear merge), so n references in k runs cost n log k steps rather than a sort's."""
+        """Fold what was added into the union (before it is read)."""
         if not self._runs:
             return
-        runs = self._runs + ([self.refs] if self.refs else [])
-        self._runs, self._pending = [], 0
+        runs, self._runs, self._pending = self._runs, [], 0
         while len(runs) > 1:
             merged = [_merge(runs[i], runs[i + 1]) for i in range(0, len(runs) - 1, 2)]
             runs = merged + runs[len(merged) * 2:]
-        self.refs = runs[0]
+        self._fold(runs[0])
+
+    def _fold(self, refs: array) -> None:
+        """Sorted, unique references into the bitmaps: one Python step per relation file named."""
+        ffi, lib = _compiled()
+        view, n, i = ffi.from_buffer("uint32_t[]", refs), len(refs) // 4, 0
+        while i < n:
+            j = lib.walrus_walmap_group_end(view, n, i, RELSEG_BLOCKS)
+            spc, db, rel, block = refs[4 * i:4 * i + 4]
+            if block == WHOLE:
+                self._whole.add((spc, db, rel))
+            else:
+                segno = block // RELSEG_BLOCKS
+                first = segno * RELSEG_BLOCKS
+                size = (refs[4 * j - 1] - first) // 8 + 1  # bytes to the group's last block
+                bits = self._files.setdefault((spc, db, rel, segno), bytearray(size))
+                if len(bits) < size:
+                    bits.extend(bytes(size - len(bits)))
+                lib.walrus_walmap_set_bits(ffi.from_buffer("uint8_t[]", bits), view, i, j, first)
+            i = j
+
+    @property
+    def refs(self) -> array:
+        """The union as sorted, unique quadruples (tests and tools; a delta asks per file)."""
+        assert not self._runs, "seal() the map before reading it"
+        quads = [(spc, db, rel, WHOLE) for spc, db, rel in self._whole]
+        for (spc, db, rel, segno), bits in self._files.items():
+            quads += [(spc, db, rel, segno * RELSEG_BLOCKS + b) for b in self._listed(bits, len(bits) * 8)]
+        return array("I", [v for q in sorted(quads) for v in q])
 
     def blocks(self, relpath: str, size: int) -> array | None:
         """The blocks of relation file `relpath` (inside the data directory) that changed, numbered
@@ -198,34 +236,32 @@ class BlockMap:
         if key is None:
             return None
         spc, db, rel, segno = key
-        if self._has(spc, db, 0, WHOLE) or self._has(spc, db, rel, WHOLE):
+        if (spc, db, 0) in self._whole or (spc, db, rel) in self._whole:
             return None
-        first = segno * RELSEG_BLOCKS
-        end = min(first + RELSEG_BLOCKS, first + size // BLOCK_SIZE)
-        lo = self._find(spc, db, rel, first)
-        hi = self._find(spc, db, rel, end)
-        return array("I", (self.refs[4 * i + 3] - first for i in range(lo, hi)))
+        bits = self._files.get(key)
+        if bits is None:
+            return array("I")
+        return self._listed(bits, min(RELSEG_BLOCKS, size // BLOCK_SIZE, len(bits) * 8))
 
     def touches(self, spc: int, db: int, rel: int, block: int) -> bool:
         """Whether the WAL changed block `block` (numbered across the relation's segments) of the
         relation's main fork, or the relation or its database whole."""
         assert not self._runs, "seal() the map before reading it"
-        return self._has(spc, db, rel, block) or self._has(spc, db, rel, WHOLE) or self._has(spc, db, 0, WHOLE)
+        if (spc, db, rel) in self._whole or (spc, db, 0) in self._whole:
+            return True
+        bits = self._files.get((spc, db, rel, block // RELSEG_BLOCKS))
+        b = block % RELSEG_BLOCKS
+        return bits is not None and b < len(bits) * 8 and bool(bits[b >> 3] >> (b & 7) & 1)
 
-    def _has(self, spc: int, db: int, rel: int, blk: int) -> bool:
-        i = self._find(spc, db, rel, blk)
-        return i < len(self) and tuple(self.refs[4 * i:4 * i + 4]) == (spc, db, rel, blk)
-
-    def _find(self, *key: int) -> int:
-        """Index of the first reference not below key."""
-        refs, lo, hi = self.refs, 0, len(self)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tuple(refs[4 * mid:4 * mid + 4]) < key:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+    @staticmethod
+    def _listed(bits: bytearray, nbits: int) -> array:
+        """The set bits of bits below nbits, in order."""
+        ffi, lib = _compiled()
+        out = array("I", bytes(4 * nbits))
+        found = lib.walrus_walmap_list_bits(ffi.from_buffer("uint8_t[]", bits), nbits,
+                                            ffi.from_buffer("uint32_t[]", out))
+        del out[found:]
+        return out
 
 
 def relation_of(relpath: str) -> tuple[int, int, int, int] | None:
