@@ -180,10 +180,7 @@ async def load_block_map(settings: Settings, storage: Storage, pgdata: str, base
         return MapChoice(None, join.error)
     if not join.complete(first, last):  # cannot happen: each segment is in, or the delta scans
         return MapChoice(None, "the maps of the range do not join up")
-    try:
-        join.union.seal()
-    except MapError as e:
-        return MapChoice(None, str(e))
+    join.union.seal()
     segments = last - first + 1
     return MapChoice(join.union, f"the WAL block map from {format_lsn(base.lsn)} to {format_lsn(start_lsn)} "
                                  f"({segments} segments, {len(join.union)} blocks)", segments, from_pg_wal)

@@ -236,22 +236,26 @@ class BlockMap:
         if key is None:
             return None
         spc, db, rel, segno = key
-        if (spc, db, 0) in self._whole or (spc, db, rel) in self._whole:
+        if self._rewritten(spc, db, rel):
             return None
         bits = self._files.get(key)
         if bits is None:
             return array("I")
-        return self._listed(bits, min(RELSEG_BLOCKS, size // BLOCK_SIZE, len(bits) * 8))
+        return self._listed(bits, min(size // BLOCK_SIZE, len(bits) * 8))
 
     def touches(self, spc: int, db: int, rel: int, block: int) -> bool:
         """Whether the WAL changed block `block` (numbered across the relation's segments) of the
         relation's main fork, or the relation or its database whole."""
         assert not self._runs, "seal() the map before reading it"
-        if (spc, db, rel) in self._whole or (spc, db, 0) in self._whole:
+        if self._rewritten(spc, db, rel):
             return True
         bits = self._files.get((spc, db, rel, block // RELSEG_BLOCKS))
         b = block % RELSEG_BLOCKS
         return bits is not None and b < len(bits) * 8 and bool(bits[b >> 3] >> (b & 7) & 1)
+
+    def _rewritten(self, spc: int, db: int, rel: int) -> bool:
+        """Whether the relation, or its database, changed whole."""
+        return (spc, db, rel) in self._whole or (spc, db, 0) in self._whole
 
     @staticmethod
     def _listed(bits: bytearray, nbits: int) -> array:
