@@ -8,7 +8,6 @@ import tarfile
 from datetime import datetime, timezone
 
 import lz4.frame
-import psycopg
 import pytest
 
 from walrus.backup.dto import FileDescription, FilesMetadata, Sentinel
@@ -17,6 +16,7 @@ from walrus.backup.partial import (collect_databases_by_names, databases_by_name
                                    restore_only_filter, tables_new)
 from walrus.config import load_settings
 from walrus.errors import BackupError, CorruptObject
+from walrus.pg.libpq import SessionError
 from walrus.storage.fs import FsStorage
 
 TS = "pg_tblspc/16450/PG_15_202209061"
@@ -186,14 +186,18 @@ def test_tables_new_in_walg_shape():
     assert list(tables_new(ROWS)) == sorted(tables_new(ROWS))
 
 
-class FakeConnection:
+def as_text(value):
+    """A value as libpq gives it: text, '{..}' for an array, None for NULL."""
+    if isinstance(value, list):
+        return "{" + ",".join(map(str, value)) + "}"
+    return None if value is None else str(value)
+
+
+class FakeSession:
     def __init__(self, rows):
-        self.rows = rows
+        self.rows = [tuple(map(as_text, row)) for row in rows]
 
-    def execute(self, sql):
-        return self
-
-    def fetchall(self):
+    def query(self, sql):
         return self.rows
 
     def close(self):
@@ -202,10 +206,10 @@ class FakeConnection:
 
 def fake_connect(settings, dbname):
     if dbname == "locked":
-        raise psycopg.OperationalError('FATAL:  permission denied for database "locked"')
+        raise SessionError('FATAL:  permission denied for database "locked"')
     if dbname is None:
-        return FakeConnection([(16384, "db1"), (1, "template1"), (16390, "locked"), (16391, "empty")])
-    return FakeConnection([] if dbname == "empty" else ROWS[:2])
+        return FakeSession([(16384, "db1"), (1, "template1"), (16390, "locked"), (16391, "empty")])
+    return FakeSession([] if dbname == "empty" else ROWS[:2])
 
 
 def test_collect_leaves_out_a_database_it_cannot_connect_to(log_lines):
@@ -218,7 +222,7 @@ def test_collect_leaves_out_a_database_it_cannot_connect_to(log_lines):
 
 def test_a_failure_to_collect_is_a_warning_and_no_names(log_lines):
     def refused(settings, dbname):
-        raise psycopg.OperationalError("connection refused")
+        raise SessionError("connection refused")
 
     assert asyncio.run(databases_by_names(load_settings({}), refused)) is None
     assert any("could not record database and table names" in line for line in log_lines)

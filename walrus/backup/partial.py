@@ -11,6 +11,7 @@ from walrus.config import Settings
 from walrus.errors import BackupError, CorruptObject
 from walrus.log import log
 from walrus.pg.client import conninfo_kwargs
+from walrus.pg.libpq import Session, SessionError, parse_oid_array
 
 # FirstNormalObjectId (WAL-G's systemIDLimit): initdb made every database and relation below it
 # (template1, template0, postgres; the catalogs, their indexes and TOAST); users' objects are above.
@@ -83,35 +84,37 @@ def tables_new(rows: Iterable[Row]) -> dict[str, Any]:
     return out
 
 
-def _connect(settings: Settings, dbname: str | None):
-    import psycopg
-
-    kw = conninfo_kwargs(settings) | ({"dbname": dbname} if dbname is not None else {})
-    return psycopg.connect(autocommit=True, application_name="walrus", **kw)
+def _connect(settings: Settings, dbname: str | None) -> Session:
+    return Session(conninfo_kwargs(settings) | ({"dbname": dbname} if dbname is not None else {}))
 
 
-def _query(conn, sql: str) -> list:
+def _query(conn: Session, sql: str) -> list:
     try:
-        return conn.execute(sql).fetchall()
+        return conn.query(sql)
     finally:
         conn.close()
 
 
-def collect_databases_by_names(settings: Settings, connect: Callable = _connect) -> dict[str, Any]:
+def _relation(row: tuple) -> Row:
+    """_RELATIONS_SQL's row, its values as text, as a Row."""
+    oid, filenode, path, name, kind, parents, owner = row
+    return int(oid), int(filenode), path, name, kind, parse_oid_array(parents), None if owner is None else int(owner)
+
+
+def collect_databases_by_names(settings: Settings, connect: Callable[[Settings, str | None], Session] = _connect
+                               ) -> dict[str, Any]:
     """WAL-G's DatabasesByNames: each database that allows connections, by name, with its
     relations. One that refuses walrus is left out with a warning, as WAL-G leaves it out."""
-    import psycopg
-
     out = {}
     for oid, name in sorted(_query(connect(settings, None), _DATABASES_SQL), key=lambda row: row[1]):
         try:
             conn = connect(settings, name)
-        except psycopg.Error as e:
+        except SessionError as e:
             log.warning(f"partial restore: cannot connect to database {name!r}, left out of DatabasesByNames "
-                        f"(a partial restore will restore it whole): {str(e).strip()}")
+                        f"(a partial restore will restore it whole): {e}")
             continue
-        tables = tables_new(_query(conn, _RELATIONS_SQL))
-        out[name] = {"oid": oid, **({"tables_new": tables} if tables else {})}
+        tables = tables_new(map(_relation, _query(conn, _RELATIONS_SQL)))
+        out[name] = {"oid": int(oid), **({"tables_new": tables} if tables else {})}
     return out
 
 

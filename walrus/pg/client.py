@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from walrus.config import Settings
 from walrus.errors import BackupError
+from walrus.pg.libpq import Session, SessionError
 from walrus.pg.xlog import parse_lsn
 
 
@@ -44,23 +45,19 @@ def conninfo_kwargs(settings: Settings) -> dict:
 class PgSession:
     """One connection, held for the whole backup: a non-exclusive backup ends with its session."""
 
-    def __init__(self, settings: Settings):
-        import psycopg
-
+    def __init__(self, settings: Settings, binding: str | None = None):
         try:
-            self._conn = psycopg.connect(autocommit=True, application_name="walrus", **conninfo_kwargs(settings))
-        except psycopg.Error as e:
-            raise BackupError("could not connect to PostgreSQL", detail=str(e).strip(),
+            self._session = Session(conninfo_kwargs(settings), binding)
+        except SessionError as e:
+            raise BackupError("could not connect to PostgreSQL", detail=str(e),
                               hint="set PGHOST/PGPORT/PGUSER/PGDATABASE (and PGPASSWORD or ~/.pgpass)") from None
-        self._psycopg = psycopg
 
-    def _one(self, sql: str, params: tuple = ()):
+    def _one(self, sql: str, params: tuple = ()) -> tuple:
+        """The statement's one row, its values as text."""
         try:
-            with self._conn.cursor() as cur:
-                cur.execute(sql, params)
-                return cur.fetchone()
-        except self._psycopg.Error as e:
-            raise BackupError("PostgreSQL refused a backup query", detail=f"{sql}: {str(e).strip()}",
+            return self._session.one(sql, params)
+        except SessionError as e:
+            raise BackupError("PostgreSQL refused a backup query", detail=f"{sql}: {e}",
                               hint="the backup user needs pg_backup_start/pg_backup_stop rights "
                                    "(superuser or GRANT EXECUTE) and pg_read_all_settings") from None
 
@@ -73,13 +70,15 @@ class PgSession:
             " coalesce(current_setting('archive_library', true), ''),"
             " (SELECT last_failed_wal || ' at ' || last_failed_time::text FROM pg_stat_archiver"
             "  WHERE last_failed_time > coalesce(last_archived_time, '-infinity'))")
-        return ServerInfo(*row)
+        directory, version, system_identifier, segment_size, in_recovery, mode, command, library, failure = row
+        return ServerInfo(directory, int(version), int(system_identifier), int(segment_size), in_recovery == "t",
+                          mode, command, library, failure)
 
     def backup_start(self, label: str, version_num: int) -> BackupStart:
         if version_num >= 150000:
-            sql = "SELECT pg_backup_start(%s, true)::text"
+            sql = "SELECT pg_backup_start($1, true)::text"
         elif version_num >= 100000:
-            sql = "SELECT pg_start_backup(%s, true, false)::text"
+            sql = "SELECT pg_start_backup($1, true, false)::text"
         else:
             raise BackupError(f"PostgreSQL {version_num} is too old", hint="walrus supports PostgreSQL 10 and later")
         (lsn_text,) = self._one(sql, (label,))
@@ -87,9 +86,9 @@ class PgSession:
         return BackupStart(parse_lsn(lsn_text), int(timeline))
 
     def backup_stop(self, version_num: int, wait_for_archive: bool = True) -> BackupStop:
-        fn = "pg_backup_stop(%s)" if version_num >= 150000 else "pg_stop_backup(false, %s)"
+        fn = "pg_backup_stop($1)" if version_num >= 150000 else "pg_stop_backup(false, $1)"
         label, spcmap, lsn_text = self._one(f"SELECT labelfile, spcmapfile, lsn::text FROM {fn}",
-                                            (wait_for_archive,))
+                                            ("true" if wait_for_archive else "false",))
         return BackupStop(parse_lsn(lsn_text), label or "", spcmap or "")
 
     def wal_position(self) -> tuple[int, int, int]:
@@ -98,7 +97,7 @@ class PgSession:
         in_recovery, segment_size, checkpoint_timeline = self._one(
             "SELECT pg_is_in_recovery(), (SELECT bytes_per_wal_segment FROM pg_control_init()),"
             " (SELECT timeline_id FROM pg_control_checkpoint())")
-        if not in_recovery:
+        if in_recovery == "f":
             lsn_text, name = self._one("SELECT lsn::text, pg_walfile_name(lsn) FROM pg_current_wal_lsn() AS lsn")
             return int(name[:8], 16), parse_lsn(lsn_text), int(segment_size)
         (lsn_text,) = self._one("SELECT coalesce(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::text")
@@ -122,4 +121,4 @@ class PgSession:
         return int(timeline)
 
     def close(self) -> None:
-        self._conn.close()
+        self._session.close()
