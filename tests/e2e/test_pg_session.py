@@ -7,6 +7,8 @@ import getpass
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -133,6 +135,54 @@ def test_catalog_names_through_the_session(cluster):
     table = names["données"]["tables_new"]["public.t"]
     assert table["oid"] > 16384 and "public.t_pkey" in table["subtables"]
     assert all(isinstance(d["oid"], int) for d in names.values())
+
+
+def test_catalog_through_the_backup_session_reads_the_same(cluster):
+    """Listed, and its own database read, on backup-push's connection; the others on their own."""
+    opened = []
+
+    def connect(settings, dbname):
+        opened.append(dbname)
+        return Session(params(cluster, dbname=dbname or "postgres"))
+
+    session = PgSession(settings(cluster))
+    try:
+        via_session = collect_databases_by_names(settings(cluster), connect, session.sql)
+        assert session.server_info().version_num >= 150000  # the session goes on after the catalog
+    finally:
+        session.close()
+    assert via_session == collect_databases_by_names(settings(cluster))
+    assert "postgres" in via_session and sorted(opened) == sorted(set(via_session) - {"postgres"})
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_close_waits_for_a_statement_on_another_thread(cluster, binding):
+    s = Session(params(cluster), binding)
+    rows = []
+    worker = threading.Thread(target=lambda: rows.append(s.query("SELECT pg_sleep(0.5), 'done'")))
+    worker.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    s.close()  # after the statement, never under it
+    assert time.monotonic() - began >= 0.3
+    worker.join(5)
+    assert rows == [[("", "done")]]
+    with pytest.raises(SessionError, match="closed"):
+        s.query("SELECT 1")
+
+
+def test_close_gives_up_on_a_long_statement_and_leaves_the_connection(cluster):
+    s = Session(params(cluster))
+    rows = []
+    worker = threading.Thread(target=lambda: rows.append(s.query("SELECT pg_sleep(1), 'done'")))
+    worker.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    s.close(wait=0.1)
+    assert time.monotonic() - began < 0.5
+    worker.join(5)
+    assert rows == [[("", "done")]]  # the statement was not cut from under libpq
+    s.close()
 
 
 def test_a_backup_session_does_not_import_psycopg(cluster):

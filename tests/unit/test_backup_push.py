@@ -137,7 +137,7 @@ def test_the_wrong_server_is_refused_before_any_upload(env):
     assert session.calls == ["server_info", "close"] and storage.puts == []
 
 
-async def no_names(settings):
+async def no_names(settings, session):
     """The scripted session stands for one connection: no per-database catalog to read."""
     return None
 

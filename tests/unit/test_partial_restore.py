@@ -208,7 +208,7 @@ def fake_connect(settings, dbname):
     if dbname == "locked":
         raise SessionError('FATAL:  permission denied for database "locked"')
     if dbname is None:
-        return FakeSession([(16384, "db1"), (1, "template1"), (16390, "locked"), (16391, "empty")])
+        return FakeSession([(16384, "db1", "f"), (1, "template1", "f"), (16390, "locked", "f"), (16391, "empty", "f")])
     return FakeSession([] if dbname == "empty" else ROWS[:2])
 
 
@@ -224,7 +224,7 @@ def test_a_failure_to_collect_is_a_warning_and_no_names(log_lines):
     def refused(settings, dbname):
         raise SessionError("connection refused")
 
-    assert asyncio.run(databases_by_names(load_settings({}), refused)) is None
+    assert asyncio.run(databases_by_names(load_settings({}), connect=refused)) is None
     assert any("could not record database and table names" in line for line in log_lines)
 
 

@@ -5,6 +5,7 @@ import asyncio
 import re
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
 from walrus.config import Settings
@@ -17,7 +18,11 @@ from walrus.pg.libpq import Session, SessionError, parse_oid_array
 # (template1, template0, postgres; the catalogs, their indexes and TOAST); users' objects are above.
 SYSTEM_OID_LIMIT = 16384
 
-_DATABASES_SQL = "SELECT oid, datname FROM pg_catalog.pg_database WHERE datallowconn"
+_DATABASES_SQL = ("SELECT oid, datname, datname OPERATOR(pg_catalog.=) pg_catalog.current_database()"
+                  " FROM pg_catalog.pg_database WHERE datallowconn")
+# Databases whose relations are read at once, each on a connection of its own for a moment: a
+# cluster of many databases is not read one connection after another at the end of every backup.
+CATALOG_SESSIONS = 4
 
 # One row per relation: oid, file number (0 for a mapped catalog, whose file the path names, as
 # WAL-G reads it; NULL path: no storage), "schema.name", kind, its inheritance parents, and the
@@ -101,29 +106,46 @@ def _relation(row: tuple) -> Row:
     return int(oid), int(filenode), path, name, kind, parse_oid_array(parents), None if owner is None else int(owner)
 
 
-def collect_databases_by_names(settings: Settings, connect: Callable[[Settings, str | None], Session] = _connect
-                               ) -> dict[str, Any]:
+def collect_databases_by_names(settings: Settings, connect: Callable[[Settings, str | None], Session] = _connect,
+                               listing: Session | None = None) -> dict[str, Any]:
     """WAL-G's DatabasesByNames: each database that allows connections, by name, with its
-    relations. One that refuses walrus is left out with a warning, as WAL-G leaves it out."""
-    out = {}
-    for oid, name in sorted(_query(connect(settings, None), _DATABASES_SQL), key=lambda row: row[1]):
+    relations. One that refuses walrus is left out with a warning, as WAL-G leaves it out.
+    `listing`: an open session (backup-push's own) that lists the databases and reads its own
+    database's relations; the others are read CATALOG_SESSIONS at a time."""
+    lister = listing if listing is not None else connect(settings, None)
+    try:
+        databases = sorted(lister.query(_DATABASES_SQL), key=lambda row: row[1])
+        own = next((name for _, name, current in databases if current == "t"), None) if listing else None
+        own_tables = tables_new(map(_relation, listing.query(_RELATIONS_SQL))) if own is not None else None
+    finally:
+        if listing is None:
+            lister.close()
+
+    def read(name: str) -> dict[str, Any] | None:
+        if name == own:
+            return own_tables
         try:
             conn = connect(settings, name)
         except SessionError as e:
             log.warning(f"partial restore: cannot connect to database {name!r}, left out of DatabasesByNames "
                         f"(a partial restore will restore it whole): {e}")
-            continue
-        tables = tables_new(map(_relation, _query(conn, _RELATIONS_SQL)))
-        out[name] = {"oid": int(oid), **({"tables_new": tables} if tables else {})}
-    return out
+            return None
+        return tables_new(map(_relation, _query(conn, _RELATIONS_SQL)))
+
+    with ThreadPoolExecutor(max_workers=CATALOG_SESSIONS, thread_name_prefix="walrus-catalog") as pool:
+        tables = list(pool.map(read, [name for _, name, _ in databases]))
+    return {name: {"oid": int(oid), **({"tables_new": found} if found else {})}
+            for (oid, name, _), found in zip(databases, tables) if found is not None}
 
 
-async def databases_by_names(settings: Settings, connect: Callable = _connect) -> dict[str, Any] | None:
+async def databases_by_names(settings: Settings, session: Any = None,
+                             connect: Callable = _connect) -> dict[str, Any] | None:
     """collect_databases_by_names on a thread, or None with a warning: failing here never fails the
-    backup, which is whole; only its partial restore is lost (WAL-G would fail the backup)."""
+    backup, which is whole; only its partial restore is lost (WAL-G would fail the backup).
+    `session`: backup-push's PgSession, whose connection (`sql`) lists the databases."""
     began = time.monotonic()
     try:
-        names = await asyncio.to_thread(collect_databases_by_names, settings, connect)
+        names = await asyncio.to_thread(collect_databases_by_names, settings, connect, getattr(session, "sql", None))
     except Exception as e:  # whatever it is: the backup's data is already stored
         why = str(e).strip() or type(e).__name__
         log.warning(f"could not record database and table names (DatabasesByNames): {why}; "

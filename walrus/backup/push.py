@@ -206,7 +206,8 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       user_data: Any = None, full: bool = False, delta_from_name: str | None = None,
                       delta_from_user_data: Any = None,
                       connect: Callable[[Settings], PgBackupSession] = PgSession,
-                      names: Callable[[Settings], Awaitable[dict[str, Any] | None]] = databases_by_names,
+                      names: Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]
+                      = databases_by_names,
                       archive: ArchiveWal | None = None, archive_check: bool = True,
                       progress: Progress | None = None) -> BackupPushResult:
     """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
@@ -251,7 +252,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                 push.collected.files[name] = dataclasses.replace(push.collected.files[name],
                                                                  corrupt_blocks=push.pages.record(blocks))
         # the catalog as the backup ended, read while its WAL is stored
-        catalog = None if settings.disable_partial_restore else asyncio.ensure_future(names(settings))
+        catalog = None if settings.disable_partial_restore else asyncio.ensure_future(names(settings, session))
         try:
             if progress is not None:
                 progress.note = "storing the backup's WAL"

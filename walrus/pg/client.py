@@ -52,6 +52,12 @@ class PgSession:
             raise BackupError("could not connect to PostgreSQL", detail=str(e),
                               hint="set PGHOST/PGPORT/PGUSER/PGDATABASE (and PGPASSWORD or ~/.pgpass)") from None
 
+    @property
+    def sql(self) -> Session:
+        """The session's connection, for other statements than the backup's (the catalog that
+        partial restore records, read once the backup has stopped)."""
+        return self._session
+
     def _one(self, sql: str, params: tuple = ()) -> tuple:
         """The statement's one row, its values as text."""
         try:

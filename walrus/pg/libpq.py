@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Optional
 
 # backup-push's session asks a handful of one-row questions, with every value as text. Importing
@@ -12,6 +13,7 @@ from typing import Optional
 # (a pip install with psycopg's binary wheel, which brings a libpq of its own).
 
 CTYPES, PSYCOPG = "ctypes", "psycopg"
+CLOSE_WAIT = 10.0  # seconds close() waits for a statement another thread runs on the session
 
 _CONNECTION_OK = 0  # ConnStatusType
 _COMMAND_OK, _TUPLES_OK = 1, 2  # ExecStatusType
@@ -51,17 +53,20 @@ def default_binding() -> str:
 
 class Session:
     """One connection in autocommit mode (every statement its own transaction), as libpq makes it:
-    parameters given here first, then PG* variables, ~/.pgpass, then libpq's defaults."""
+    parameters given here first, then PG* variables, ~/.pgpass, then libpq's defaults. Threads take
+    turns: a statement runs whole before the next, and close() waits for one running."""
 
     def __init__(self, params: dict[str, str], binding: Optional[str] = None):
         params = {"application_name": "walrus", "client_encoding": "UTF8",
                   **{k: str(v) for k, v in params.items() if v is not None}}
         self.binding = binding or default_binding()
         self._impl = _Ctypes(params) if self.binding == CTYPES else _Psycopg(params)
+        self._turn = threading.Lock()
 
     def query(self, sql: str, params: tuple = ()) -> list[Row]:
         """The statement's rows, every value as text (None for NULL); parameters are sent as text."""
-        return self._impl.query(sql, [str(p).encode() for p in params])
+        with self._turn:
+            return self._impl.query(sql, [str(p).encode() for p in params])
 
     def one(self, sql: str, params: tuple = ()) -> Row:
         rows = self.query(sql, params)
@@ -69,8 +74,16 @@ class Session:
             raise SessionError(f"expected one row, got {len(rows)}: {sql}")
         return rows[0]
 
-    def close(self) -> None:
-        self._impl.close()
+    def close(self, wait: float = CLOSE_WAIT) -> None:
+        """Ends the connection once no statement runs on it. One still running on another thread
+        after `wait` seconds keeps it (the process's exit ends it): freeing a connection libpq is
+        using would crash the process."""
+        if not self._turn.acquire(timeout=wait):
+            return
+        try:
+            self._impl.close()
+        finally:
+            self._turn.release()
 
     def __enter__(self) -> "Session":
         return self
