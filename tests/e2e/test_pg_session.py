@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -89,6 +90,23 @@ def test_failures_are_libpqs_messages(cluster, binding):
     s.close()
     with pytest.raises(SessionError, match="closed"):
         s.query("SELECT 1")
+
+
+@pytest.mark.parametrize("binding", BINDINGS)
+@pytest.mark.parametrize("given", ["parameter", "PGCONNECT_TIMEOUT"])
+def test_a_server_that_never_answers_is_given_up_on(binding, given, monkeypatch):
+    with socket.socket() as silent:  # accepts connections (the backlog), never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        target = {"host": "127.0.0.1", "port": silent.getsockname()[1]}
+        if given == "parameter":
+            target["connect_timeout"] = 2
+        else:
+            monkeypatch.setenv("PGCONNECT_TIMEOUT", "2")
+        began = time.monotonic()
+        with pytest.raises(SessionError, match="timeout"):
+            Session(target, binding)
+        assert time.monotonic() - began < 10
 
 
 @pytest.mark.parametrize("binding", BINDINGS)

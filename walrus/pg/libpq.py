@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import Optional
 
@@ -14,6 +15,9 @@ from typing import Optional
 
 CTYPES, PSYCOPG = "ctypes", "psycopg"
 CLOSE_WAIT = 10.0  # seconds close() waits for a statement another thread runs on the session
+# libpq waits for a server that does not answer for ever unless told: psycopg's bound, where neither
+# the parameters nor PGCONNECT_TIMEOUT give one
+DEFAULT_CONNECT_TIMEOUT = 130
 
 _CONNECTION_OK = 0  # ConnStatusType
 _COMMAND_OK, _TUPLES_OK = 1, 2  # ExecStatusType
@@ -59,6 +63,8 @@ class Session:
     def __init__(self, params: dict[str, str], binding: Optional[str] = None):
         params = {"application_name": "walrus", "client_encoding": "UTF8",
                   **{k: str(v) for k, v in params.items() if v is not None}}
+        if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
+            params["connect_timeout"] = str(DEFAULT_CONNECT_TIMEOUT)
         self.binding = binding or default_binding()
         self._impl = _Ctypes(params) if self.binding == CTYPES else _Psycopg(params)
         self._turn = threading.Lock()
