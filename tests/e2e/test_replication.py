@@ -236,6 +236,27 @@ def test_abandoned_base_backup_is_aborted(env):
         assert isinstance(next(again.base_backup("next")), BackupStarted)
 
 
+def test_the_compiled_loop_takes_psycopgs_libpq_beside_the_distributions():
+    """backup-push's SQL session (walrus.pg.libpq) loads the distribution's libpq beside the binary
+    wheel's own; the COPY loop must call the one that made psycopg's connections."""
+    import ctypes
+
+    from psycopg import pq
+
+    from walrus.pg import libpq
+
+    assert libpq._libpq() is not None
+    copyfill._libpq_functions.cache_clear()
+    try:
+        found = copyfill._libpq_functions()
+        assert found is not None
+        distributions = ctypes.CDLL("libpq.so.5", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        theirs = ctypes.cast(distributions.PQgetCopyData, ctypes.c_void_p).value
+        assert (found[0] == theirs) == (pq.__impl__ != "binary")
+    finally:
+        copyfill._libpq_functions.cache_clear()
+
+
 @pytest.mark.parametrize("path", ["compiled", "psycopg"])
 def test_read_archive_fills_the_callers_buffers(env, path, monkeypatch):
     """read_archive() reads the archives' bytes straight into buffers of any size, through the compiled

@@ -16,8 +16,8 @@ _FUNCTIONS = ("PQgetCopyData", "PQconsumeInput", "PQfreemem", "PQsocket")
 
 @functools.cache
 def _libpq_functions() -> Optional[tuple[int, ...]]:
-    """The addresses of _FUNCTIONS in the one libpq this process has loaded (psycopg's: the binary
-    wheel's own copy, or the system's), or None when that cannot be told (none, or two loaded)."""
+    """The addresses of _FUNCTIONS in the libpq psycopg has loaded (the binary wheel's own copy, or
+    the system's), or None when that cannot be told."""
     import ctypes
 
     try:
@@ -26,6 +26,8 @@ def _libpq_functions() -> Optional[tuple[int, ...]]:
     except OSError:
         return None
     libpq = {p for p in paths if os.path.basename(p).startswith("libpq") and ".so" in os.path.basename(p)}
+    if len(libpq) > 1:  # walrus's SQL session (pg/libpq.py) loads the distribution's beside the wheel's
+        libpq = _psycopgs(libpq)
     if len(libpq) != 1:
         return None
     try:
@@ -33,6 +35,13 @@ def _libpq_functions() -> Optional[tuple[int, ...]]:
         return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for name in _FUNCTIONS)
     except (OSError, AttributeError):
         return None
+
+
+def _psycopgs(paths: set[str]) -> set[str]:
+    """Of the libpq files mapped, psycopg's: its binary wheel's own copy (in psycopg_binary.libs),
+    else the distribution's (the pure-Python and C implementations load that one)."""
+    bundled = {p for p in paths if os.path.basename(os.path.dirname(p)) == "psycopg_binary.libs"}
+    return bundled if pq.__impl__ == "binary" else paths - bundled
 
 
 def _compiled():
