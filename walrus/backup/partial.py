@@ -115,7 +115,7 @@ def collect_databases_by_names(settings: Settings, connect: Callable[[Settings, 
     lister = listing if listing is not None else connect(settings, None)
     try:
         databases = sorted(lister.query(_DATABASES_SQL), key=lambda row: row[1])
-        own = next((name for _, name, current in databases if current == "t"), None) if listing else None
+        own = next((name for _, name, current in databases if current == "t"), None) if listing is not None else None
         own_tables = tables_new(map(_relation, listing.query(_RELATIONS_SQL))) if own is not None else None
     finally:
         if listing is None:

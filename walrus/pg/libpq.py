@@ -65,13 +65,15 @@ class Session:
                   **{k: str(v) for k, v in params.items() if v is not None}}
         if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
             params["connect_timeout"] = str(DEFAULT_CONNECT_TIMEOUT)
-        self.binding = binding or default_binding()
-        self._impl = _Ctypes(params) if self.binding == CTYPES else _Psycopg(params)
+        binding = binding or default_binding()
+        self._impl: _Ctypes | _Psycopg | None = _Ctypes(params) if binding == CTYPES else _Psycopg(params)
         self._turn = threading.Lock()
 
     def query(self, sql: str, params: tuple = ()) -> list[Row]:
         """The statement's rows, every value as text (None for NULL); parameters are sent as text."""
         with self._turn:
+            if self._impl is None:
+                raise SessionError("the session is closed")
             return self._impl.query(sql, [str(p).encode() for p in params])
 
     def one(self, sql: str, params: tuple = ()) -> Row:
@@ -87,7 +89,9 @@ class Session:
         if not self._turn.acquire(timeout=wait):
             return
         try:
-            self._impl.close()
+            impl, self._impl = self._impl, None
+            if impl is not None:
+                impl.close()
         finally:
             self._turn.release()
 
@@ -120,8 +124,6 @@ class _Ctypes:
 
     def query(self, sql: str, params: list[bytes]) -> list[Row]:
         ctypes, lib = self._ctypes, self._lib
-        if self._conn is None:
-            raise SessionError("the session is closed")
         values = (ctypes.c_char_p * len(params))(*params) if params else None
         res = lib.PQexecParams(self._conn, sql.encode(), len(params), None, values, None, None, 0)
         if not res:
@@ -137,10 +139,8 @@ class _Ctypes:
         finally:
             lib.PQclear(res)
 
-    def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            self._lib.PQfinish(conn)
+    def close(self) -> None:  # once: Session forgets it
+        self._lib.PQfinish(self._conn)
 
 
 class _Psycopg:
@@ -156,8 +156,6 @@ class _Psycopg:
             raise SessionError(message)
 
     def query(self, sql: str, params: list[bytes]) -> list[Row]:
-        if self._conn is None:
-            raise SessionError("the session is closed")
         try:
             res = self._conn.exec_params(sql.encode(), params)
         except self._error as e:  # no result at all: the connection is lost
@@ -171,10 +169,8 @@ class _Psycopg:
         finally:
             res.clear()
 
-    def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            conn.finish()
+    def close(self) -> None:  # once: Session forgets it
+        self._conn.finish()
 
 
 def parse_oid_array(text: Optional[str]) -> list[int]:
