@@ -7,8 +7,15 @@ import os
 import resource
 import threading
 
-M_ARENA_MAX = -8  # glibc mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8  # glibc mallopt parameters
 MALLOC_ARENAS = 2  # each extra glibc arena reserves 64 MiB of address space per thread that mallocs
+# Codecs allocate a fresh output of about a buffer's size per chunk (1 MiB by default). With glibc's
+# adaptive thresholds, a freed chunk that large leaves the arena's top past the trim threshold (twice
+# the chunk), so the arena gives its pages back and the next chunk faults them in again, zeroed:
+# every byte compressed cost a page fault and a page clear. Fixed thresholds keep freed chunks in the
+# arena for reuse; what an arena holds stays what the pipeline held at its peak.
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for it (HEAP_MAX_SIZE / 2 on 64-bit)
+TRIM_THRESHOLD = 64 << 20
 THREAD_STACK = 2 << 20  # the default 8 MiB per thread is address space walrus's workers never use
 
 
@@ -16,6 +23,8 @@ def tune_process() -> None:
     try:
         libc = ctypes.CDLL(None)  # the process's own symbols (ctypes.util.find_library runs ldconfig)
         libc.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
     threading.stack_size(THREAD_STACK)
