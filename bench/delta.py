@@ -478,8 +478,9 @@ class DeltaBench:
         # every delta; the row of each is the run with the median wall time, as in bench/run.py.
         runs = max(1, a.repeat)
         fulls = [self.walrus_backup("walrus-full", "walrus full", full=True, run=i) for i in range(runs)]
-        if any(row.get("error") for row in fulls):
-            raise StepFailed(f"the walrus full backup failed: {next(r for r in fulls if r.get('error'))['error']}")
+        failed = next((row for row in fulls if row.get("error")), None)
+        if failed is not None:
+            raise StepFailed(f"the walrus full backup failed: {failed['error']}")
         full = fulls[0]
         self.keep_median(fulls)
         self.pgbackrest_backup("full")

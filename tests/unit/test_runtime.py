@@ -11,13 +11,13 @@ import pytest
 _PIPELINE = r"""
 import os, resource, sys
 from concurrent.futures import ThreadPoolExecutor
-import lz4.block
-from walrus.runtime import tune_process, MALLOC_ARENAS
 import ctypes
+import lz4.block
+from walrus.runtime import M_ARENA_MAX, MALLOC_ARENAS, tune_process
 if sys.argv[1] == "tuned":
     tune_process()
 else:
-    ctypes.CDLL(None).mallopt(-8, MALLOC_ARENAS)  # the same arenas, glibc's adaptive thresholds
+    ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)  # the same arenas, glibc's adaptive thresholds
 data = memoryview(b"".join(os.urandom(512) + bytes(512) for _ in range(1024)))
 executor = ThreadPoolExecutor(4)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
