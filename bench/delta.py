@@ -334,7 +334,7 @@ class DeltaBench:
         """One timed backup-push; `run`: its number among a repeated step's runs (from 0; each run after
         the first logs to a file of its own)."""
         self.settle()
-        self.say(f"==> delta: {label}" + (f" (run {run + 1}/{self.args.repeat})" if run is not None else ""))
+        self.say(f"==> delta: {label}" + (f" (run {run + 1}/{self.args.repeat})" if run is not None and self.args.repeat > 1 else ""))
         argv = [WALRUS, "--config", self.config, "backup-push", "--json"]
         argv += ["--full"] if full else []
         argv += ["--delta-from-name", base] if base else []
