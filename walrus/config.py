@@ -302,8 +302,10 @@ SETTINGS: tuple[Setting, ...] = (
     S("WALG_PREVENT_WAL_OVERWRITE", "prevent_wal_overwrite", parse_bool, False,
       "Compare with the archived copy before pushing WAL (walrus never overwrites with different bytes)."),
     S("WALG_PG_WAL_SIZE", "pg_wal_size", parse_wal_size, 16, "WAL segment size in MiB (the server's wal_segment_size)."),
-    S("WALRUS_BUFFER_SIZE", "buffer_size", _size_between(64 << 10, 64 << 20), 1 << 20,
-      "Size of one data-path buffer (64 KiB to 64 MiB, rounded down to whole 4 KiB pages)."),
+    S("WALRUS_BUFFER_SIZE", "buffer_size", _size_between(64 << 10, 64 << 20), 2 << 20,
+      "Size of one data-path buffer (64 KiB to 64 MiB, rounded down to whole 4 KiB pages): the unit of "
+      "each disk read, compression job and restore write; every buffer costs the same hand-offs "
+      "between threads, so larger ones cost less CPU per GiB."),
     S("WALRUS_MEMORY_BUDGET", "memory_budget", parse_size, 32 << 20,
       "Bytes of data-path buffers (reads, compression, uploads) a command may hold at once; at least six "
       "WAL blocks (6 x the larger of 4 MiB and WALRUS_BUFFER_SIZE: 24 MiB by default)."),
