@@ -131,6 +131,11 @@ static const int WALRUS_COPY_ERROR;
 static const int WALRUS_COPY_WAIT;
 size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeout_ms, int *status);
 void walrus_copy_drop(struct walrus_copy *c);
+
+size_t walrus_ss_push(uintptr_t push, uintptr_t state, unsigned char *dst, const unsigned char *src, size_t n,
+                      size_t chunk, unsigned char tag);
+long walrus_ss_pull(uintptr_t pull, uintptr_t state, unsigned char *dst, const unsigned char *src, size_t n,
+                    size_t chunk, unsigned char *tag);
 """
 
 # Delta backups' page scan (walrus.pg.pages), here so a buffer the io_uring reader filled is scanned
@@ -1108,11 +1113,61 @@ size_t walrus_copy_fill(struct walrus_copy *c, char *dst, size_t cap, int timeou
 }
 """
 
+# libsodium's secretstream over many 8 KiB chunks in one call (walrus.crypto.libsodium): WAL-G's
+# framing seals every 8 KiB on its own, and a call per chunk from Python releases and takes back the
+# GIL each time, which beside the compress threads cost a backup ~13 thread switches per buffer and
+# made it wait its turn for the GIL 27 times a buffer. libsodium is PyNaCl's copy, reached through
+# the function pointers its cffi module gives (crypto_secretstream_xchacha20poly1305_push/_pull),
+# never linked here; `state` is the stream's state, which PyNaCl allocated. Sealed chunks are
+# `chunk` + 17 bytes (ABYTES: one encrypted tag byte and a 16-byte MAC).
+SECRETSTREAM_SOURCE = r"""
+#define WALRUS_SS_ABYTES 17
+
+typedef int (*walrus_ss_push_fn)(void *state, unsigned char *c, unsigned long long *clen,
+                                 const unsigned char *m, unsigned long long mlen,
+                                 const unsigned char *ad, unsigned long long adlen, unsigned char tag);
+typedef int (*walrus_ss_pull_fn)(void *state, unsigned char *m, unsigned long long *mlen, unsigned char *tag,
+                                 const unsigned char *c, unsigned long long clen,
+                                 const unsigned char *ad, unsigned long long adlen);
+
+/* Seals n chunks of `chunk` bytes from src into dst, each with `tag`; returns how many were sealed
+   (n, unless libsodium refused one: it does not for valid arguments). */
+size_t walrus_ss_push(uintptr_t push, uintptr_t state, unsigned char *dst, const unsigned char *src, size_t n,
+                      size_t chunk, unsigned char tag)
+{
+    walrus_ss_push_fn f = (walrus_ss_push_fn)push;
+    size_t sealed = chunk + WALRUS_SS_ABYTES;
+    for (size_t i = 0; i < n; i++)
+        if (f((void *)state, dst + i * sealed, NULL, src + i * chunk, chunk, NULL, 0, tag) != 0)
+            return i;
+    return n;
+}
+
+/* Opens n sealed chunks of `chunk` + 17 bytes from src into dst (`chunk` bytes each). Returns the
+   number opened: n, or fewer when one carried a tag other than MESSAGE (0), which is then the last
+   one opened and whose tag *tag holds; -(i + 1) when chunk i does not authenticate (the state is
+   then spent, as libsodium leaves it). */
+long walrus_ss_pull(uintptr_t pull, uintptr_t state, unsigned char *dst, const unsigned char *src, size_t n,
+                    size_t chunk, unsigned char *tag)
+{
+    walrus_ss_pull_fn f = (walrus_ss_pull_fn)pull;
+    size_t sealed = chunk + WALRUS_SS_ABYTES;
+    *tag = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (f((void *)state, dst + i * chunk, NULL, tag, src + i * sealed, sealed, NULL, 0) != 0)
+            return -(long)(i + 1);
+        if (*tag != 0)
+            return (long)(i + 1);
+    }
+    return (long)n;
+}
+"""
+
 ffibuilder = cffi.FFI()
 ffibuilder.cdef(CDEF)
 # -O3: the page checksum's 32 lanes vectorise (PostgreSQL builds checksum.c with its vectorising flags too)
 ffibuilder.set_source(MODULE, f"#include <{HEADER}>\n" + PAGES_SOURCE + WALMAP_SOURCE + READS_SOURCE
-                      + COPY_SOURCE,
+                      + COPY_SOURCE + SECRETSTREAM_SOURCE,
                       libraries=["uring"], extra_compile_args=["-O3"])
 
 

@@ -14,6 +14,7 @@ from tests.crypto_stream import decrypt_endless, seal
 from walrus import codec
 from walrus.config import load_settings
 from walrus.crypto import decrypting
+from walrus.crypto import libsodium
 from walrus.crypto.libsodium import LibsodiumCrypter, derive_key
 from walrus.errors import ConfigError, CorruptObject
 
@@ -25,15 +26,27 @@ FINAL = nacl.crypto_secretstream_xchacha20poly1305_TAG_FINAL
 MESSAGE = nacl.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 
 
-def walg_framed(plain: bytes, key: bytes = KEY, final_on_full: bool = False) -> bytes:
-    """What WAL-G's writer stores, built with PyNaCl: MESSAGE per complete 8192 bytes, then FINAL with the rest."""
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def chunk_loop(request, monkeypatch):
+    """Every test runs with both chunk loops: the compiled module's (what an install uses) and the
+    Python loop that stands in where the module is not built."""
+    if request.param == "compiled":
+        assert libsodium._compiled() is not None, "the compiled module is built for the tests"
+    else:
+        monkeypatch.setattr(libsodium, "_compiled", lambda: None)
+    return request.param
+
+
+def walg_framed(plain: bytes, key: bytes = KEY, final_on_full: bool = False, tags: dict[int, int] | None = None) -> bytes:
+    """What WAL-G's writer stores, built with PyNaCl: MESSAGE per complete 8192 bytes, then FINAL with the
+    rest (`tags`: other tags for some full chunks, by index, which libsodium's own writer may use)."""
     state = nacl.crypto_secretstream_xchacha20poly1305_state()
     out = [nacl.crypto_secretstream_xchacha20poly1305_init_push(state, key)]
     full = len(plain) // CHUNK
     for i in range(full):
         last = final_on_full and i == full - 1
         out.append(nacl.crypto_secretstream_xchacha20poly1305_push(
-            state, plain[i * CHUNK:(i + 1) * CHUNK], tag=FINAL if last else MESSAGE))
+            state, plain[i * CHUNK:(i + 1) * CHUNK], tag=FINAL if last else (tags or {}).get(i, MESSAGE)))
     if not final_on_full:
         out.append(nacl.crypto_secretstream_xchacha20poly1305_push(state, plain[full * CHUNK:], tag=FINAL))
     return b"".join(out)
@@ -161,6 +174,32 @@ def test_damaged_byte_is_detected():
     sealed[HEADER + SEALED + 5] ^= 1
     with pytest.raises(CorruptObject, match="chunk 2 does not authenticate"):
         read_all(LibsodiumCrypter(KEY).open_reader(io.BytesIO(bytes(sealed)), "x"))
+
+
+@pytest.mark.parametrize("damaged", [0, 1, 39, 127, 128, 299])
+def test_damage_deep_in_a_long_stream_names_its_chunk(damaged):
+    # reads of 1 MiB open 128 chunks per call: the chunk named is counted across calls and within one
+    sealed = bytearray(walg_framed(os.urandom(300 * CHUNK + 10)))
+    sealed[HEADER + damaged * SEALED + 100] ^= 0x40
+    reader = LibsodiumCrypter(KEY).open_reader(io.BytesIO(bytes(sealed)), "x")
+    named = "the first chunk" if damaged == 0 else f"chunk {damaged + 1}"
+    with pytest.raises(CorruptObject, match=f"{named} does not authenticate"):
+        read_all(reader)
+
+
+def test_other_tags_on_full_chunks_are_read_through():
+    # PUSH and REKEY are libsodium's own tags: not WAL-G's, but a valid stream, read as before
+    plain = os.urandom(10 * CHUNK + 77)
+    sealed = walg_framed(plain, tags={2: nacl.crypto_secretstream_xchacha20poly1305_TAG_PUSH,
+                                      5: nacl.crypto_secretstream_xchacha20poly1305_TAG_REKEY})
+    assert read_all(LibsodiumCrypter(KEY).open_reader(Trickle(sealed), "x")) == plain
+
+
+def test_final_tag_on_a_full_chunk_in_the_middle_of_a_read_is_refused():
+    plain = os.urandom(20 * CHUNK + 5)
+    sealed = walg_framed(plain, tags={7: FINAL})
+    with pytest.raises(CorruptObject, match="premature end"):
+        read_all(LibsodiumCrypter(KEY).open_reader(io.BytesIO(sealed), "x"))
 
 
 def test_compress_then_encrypt_round_trip_through_the_codec():

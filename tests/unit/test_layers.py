@@ -45,7 +45,12 @@ def imports() -> dict[str, set[str]]:
                 targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
             else:
                 continue
-            graph[name].update(t for t in targets if t in modules and t != name)
+            for target in targets:
+                # a compiled module (walrus._uring._liburing) is no .py file: it counts as its package
+                while target not in modules and "." in target:
+                    target = target.rpartition(".")[0]
+                if target in modules and target != name and target != "walrus":
+                    graph[name].add(target)
     return graph
 
 
