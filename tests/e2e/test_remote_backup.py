@@ -297,6 +297,39 @@ def test_a_failed_upload_ends_the_stream_with_its_error(env: Env):
                        timeout=20)
 
 
+def test_parts_do_not_pile_up_behind_a_slow_storage(env: Env):
+    """A storage slower than the server stalls the stream: the server has sent no more than the memory
+    budget and two parts' queued chunks (one streaming, one finishing) ahead of what is stored, not the
+    whole backup into parts piling up outside the budget, as once (without compression every queued
+    chunk is a whole buffer's copy)."""
+    primary = env.primary
+    budget, buffer = 24 << 20, 1 << 20
+    proc = subprocess.Popen([WALRUS, "--config", env.config, "backup-push"],
+                            env=_user_env({**primary.env, "WALG_NETWORK_RATE_LIMIT": str(256 << 10),
+                                           "WALG_COMPRESSION_METHOD": "none", "WALRUS_MEMORY_BUDGET": str(budget),
+                                           "WALRUS_BUFFER_SIZE": str(buffer)}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **as_user())
+    try:
+        primary.wait_until("SELECT count(*) > 0 FROM pg_stat_progress_basebackup WHERE phase = 'streaming database "
+                           "files'", "t", timeout=30)
+        time.sleep(4)  # long enough for the server to send all it is let
+        streamed = primary.psql("SELECT backup_streamed FROM pg_stat_progress_basebackup")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert streamed, f"the backup is not streaming: {err.decode()}"
+    streamed = int(streamed)
+    total = sum(os.path.getsize(os.path.join(d, f)) for top in (primary.data, os.path.join(env.root, "ts"))
+                for d, _, files in os.walk(top) if "pg_wal" not in d for f in files)
+    # the pool, two uploads' queues (4 chunks, one being written) and socket buffers (a few MiB)
+    bound = budget + 2 * 5 * buffer + (8 << 20)
+    assert total > bound + (8 << 20), f"the cluster ({total} bytes) is too small for this test"
+    assert streamed <= bound, f"{streamed} of {total} bytes streamed; {err.decode()}"
+    assert proc.returncode != 0
+    primary.wait_until("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'walrus'", "0",
+                       timeout=20)
+
+
 def test_a_server_restart_mid_backup_is_a_clear_error_without_a_sentinel(env: Env):
     """The server stops while it streams the backup (a slow storage keeps the stream going): the
     command ends within seconds with the lost connection as its error and a hint, writes no sentinel,

@@ -276,7 +276,7 @@ class _Feed:
     def _emit(self, item: object) -> None:
         """Hand one item to the loop, waiting while AHEAD are not taken yet."""
         while not self._slots.acquire(timeout=SLICE):  # the loop is behind: stall the server
-            self._stopped()
+            self._stalled()
         self._call(self._items.put_nowait, item)
 
     def _buffer(self) -> Buffer:
@@ -286,7 +286,7 @@ class _Feed:
             try:
                 buf = self._supplied.get(timeout=SLICE)
             except queue.Empty:
-                self._stopped()
+                self._stalled()
                 continue
             self._call(_Feed._taken, self)
             return buf
@@ -318,6 +318,12 @@ class _Feed:
         if self._remote.stop.is_set():
             raise ReplicationInterrupted("replication interrupted", detail="the backup was abandoned")
 
+    def _stalled(self) -> None:
+        """A look, while the stream is stalled behind the uploads, at what would end it: a stop, or the
+        server gone (seen at once, not after the storage has taken what is held)."""
+        self._stopped()
+        self._remote.conn.check_peer("BASE_BACKUP")
+
     def _hand_over(self, end: BaseException | None) -> None:
         self._call(self._items.put_nowait, end if end is not None else END)
         self._call(self._finish, end)
@@ -344,6 +350,11 @@ class _Feed:
         if isinstance(item, BaseException):
             raise item
         return item
+
+    @property
+    def over(self) -> asyncio.Future:
+        """Done once the thread has ended, whatever ended it (its result: None, or the exception)."""
+        return self._done
 
     async def finished(self) -> None:
         """The thread ended after BackupEnded (every byte was consumed); raises what ended it otherwise."""
@@ -509,12 +520,24 @@ async def _queued(queue: asyncio.Queue) -> AsyncIterator[Buffer]:
         yield buf
 
 
+async def _make_room(uploads: list[asyncio.Task], feed: _Feed) -> None:
+    """Before a part starts, wait until at most one earlier part is still uploading. Each upload holds
+    chunks queued outside the pool (copies of whole buffers without compression), so parts left to pile
+    up behind a slow storage held memory the budget does not bound, and let the server stream the whole
+    backup ahead of the storage. Waiting here stalls the stream: the thread runs out of pool buffers and
+    stops reading. A stream that ends meanwhile (the server gone) ends the wait, so its error comes
+    through at once."""
+    while len(pending := [t for t in uploads if not t.done()]) > 1 and not feed.over.done():
+        await asyncio.wait([pending[0], feed.over], return_when=asyncio.FIRST_COMPLETED)
+
+
 async def _stream_parts(r: _Remote, feed: _Feed, uploader: Uploader, plan: PoolPlan,
                         progress: Progress | None) -> None:
     """The parts' uploads, started as the thread starts each part and fed the buffers it fills. A
     part's upload finishes (its tail compressed, written and made durable) while the next part is
     already streaming, so the server never waits for a part's end; both draw on the one buffer pool,
-    so memory stays bounded. A failed upload stops the stream, and its error is the backup's."""
+    and no more than those two run at once (_make_room), so memory stays bounded. A failed upload
+    stops the stream, and its error is the backup's."""
     uploads: list[asyncio.Task] = []
     queue: asyncio.Queue | None = None
 
@@ -543,6 +566,7 @@ async def _stream_parts(r: _Remote, feed: _Feed, uploader: Uploader, plan: PoolP
                     raise ReplicationError("BASE_BACKUP: data outside a part")
                 queue.put_nowait(item)
             elif isinstance(item, _PartStarted):
+                await _make_room(uploads, feed)
                 queue = asyncio.Queue()  # bounded by the pool: the thread fills only buffers it took from it
                 buffers: AsyncIterator[Buffer] = _queued(queue)
                 if progress is not None:

@@ -287,6 +287,20 @@ class ReplicationConnection:
         """Idempotent. A base backup or stream still open is abandoned: the server aborts it."""
         self._pg.finish()
 
+    def check_peer(self, what: str) -> None:
+        """Raises ConnectionLost when the server has closed the connection, even while bytes it sent
+        before are still unread (POLLRDHUP: its end has arrived). For a reader that stopped reading on
+        purpose (backpressure), which would otherwise learn of it only once it reads again."""
+        try:
+            fd = self._pg.socket
+        except OperationalError as e:
+            raise _error(what, str(e)) from None
+        poller = select.poll()
+        poller.register(fd, select.POLLRDHUP)  # POLLHUP and POLLERR are always reported
+        events = poller.poll(0)
+        if events and events[0][1] & (select.POLLRDHUP | select.POLLHUP | select.POLLERR):
+            raise _error(what, "server closed the connection while walrus waited for the storage to catch up")
+
     def __enter__(self) -> ReplicationConnection:
         return self
 
