@@ -176,12 +176,14 @@ def test_damaged_byte_is_detected():
         read_all(LibsodiumCrypter(KEY).open_reader(io.BytesIO(bytes(sealed)), "x"))
 
 
+@pytest.mark.parametrize("source", [io.BytesIO, Trickle])
 @pytest.mark.parametrize("damaged", [0, 1, 39, 127, 128, 299])
-def test_damage_deep_in_a_long_stream_names_its_chunk(damaged):
-    # reads of 1 MiB open 128 chunks per call: the chunk named is counted across calls and within one
+def test_damage_deep_in_a_long_stream_names_its_chunk(damaged, source):
+    # reads of 1 MiB open 128 chunks per call: the chunk named is counted across calls and within one,
+    # and across chunks split between raw reads (every 1 MiB read splits one; Trickle's, many)
     sealed = bytearray(walg_framed(os.urandom(300 * CHUNK + 10)))
     sealed[HEADER + damaged * SEALED + 100] ^= 0x40
-    reader = LibsodiumCrypter(KEY).open_reader(io.BytesIO(bytes(sealed)), "x")
+    reader = LibsodiumCrypter(KEY).open_reader(source(bytes(sealed)), "x")
     named = "the first chunk" if damaged == 0 else f"chunk {damaged + 1}"
     with pytest.raises(CorruptObject, match=f"{named} does not authenticate"):
         read_all(reader)

@@ -168,37 +168,51 @@ class SecretStreamWriter:
 
 
 class SecretStreamReader:
-    """Pull-style plaintext: read(n) returns 1..n bytes, b"" only after the FINAL chunk."""
+    """Pull-style plaintext: read(n) returns 1..n bytes, b"" only after the FINAL chunk.
+
+    Whole sealed chunks are opened where they lie in the raw chunk read (no copy of the input); only
+    a chunk split between two raw reads is put together, in `_carry`.
+    """
 
     def __init__(self, raw: Source, key: bytes, name: str):
         self._raw = raw
         self._key = key
         self._name = name
         self._state = None
-        self._in = bytearray()  # sealed bytes received and not yet opened
+        self._view = memoryview(b"")  # the raw chunk read last, from its first byte not yet used
+        self._carry = bytearray()  # the header, or a sealed chunk begun in an earlier raw chunk
         self._eof = False
         self._final = False
         self._chunks = 0
         self._spill = memoryview(b"")
         self._tag = _ffi.new("unsigned char *")
 
-    def _fill(self, want: int) -> None:
-        while len(self._in) < want and not self._eof:
+    def _more(self) -> bool:
+        """The next raw chunk into _view; False at the end of the input."""
+        while not self._eof:
             block = self._raw.read(READ_SIZE)
             if block:
-                self._in += block
-            else:
-                self._eof = True
+                self._view = memoryview(block)
+                return True
+            self._eof = True
+        return False
+
+    def _gather(self, size: int) -> None:
+        """_carry up to `size` bytes from the input (fewer only at its end)."""
+        while len(self._carry) < size and (self._view or self._more()):
+            take = self._view[:size - len(self._carry)]
+            self._carry += take
+            self._view = self._view[len(take):]
 
     def _start(self) -> None:
-        self._fill(HEADER_BYTES)
-        if len(self._in) < HEADER_BYTES:
-            raise CorruptObject(f"cannot decrypt {self._name!r}: {len(self._in)} bytes is shorter than a "
+        self._gather(HEADER_BYTES)
+        if len(self._carry) < HEADER_BYTES:
+            raise CorruptObject(f"cannot decrypt {self._name!r}: {len(self._carry)} bytes is shorter than a "
                                  f"libsodium header ({HEADER_BYTES} bytes)",
-                                 hint=HINT_KEY if not self._in else HINT_DAMAGED)
+                                 hint=HINT_KEY if not self._carry else HINT_DAMAGED)
         self._state = _nacl.crypto_secretstream_xchacha20poly1305_state()
-        _nacl.crypto_secretstream_xchacha20poly1305_init_pull(self._state, bytes(self._in[:HEADER_BYTES]), self._key)
-        del self._in[:HEADER_BYTES]
+        _nacl.crypto_secretstream_xchacha20poly1305_init_pull(self._state, bytes(self._carry), self._key)
+        self._carry.clear()
 
     def read(self, n: int) -> bytes:
         if n < 1:
@@ -206,7 +220,10 @@ class SecretStreamReader:
         if not self._spill:
             if self._final:
                 return b""
-            self._spill = memoryview(self._open((n + CHUNK - 1) // CHUNK))
+            plain = self._open((n + CHUNK - 1) // CHUNK)
+            if len(plain) <= n:
+                return plain  # the usual read, of whole chunks: handed out as opened
+            self._spill = memoryview(plain)
         out = bytes(self._spill[:n])
         self._spill = self._spill[n:]
         return out
@@ -215,64 +232,81 @@ class SecretStreamReader:
         """Up to `count` chunks of plaintext; at least one byte unless the stream ends (FINAL)."""
         if self._state is None:
             self._start()
-        self._fill(count * SEALED_CHUNK)
-        full = min(count, len(self._in) // SEALED_CHUNK)
-        if full:
-            out = bytearray(full * CHUNK)
-            self._pull_into(out, full, SEALED_CHUNK)
-            return bytes(out)
-        # no full chunk after _fill: the input has ended, and what is left is the short last chunk,
-        # which must carry FINAL
-        length = len(self._in)
+        out = bytearray(count * CHUNK)
+        opened = 0
+        while opened < count:
+            if self._carry:  # finish the chunk split between raw reads
+                self._gather(SEALED_CHUNK)
+                if len(self._carry) < SEALED_CHUNK:
+                    break  # the input ended: what is carried is the short last chunk
+                self._pull_whole(out, opened, self._carry, 1)
+                self._carry.clear()
+                opened += 1
+                continue
+            whole = min(count - opened, len(self._view) // SEALED_CHUNK)
+            if whole:
+                self._pull_whole(out, opened, self._view[:whole * SEALED_CHUNK], whole)
+                self._view = self._view[whole * SEALED_CHUNK:]
+                opened += whole
+            elif self._view:
+                self._carry += self._view  # less than a chunk left here: completed from the next read
+                self._view = memoryview(b"")
+            elif not self._more():
+                break
+        if opened:
+            return bytes(memoryview(out)[:opened * CHUNK])
+        # no full chunk left: the input has ended, and what is left is the short last chunk, which
+        # must carry FINAL
+        length = len(self._carry)
         if length < ABYTES:
             raise self._truncated()
-        out = bytearray(length - ABYTES)
-        self._pull_into(out, 1, length)
+        last = bytearray(length - ABYTES)
+        with _ffi.from_buffer(self._carry) as src, _ffi.from_buffer(last, require_writable=True) as dst:
+            if _lib.crypto_secretstream_xchacha20poly1305_pull(self._state.statebuf, dst, _ffi.NULL, self._tag,
+                                                               src, length, _ffi.NULL, 0) != 0:
+                raise self._bad_chunk()
+        self._chunks += 1
         if self._tag[0] != TAG_FINAL:
             raise self._truncated()
+        self._carry.clear()
         self._final = True
-        return bytes(out)
+        return bytes(last)
 
-    def _pull_into(self, out: bytearray, count: int, sealed: int) -> None:
+    def _pull_whole(self, out: bytearray, at: int, sealed: BytesLike, count: int) -> None:
+        """Opens `count` full-size chunks of `sealed` into `out`, from its chunk `at` on. FINAL may
+        only close a short chunk (WAL-G): on a full-size one it is an error."""
         compiled = _compiled()
-        if compiled is not None and sealed == SEALED_CHUNK:
-            self._pull_whole(out, count, compiled)
+        if compiled is not None:
+            ffi, lib, _, pull = compiled
+            tag = ffi.new("unsigned char *")
+            done = 0
+            with ffi.from_buffer("unsigned char[]", sealed) as src, \
+                    ffi.from_buffer("unsigned char[]", out, require_writable=True) as dst:
+                while done < count:  # the loop stops after a tag other than MESSAGE: FINAL is refused below
+                    opened = lib.walrus_ss_pull(pull, _address(self._state), dst + (at + done) * CHUNK,
+                                                src + done * SEALED_CHUNK, count - done, CHUNK, tag)
+                    if opened < 0:
+                        self._chunks += -opened - 1  # those before the one that failed
+                        raise self._bad_chunk()
+                    done += opened
+                    self._chunks += opened
+                    if tag[0] == TAG_FINAL:
+                        raise self._premature_end()
             return
-        with _ffi.from_buffer(self._in) as src, _ffi.from_buffer(out, require_writable=True) as dst:
+        with _ffi.from_buffer(sealed) as src, _ffi.from_buffer(out, require_writable=True) as dst:
             for i in range(count):
                 rc = _lib.crypto_secretstream_xchacha20poly1305_pull(
-                    self._state.statebuf, dst + i * CHUNK, _ffi.NULL, self._tag, src + i * sealed, sealed,
-                    _ffi.NULL, 0)
+                    self._state.statebuf, dst + (at + i) * CHUNK, _ffi.NULL, self._tag, src + i * SEALED_CHUNK,
+                    SEALED_CHUNK, _ffi.NULL, 0)
                 if rc != 0:
                     raise self._bad_chunk()
                 self._chunks += 1
-                if sealed == SEALED_CHUNK and self._tag[0] == TAG_FINAL:
-                    # WAL-G: FINAL may only close a short chunk
-                    raise CorruptObject(f"cannot decrypt {self._name!r}: a full-size chunk carries the final "
-                                         f"tag (premature end)", hint=HINT_DAMAGED)
-        del self._in[:count * sealed]
+                if self._tag[0] == TAG_FINAL:
+                    raise self._premature_end()
 
-    def _pull_whole(self, out: bytearray, count: int, compiled) -> None:
-        """_pull_into for `count` full-size chunks, through the compiled loop: it stops after a chunk
-        tagged other than MESSAGE, so that FINAL on a full-size chunk is caught as the Python loop
-        catches it."""
-        ffi, lib, _, pull = compiled
-        tag = ffi.new("unsigned char *")
-        done = 0
-        with ffi.from_buffer("unsigned char[]", self._in) as src, \
-                ffi.from_buffer("unsigned char[]", out, require_writable=True) as dst:
-            while done < count:
-                opened = lib.walrus_ss_pull(pull, _address(self._state), dst + done * CHUNK,
-                                            src + done * SEALED_CHUNK, count - done, CHUNK, tag)
-                if opened < 0:
-                    self._chunks += -opened - 1  # those before the one that failed
-                    raise self._bad_chunk()
-                done += opened
-                self._chunks += opened
-                if tag[0] == TAG_FINAL:
-                    raise CorruptObject(f"cannot decrypt {self._name!r}: a full-size chunk carries the final "
-                                         f"tag (premature end)", hint=HINT_DAMAGED)
-        del self._in[:count * SEALED_CHUNK]
+    def _premature_end(self) -> CorruptObject:
+        return CorruptObject(f"cannot decrypt {self._name!r}: a full-size chunk carries the final tag "
+                             f"(premature end)", hint=HINT_DAMAGED)
 
     def _bad_chunk(self) -> CorruptObject:
         if self._chunks == 0:
@@ -286,6 +320,6 @@ class SecretStreamReader:
                               "(truncated object)", hint=HINT_DAMAGED)
 
     def close(self) -> None:
-        self._in = bytearray()
-        self._spill = memoryview(b"")
+        self._view = self._spill = memoryview(b"")
+        self._carry = bytearray()
         self._final = True
