@@ -196,7 +196,7 @@ class _Feed:
     """The BASE_BACKUP on a thread of its own: it reads the server's archives (tar streams) and lays
     their members, re-tarred into WAL-G's parts (_Parts), straight into pool buffers, handing each
     full buffer to the loop, at most AHEAD items ahead of it. The loop only routes buffers to their
-    part's upload: per MiB, not per server message. When the uploads are behind, the pool is empty
+    part's upload: per pool buffer, not per server message. When the uploads are behind, the pool is empty
     and the thread stops reading, so the server's sends stall: backpressure, never a growing buffer.
     Items: BackupStarted, Tablespaces, then per part _PartStarted, its buffers, _PartEnded, and
     BackupEnded."""
