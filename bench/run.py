@@ -278,7 +278,6 @@ class Bench:
         self.rows: list[dict] = []
         self.samples: dict[str, dict[str, list[list[float]]]] = {"backup": {}, "restore": {}}
         self.db_bytes = 0
-        self.disk_read_mib_s: float | None = None  # the median of disk_reads
         # the cold read before each backup round: this VM's disk has been seen to vary twofold
         # within minutes, so one figure can flatter or sink every ratio to it. A read soon after
         # another of the same file can come from the host's cache (3.7-4.4 GB/s): the median keeps
@@ -413,11 +412,15 @@ class Bench:
                 self.rows.append({**self.row(tool, "restore", runs[tool.name]), "verified": verified[tool.name]})
 
     def sample_disk(self) -> None:
-        """One more cold sequential read of the largest relation file; disk_read_mib_s is their median."""
+        """One more cold sequential read of the largest relation file."""
         got = cold_read_mib_s(largest_file(os.path.join(self.source.data, "base")))
         if got:
             self.disk_reads.append(got)
-            self.disk_read_mib_s = statistics.median(self.disk_reads)
+
+    @property
+    def disk_read_mib_s(self) -> float | None:
+        """The median of the cold reads; None before any (or where the cache cannot be dropped)."""
+        return statistics.median(self.disk_reads) if self.disk_reads else None
 
     def rounds(self, failed: dict[str, str]) -> Iterator[tuple[int, Tool]]:
         """(round, tool) pairs: every tool once per round, so background load spreads evenly over the tools."""
