@@ -278,10 +278,9 @@ class Bench:
         self.rows: list[dict] = []
         self.samples: dict[str, dict[str, list[list[float]]]] = {"backup": {}, "restore": {}}
         self.db_bytes = 0
-        # the cold read before each backup round: this VM's disk has been seen to vary twofold
-        # within minutes, so one figure can flatter or sink every ratio to it. A read soon after
-        # another of the same file can come from the host's cache (3.7-4.4 GB/s): the median keeps
-        # one such sample out
+        # the cold read before each backup round: a shared VM's disk can drift within minutes, so
+        # one figure could flatter or sink every ratio to it; a read soon after another of the same
+        # file can come from the host's cache, and the median keeps one such sample out
         self.disk_reads: list[float] = []
         self.source: Cluster | None = None
         self.setup: Setup | None = None
