@@ -6,7 +6,6 @@ import json
 import os
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from walrus.codec import WRITABLE_METHODS
@@ -563,11 +562,12 @@ def settings_fields() -> str:
 
 def _write_settings_fields() -> None:
     """Regenerate the block above in this file (run after changing the table)."""
-    path = Path(__file__)
-    text = path.read_text()
+    with open(__file__, encoding="utf-8") as f:
+        text = f.read()
     head, rest = text.split(_BEGIN, 1)
     _, tail = rest.split(_END, 1)
-    path.write_text(head + _BEGIN + "\n" + settings_fields() + _END + tail)
+    with open(__file__, "w", encoding="utf-8") as f:
+        f.write(head + _BEGIN + "\n" + settings_fields() + _END + tail)
 
 
 _BEGIN = "    # BEGIN generated from SETTINGS by `python -m walrus.config` (tests/unit/test_config.py checks it)"
@@ -591,7 +591,8 @@ def read_config_file(path: str) -> dict[str, str]:
     YAML, Java properties, dotenv, INI; YAML for any other name). Names are case-insensitive, as in
     viper; values are stringified as viper does."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}", detail=e.strerror,
                           hint="check --config / WALG_CONFIG_PATH") from None

@@ -8,7 +8,6 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 from typing import Any
 
 from walrus.errors import CorruptObject
@@ -136,6 +135,8 @@ def _go_float(value: float) -> str:
         # Both languages print the shortest round-trip digits; Go drops the exponent's leading
         # zero only for negative exponents ("1e-07" becomes "1e-7", "1e+21" stays).
         return re.sub(r"e-0(\d)$", r"e-\1", repr(value))
+    from decimal import Decimal  # here: only user data holds floats
+
     digits = Decimal(repr(value))
     if digits == digits.to_integral_value():
         return str(int(digits))

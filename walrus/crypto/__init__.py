@@ -7,7 +7,6 @@ they are encrypted: the key must be configured for every command that reads them
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 from walrus.codec.base import BytesLike, Reader
@@ -80,7 +79,8 @@ def crypter_from_settings(values: Mapping[str, Any], sources: Mapping[str, str],
 def _key_file(values: Mapping[str, Any], attr: str, name: str) -> bytes:
     path = values[attr]
     try:
-        return Path(path).read_bytes()
+        with open(path, "rb") as f:
+            return f.read()
     except OSError as e:
         raise ConfigError(f"cannot read the key file {path} ({name})", detail=e.strerror,
                           hint="the file must exist and be readable by the user walrus runs as "

@@ -9,8 +9,6 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-import zstandard
-
 from walrus.errors import CorruptObject
 from walrus.pg.pages import BLOCK_SIZE
 
@@ -55,6 +53,8 @@ class SegmentMap:
         head = _SIDECAR.pack(SIDECAR_MAGIC, SIDECAR_VERSION, _SWITCHED if self.switched else 0, self.timeline,
                              self.segment_size, self.start, self.records, self.page_magic, 0, len(self.refs) // 4,
                              self.tail_len, len(self.tail), self.cont_len, len(self.cont))
+        import zstandard  # here: every backup-push imports this module; only sidecars need zstd
+
         return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(
             head + refs.tobytes() + self.tail + self.cont)
 
@@ -65,6 +65,8 @@ class SegmentMap:
             return CorruptObject(f"{source} is not a readable block map", detail=detail,
                                  hint="delete it: the delta then scans pages, and the next wal-push of the "
                                       "segment does not write it again (the map is optional)")
+        import zstandard
+
         try:
             raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=segment_size + _SIDECAR.size + 8192)
         except zstandard.ZstdError as e:

@@ -6,12 +6,10 @@ import errno
 import functools
 import os
 import re
-import secrets
 import stat
 import time
 from datetime import datetime, timezone
 from typing import AsyncIterable, AsyncIterator, Iterable
-from urllib.parse import urlparse
 
 from walrus.config import Settings
 from walrus.errors import ConfigError, ObjectExists, ObjectNotFound, StorageError, StorageMissing
@@ -159,7 +157,7 @@ class FsStorage(Storage):
         self.check_writer()
         path = self._path(key)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        tmp = f"{path}.tmp.{stamp}-{secrets.token_hex(4)}"
+        tmp = f"{path}.tmp.{stamp}-{os.urandom(4).hex()}"
         for attempt in range(3):  # a delete may remove the emptied folder between the two calls
             try:
                 await asyncio.to_thread(_makedirs, os.path.dirname(path))
@@ -377,6 +375,8 @@ def open_fs(settings: Settings) -> Storage:
     prefix = settings.file_prefix or ""
     root = prefix
     if prefix.startswith("file://"):
+        from urllib.parse import urlparse  # here: only a file:// prefix needs it
+
         url = urlparse(prefix)
         if url.netloc not in ("", "localhost"):
             raise ConfigError(f"WALG_FILE_PREFIX {prefix!r} names a remote host",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 
 from walrus import codec
 from walrus.config import Settings
@@ -56,7 +55,7 @@ async def download(settings: Settings, storage: Storage, name: str, destination:
         raise ArchiveNotFound(f"WAL file {name} is not in the archive")
     key, ext, stream = found
     directory = os.path.dirname(os.path.abspath(destination))
-    tmp = partial or os.path.join(directory, f".{os.path.basename(destination)}.walrus-{secrets.token_hex(4)}")
+    tmp = partial or os.path.join(directory, f".{os.path.basename(destination)}.walrus-{os.urandom(4).hex()}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except OSError as e:
