@@ -152,7 +152,7 @@ def test_sidecar_round_trip_and_damage():
 def test_zstd_is_imported_for_sidecars_only():
     # every backup-push imports the block map module; only a delta's sidecars need zstd, whose import
     # is the largest a full lz4 backup would otherwise pay for
-    probe = ("import sys, walrus.backup.push as p; print('zstandard' in sys.modules); "
+    probe = ("import sys, walrus.backup.push; print('zstandard' in sys.modules); "
              "from walrus.pg.walmap import SegmentMap; from array import array; "
              f"SegmentMap(1, {SEG}, {START}, array('I'), 0, False, 0xD110).encode(); print('zstandard' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
