@@ -363,18 +363,21 @@ class DeltaBench:
         self.say(f"    {name}: {m.wall_s:.1f} s, {stored / MIB:.1f} MiB stored, delta_method: {method}")
         return row
 
-    def keep_median(self, runs: list[dict]) -> None:
+    def keep_median(self, runs: list[dict], verified_by: dict | None = None) -> None:
         """The runs of one step become one row: the run with the median wall time (the lower median for
-        an even count), with every run's wall time and background CPU. A failed run stays as it is."""
+        an even count), with every run's wall time and background CPU. A failed run stays as it is.
+        verified_by: the run whose restore was verified, which vouches for the others of the same backup."""
         if len(runs) < 2 or any(row.get("error") for row in runs):
             return
         walls = [row["wall_s"] for row in runs]
         chosen = walls.index(statistics.median_low(walls))
         keep = dict(runs[chosen], runs_wall_s=[round(w, 3) for w in walls],
                     runs_background_cpu_s=[row["background_cpu_s"] for row in runs], runs=len(runs))
+        if verified_by is not None:
+            keep["verified"] = verified_by["verified"]
         self.rows = [row for row in self.rows if not any(row is r for r in runs)] + [keep]
         label = keep["tool"]
-        self.samples["delta"][label] = self.run_samples[label][chosen]
+        self.samples[keep["operation"]][label] = self.run_samples[label][chosen]
 
     def pgbr_labels(self) -> set[str]:
         folder = os.path.join(self.pgbr_repo, "backup", STANZA_DIR)
@@ -405,23 +408,28 @@ class DeltaBench:
         self.say(f"    {new[0]}: {m.wall_s:.1f} s, {stored / MIB:.1f} MiB stored")
         return row
 
-    def restore(self, key: str, label: str, name: str, expected: dict[str, str], backups: int) -> dict:
+    def restore(self, key: str, label: str, name: str, expected: dict[str, str], backups: int,
+                run: int | None = None) -> dict:
+        """One timed backup-fetch into an empty directory; the first run of a step is verified (recovery
+        and the contents' digest), a later one of the same backup only timed."""
         target = user_dir(os.path.join(self.root, f"restore-{key}"))
-        self.say(f"==> delta: {label}")
+        self.say(f"==> delta: {label}" + (f" (run {run + 1}/{self.args.repeat})" if run is not None and self.args.repeat > 1 else ""))
         try:
-            m, _log = self.timed(key, [WALRUS, "--config", self.config, "backup-fetch", target, name],
+            m, _log = self.timed(key if not run else f"{key}-{run + 1}",
+                                 [WALRUS, "--config", self.config, "backup-fetch", target, name],
                                  {"WALRUS_IO_METHOD": "io_uring"}, target, server=False)
             size = tree_bytes(target)
-            verified = self.verify(key, target, expected)
+            verified = self.verify(key, target, expected) if not run else "timed only"
         except (StepFailed, RuntimeError, AssertionError) as e:
             remove_tree(target)
             return self.failed("delta-restore", key, label, "walrus", str(e))
-        if not self.args.keep:
+        if not self.args.keep or (run is not None and run + 1 < self.args.repeat):
             remove_tree(target)
         self.say(f"    {m.wall_s:.1f} s, {size / MIB:.0f} MiB: {verified}")
         row = self.row("delta-restore", key, label, "walrus", m, output_bytes=size, output_mib=size / MIB,
                        backup_name=name, backups=backups, verified=verified)
         self.rows.append(row)
+        self.run_samples.setdefault(label, []).append(self.samples["delta-restore"][label])
         return row
 
     def verify(self, key: str, target: str, expected: dict[str, str]) -> str:
@@ -515,11 +523,16 @@ class DeltaBench:
         archive_everything(c)
         wait_archiver_idle(c)
         expected = content_digest(c)
-        self.restore("restore-full", "walrus full alone", full["backup_name"], expected, 1)
-        if len(chain) == CHAIN:
-            self.restore("restore-chain", f"walrus full + {CHAIN} deltas", chain[-1]["backup_name"], expected,
-                         1 + CHAIN)
-        else:
+        # the two restores run `repeat` times in turns, the first of each verified; rows are the medians
+        alone, whole = [], []
+        for i in range(runs if len(chain) == CHAIN else 1):
+            alone.append(self.restore("restore-full", "walrus full alone", full["backup_name"], expected, 1, run=i))
+            if len(chain) == CHAIN:
+                whole.append(self.restore("restore-chain", f"walrus full + {CHAIN} deltas", chain[-1]["backup_name"],
+                                          expected, 1 + CHAIN, run=i))
+        self.keep_median(alone, verified_by=alone[0])
+        self.keep_median(whole, verified_by=whole[0] if whole else None)
+        if len(chain) != CHAIN:
             self.failed("delta-restore", "restore-chain", f"walrus full + {CHAIN} deltas", "walrus",
                         "the chain of deltas was not completed")
         self.facts["walrus_repo_mib"] = {
@@ -681,7 +694,8 @@ class DeltaBench:
             out.append(f"delta: walrus full ran {a.repeat} times before the load, and the two walrus deltas "
                        f"{a.repeat} times each after it, in turns, each built on the first full; each row is the run with "
                        "the median wall time (lower median for an even count), every run's time is in results.json "
-                       "(runs_wall_s); pgBackRest's backups, the chain and the restores ran once.")
+                       "(runs_wall_s); the two restores ran as many times, in turns, the first of each verified and the "
+                       "others only timed; pgBackRest's backups and the chain ran once.")
         return out + self.errors
 
     def versions(self) -> dict[str, str]:
