@@ -74,6 +74,19 @@ def write_all(fd: int, data) -> int:
     return total
 
 
+def pwrite_all(fd: int, data, offset: int) -> int:
+    """os.pwrite at `offset` until every byte is written: a short write (a disk filling up) goes on
+    from where it stopped, so the next call raises its error instead of leaving a hole."""
+    view = memoryview(data)
+    total = len(view)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # POSIX allows none for a regular file; never spin on one
+            raise OSError(errno.EIO, f"a write of {len(view)} bytes at offset {offset} wrote nothing")
+        view, offset = view[n:], offset + n
+    return total
+
+
 def writev_all(fd: int, chunks: list) -> int:
     """Write `chunks` in order with one writev where the kernel takes them all; finish any short write."""
     written = os.writev(fd, chunks)

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
-from walrus.fsutil import writev_all
+from walrus.fsutil import pwrite_all, writev_all
 
 
 def test_writev_all_finishes_a_short_writev_in_order(tmp_path, monkeypatch):
@@ -18,6 +20,40 @@ def test_writev_all_finishes_a_short_writev_in_order(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"alphabetagamma"
+
+
+def test_pwrite_all_finishes_short_pwrites_at_the_right_offsets(tmp_path, monkeypatch):
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: real(fd, bytes(memoryview(data)[:3]), offset))
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"." * 12)
+        assert pwrite_all(fd, b"abcdefgh", 2) == 8
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"..abcdefgh.."
+
+
+def test_pwrite_all_raises_the_error_that_cut_a_write_short(tmp_path):
+    """A real short write: the file-size limit lets the kernel write only part of the pages; the
+    rest must fail loudly (EFBIG), not be dropped as a single pwrite's short count would be."""
+    code = (
+        "import errno, os, resource, signal, sys\n"
+        "from walrus.fsutil import pwrite_all\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (12288, 12288))\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)\n"
+        "assert os.pwrite(fd, b'x' * 8192, 8192) == 4096  # the kernel's short write\n"
+        "try:\n"
+        "    pwrite_all(fd, b'y' * 8192, 8192)\n"
+        "except OSError as e:\n"
+        "    print(errno.errorcode[e.errno])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "f")], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "EFBIG"
+    assert (tmp_path / "f").read_bytes()[8192:] == b"y" * 4096
 
 
 def test_a_resource_released_during_a_call_is_closed_by_that_call_as_it_ends():

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 from walrus.errors import BackupError, CorruptObject
 from walrus.fileio import FileSink, PlainSink
+from walrus.fsutil import pwrite_all
 from walrus.pg.pages import BLOCK_SIZE, read_increment_head
 from walrus.pull import Source
 
@@ -530,8 +531,7 @@ class _Extractor:
                 while (i + run < len(blocks) and blocks[i + run] == blocks[i] + run
                        and run * BLOCK_SIZE < _INCREMENT_WRITE):
                     run += 1
-                pages = data.read(run * BLOCK_SIZE)
-                os.pwrite(fd, pages, blocks[i] * BLOCK_SIZE)
+                pwrite_all(fd, data.read(run * BLOCK_SIZE), blocks[i] * BLOCK_SIZE)
                 i += run
         finally:
             os.close(fd)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from walrus.config import Settings, parse_size
 from walrus.errors import ConfigError, StorageError, WalrusError
+from walrus.fsutil import pwrite_all
 from walrus.log import log
 from walrus.pg.replication import (EndOfTimeline, Keepalive, ReplicationConnection, ReplicationError,
                                    ReplicationInterrupted, WalStream, XLogData, replication_conninfo)
@@ -255,7 +256,7 @@ class _Receiver:
             while data:
                 seg_end = (segno + 1) * self.size
                 chunk = data[:seg_end - position]
-                os.pwrite(writer, chunk, position - segno * self.size)
+                pwrite_all(writer, chunk, position - segno * self.size)
                 position += len(chunk)
                 data = data[len(chunk):]
                 if position == seg_end:
