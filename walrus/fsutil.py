@@ -81,7 +81,7 @@ def pwrite_all(fd: int, data, offset: int) -> int:
     total = len(view)
     while view:
         n = os.pwrite(fd, view, offset)
-        if n <= 0:  # POSIX allows none for a regular file; never spin on one
+        if n <= 0:  # a regular file does not answer a write with 0 bytes; never spin if one does
             raise OSError(errno.EIO, f"a write of {len(view)} bytes at offset {offset} wrote nothing")
         view, offset = view[n:], offset + n
     return total
