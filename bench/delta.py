@@ -363,18 +363,19 @@ class DeltaBench:
         self.say(f"    {name}: {m.wall_s:.1f} s, {stored / MIB:.1f} MiB stored, delta_method: {method}")
         return row
 
-    def keep_median(self, runs: list[dict], verified_by: dict | None = None) -> None:
+    def keep_median(self, runs: list[dict]) -> None:
         """The runs of one step become one row: the run with the median wall time (the lower median for
         an even count), with every run's wall time and background CPU. A failed run stays as it is.
-        verified_by: the run whose restore was verified, which vouches for the others of the same backup."""
+        A restore's row says what its first run's verification found, which holds for every run of
+        the same backup."""
         if len(runs) < 2 or any(row.get("error") for row in runs):
             return
         walls = [row["wall_s"] for row in runs]
         chosen = walls.index(statistics.median_low(walls))
         keep = dict(runs[chosen], runs_wall_s=[round(w, 3) for w in walls],
                     runs_background_cpu_s=[row["background_cpu_s"] for row in runs], runs=len(runs))
-        if verified_by is not None:
-            keep["verified"] = verified_by["verified"]
+        if keep["operation"] == "delta-restore":
+            keep["verified"] = runs[0]["verified"]
         self.rows = [row for row in self.rows if not any(row is r for r in runs)] + [keep]
         label = keep["tool"]
         self.samples[keep["operation"]][label] = self.run_samples[label][chosen]
@@ -530,8 +531,8 @@ class DeltaBench:
             if len(chain) == CHAIN:
                 whole.append(self.restore("restore-chain", f"walrus full + {CHAIN} deltas", chain[-1]["backup_name"],
                                           expected, 1 + CHAIN, run=i))
-        self.keep_median(alone, verified_by=alone[0])
-        self.keep_median(whole, verified_by=whole[0] if whole else None)
+        self.keep_median(alone)
+        self.keep_median(whole)
         if len(chain) != CHAIN:
             self.failed("delta-restore", "restore-chain", f"walrus full + {CHAIN} deltas", "walrus",
                         "the chain of deltas was not completed")
