@@ -270,3 +270,37 @@ def cold_read_mib_s(path: str) -> float | None:
         while n := f.readinto(buf):
             total += n
     return total / (1 << 20) / (time.monotonic() - t0)
+
+
+def seq_write_mib_s(directory: str, size: int = 1 << 30) -> float | None:
+    """Durable sequential write speed of `directory`'s file system: `size` bytes preallocated, written
+    in 1 MiB O_DIRECT writes of random bytes (a virtual disk may elide zeros), then fsync, into a file
+    removed afterwards; None where O_DIRECT is refused (tmpfs) or the disk is short of room. The
+    fsync counts: a VM's disk may take writes into the host's cache at twice its speed and pay at
+    the flush, as a restore's final sync does."""
+    import mmap
+
+    path = os.path.join(directory, f".bench-write-{os.getpid()}")
+    chunk = 1 << 20
+    buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT needs
+    buf.write(os.urandom(chunk))
+    os.sync()  # no earlier step's writeback in the figure
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o600)
+    except OSError:
+        buf.close()
+        return None
+    try:
+        os.posix_fallocate(fd, 0, size)  # as walrus's restore preallocates
+        os.fsync(fd)
+        t0 = time.monotonic()
+        for _ in range(size // chunk):
+            os.write(fd, buf)
+        os.fsync(fd)
+        return size / (1 << 20) / (time.monotonic() - t0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        buf.close()

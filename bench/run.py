@@ -20,7 +20,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from bench import report  # noqa: E402
-from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed, tree_bytes  # noqa: E402
+from bench.measure import StepMetrics, cold_read_mib_s, largest_file, run_timed, seq_write_mib_s, tree_bytes  # noqa: E402
 from bench.azure_store import AzuriteStore  # noqa: E402
 from bench.gcs_store import FakeGcs  # noqa: E402
 from bench.s3 import S3rver  # noqa: E402
@@ -282,6 +282,7 @@ class Bench:
         # one figure could flatter or sink every ratio to it; a read soon after another of the same
         # file can come from the host's cache, and the median keeps one such sample out
         self.disk_reads: list[float] = []
+        self.disk_writes: list[float] = []  # the same for the sequential write, before each restore round
         self.source: Cluster | None = None
         self.setup: Setup | None = None
         self.store = STORES[args.storage](self.root) if args.storage != "file" else None
@@ -387,7 +388,12 @@ class Bench:
         failed = {t.name: "no backup" for t in self.tools if t.name not in repos}
         verified: dict[str, str] = {}
         last = self.args.repeat - 1
+        sampled = 0
         for n, tool in self.rounds(failed):
+            if n == sampled:  # the round's first restore
+                if (got := seq_write_mib_s(self.root)) is not None:
+                    self.disk_writes.append(got)
+                sampled += 1
             target = user_dir(os.path.join(self.root, f"{tool.name}-restore-{n}"))
             say(f"==> restore {tool.label} (run {n + 1}/{self.args.repeat})")
             try:
@@ -420,6 +426,11 @@ class Bench:
     def disk_read_mib_s(self) -> float | None:
         """The median of the cold reads; None before any (or where the cache cannot be dropped)."""
         return statistics.median(self.disk_reads) if self.disk_reads else None
+
+    @property
+    def disk_write_mib_s(self) -> float | None:
+        """The median of the sequential writes; None before any (or where O_DIRECT is refused)."""
+        return statistics.median(self.disk_writes) if self.disk_writes else None
 
     def rounds(self, failed: dict[str, str]) -> Iterator[tuple[int, Tool]]:
         """(round, tool) pairs: every tool once per round, so background load spreads evenly over the tools."""
@@ -551,6 +562,14 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
         out.append(f"disk: {b.disk_read_mib_s:.0f} MiB/s sequential read of the largest relation file just after "
                    f"drop_caches{spread}; in a VM, \"cold\" is the guest's cache only (the host may still cache "
                    "the disk).")
+    if b.disk_write_mib_s:
+        spread = (f"; median of {len(b.disk_writes)}, one before each restore round: "
+                  f"{min(b.disk_writes):.0f}-{max(b.disk_writes):.0f}" if len(b.disk_writes) > 1 else "")
+        restores = ", ".join(f"{r['tool']} {r['mib_s']:.0f} ({r['mib_s'] / b.disk_write_mib_s:.2f}x)"
+                             for r in rows if r["operation"] == "restore")
+        out.append(f"disk: {b.disk_write_mib_s:.0f} MiB/s durable sequential write (1 GiB preallocated, written in "
+                   f"1 MiB O_DIRECT writes, then fsync{spread}); every restore writes the whole database, so it "
+                   f"bounds them: restore MiB/s against it: {restores or 'none completed'}.")
     if args.repeat > 1:
         out.append(f"each row is the run with the median wall time of {args.repeat} (lower median for an even count); "
                    "the tools take turns, each round starting one tool later; every run's wall time is in "
@@ -603,6 +622,8 @@ def describe(args: argparse.Namespace, b: Bench | None, w: WalBench | None, warn
     machine = report.machine_facts(os.path.dirname((b or w or d or recv).root))
     machine["cold_read_mib_s"] = round(b.disk_read_mib_s, 1) if b and b.disk_read_mib_s else None
     machine["cold_read_samples_mib_s"] = [round(x, 1) for x in b.disk_reads] if b else []
+    machine["seq_write_mib_s"] = round(b.disk_write_mib_s, 1) if b and b.disk_write_mib_s else None
+    machine["seq_write_samples_mib_s"] = [round(x, 1) for x in b.disk_writes] if b else []
     facts = {f"machine_{k}": v for k, v in machine.items()}
     versions: dict[str, str] = {}
     out_notes: list[str] = []
