@@ -1,6 +1,7 @@
 """Timed steps: cold page cache, wall and CPU time of a process tree, and its memory sampled from /proc."""
 from __future__ import annotations
 
+import mmap
 import os
 import resource
 import stat
@@ -278,7 +279,7 @@ def seq_write_mib_s(directory: str, size: int = 1 << 30) -> float | None:
     removed afterwards; None where O_DIRECT is refused (tmpfs) or the disk is short of room. The
     fsync counts: a VM's disk may take writes into the host's cache at twice its speed and pay at
     the flush, as a restore's final sync does."""
-    import mmap
+    from walrus.fsutil import write_all  # the bench runs with the repository on sys.path
 
     path = os.path.join(directory, f".bench-write-{os.getpid()}")
     chunk = 1 << 20
@@ -295,7 +296,7 @@ def seq_write_mib_s(directory: str, size: int = 1 << 30) -> float | None:
         os.fsync(fd)
         t0 = time.monotonic()
         for _ in range(size // chunk):
-            os.write(fd, buf)
+            write_all(fd, buf)
         os.fsync(fd)
         return size / (1 << 20) / (time.monotonic() - t0)
     except OSError:

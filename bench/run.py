@@ -354,11 +354,7 @@ class Bench:
         repos: dict[str, str] = {}
         runs: dict[str, list[tuple[StepMetrics, int]]] = {t.name: [] for t in self.tools}
         failed: dict[str, str] = {}
-        sampled = 0
-        for n, tool in self.rounds(failed):
-            if n == sampled:  # the round's first backup
-                self.sample_disk()
-                sampled += 1
+        for n, tool in self.rounds(failed, before_round=self.sample_disk):
             repo = os.path.join(self.root, f"{tool.name}-repo-{n}")
             say(f"==> backup  {tool.label} (run {n + 1}/{self.args.repeat})")
             try:
@@ -388,12 +384,7 @@ class Bench:
         failed = {t.name: "no backup" for t in self.tools if t.name not in repos}
         verified: dict[str, str] = {}
         last = self.args.repeat - 1
-        sampled = 0
-        for n, tool in self.rounds(failed):
-            if n == sampled:  # the round's first restore
-                if (got := seq_write_mib_s(self.root)) is not None:
-                    self.disk_writes.append(got)
-                sampled += 1
+        for n, tool in self.rounds(failed, before_round=self.sample_write):
             target = user_dir(os.path.join(self.root, f"{tool.name}-restore-{n}"))
             say(f"==> restore {tool.label} (run {n + 1}/{self.args.repeat})")
             try:
@@ -422,6 +413,12 @@ class Bench:
         if got:
             self.disk_reads.append(got)
 
+    def sample_write(self) -> None:
+        """One more durable sequential write into the work directory, where the restores write."""
+        got = seq_write_mib_s(self.root)
+        if got:
+            self.disk_writes.append(got)
+
     @property
     def disk_read_mib_s(self) -> float | None:
         """The median of the cold reads; None before any (or where the cache cannot be dropped)."""
@@ -432,12 +429,18 @@ class Bench:
         """The median of the sequential writes; None before any (or where O_DIRECT is refused)."""
         return statistics.median(self.disk_writes) if self.disk_writes else None
 
-    def rounds(self, failed: dict[str, str]) -> Iterator[tuple[int, Tool]]:
-        """(round, tool) pairs: every tool once per round, so background load spreads evenly over the tools."""
+    def rounds(self, failed: dict[str, str],
+               before_round: Callable[[], None] | None = None) -> Iterator[tuple[int, Tool]]:
+        """(round, tool) pairs: every tool once per round, so background load spreads evenly over the tools.
+        `before_round` runs before each round's first step (a disk probe), not for a round with none."""
         for n in range(self.args.repeat):
             shift = n % len(self.tools)  # each round starts one tool later: no tool always runs first
+            first = True
             for tool in self.tools[shift:] + self.tools[:shift]:
                 if tool.name not in failed:
+                    if first and before_round is not None:
+                        before_round()
+                    first = False
                     yield n, tool
 
     def verify(self, tool: Tool, target: str, expected: dict[str, str]) -> str:
