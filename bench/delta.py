@@ -10,6 +10,7 @@ archive_command = `walrus wal-push && pgbackrest archive-push`, so walrus record
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 
 from bench import report
-from bench.measure import StepMetrics, run_timed, tree_bytes
+from bench.measure import StepMetrics, replay_reads_s, run_timed, tree_bytes
 from bench.run import (MAX_WAL_SENDERS, archive_everything, content_digest, op_workdir, verify_restore,
                        wait_archiver_idle)
 from bench.tools import first_line, pgbackrest_argv, pgbackrest_stanza, user_dir, user_env
@@ -42,6 +43,8 @@ STANZA_DIR = "bench"  # tools.STANZA: pgBackRest's backups of the stanza are und
 _LSN = struct.Struct("<II")  # pd_lsn: xlogid, xrecoff
 _RELATION_FILE = re.compile(r"(\d+)(?:\.(\d+))?")  # a relation's main fork and its segments: 16384, 16384.1
 _PGBR_LABEL = re.compile(r"\d{8}-\d{6}F(_\d{8}-\d{6}[DI])?")
+_LOG_LINE = re.compile(r"[A-Z]+: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d+) (.*)")  # walrus's (WAL-G's) log lines
+FLOOR_DEPTH = 64  # reads in flight when fio reads the changed pages: past where this kind of disk stops gaining
 
 BACKUP_COLUMNS = [  # (header, row key, format)
     ("backup", "tool", "{}"),
@@ -52,6 +55,7 @@ BACKUP_COLUMNS = [  # (header, row key, format)
     ("x full wall", "wall_x_full", "{:.3f}"),
     ("x full stored", "stored_x_full", "{:.3f}"),
     ("x reference", "stored_x_reference", "{:.2f}"),
+    ("data s", "data_s", "{:.2f}"),
     ("srv CPU s", "server_cpu_s", "{:.1f}"),
     ("delta_method", "method", "{}"),
 ]
@@ -128,12 +132,14 @@ def relation_files(pgdata: str) -> list[str]:
 
 def scan_changed_pages(pgdata: str, since: int, method: str, watch: set[str]) -> dict:
     """Every page of every relation file whose pd_lsn >= since, concatenated and compressed CHUNK bytes at a
-    time; `watch` (relation paths without the .N suffix) gets the block numbers of its changed pages."""
+    time; `watch` (relation paths without the .N suffix) gets the block numbers of its changed pages, and
+    `reads` holds each run of consecutive changed pages as (file, offset, length)."""
     compress = _compressor(method)
     pending = bytearray()
     pages = changed = stored = 0
     blocks: dict[str, list[int]] = {w: [] for w in watch}
     sizes: dict[str, int] = {w: 0 for w in watch}
+    reads: list[tuple[str, int, int]] = []
     t0 = time.monotonic()
     for rel in relation_files(pgdata):
         head, name = os.path.split(rel)
@@ -141,7 +147,8 @@ def scan_changed_pages(pgdata: str, since: int, method: str, watch: set[str]) ->
         node = os.path.join(head, m.group(1))
         block = int(m.group(2) or 0) * SEGMENT_PAGES
         mine = blocks.get(node)
-        with open(os.path.join(pgdata, rel), "rb", buffering=0) as f:
+        path, at = os.path.join(pgdata, rel), 0
+        with open(path, "rb", buffering=0) as f:
             while data := f.read(MIB):
                 view = memoryview(data)
                 for off in range(0, len(data) - PAGE + 1, PAGE):
@@ -151,17 +158,24 @@ def scan_changed_pages(pgdata: str, since: int, method: str, watch: set[str]) ->
                         changed += 1
                         if mine is not None:
                             mine.append(block)
+                        last = reads[-1] if reads else None
+                        if last is not None and last[0] == path and last[1] + last[2] == at + off:
+                            reads[-1] = (path, last[1], last[2] + PAGE)
+                        else:
+                            reads.append((path, at + off, PAGE))
                         if len(pending) >= CHUNK:
                             stored += len(compress(bytes(pending)))
                             pending.clear()
                     block += 1
                     pages += 1
+                at += len(data)
         if node in sizes:
             sizes[node] = max(sizes[node], block)
     if pending:
         stored += len(compress(bytes(pending)))
     return {"relation_pages": pages, "changed_pages": changed, "changed_bytes": changed * PAGE,
-            "stored_bytes": stored, "seconds": round(time.monotonic() - t0, 1), "blocks": blocks, "sizes": sizes}
+            "stored_bytes": stored, "seconds": round(time.monotonic() - t0, 1), "blocks": blocks, "sizes": sizes,
+            "reads": reads}
 
 
 def _walrus_result(log_path: str) -> dict:
@@ -178,6 +192,28 @@ def _walrus_result(log_path: str) -> dict:
     if found is None:
         raise StepFailed(f"walrus backup-push --json printed no result object; see {log_path}")
     return found
+
+
+def _data_phase_s(log_path: str) -> float | None:
+    """Seconds from walrus's line that the backup started (pg_backup_start returned, the maps read) to its
+    last data part's line: the reads, compression and writes of the data, without the process's start,
+    the backup's start and stop, its WAL and its sentinel. None if the log lacks either line."""
+    started = parts = None
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            m = _LOG_LINE.match(line)
+            if m is None:
+                continue
+            message = m.group(2)
+            if message.startswith("backup ") and " started at " in message:
+                started = _log_time(m.group(1))
+            elif message.startswith("uploaded part_"):
+                parts = _log_time(m.group(1))
+    return parts - started if started is not None and parts is not None else None
+
+
+def _log_time(text: str) -> float:
+    return datetime.datetime.strptime(text, "%Y/%m/%d %H:%M:%S.%f").timestamp()
 
 
 def _method_lines(log_path: str) -> list[str]:
@@ -223,6 +259,7 @@ class DeltaBench:
                             "seconds": args.delta_seconds, "chain_seconds": args.delta_chain_seconds,
                             "clients": args.delta_clients, "delta_max_steps": DELTA_STEPS}
         self.errors: list[str] = []
+        self.changed_reads: list[tuple[str, int, int]] = []  # the reference's runs of changed pages
         self.warm_cache = False
         self.db_bytes = 0
 
@@ -357,7 +394,8 @@ class DeltaBench:
                        backup_name=name, delta_from=result.get("delta_from"), start_lsn=result.get("start_lsn"),
                        finish_lsn=result.get("finish_lsn"), delta_method=result.get("delta_method"), method=method,
                        block_map_setting=block_map, walrus_log_lines=_method_lines(log),
-                       uncompressed_bytes=result.get("uncompressed_size"), files=result.get("files"), **extra)
+                       uncompressed_bytes=result.get("uncompressed_size"), files=result.get("files"),
+                       data_s=_data_phase_s(log), **extra)
         self.rows.append(row)
         self.run_samples.setdefault(label, []).append(self.samples["delta"][label])
         self.say(f"    {name}: {m.wall_s:.1f} s, {stored / MIB:.1f} MiB stored, delta_method: {method}")
@@ -458,7 +496,9 @@ class DeltaBench:
         scan = scan_changed_pages(self.cluster.data, base_lsn, self.args.compression, set(paths.values()))
         ref = {k: scan[k] for k in ("relation_pages", "changed_pages", "changed_bytes", "stored_bytes", "seconds")}
         ref["codec"] = self.args.compression
+        ref["runs"] = len(scan["reads"])
         self.facts["reference"] = ref
+        self.changed_reads = scan["reads"]
         for rel, path in paths.items():
             blocks, now, then = scan["blocks"][path], scan["sizes"][path], at_base[rel]["pages"]
             facts = {"pages_now": now, "pages_at_base": then, "changed_pages": len(blocks),
@@ -475,6 +515,26 @@ class DeltaBench:
                  f"{ref['stored_bytes'] / MIB:.1f} MiB compressed; pgbench_accounts: {acc['changed_pages']} of "
                  f"{acc['pages_now']} pages ({acc['changed_share']:.1%}), {acc.get('changed_hot')} of its "
                  f"{acc.get('hot_pages')} hot pages, {acc['appended']} appended")
+
+    def disk_floor(self) -> None:
+        """The disk's own time for the changed pages: fio reads the reference's runs of them, `repeat` times
+        from a cold page cache (bench/measure.replay_reads_s). A map delta reads these pages and little
+        else, so its data phase cannot take less; none of a process's or a backup's fixed costs are in it."""
+        if not self.changed_reads:
+            return
+        self.say(f"==> delta: the disk's time for the changed pages (fio, O_DIRECT, {FLOOR_DEPTH} in flight, "
+                 "cold cache)")
+        samples = [replay_reads_s(self.changed_reads, FLOOR_DEPTH) for _ in range(max(1, self.args.repeat))]
+        if any(x is None for x in samples):
+            self.say("    not measured: fio is missing, the page cache cannot be dropped, or fio failed")
+            return
+        total = sum(length for _, _, length in self.changed_reads)
+        seconds = statistics.median(samples)
+        mib_s = total / MIB / seconds if seconds else None  # None: fio's clock (ms) saw no time pass
+        self.facts["disk_floor"] = {"seconds": seconds, "samples_s": samples, "bytes": total,
+                                    "runs": len(self.changed_reads), "depth": FLOOR_DEPTH, "mib_s": mib_s}
+        self.say(f"    {total / MIB:.0f} MiB in {len(self.changed_reads)} runs: {seconds:.3f} s "
+                 f"({_fmt(mib_s, '{:.0f}')} MiB/s)")
 
     def run_all(self) -> None:
         """The source, the base point (walrus full, pgBackRest full), the load, the reference, the two walrus
@@ -497,6 +557,7 @@ class DeltaBench:
         self.settle()
         base_lsn = _parse_lsn(full["start_lsn"])
         self.reference(base_lsn, at_base)
+        self.disk_floor()
         maps, scans = [], []
         for i in range(runs):  # in turns, so a slower spell of the VM's disk does not fall on one method
             maps.append(self.walrus_backup("walrus-map", "walrus delta (block map)", base=full["backup_name"],
@@ -582,6 +643,10 @@ class DeltaBench:
                                                     "cpu": _ratio(chain_restore["cpu_s"], restore_full["cpu_s"]),
                                                     "peak_rss": _ratio(chain_restore["peak_rss_mib"],
                                                                        restore_full["peak_rss_mib"])}
+        floor = self.facts.get("disk_floor")
+        if floor and m and full:
+            ratios["disk_floor/walrus_full"] = _ratio(floor["seconds"], full["wall_s"])
+            ratios["map_data/disk_floor"] = _ratio(m.get("data_s"), floor["seconds"])
         self.facts["ratios"] = ratios
 
     def reference_row(self) -> dict | None:
@@ -638,6 +703,16 @@ class DeltaBench:
             ("pgbackrest_incr_stored/reference", "pgBackRest incr")) if key in ratios]
         if parts:
             out.append("stored / reference: " + ", ".join(parts))
+        floor, m = self.facts.get("disk_floor"), self._get("walrus-map")
+        if floor and "disk_floor/walrus_full" in ratios:
+            line = (f"the changed pages at the disk's speed (fio, cold, {floor['depth']} in flight, median of "
+                    f"{len(floor['samples_s'])}): {floor['seconds']:.3f} s for {floor['bytes'] / MIB:.0f} MiB in "
+                    f"{floor['runs']} runs ({_fmt(floor['mib_s'], '{:.0f}')} MiB/s), "
+                    f"{ratios['disk_floor/walrus_full']:.3f} of walrus full's wall")
+            if m.get("data_s") is not None:
+                line += (f"; map delta's data phase {m['data_s']:.2f} s ({_fmt(ratios['map_data/disk_floor'], '{:.2f}')}"
+                         f"x that), the rest of its wall {m['wall_s'] - m['data_s']:.2f} s")
+            out.append(line)
         if "chain_restore/full_restore" in ratios:
             r = ratios["chain_restore/full_restore"]
             out.append(f"chain restore / full restore: wall {_fmt(r['wall'])}, CPU {_fmt(r['cpu'])}, "
@@ -671,6 +746,12 @@ class DeltaBench:
             "full alone, and of the last delta of the chain (the full and every delta), each into an empty "
             "directory, then verified as the restores above (recovery to the end of the archive after more "
             "pgbench writes, every table's row count and summed row md5).",
+            "delta: data s = from walrus's log line that the backup started (pg_backup_start done, the block "
+            "maps read) to its last data part's line: the data's reads, compression and writes, without the "
+            "process's start, the backup's stop, its WAL and sentinel. The disk's time for the changed pages: "
+            f"fio 'read_iolog' replays the reference's runs of changed pages (at most 1 MiB a read), O_DIRECT "
+            f"through io_uring with {FLOOR_DEPTH} in flight, from a cold page cache, right after the reference; "
+            "a map delta must read those pages, so its data phase cannot take less on this disk.",
         ]
         unreported = [r["tool"] for r in self.rows if r.get("tool_name") == "walrus" and r["operation"] == "delta"
                       and not r.get("error") and r.get("delta_from") and not r.get("delta_method")]
@@ -729,5 +810,5 @@ def _parse_lsn(text: str) -> int:
     return int(hi, 16) << 32 | int(lo, 16)
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value: float | None, form: str = "{:.3f}") -> str:
+    return "-" if value is None else form.format(value)

@@ -1,11 +1,14 @@
 """Timed steps: cold page cache, wall and CPU time of a process tree, and its memory sampled from /proc."""
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import resource
+import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -305,3 +308,40 @@ def seq_write_mib_s(directory: str, size: int = 1 << 30) -> float | None:
         os.close(fd)
         os.unlink(path)
         buf.close()
+
+
+def replay_reads_s(reads: list[tuple[str, int, int]], depth: int = 64, most: int = 1 << 20) -> float | None:
+    """Seconds the disk takes to give exactly `reads` ((path, offset, length), page aligned), read by fio
+    in that order from a cold page cache: O_DIRECT through io_uring with `depth` reads of at most `most`
+    bytes in flight, no tool's work beside the reads. None without fio, where the cache cannot be
+    dropped, for a path fio's log format cannot carry (whitespace), or if fio fails or reads other than
+    those bytes."""
+    fio = shutil.which("fio")
+    paths = sorted({path for path, _, _ in reads})
+    if fio is None or not reads or any(p != p.strip() or len(p.split()) != 1 for p in paths):
+        return None
+    # fio's version 2 I/O log: the files, then each read, replayed with no waits between them
+    with tempfile.NamedTemporaryFile("w", prefix="bench-reads-", suffix=".log") as log:
+        log.write("fio version 2 iolog\n")
+        log.writelines(f"{p} add\n{p} open\n" for p in paths)
+        chunks = [(path, at, min(most, offset + length - at))
+                  for path, offset, length in reads for at in range(offset, offset + length, most)]
+        log.writelines(f"{path} read {at} {length}\n" for path, at, length in chunks)
+        log.writelines(f"{p} close\n" for p in paths)
+        log.flush()
+        if not drop_caches():
+            return None
+        done = subprocess.run([fio, "--name=reads", f"--read_iolog={log.name}", "--replay_no_stall=1",
+                               "--direct=1", "--ioengine=io_uring", f"--iodepth={depth}", "--readonly",
+                               "--output-format=json"], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        return None
+    try:
+        job = json.loads(done.stdout[done.stdout.index("{"):])["jobs"][0]
+        read = job["read"]
+    except (ValueError, KeyError, IndexError):
+        return None
+    # the count of reads, not io_bytes: fio 3.33's io_bytes of a replay fell short with every read done
+    if job.get("error") or read["total_ios"] != len(chunks) or read["short_ios"]:
+        return None
+    return read["runtime"] / 1000  # fio reports whole milliseconds: 0 for reads done within one
