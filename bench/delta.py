@@ -710,8 +710,9 @@ class DeltaBench:
                     f"{floor['runs']} runs ({_fmt(floor['mib_s'], '{:.0f}')} MiB/s), "
                     f"{ratios['disk_floor/walrus_full']:.3f} of walrus full's wall")
             if m.get("data_s") is not None:
-                line += (f"; map delta's data phase {m['data_s']:.2f} s ({_fmt(ratios['map_data/disk_floor'], '{:.2f}')}"
-                         f"x that), the rest of its wall {m['wall_s'] - m['data_s']:.2f} s")
+                over = _fmt(ratios["map_data/disk_floor"], "{:.2f}")
+                line += (f"; map delta's data phase {m['data_s']:.2f} s ({over}x that), the rest of its wall "
+                         f"{m['wall_s'] - m['data_s']:.2f} s")
             out.append(line)
         if "chain_restore/full_restore" in ratios:
             r = ratios["chain_restore/full_restore"]

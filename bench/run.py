@@ -571,8 +571,9 @@ def notes(args: argparse.Namespace, b: Bench, warnings: list[str]) -> list[str]:
         restores = ", ".join(f"{r['tool']} {r['mib_s']:.0f} ({r['mib_s'] / b.disk_write_mib_s:.2f}x)"
                              for r in rows if r["operation"] == "restore")
         out.append(f"disk: {b.disk_write_mib_s:.0f} MiB/s durable sequential write (1 GiB preallocated, written in "
-                   f"1 MiB buffered writes, then one fsync, as a restore writes{spread}); every restore writes the whole database, so it "
-                   f"bounds them: restore MiB/s against it: {restores or 'none completed'}.")
+                   f"1 MiB buffered writes, then one fsync, as a restore writes{spread}); every restore writes the "
+                   f"whole database and ends with a flush: restore MiB/s against it: {restores or 'none completed'} "
+                   "(the probe writes random bytes, which a virtual disk may take slower than a database's pages).")
     if args.repeat > 1:
         out.append(f"each row is the run with the median wall time of {args.repeat} (lower median for an even count); "
                    "the tools take turns, each round starting one tool later; every run's wall time is in "
