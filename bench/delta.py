@@ -10,7 +10,6 @@ archive_command = `walrus wal-push && pgbackrest archive-push`, so walrus record
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from collections.abc import Callable
 
 from bench import report
 from bench.measure import StepMetrics, replay_reads_s, run_timed, tree_bytes
+from bench.ratelimit import transfer_window
 from bench.run import (MAX_WAL_SENDERS, archive_everything, content_digest, op_workdir, verify_restore,
                        wait_archiver_idle)
 from bench.tools import first_line, pgbackrest_argv, pgbackrest_stanza, user_dir, user_env
@@ -43,7 +43,6 @@ STANZA_DIR = "bench"  # tools.STANZA: pgBackRest's backups of the stanza are und
 _LSN = struct.Struct("<II")  # pd_lsn: xlogid, xrecoff
 _RELATION_FILE = re.compile(r"(\d+)(?:\.(\d+))?")  # a relation's main fork and its segments: 16384, 16384.1
 _PGBR_LABEL = re.compile(r"\d{8}-\d{6}F(_\d{8}-\d{6}[DI])?")
-_LOG_LINE = re.compile(r"[A-Z]+: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d\.\d+) (.*)")  # walrus's (WAL-G's) log lines
 FLOOR_DEPTH = 64  # reads in flight when fio reads the changed pages: past where this kind of disk stops gaining
 
 BACKUP_COLUMNS = [  # (header, row key, format)
@@ -196,24 +195,12 @@ def _walrus_result(log_path: str) -> dict:
 
 def _data_phase_s(log_path: str) -> float | None:
     """Seconds from walrus's line that the backup started (pg_backup_start returned, the maps read) to its
-    last data part's line: the reads, compression and writes of the data, without the process's start,
-    the backup's start and stop, its WAL and its sentinel. None if the log lacks either line."""
-    started = parts = None
+    last data part's line (bench/ratelimit.transfer_window); None if the log lacks either line."""
     with open(log_path, errors="replace") as f:
-        for line in f:
-            m = _LOG_LINE.match(line)
-            if m is None:
-                continue
-            message = m.group(2)
-            if message.startswith("backup ") and " started at " in message:
-                started = _log_time(m.group(1))
-            elif message.startswith("uploaded part_"):
-                parts = _log_time(m.group(1))
-    return parts - started if started is not None and parts is not None else None
-
-
-def _log_time(text: str) -> float:
-    return datetime.datetime.strptime(text, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        try:
+            return transfer_window(f.read())[0]
+        except RuntimeError:
+            return None
 
 
 def _method_lines(log_path: str) -> list[str]:

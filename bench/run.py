@@ -426,7 +426,7 @@ class Bench:
 
     @property
     def disk_write_mib_s(self) -> float | None:
-        """The median of the sequential writes; None before any (or where O_DIRECT is refused)."""
+        """The median of the durable writes; None before any (or where the probe could not write)."""
         return statistics.median(self.disk_writes) if self.disk_writes else None
 
     def rounds(self, failed: dict[str, str],
