@@ -257,6 +257,41 @@ def test_backup_push_stores_the_wal_it_needs_before_its_sentinel(env):
     assert asyncio.run(archiver()) == ["already archived", "already archived"]
 
 
+def test_pg_control_is_the_copy_read_before_pg_backup_stop(env):
+    """pg_control's part is stored while the server stops the backup, so its bytes are read before
+    the stop: a pg_control the stop rewrote is not the one in the backup."""
+    settings, pgdata, files, tmp_path = env
+    control = os.path.join(pgdata, "global", "pg_control")
+
+    class RewritingStop(ScriptedSession):
+        def backup_stop(self, version_num: int, wait_for_archive: bool = True) -> BackupStop:
+            with open(control, "wb") as f:
+                f.write(b"\x01" * 8192)
+            return super().backup_stop(version_num, wait_for_archive)
+
+    asyncio.run(backup_push(settings, FsStorage(str(tmp_path / "store")), pgdata,
+                            connect=lambda s: RewritingStop(pgdata), names=no_names, archive_check=False))
+    dest = tmp_path / "restored"
+    asyncio.run(backup_fetch(settings, FsStorage(str(tmp_path / "store")), str(dest), "LATEST"))
+    assert (dest / "global" / "pg_control").read_bytes() == files["global/pg_control"]
+
+
+def test_a_failed_metadata_store_beside_the_wal_leaves_no_sentinel(env):
+    """The backup's WAL and its metadata are stored at once; a failure of either ends the backup
+    without a sentinel."""
+    settings, pgdata, _, tmp_path = env
+    os.remove(os.path.join(pgdata, "pg_wal", "000000010000000000000003"))
+    _wal_files(pgdata, {"000000010000000000000003": "ready", "000000010000000000000004": "ready", HISTORY: "ready"})
+    storage = RecordingFs(str(tmp_path / "store"), fail_key=layout.FILES_METADATA)
+    from walrus.wal.push import store_for_backup
+
+    with pytest.raises(StorageError, match="files_metadata"):
+        asyncio.run(backup_push(settings, storage, pgdata, connect=lambda s: ArchivingSession(pgdata),
+                                names=no_names, archive=store_for_backup))
+    assert not any(k.endswith(layout.SENTINEL_SUFFIX) for k in storage.puts)
+    assert not any(k.endswith(layout.FILES_METADATA) for k in storage.puts)
+
+
 def test_backup_push_awaits_the_archiver_where_it_cannot_store_the_wal(env):
     """A file not marked complete yet is the archiver's to store; and a failure to store is a warning
     followed by the archiver's result: either way the backup completes once the archiver is done."""

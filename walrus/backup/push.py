@@ -200,6 +200,7 @@ class _Push:
     pages: PageVerification | None = None  # --verify's checks
     corrupt: dict[str, list[int]] | None = None  # what they found
     progress: Progress | None = None  # the status line on a terminal, fed the parts' buffers
+    catalog: asyncio.Future | None = None  # the databases' relations by name, read from the stop on
 
 
 async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, permanent: bool = False,
@@ -212,9 +213,10 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       progress: Progress | None = None) -> BackupPushResult:
     """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
     checked against it), upload data (the walk's tar parts; a delta skips and increments files), upload control files
-    (pg_control.tar, pg_backup_stop, backup_label.tar), WAL (what the backup needs is stored: by
-    `archive`, else by the archiver, awaited), finish (the metadata, then the sentinel, last: a
-    backup exists if and only if its sentinel does)."""
+    (pg_control.tar stored while pg_backup_stop runs, then backup_label.tar), WAL and metadata at
+    once (what the backup needs is stored: by `archive`, else by the archiver, awaited; metadata.json
+    and files_metadata.json), then the sentinel, last: a backup exists if and only if its sentinel
+    does."""
     began = time.monotonic()
     if not os.path.isdir(pgdata):
         raise BackupError(f"data directory {pgdata} does not exist", hint="pass the PostgreSQL data directory")
@@ -235,6 +237,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
     except BaseException:
         await _cancelled(maps)
         raise
+    push: _Push | None = None
     try:
         push = await _start(settings, storage, pgdata, session, choice, archive_check, maps)
         if progress is not None:
@@ -245,25 +248,16 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       register=True, name="walrus-compress") as uploader:
             push.reader = uploader.reader.name
             await _upload_data(push, uploader)
-            await _upload_control_files(push, uploader)
-        if push.pages is not None:
-            push.corrupt = await asyncio.to_thread(push.pages.corrupt_blocks)
-            for name, blocks in push.corrupt.items():
-                push.collected.files[name] = dataclasses.replace(push.collected.files[name],
-                                                                 corrupt_blocks=push.pages.record(blocks))
-        # the catalog as the backup ended, read while its WAL is stored
-        catalog = None if settings.disable_partial_restore else asyncio.ensure_future(names(settings, session))
-        try:
-            if progress is not None:
-                progress.note = "storing the backup's WAL"
-            await _await_wal(push, archive)  # after the pool is unmapped: storing WAL uses buffers of its own
-            await _finish(push, permanent, user_data, None if catalog is None else await catalog)
-        finally:
-            if catalog is not None and not catalog.done():
-                catalog.cancel()
-                await asyncio.gather(catalog, return_exceptions=True)
+            await _upload_control_files(push, uploader, names)
+        if progress is not None:
+            progress.note = "storing the backup's WAL"
+        # the backup's WAL and its metadata are stored at once, both durable before the sentinel;
+        # the WAL after the pool is unmapped: storing it uses buffers of its own
+        documents = await gather_all([_await_wal(push, archive), _store_metadata(push, permanent, user_data)])
+        await push.storage.put_bytes(layout.sentinel_key(push.name), documents[1].to_json())
     finally:
         await _cancelled(maps)  # when the backup failed before it needed them
+        await _cancelled(push.catalog if push is not None else None)
         await asyncio.to_thread(session.close)
     return BackupPushResult(name=push.name, start_lsn=push.start.lsn, finish_lsn=push.stop.lsn,
                             uncompressed_size=push.collected.uncompressed, compressed_size=push.counter.bytes,
@@ -338,16 +332,38 @@ async def _upload_data(push: _Push, uploader: Uploader) -> None:
     await gather_all([lane() for _ in range(push.lanes)])
 
 
-async def _upload_control_files(push: _Push, uploader: Uploader) -> None:
-    """pg_control.tar, then pg_backup_stop and backup_label.tar."""
+async def _upload_control_files(push: _Push, uploader: Uploader,
+                                names: Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]) -> None:
+    """pg_control.tar, then pg_backup_stop and backup_label.tar. pg_control is read before the stop
+    (the copy WAL-G and pg_basebackup take last, while the backup is still on) and stored while the
+    server stops the backup; the catalog is read from the stop on (`push.catalog`)."""
     if push.walk.pg_control is None:
         raise BackupError(f"{push.pgdata} has no global/pg_control", hint="is this a PostgreSQL data directory?")
-    await _upload_part(push, uploader, iter([push.walk.pg_control]),
-                       layout.with_extension(layout.PG_CONTROL_TAR, push.ext), None)
+    control = await asyncio.to_thread(_read_into_memory, push.walk.pg_control)
+    await gather_all([_upload_part(push, uploader, iter([control]),
+                                   layout.with_extension(layout.PG_CONTROL_TAR, push.ext), None),
+                      _stop(push, uploader, names)])
+
+
+def _read_into_memory(entry: Entry) -> Entry:
+    """A small file's member with its bytes read now (its size as read)."""
+    try:
+        with open(entry.path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BackupError(f"could not read {entry.path}: {e.strerror}",
+                          hint="the data directory changed under the backup; no sentinel was written") from e
+    return dataclasses.replace(entry, path=None, data=data, size=len(data))
+
+
+async def _stop(push: _Push, uploader: Uploader,
+                names: Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]) -> None:
     # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it and makes
     # the WAL durable itself (_await_wal)
     info = push.info
     push.stop = stop = await asyncio.to_thread(push.session.backup_stop, info.version_num, False)
+    if not push.settings.disable_partial_restore:  # the catalog as the backup ended
+        push.catalog = asyncio.ensure_future(names(push.settings, push.session))
     label, spcmap = stop.label.encode(), stop.tablespace_map.encode()
     label_entries = [Entry("backup_label", "file", len(label), 0o600, data=label),
                      Entry("tablespace_map", "file", len(spcmap), 0o600, data=spcmap)]
@@ -421,9 +437,16 @@ class _QuietThread(logging.Filter):
         return record.thread != self.thread
 
 
-async def _finish(push: _Push, permanent: bool, user_data: Any, catalog: dict[str, Any] | None) -> None:
-    """metadata.json and files_metadata.json, then the sentinel, last. `catalog`: the databases'
-    relations by name (None: partial restore off, or they could not be read)."""
+async def _store_metadata(push: _Push, permanent: bool, user_data: Any) -> Sentinel:
+    """metadata.json and files_metadata.json, durable; returns the sentinel, which the caller
+    stores last."""
+    if push.pages is not None:
+        push.corrupt = await asyncio.to_thread(push.pages.corrupt_blocks)
+        for name, blocks in push.corrupt.items():
+            push.collected.files[name] = dataclasses.replace(push.collected.files[name],
+                                                             corrupt_blocks=push.pages.record(blocks))
+    # None: partial restore off, or the relations could not be read
+    catalog = None if push.catalog is None else await push.catalog
     info, start, stop, storage, base = push.info, push.start, push.stop, push.storage, push.base
     finish_time = now_utc_micro()
     spec = TablespaceSpec(base_prefix=os.path.realpath(push.pgdata).rstrip("/"),
@@ -451,4 +474,4 @@ async def _finish(push: _Push, permanent: bool, user_data: Any, catalog: dict[st
         await backup_mark(push.settings, storage, base.name, permanent=True)
     await gather_all([storage.put_bytes(layout.backup_key(push.name, layout.METADATA), metadata.to_json()),
                       storage.put_bytes(layout.backup_key(push.name, layout.FILES_METADATA), files_metadata.to_json())])
-    await storage.put_bytes(layout.sentinel_key(push.name), sentinel.to_json())
+    return sentinel
