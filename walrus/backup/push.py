@@ -173,6 +173,11 @@ class PgBackupSession(Protocol):
     def close(self) -> None: ...
 
 
+# Reads the databases' relations by name for partial restore (None: they could not be read):
+# walrus.backup.partial.databases_by_names, or a test's own.
+ReadCatalog = Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]
+
+
 @dataclass
 class _Push:
     """One backup in the making: what each phase leaves for the next."""
@@ -207,8 +212,7 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
                       user_data: Any = None, full: bool = False, delta_from_name: str | None = None,
                       delta_from_user_data: Any = None,
                       connect: Callable[[Settings], PgBackupSession] = PgSession,
-                      names: Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]
-                      = databases_by_names,
+                      names: ReadCatalog = databases_by_names,
                       archive: ArchiveWal | None = None, archive_check: bool = True,
                       progress: Progress | None = None) -> BackupPushResult:
     """Phases: choose the delta base (or a full backup), start (pg_backup_start; a delta's base is
@@ -253,8 +257,8 @@ async def backup_push(settings: Settings, storage: Storage, pgdata: str, *, perm
             progress.note = "storing the backup's WAL"
         # the backup's WAL and its metadata are stored at once, both durable before the sentinel;
         # the WAL after the pool is unmapped: storing it uses buffers of its own
-        documents = await gather_all([_await_wal(push, archive), _store_metadata(push, permanent, user_data)])
-        await push.storage.put_bytes(layout.sentinel_key(push.name), documents[1].to_json())
+        _, sentinel = await gather_all([_await_wal(push, archive), _store_metadata(push, permanent, user_data)])
+        await push.storage.put_bytes(layout.sentinel_key(push.name), sentinel.to_json())
     finally:
         await _cancelled(maps)  # when the backup failed before it needed them
         await _cancelled(push.catalog if push is not None else None)
@@ -332,8 +336,7 @@ async def _upload_data(push: _Push, uploader: Uploader) -> None:
     await gather_all([lane() for _ in range(push.lanes)])
 
 
-async def _upload_control_files(push: _Push, uploader: Uploader,
-                                names: Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]) -> None:
+async def _upload_control_files(push: _Push, uploader: Uploader, names: ReadCatalog) -> None:
     """pg_control.tar, then pg_backup_stop and backup_label.tar. pg_control is read before the stop
     (the copy WAL-G and pg_basebackup take last, while the backup is still on) and stored while the
     server stops the backup; the catalog is read from the stop on (`push.catalog`)."""
@@ -356,8 +359,8 @@ def _read_into_memory(entry: Entry) -> Entry:
     return dataclasses.replace(entry, path=None, data=data, size=len(data))
 
 
-async def _stop(push: _Push, uploader: Uploader,
-                names: Callable[[Settings, PgBackupSession], Awaitable[dict[str, Any] | None]]) -> None:
+async def _stop(push: _Push, uploader: Uploader, names: ReadCatalog) -> None:
+    """pg_backup_stop, then backup_label.tar; the catalog's read begins at the stop."""
     # PostgreSQL's own wait for the archiver polls once a second; walrus stops without it and makes
     # the WAL durable itself (_await_wal)
     info = push.info

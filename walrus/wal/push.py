@@ -292,12 +292,12 @@ async def wal_push(settings: Settings, storage: Storage, path: str) -> WalPushRe
 
 async def store_for_backup(settings: Settings, storage: Storage, wal_dir: str, names: list[str]) -> None:
     """Store WAL files a backup-push needs (its segments and history file, complete in pg_wal) as the
-    archiver's wal-push would, before the backup's sentinel. The archiver still
-    archives them as usual, with its own settings: its call finds them stored with identical bytes
-    (and records a segment's block map if this call did not). A file the archiver stored meanwhile
-    is found identical too; different bytes are never overwritten (an error, as in wal-push).
-    Two files are in hand at once, in order, and the one slot lets one of them read: a file's
-    durable write overlaps the next one's probe and reads (a first failure cancels the other)."""
+    archiver's wal-push would, before the backup's sentinel. The archiver still archives them as
+    usual, with its own settings: its call finds them stored with identical bytes (and records a
+    segment's block map if this call did not). A file the archiver stored meanwhile is found
+    identical too; different bytes are never overwritten (an error, as in wal-push). Two files are
+    in hand at once, in order, and the one slot lets one of them read: a file's durable write
+    overlaps the next one's probe and reads (a first failure cancels the other)."""
     pusher = WalPusher(settings, slots=1, register=False)
     window = TaskWindow(2)
     try:
